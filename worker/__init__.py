@@ -1,0 +1,53 @@
+"""Asynchronous Kafka inference worker: Avro requests in, dynamic batches through PyTorch,
+replies out by correlation id.
+
+The public API is what ``__all__`` lists; modules are importable for advanced use, but only
+these names are promised to stay.
+"""
+
+from worker.client import InferenceClient
+from worker.codec import (
+    ErrorInfo,
+    InferenceRequest,
+    InferenceResponse,
+    Tensor,
+    Timing,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+)
+from worker.errors import (
+    ClientError,
+    ConfigError,
+    DecodeError,
+    ErrorCode,
+    ReplyError,
+    ReplyTimeout,
+    RequestError,
+    WorkerError,
+)
+from worker.settings import Settings, load_settings
+
+__all__ = [
+    "ClientError",
+    "ConfigError",
+    "DecodeError",
+    "ErrorCode",
+    "ErrorInfo",
+    "InferenceClient",
+    "InferenceRequest",
+    "InferenceResponse",
+    "ReplyError",
+    "ReplyTimeout",
+    "RequestError",
+    "Settings",
+    "Tensor",
+    "Timing",
+    "WorkerError",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
+    "load_settings",
+]

@@ -1,0 +1,160 @@
+"""Command line: ``python -m worker serve | predict | demo``.
+
+All commands take their Kafka and model settings from the environment (``WORKER_*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.client import InferenceClient
+from worker.codec import DATATYPES, InferenceResponse, Tensor
+from worker.errors import WorkerError
+from worker.logs import configure_logging
+from worker.settings import Settings, load_settings
+
+__all__ = ["main", "response_to_json", "tensors_from_json"]
+
+
+def tensors_from_json(doc: dict[str, Any]) -> list[Tensor]:
+    """KServe V2 JSON inputs (``{"inputs": [{name, datatype, shape, data}]}``) -> tensors."""
+    tensors = []
+    for item in doc["inputs"]:
+        datatype = item["datatype"]
+        if datatype not in DATATYPES:
+            raise ValueError(f"input {item['name']!r}: datatype must be one of {list(DATATYPES)}")
+        array = np.asarray(item["data"], dtype=DATATYPES[datatype]).reshape(item["shape"])
+        tensors.append(Tensor.from_numpy(item["name"], array))
+    return tensors
+
+
+def response_to_json(response: InferenceResponse) -> dict[str, Any]:
+    """A reply as KServe V2-style JSON (outputs' data as flat lists)."""
+    return {
+        "id": response.id,
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "outputs": [
+            {
+                "name": t.name,
+                "datatype": t.datatype,
+                "shape": list(t.shape),
+                "data": t.to_numpy().ravel().tolist(),
+            }
+            for t in response.outputs
+        ],
+        "error": None
+        if response.error is None
+        else {"code": response.error.code, "message": response.error.message},
+        "timing": None
+        if response.timing is None
+        else {
+            "queue_us": response.timing.queue_us,
+            "compute_us": response.timing.compute_us,
+            "batch_size": response.timing.batch_size,
+        },
+    }
+
+
+async def _serve(settings: Settings) -> None:
+    from worker.app import Worker  # noqa: PLC0415 - keeps `predict` free of torch start-up
+    from worker.models import ModelRepository  # noqa: PLC0415
+
+    models = ModelRepository.load(settings.models.repository)
+    worker = Worker(settings, models)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    await worker.run()
+
+
+async def _predict(settings: Settings, args: argparse.Namespace) -> int:
+    doc = json.loads(Path(args.input).read_text())
+    tensors = tensors_from_json(doc)
+    async with InferenceClient(settings.kafka, timeout=args.timeout) as client:
+        reply = await client.infer(args.model, tensors, version=args.version)
+    print(json.dumps(response_to_json(reply), indent=2))
+    return 0 if reply.error is None else 1
+
+
+async def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    testset = np.load(settings.models.repository / "digits" / "testset.npz")
+    pixels = testset["pixels"].astype(np.float32)[: args.limit]
+    labels = testset["labels"][: args.limit]
+    async with InferenceClient(settings.kafka, timeout=args.timeout) as client:
+        started = time.perf_counter()
+        replies = await asyncio.gather(
+            *(client.infer("digits", {"pixels": row[None, :]}) for row in pixels)
+        )
+        elapsed = time.perf_counter() - started
+    predicted = np.array([r.output("label")[0] for r in replies])
+    accuracy = float((predicted == labels).mean())
+    batch_sizes = [r.timing.batch_size for r in replies if r.timing is not None]
+    print(
+        f"digits demo: {len(replies)} requests, accuracy {accuracy:.4f}, "
+        f"{len(replies) / elapsed:.0f} requests/s, mean batch size "
+        f"{np.mean(batch_sizes):.1f} (max {max(batch_sizes)})"
+    )
+    return 0 if accuracy >= args.min_accuracy else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker",
+        description="Kafka inference worker. Settings come from WORKER_* environment variables.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="serve requests from the requests topic until SIGTERM/SIGINT")
+    predict = sub.add_parser("predict", help="send one request and print its reply as JSON")
+    predict.add_argument("--model", required=True)
+    predict.add_argument("--version", default=None)
+    predict.add_argument("--input", required=True, help="KServe V2 JSON file with 'inputs'")
+    predict.add_argument("--timeout", type=float, default=30.0)
+    demo = sub.add_parser("demo", help="send the digits test split; print accuracy and requests/s")
+    demo.add_argument("--limit", type=int, default=None, help="send only the first N images")
+    demo.add_argument("--timeout", type=float, default=60.0)
+    demo.add_argument("--min-accuracy", type=float, default=0.95,
+                      help="exit 1 if accuracy is below this")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except WorkerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log)
+    try:
+        if args.command == "serve":
+            asyncio.run(_serve(settings))
+            return 0
+        if args.command == "predict":
+            return asyncio.run(_predict(settings, args))
+        return asyncio.run(_demo(settings, args))
+    except (WorkerError, BaseExceptionGroup) as exc:
+        errors = _leaves(exc)
+        if not all(isinstance(e, WorkerError) for e in errors):
+            raise
+        for error in errors:
+            print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups raised by task groups."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]

@@ -1,0 +1,178 @@
+"""An asyncio request/reply client for the worker.
+
+    async with InferenceClient(settings.kafka) as client:
+        reply = await client.infer("digits", {"pixels": pixels}, timeout=10)
+        labels = reply.output("label")
+
+Each request gets a fresh correlation id; the client reads every partition of its reply topic
+(without a consumer group, from the end as it was when the client started) and hands each
+caller the reply carrying its id. Replies for other clients sharing the topic are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import numpy.typing as npt
+import structlog
+from aiokafka import TopicPartition
+
+from worker.codec import InferenceRequest, InferenceResponse, Tensor, decode_response, encode_request
+from worker.errors import ConfigError, DecodeError, ReplyTimeout
+from worker.kafka import make_consumer, make_producer
+from worker.settings import KafkaSettings
+
+__all__ = ["InferenceClient"]
+
+log = structlog.get_logger(__name__)
+
+
+class InferenceClient:
+    """Publishes inference requests and awaits their replies (an async context manager)."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        reply_topic: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self._settings = settings
+        self.reply_topic = reply_topic or settings.replies_topic
+        self.timeout = timeout
+        self._producer = make_producer(settings)
+        self._consumer = make_consumer(
+            settings, group_id=None, auto_offset_reset="latest", client_id=settings.client_id
+        )
+        self._waiting: dict[str, asyncio.Future[InferenceResponse]] = {}
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> Self:
+        async with contextlib.AsyncExitStack() as stack:
+            await self._producer.start()
+            stack.push_async_callback(self._producer.stop)
+            await self._consumer.start()
+            stack.push_async_callback(self._consumer.stop)
+            await self._assign_reply_partitions()
+            group = await stack.enter_async_context(asyncio.TaskGroup())
+            reader = group.create_task(self._read_replies())
+            stack.callback(reader.cancel)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+        for fut in self._waiting.values():
+            fut.cancel()
+        self._waiting.clear()
+
+    async def _assign_reply_partitions(self) -> None:
+        if self.reply_topic not in await self._consumer.topics():
+            raise ConfigError(
+                f"reply topic {self.reply_topic!r} does not exist on "
+                f"{self._settings.bootstrap_servers}; start a worker (it creates its topics) "
+                "or create the topic"
+            )
+        partitions = await self._producer.partitions_for(self.reply_topic)
+        tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_end(*tps)
+        for tp in tps:  # resolve positions now, so no reply sent after this point is missed
+            await self._consumer.position(tp)
+
+    async def _read_replies(self) -> None:
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    self._deliver(record.value)
+
+    def _deliver(self, value: bytes | None) -> None:
+        if value is None:
+            return
+        try:
+            response = decode_response(value)
+        except DecodeError as exc:
+            log.warning("skipping undecodable record on the reply topic", error=exc.message)
+            return
+        fut = self._waiting.pop(response.id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(response)
+
+    async def send(
+        self,
+        request: InferenceRequest,
+        *,
+        headers: Sequence[tuple[str, bytes]] = (),
+        key: bytes | None = None,
+    ) -> asyncio.Future[InferenceResponse]:
+        """Publish ``request`` (acknowledged); return a future that gets its reply."""
+        if request.id in self._waiting:
+            raise ValueError(f"a request with id {request.id!r} is already waiting")
+        fut: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
+        self._waiting[request.id] = fut
+        all_headers = [("reply_to", self.reply_topic.encode()), *headers]
+        try:
+            await self._producer.send_and_wait(
+                self._settings.requests_topic,
+                encode_request(request),
+                key=key if key is not None else request.id.encode(),
+                headers=all_headers,
+            )
+        except BaseException:
+            self._waiting.pop(request.id, None)
+            raise
+        return fut
+
+    async def infer(
+        self,
+        model_name: str,
+        inputs: Mapping[str, npt.ArrayLike] | Sequence[Tensor],
+        *,
+        version: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+        parameters: dict[str, Any] | None = None,
+    ) -> InferenceResponse:
+        """Send one request and wait for its reply (which may be an error reply).
+
+        Raises :class:`~worker.errors.ReplyTimeout` if no reply comes within ``timeout``
+        seconds (default: the client's). Call ``raise_for_error()`` on the reply, or read
+        outputs with ``reply.output(name)``, which raises on an error reply.
+        """
+        tensors = (
+            [Tensor.from_numpy(name, value) for name, value in inputs.items()]
+            if isinstance(inputs, Mapping)
+            else list(inputs)
+        )
+        request = InferenceRequest(
+            id=request_id or str(uuid.uuid4()),
+            model_name=model_name,
+            model_version=version,
+            inputs=tensors,
+            parameters=parameters,
+        )
+        fut = await self.send(request, headers=headers)
+        wait = self.timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(wait):
+                return await fut
+        except TimeoutError:
+            raise ReplyTimeout(
+                f"no reply to request {request.id} for model {model_name!r} within {wait:.1f}s "
+                f"(requests topic {self._settings.requests_topic!r}, reply topic "
+                f"{self.reply_topic!r}); is a worker running?"
+            ) from None
+        finally:
+            self._waiting.pop(request.id, None)

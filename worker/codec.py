@@ -1,0 +1,301 @@
+"""Avro bytes <-> requests and responses, and tensor bytes <-> numpy arrays.
+
+Wire format: Avro *single-object encoding* (the Avro spec's framing for messages): the two
+bytes ``C3 01``, the 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's
+parsing canonical form, then the Avro binary body. Java's ``BinaryMessageEncoder`` and
+``BinaryMessageDecoder`` speak it natively; any Avro library decodes the body after skipping
+10 bytes. Bare Avro binary (no header) of the current request schema is accepted too.
+
+Schemas are read from ``schemas/*.avsc`` and parsed once, at import.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import numpy as np
+import numpy.typing as npt
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from worker.errors import DecodeError, ErrorCode, ReplyError, RequestError
+
+__all__ = [
+    "DATATYPES",
+    "SOE_MARKER",
+    "ErrorInfo",
+    "InferenceRequest",
+    "InferenceResponse",
+    "Tensor",
+    "Timing",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
+    "schema_dir",
+]
+
+SOE_MARKER = b"\xc3\x01"
+"""First two bytes of every Avro single-object encoded message."""
+
+DATATYPES: Mapping[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype("u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+"""Open Inference Protocol datatype -> little-endian numpy dtype."""
+
+_DATATYPE_OF_KIND = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()}
+
+
+def schema_dir() -> Path:
+    """The folder holding the ``.avsc`` files (repository checkout or installed wheel)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "schemas", here.parent / "schemas"):
+        if (candidate / "inference_request.avsc").is_file():
+            return candidate
+    raise FileNotFoundError(f"inference_request.avsc not found beside {here}")
+
+
+class _Schema:
+    """A parsed schema and its single-object header."""
+
+    def __init__(self, filename: str) -> None:
+        raw = json.loads((schema_dir() / filename).read_text())
+        self.parsed = fastavro.parse_schema(raw)
+        canonical = to_parsing_canonical_form(self.parsed)
+        self.header = SOE_MARKER + bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        buf.write(self.header)
+        fastavro.schemaless_writer(buf, self.parsed, record)
+        return buf.getvalue()
+
+    def decode(self, value: bytes) -> dict[str, Any]:
+        """Decode a single-object message, or bare binary of this schema."""
+        body = memoryview(value)
+        if value[:2] == SOE_MARKER:
+            if value[:10] != self.header:
+                raise DecodeError(
+                    f"Avro single-object message with schema fingerprint {value[2:10].hex()}; "
+                    f"this worker reads {self.parsed['name']} with fingerprint "
+                    f"{self.header[2:].hex()} (schemas/*.avsc)"
+                )
+            body = body[10:]
+        buf = io.BytesIO(body)
+        try:
+            record: dict[str, Any] = fastavro.schemaless_reader(buf, self.parsed, None)
+        except Exception as exc:  # fastavro raises many types on garbage
+            raise DecodeError(
+                f"value is not an Avro-encoded {self.parsed['name']} "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        if buf.tell() != len(body):
+            raise DecodeError(
+                f"{len(body) - buf.tell()} bytes left after decoding {self.parsed['name']}: "
+                "the value was written with another schema"
+            )
+        return record
+
+
+_REQUEST = _Schema("inference_request.avsc")
+_RESPONSE = _Schema("inference_response.avsc")
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """A named tensor as it travels: OIP datatype, shape and raw little-endian bytes."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    @classmethod
+    def from_numpy(cls, name: str, array: npt.ArrayLike) -> Tensor:
+        """Wrap an array; its dtype picks the datatype (little-endian, row-major bytes)."""
+        arr = np.asarray(array)
+        key = ("b", 1) if arr.dtype == np.bool_ else (arr.dtype.kind, arr.dtype.itemsize)
+        datatype = _DATATYPE_OF_KIND.get(key)
+        if datatype is None:
+            raise ValueError(f"numpy dtype {arr.dtype} has no Open Inference Protocol datatype")
+        wire = arr.astype(DATATYPES[datatype], copy=False)
+        return cls(name, datatype, tuple(int(d) for d in arr.shape), wire.tobytes(order="C"))
+
+    def to_numpy(self) -> npt.NDArray[Any]:
+        """A read-only view of ``data`` with the declared dtype and shape (no copy).
+
+        Raises :class:`RequestError` (INVALID_ARGUMENT) if the datatype is unknown, a
+        dimension is negative, or the byte length does not match the shape.
+        """
+        dtype = DATATYPES.get(self.datatype)
+        if dtype is None:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"input {self.name!r}: unknown datatype {self.datatype!r}; "
+                f"expected one of {', '.join(DATATYPES)}",
+            )
+        if any(d < 0 for d in self.shape):
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"input {self.name!r}: shape {list(self.shape)} has a negative dimension",
+            )
+        count = math.prod(self.shape)
+        if count * dtype.itemsize != len(self.data):
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"input {self.name!r}: shape {list(self.shape)} of {self.datatype} needs "
+                f"{count * dtype.itemsize} bytes, data has {len(self.data)}",
+            )
+        return np.frombuffer(self.data, dtype=dtype).reshape(self.shape)
+
+
+def _tensor_to_avro(t: Tensor) -> dict[str, Any]:
+    return {"name": t.name, "datatype": t.datatype, "shape": t.shape, "data": t.data}
+
+
+def _tensor_from_avro(rec: Mapping[str, Any]) -> Tensor:
+    return Tensor(rec["name"], rec["datatype"], tuple(rec["shape"]), rec["data"])
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """Why a request failed: an :class:`~worker.errors.ErrorCode` value and a message."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Where the time went for one reply."""
+
+    queue_us: int
+    compute_us: int
+    batch_size: int
+
+
+Parameters = dict[str, str | int | float | bool]
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequest:
+    """An inference request (``schemas/inference_request.avsc``)."""
+
+    id: str
+    model_name: str
+    inputs: list[Tensor]
+    model_version: str | None = None
+    parameters: Parameters | None = None
+
+    def input(self, name: str) -> Tensor | None:
+        """The input tensor called ``name``, if present."""
+        return next((t for t in self.inputs if t.name == name), None)
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResponse:
+    """A reply (``schemas/inference_response.avsc``): outputs, or an error."""
+
+    id: str
+    model_name: str
+    model_version: str | None = None
+    outputs: list[Tensor] = field(default_factory=list)
+    error: ErrorInfo | None = None
+    timing: Timing | None = None
+    parameters: Parameters | None = None
+
+    def output(self, name: str) -> npt.NDArray[Any]:
+        """The output called ``name`` as a numpy array; raises on an error reply."""
+        self.raise_for_error()
+        for tensor in self.outputs:
+            if tensor.name == name:
+                return tensor.to_numpy()
+        raise KeyError(f"no output {name!r}; outputs are {[t.name for t in self.outputs]}")
+
+    def raise_for_error(self) -> None:
+        """Raise :class:`~worker.errors.ReplyError` if this is an error reply."""
+        if self.error is not None:
+            raise ReplyError(self.id, self.error.code, self.error.message)
+
+
+def encode_request(request: InferenceRequest) -> bytes:
+    """Encode a request as an Avro single-object message."""
+    return _REQUEST.encode(
+        {
+            "id": request.id,
+            "model_name": request.model_name,
+            "model_version": request.model_version,
+            "inputs": [_tensor_to_avro(t) for t in request.inputs],
+            "parameters": request.parameters,
+        }
+    )
+
+
+def decode_request(value: bytes | None) -> InferenceRequest:
+    """Decode a request; raises :class:`~worker.errors.DecodeError` on anything else."""
+    if not value:
+        raise DecodeError("record value is empty; expected an Avro-encoded InferenceRequest")
+    rec = _REQUEST.decode(value)
+    return InferenceRequest(
+        id=rec["id"],
+        model_name=rec["model_name"],
+        model_version=rec["model_version"],
+        inputs=[_tensor_from_avro(t) for t in rec["inputs"]],
+        parameters=rec["parameters"],
+    )
+
+
+def encode_response(response: InferenceResponse) -> bytes:
+    """Encode a response as an Avro single-object message."""
+    error = response.error
+    timing = response.timing
+    return _RESPONSE.encode(
+        {
+            "id": response.id,
+            "model_name": response.model_name,
+            "model_version": response.model_version,
+            "outputs": [_tensor_to_avro(t) for t in response.outputs],
+            "error": None if error is None else {"code": error.code, "message": error.message},
+            "timing": None
+            if timing is None
+            else {
+                "queue_us": timing.queue_us,
+                "compute_us": timing.compute_us,
+                "batch_size": timing.batch_size,
+            },
+            "parameters": response.parameters,
+        }
+    )
+
+
+def decode_response(value: bytes) -> InferenceResponse:
+    """Decode a response; raises :class:`~worker.errors.DecodeError` on anything else."""
+    rec = _RESPONSE.decode(value)
+    error = rec["error"]
+    timing = rec["timing"]
+    return InferenceResponse(
+        id=rec["id"],
+        model_name=rec["model_name"],
+        model_version=rec["model_version"],
+        outputs=[_tensor_from_avro(t) for t in rec["outputs"]],
+        error=None if error is None else ErrorInfo(error["code"], error["message"]),
+        timing=None if timing is None else Timing(**timing),
+        parameters=rec["parameters"],
+    )

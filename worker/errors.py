@@ -1,0 +1,85 @@
+"""Every exception the worker raises, under one root.
+
+The tree::
+
+    WorkerError                     root of everything raised by this package
+    ├── ConfigError                 settings, model repository or topics are not usable at start-up
+    ├── RequestError                one request cannot be served; ``code`` goes into its error reply
+    │   └── DecodeError             the record's bytes are not a request at all (never reached a model)
+    └── ClientError                 raised by :mod:`worker.client` to the caller
+        ├── ReplyTimeout            no reply arrived in time
+        └── ReplyError              the worker answered with an error (``code``, ``message``)
+
+Behaviour lives in attributes, not in more types: a :class:`RequestError` carries its
+:class:`ErrorCode`, which the reply repeats so that clients can branch on it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "ClientError",
+    "ConfigError",
+    "DecodeError",
+    "ErrorCode",
+    "ReplyError",
+    "ReplyTimeout",
+    "RequestError",
+    "WorkerError",
+]
+
+
+class ErrorCode(enum.StrEnum):
+    """Codes carried in ``InferenceResponse.error.code`` (named after gRPC status codes)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    """The request is malformed: bad bytes, dtype, shape, byte length or input name."""
+    NOT_FOUND = "NOT_FOUND"
+    """No such model, or no such version of it."""
+    INTERNAL = "INTERNAL"
+    """The model raised while computing this request."""
+    UNAVAILABLE = "UNAVAILABLE"
+    """The worker cannot serve this request now (for example, it is shutting down)."""
+
+
+class WorkerError(Exception):
+    """Root of every exception raised by the ``worker`` package."""
+
+
+class ConfigError(WorkerError):
+    """Settings, the model repository or the Kafka topics are not usable; raised at start-up."""
+
+
+class RequestError(WorkerError):
+    """One request cannot be served; answered with an error reply carrying ``code``."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class DecodeError(RequestError):
+    """A record's value is not a decodable inference request."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.INVALID_ARGUMENT, message)
+
+
+class ClientError(WorkerError):
+    """Raised by :class:`worker.client.InferenceClient` to its caller."""
+
+
+class ReplyTimeout(ClientError):
+    """No reply for the request arrived within the timeout."""
+
+
+class ReplyError(ClientError):
+    """The worker answered the request with an error reply."""
+
+    def __init__(self, request_id: str, code: str, message: str) -> None:
+        super().__init__(f"request {request_id} failed with {code}: {message}")
+        self.request_id = request_id
+        self.code = code
+        self.message = message

@@ -1,0 +1,300 @@
+"""The model repository on disk, loading, request validation and the batched forward call.
+
+Layout::
+
+    models/
+      <name>/
+        config.toml          inputs, outputs (name, datatype, shape; -1 = any), batching
+        <version>/           a folder per version, named by an integer ("1", "2", ...)
+          model.pt2          a torch.export program (loaded without unpickling code)
+          metrics.json       optional: how the version was trained and evaluated
+
+A model takes its inputs positionally in ``config.toml`` order and returns one tensor, or a
+tuple in ``outputs`` order. The first dimension of every input and output is the batch.
+Nothing here touches Kafka or asyncio: :meth:`LoadedModel.predict` is a blocking call that
+the worker runs off the event loop.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from worker.codec import DATATYPES, InferenceRequest, Tensor
+from worker.errors import ConfigError, ErrorCode, RequestError
+
+__all__ = [
+    "LoadedModel",
+    "ModelConfig",
+    "ModelRepository",
+    "TensorSpec",
+    "split_outputs",
+    "stack_inputs",
+]
+
+MODEL_FILE = "model.pt2"
+CONFIG_FILE = "config.toml"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """Name, OIP datatype and shape (``-1`` for any size) of a model input or output."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def describe(self) -> str:
+        """E.g. ``pixels FP32 [-1, 64]``."""
+        return f"{self.name} {self.datatype} {list(self.shape)}"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """What ``<name>/config.toml`` declares."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_batch_size: int | None = None
+    max_batch_delay_ms: float | None = None
+
+    @classmethod
+    def load(cls, folder: Path) -> ModelConfig:
+        """Parse ``folder/config.toml``; raise :class:`ConfigError` naming file and problem."""
+        path = folder / CONFIG_FILE
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read model config: {exc}") from exc
+        try:
+            batching = raw.get("batching", {})
+            config = cls(
+                name=folder.name,
+                inputs=tuple(_spec(s, path) for s in raw["inputs"]),
+                outputs=tuple(_spec(s, path) for s in raw["outputs"]),
+                max_batch_size=batching.get("max_batch_size"),
+                max_batch_delay_ms=batching.get("max_batch_delay_ms"),
+            )
+        except KeyError as exc:
+            raise ConfigError(f"{path}: missing key {exc}") from exc
+        if not config.inputs or not config.outputs:
+            raise ConfigError(f"{path}: needs at least one [[inputs]] and one [[outputs]]")
+        return config
+
+
+def _spec(raw: Mapping[str, Any], path: Path) -> TensorSpec:
+    datatype = raw["datatype"]
+    if datatype not in DATATYPES:
+        raise ConfigError(
+            f"{path}: tensor {raw.get('name')!r} has datatype {datatype!r}; "
+            f"expected one of {', '.join(DATATYPES)}"
+        )
+    shape = tuple(int(d) for d in raw["shape"])
+    if not shape or shape[0] != -1:
+        raise ConfigError(f"{path}: tensor {raw['name']!r} shape {list(shape)} must start with -1")
+    return TensorSpec(str(raw["name"]), datatype, shape)
+
+
+class LoadedModel:
+    """One version of one model, loaded and ready to run batches."""
+
+    def __init__(self, config: ModelConfig, version: str, module: torch.nn.Module) -> None:
+        self.config = config
+        self.name = config.name
+        self.version = version
+        self._module = module
+
+    @classmethod
+    def load(cls, config: ModelConfig, folder: Path) -> LoadedModel:
+        """Load ``folder/model.pt2`` and check it against the config with one dummy batch."""
+        path = folder / MODEL_FILE
+        try:
+            program = torch.export.load(path)
+        except Exception as exc:
+            raise ConfigError(f"{path}: cannot load torch.export program: {exc}") from exc
+        model = cls(config, folder.name, program.module())
+        dummy = {
+            s.name: np.zeros((1, *(max(d, 1) for d in s.shape[1:])), DATATYPES[s.datatype])
+            for s in config.inputs
+        }
+        try:
+            outputs = model.predict(dummy)
+        except Exception as exc:
+            raise ConfigError(f"{path}: a batch of one zero input failed: {exc}") from exc
+        for spec in config.outputs:
+            out = outputs[spec.name]
+            if out.dtype != DATATYPES[spec.datatype] or out.shape[0] != 1:
+                raise ConfigError(
+                    f"{path}: output {spec.name!r} came out {out.dtype} {list(out.shape)} for a "
+                    f"batch of one; {folder.parent / CONFIG_FILE} declares {spec.describe()}"
+                )
+        return model
+
+    def validate(self, request: InferenceRequest) -> list[npt.NDArray[Any]]:
+        """Check a request against the config; return its inputs as arrays, in config order.
+
+        Raises :class:`RequestError` (INVALID_ARGUMENT) saying what was wrong and what the
+        model expects.
+        """
+        expected = {s.name for s in self.config.inputs}
+        for tensor in request.inputs:
+            if tensor.name not in expected:
+                raise RequestError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"unknown input {tensor.name!r} for model {self.name!r}; expected inputs: "
+                    + ", ".join(s.describe() for s in self.config.inputs),
+                )
+        arrays = []
+        rows = None
+        for spec in self.config.inputs:
+            tensor = request.input(spec.name)
+            if tensor is None:
+                raise RequestError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"missing input {spec.describe()} for model {self.name!r}",
+                )
+            _check_spec(tensor, spec)
+            array = tensor.to_numpy()
+            if rows is not None and array.shape[0] != rows:
+                raise RequestError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"inputs disagree on the batch dimension ({rows} vs {array.shape[0]})",
+                )
+            rows = array.shape[0]
+            arrays.append(array)
+        return arrays
+
+    def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """Run one forward pass on a batch (blocking). Inputs and outputs are keyed by name."""
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in self.config.inputs]
+        with torch.inference_mode():
+            result = self._module(*args)
+        tensors = (result,) if isinstance(result, torch.Tensor) else tuple(result)
+        if len(tensors) != len(self.config.outputs):
+            raise RuntimeError(
+                f"model {self.name} v{self.version} returned {len(tensors)} tensors; "
+                f"config declares {len(self.config.outputs)}"
+            )
+        return {
+            spec.name: t.detach().cpu().numpy()
+            for spec, t in zip(self.config.outputs, tensors, strict=True)
+        }
+
+
+def _check_spec(tensor: Tensor, spec: TensorSpec) -> None:
+    if tensor.datatype != spec.datatype:
+        raise RequestError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"input {spec.name!r} has datatype {tensor.datatype}; expected {spec.describe()}",
+        )
+    shape = tensor.shape
+    if (
+        len(shape) != len(spec.shape)
+        or shape[0] < 1
+        or any(want not in (-1, got) for want, got in zip(spec.shape[1:], shape[1:], strict=True))
+    ):
+        raise RequestError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"input {spec.name!r} has shape {list(shape)}; expected {spec.describe()} "
+            "(-1 is any size, the first dimension is the batch and must be at least 1)",
+        )
+
+
+def stack_inputs(
+    model: LoadedModel, per_request: Sequence[Sequence[npt.NDArray[Any]]]
+) -> dict[str, npt.NDArray[Any]]:
+    """Concatenate validated inputs of several requests along the batch dimension."""
+    return {
+        spec.name: np.concatenate([arrays[i] for arrays in per_request], axis=0)
+        if len(per_request) > 1
+        else per_request[0][i]
+        for i, spec in enumerate(model.config.inputs)
+    }
+
+
+def split_outputs(
+    model: LoadedModel, outputs: Mapping[str, npt.NDArray[Any]], rows: Sequence[int]
+) -> list[list[Tensor]]:
+    """Cut batch outputs back into each request's rows, as wire tensors."""
+    total = sum(rows)
+    for spec in model.config.outputs:
+        if outputs[spec.name].shape[0] != total:
+            raise RuntimeError(
+                f"model {model.name} v{model.version} output {spec.name!r} has "
+                f"{outputs[spec.name].shape[0]} rows for a batch of {total}"
+            )
+    bounds = np.cumsum([0, *rows]).tolist()
+    return [
+        [Tensor.from_numpy(spec.name, outputs[spec.name][lo:hi]) for spec in model.config.outputs]
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
+class ModelRepository:
+    """Every model found in the repository folder, with all its versions loaded."""
+
+    def __init__(self, models: Mapping[str, Mapping[str, LoadedModel]]) -> None:
+        self._models = {name: dict(versions) for name, versions in models.items()}
+
+    @classmethod
+    def load(cls, root: Path, *, only: Sequence[str] | None = None) -> ModelRepository:
+        """Load every model (or those named in ``only``) under ``root``."""
+        if not root.is_dir():
+            raise ConfigError(f"model repository {root} is not a folder")
+        models: dict[str, dict[str, LoadedModel]] = {}
+        for folder in sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file()):
+            if only is not None and folder.name not in only:
+                continue
+            config = ModelConfig.load(folder)
+            versions = {
+                v.name: LoadedModel.load(config, v)
+                for v in sorted(folder.iterdir(), key=lambda p: p.name)
+                if v.is_dir() and v.name.isdigit()
+            }
+            if not versions:
+                raise ConfigError(f"{folder}: no version folder (e.g. {folder}/1/{MODEL_FILE})")
+            models[folder.name] = versions
+        if not models:
+            raise ConfigError(f"model repository {root} holds no model (<name>/{CONFIG_FILE})")
+        return cls(models)
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the models served."""
+        return sorted(self._models)
+
+    def versions(self, name: str) -> list[str]:
+        """Versions of a model, oldest first."""
+        return sorted(self._models.get(name, {}), key=int)
+
+    def all(self) -> list[LoadedModel]:
+        """Every loaded model version."""
+        return [m for versions in self._models.values() for m in versions.values()]
+
+    def resolve(self, name: str, version: str | None) -> LoadedModel:
+        """The version asked for, or the latest; :class:`RequestError` NOT_FOUND otherwise."""
+        versions = self._models.get(name)
+        if versions is None:
+            raise RequestError(
+                ErrorCode.NOT_FOUND,
+                f"no model named {name!r}; this worker serves: {', '.join(self.names)}",
+            )
+        if version is None or version == "":
+            return versions[max(versions, key=int)]
+        model = versions.get(version)
+        if model is None:
+            raise RequestError(
+                ErrorCode.NOT_FOUND,
+                f"model {name!r} has no version {version!r}; available: "
+                f"{', '.join(self.versions(name))}",
+            )
+        return model
+

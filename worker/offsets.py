@@ -1,0 +1,97 @@
+"""Which offsets may be committed: per partition, the lowest offset not yet fully answered.
+
+Records of a partition are tracked in the order they were fetched; each is marked done once
+its reply is acknowledged by the broker. The commit position of a partition is the first
+tracked offset not done yet (or one past the last tracked offset when all are done), so a
+committed offset never passes a record whose reply is not acknowledged, however the replies
+of a partition finish out of order. Pure bookkeeping: no Kafka, no asyncio.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+__all__ = ["OffsetTracker"]
+
+P = TypeVar("P", bound=Hashable)
+
+
+@dataclass(slots=True)
+class _Partition:
+    outstanding: deque[int] = field(default_factory=deque)
+    finished: set[int] = field(default_factory=set)
+    next_offset: int = -1
+    committed: int = -1
+
+    def position(self) -> int:
+        return self.outstanding[0] if self.outstanding else self.next_offset
+
+
+class OffsetTracker(Generic[P]):
+    """Tracks fetched and answered offsets of many partitions."""
+
+    def __init__(self) -> None:
+        self._partitions: dict[P, _Partition] = {}
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """Records tracked and not yet done, over all partitions."""
+        return self._pending
+
+    def pending_in(self, partitions: Iterable[P]) -> int:
+        """Records not yet done in the given partitions."""
+        return sum(len(p.outstanding) for tp in partitions if (p := self._partitions.get(tp)))
+
+    def track(self, partition: P, offset: int) -> None:
+        """Note a fetched record; offsets of one partition must be tracked in increasing order."""
+        part = self._partitions.get(partition)
+        if part is None:
+            part = self._partitions[partition] = _Partition()
+        elif offset < part.next_offset:
+            raise ValueError(
+                f"{partition}: offset {offset} tracked after {part.next_offset - 1}; "
+                "forget the partition before it is fetched again from an earlier offset"
+            )
+        part.outstanding.append(offset)
+        part.next_offset = offset + 1
+        self._pending += 1
+
+    def done(self, partition: P, offset: int) -> None:
+        """Note that a record's reply is acknowledged; unknown partitions are ignored."""
+        part = self._partitions.get(partition)
+        if part is None or not part.outstanding or offset < part.outstanding[0]:
+            return
+        if offset in part.finished:
+            return
+        part.finished.add(offset)
+        while part.outstanding and part.outstanding[0] in part.finished:
+            part.finished.discard(part.outstanding.popleft())
+            self._pending -= 1
+
+    def committable(self, partitions: Iterable[P] | None = None) -> dict[P, int]:
+        """Commit positions that moved since they were last marked committed."""
+        chosen = self._partitions if partitions is None else partitions
+        positions = {}
+        for tp in chosen:
+            part = self._partitions.get(tp)
+            if part is not None and part.position() > part.committed:
+                positions[tp] = part.position()
+        return positions
+
+    def mark_committed(self, positions: dict[P, int]) -> None:
+        """Record that these positions were committed."""
+        for tp, position in positions.items():
+            part = self._partitions.get(tp)
+            if part is not None:
+                part.committed = max(part.committed, position)
+
+    def forget(self, partitions: Iterable[P]) -> None:
+        """Drop partitions (revoked); their unfinished records no longer count as pending."""
+        for tp in partitions:
+            part = self._partitions.pop(tp, None)
+            if part is not None:
+                self._pending -= len(part.outstanding)

@@ -1,0 +1,141 @@
+"""The one settings object, read from the environment once at start-up and passed down.
+
+Every field maps to an environment variable with the prefix ``WORKER_`` and ``__`` between
+nested names, e.g. ``WORKER_KAFKA__BOOTSTRAP_SERVERS`` or ``WORKER_BATCHING__MAX_BATCH_SIZE``.
+No other module reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "BatchingSettings",
+    "KafkaSettings",
+    "LogSettings",
+    "ModelSettings",
+    "RuntimeSettings",
+    "Settings",
+    "env_var_names",
+    "load_settings",
+    "unknown_env_vars",
+]
+
+ENV_PREFIX = "WORKER_"
+
+
+class KafkaSettings(BaseModel):
+    """Where the broker is, which topics and group the worker uses, and client tuning."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated ``host:port`` list of brokers."""
+    client_id: str = "inference-worker"
+    group_id: str = "inference-workers"
+    """Consumer group shared by all workers serving the same requests topic."""
+    requests_topic: str = "inference.requests"
+    replies_topic: str = "inference.replies"
+    """Default reply topic; a request's ``reply_to`` header overrides it."""
+    manage_topics: bool = True
+    """Create missing topics at start. False: topics are managed elsewhere, a missing one is an error."""
+    topic_partitions: int = Field(default=6, ge=1)
+    """Partitions for topics the worker creates; it bounds how many workers share the load."""
+    topic_replication_factor: int = Field(default=1, ge=1)
+    session_timeout_ms: int = Field(default=10_000, ge=1)
+    heartbeat_interval_ms: int = Field(default=3_000, ge=1)
+    max_poll_interval_ms: int = Field(default=300_000, ge=1)
+    request_timeout_ms: int = Field(default=30_000, ge=1)
+    fetch_max_records: int = Field(default=500, ge=1)
+    """Most records taken from the consumer in one fetch round."""
+    linger_ms: int = Field(default=2, ge=0)
+    """How long the producer waits to fill a batch of replies."""
+
+
+class BatchingSettings(BaseModel):
+    """Default dynamic batching; a model's ``config.toml`` may override each value."""
+
+    max_batch_size: int = Field(default=32, ge=1)
+    """A batch closes when it holds this many requests..."""
+    max_batch_delay_ms: float = Field(default=5.0, ge=0)
+    """...or when its oldest request has waited this long."""
+
+
+class ModelSettings(BaseModel):
+    """Where models come from and how they run."""
+
+    repository: Path = Path("models")
+    """Folder laid out as ``<name>/config.toml`` and ``<name>/<version>/model.pt2``."""
+    torch_threads: int = Field(default=0, ge=0)
+    """Intra-op threads for torch; 0 keeps torch's default (one per core)."""
+
+
+class RuntimeSettings(BaseModel):
+    """Flow control, commits and shutdown."""
+
+    max_in_flight: int = Field(default=2_000, ge=1)
+    """Most requests decoded but not yet answered; at the bound the worker stops fetching."""
+    commit_interval_ms: int = Field(default=200, ge=1)
+    """How often finished offsets are committed (also on rebalance and shutdown)."""
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
+    """On SIGTERM/SIGINT, how long in-flight requests may take to be answered and committed."""
+
+
+class LogSettings(BaseModel):
+    """Logging output."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "console"] = "auto"
+    """``auto``: readable console lines on a TTY, JSON lines otherwise."""
+
+
+class Settings(BaseSettings):
+    """All settings of the worker, the client and the CLI."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WORKER_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    batching: BatchingSettings = BatchingSettings()
+    models: ModelSettings = ModelSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    log: LogSettings = LogSettings()
+
+
+def env_var_names() -> set[str]:
+    """Every environment variable that sets a field, e.g. ``WORKER_KAFKA__GROUP_ID``."""
+    names = set()
+    for section, info in Settings.model_fields.items():
+        model = info.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for name in model.model_fields:
+            names.add(f"{ENV_PREFIX}{section}__{name}".upper())
+    return names
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """``WORKER_*`` names in ``environ`` that set no field (misspellings, removed settings)."""
+    known = env_var_names()
+    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+def load_settings() -> Settings:
+    """Build the settings from the environment; unknown ``WORKER_*`` variables are an error.
+
+    A misspelt variable would otherwise be ignored silently, leaving a default in force.
+    """
+    unknown = unknown_env_vars(os.environ)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see the README's settings")
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc
