@@ -174,7 +174,7 @@ class LoadedModel:
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """Run one forward pass on a batch (blocking). Inputs and outputs are keyed by name."""
-        args = [torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in self.config.inputs]
+        args = [torch.from_numpy(_writable(inputs[s.name])) for s in self.config.inputs]
         with torch.inference_mode():
             result = self._module(*args)
         tensors = (result,) if isinstance(result, torch.Tensor) else tuple(result)
@@ -187,6 +187,13 @@ class LoadedModel:
             spec.name: t.detach().cpu().numpy()
             for spec, t in zip(self.config.outputs, tensors, strict=True)
         }
+
+
+def _writable(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """torch wants writable memory; a lone request's array is a read-only view of its bytes."""
+    if array.flags.writeable and array.flags.c_contiguous:
+        return array
+    return np.array(array, order="C")
 
 
 def _check_spec(tensor: Tensor, spec: TensorSpec) -> None:

@@ -50,7 +50,8 @@ class OffsetTracker(Generic[P]):
         """Note a fetched record; offsets of one partition must be tracked in increasing order."""
         part = self._partitions.get(partition)
         if part is None:
-            part = self._partitions[partition] = _Partition()
+            # The group's position is already at (or before) the first record fetched.
+            part = self._partitions[partition] = _Partition(committed=offset)
         elif offset < part.next_offset:
             raise ValueError(
                 f"{partition}: offset {offset} tracked after {part.next_offset - 1}; "

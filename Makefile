@@ -1,0 +1,53 @@
+# The single gate: `make check` (lint + types + the whole suite against a real Kafka broker).
+#
+# torch is several GB, so the virtual environment lives outside the checkout and is shared by
+# every checkout on this machine (CI included): it is built once per machine. Override with
+# `make VENV=.venv ...` for a private one.
+PYTHON ?= python3
+VENV ?= $(HOME)/.cache/kafka-inference-worker/venv
+PY := $(VENV)/bin/python
+
+.PHONY: install kafka kafka-stop test lint typecheck check demo train clean help
+
+help:
+	@echo "install     create $(VENV) and install the package with dev and train extras"
+	@echo "kafka       start (or reuse) the local Apache Kafka broker on 127.0.0.1:9092"
+	@echo "kafka-stop  stop it"
+	@echo "test        run the test suite (starts the broker if WORKER_KAFKA__BOOTSTRAP_SERVERS is unset)"
+	@echo "check       ruff + mypy --strict + test"
+	@echo "demo        broker + worker + digits demo client; prints accuracy and requests/s"
+	@echo "train       retrain the digits model (models/digits/train.py)"
+
+install:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Python 3.11+ needed (set PYTHON=...)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,train]'
+
+kafka: install
+	$(PY) dev/local_kafka.py start
+
+kafka-stop:
+	$(PYTHON) dev/local_kafka.py stop
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: install
+	$(PY) -m mypy
+
+check: lint typecheck test
+
+demo: install
+	PY=$(PY) bash dev/demo.sh
+
+train: install
+	$(PY) models/digits/train.py --version 1
+
+clean:
+	rm -rf .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info

@@ -1,0 +1,249 @@
+"""Shared fixtures: the real Kafka broker, per-test topics, and workers in- and out-of-process.
+
+The broker is the one named by ``WORKER_KAFKA__BOOTSTRAP_SERVERS``; when that is unset, the
+local Apache Kafka of ``dev/local_kafka.py`` is started (and stopped again at the end if this
+session started it). There is no fallback: no broker means the integration tests fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from worker.app import Worker
+from worker.kafka import ensure_topics, make_consumer, make_producer
+from worker.models import ModelRepository
+from worker.settings import BatchingSettings, KafkaSettings, ModelSettings, RuntimeSettings, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "dev"))
+import local_kafka  # noqa: E402
+
+MODELS = ROOT / "models"
+
+
+@pytest.fixture(scope="session")
+def bootstrap() -> Iterator[str]:
+    """Bootstrap address of a real, running Kafka broker."""
+    given = os.environ.get("WORKER_KAFKA__BOOTSTRAP_SERVERS")
+    if given:
+        yield given
+        return
+    was_running = local_kafka.status()
+    address = local_kafka.start()
+    yield address
+    if not was_running:
+        local_kafka.stop()
+
+
+@pytest.fixture(scope="session")
+def repository() -> ModelRepository:
+    """The project's model repository, loaded once."""
+    return ModelRepository.load(MODELS)
+
+
+@pytest.fixture(scope="session")
+def testset() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The digits held-out split: pixels (FP32, N x 64) and labels."""
+    data = np.load(MODELS / "digits" / "testset.npz")
+    return data["pixels"].astype(np.float32), data["labels"]
+
+
+@pytest.fixture
+def settings(bootstrap: str) -> Settings:
+    """Settings with topics and a group of this test's own (so tests never share state)."""
+    uid = uuid.uuid4().hex[:10]
+    return Settings(
+        kafka=KafkaSettings(
+            bootstrap_servers=bootstrap,
+            requests_topic=f"test.{uid}.requests",
+            replies_topic=f"test.{uid}.replies",
+            group_id=f"test-{uid}",
+            topic_partitions=3,
+            session_timeout_ms=6_000,
+            heartbeat_interval_ms=1_000,
+        ),
+        batching=BatchingSettings(max_batch_size=16, max_batch_delay_ms=20),
+        models=ModelSettings(repository=MODELS),
+        runtime=RuntimeSettings(commit_interval_ms=100, shutdown_timeout_s=20),
+    )
+
+
+async def wait_for(
+    condition: Callable[[], bool | Awaitable[bool]], *, timeout: float, what: str
+) -> None:
+    """Poll ``condition`` until true; fail the test with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, repository: ModelRepository) -> AsyncIterator[Worker]:
+    """An in-process worker, started and assigned its partitions; stopped (drained) on exit."""
+    worker = Worker(settings, repository)
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(worker.run())
+        await wait_for(
+            lambda: bool(worker.assigned) or task.done(), timeout=60, what="partition assignment"
+        )
+        if task.done():
+            task.result()
+        yield worker
+        worker.stop()
+
+
+@dataclass
+class Reply:
+    """A record read from a reply topic."""
+
+    key: bytes | None
+    value: bytes
+    headers: dict[str, bytes]
+    partition: int
+
+
+@contextlib.asynccontextmanager
+async def reply_reader(settings: Settings, topic: str | None = None) -> AsyncIterator[list[Reply]]:
+    """Collects every record of a reply topic, from the beginning, into a list while open."""
+    topic = topic or settings.kafka.replies_topic
+    await ensure_topics(settings.kafka, [topic])
+    consumer: AIOKafkaConsumer = make_consumer(
+        settings.kafka, group_id=None, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    seen: list[Reply] = []
+    try:
+        partitions = await partitions_of(settings, topic)
+        consumer.assign([TopicPartition(topic, p) for p in partitions])
+
+        async def pump() -> None:
+            while True:
+                batches = await consumer.getmany(timeout_ms=200)
+                for records in batches.values():
+                    seen.extend(
+                        Reply(r.key, r.value, dict(r.headers), r.partition) for r in records
+                    )
+
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(pump())
+            try:
+                yield seen
+            finally:
+                task.cancel()
+    finally:
+        await consumer.stop()
+
+
+async def partitions_of(settings: Settings, topic: str) -> list[int]:
+    """Partition numbers of ``topic``."""
+    producer = make_producer(settings.kafka)
+    await producer.start()
+    try:
+        return sorted(await producer.partitions_for(topic))
+    finally:
+        await producer.stop()
+
+
+async def group_lag(settings: Settings) -> int:
+    """Records of the requests topic not yet committed by the worker group (all partitions)."""
+    topic = settings.kafka.requests_topic
+    tps = [TopicPartition(topic, p) for p in await partitions_of(settings, topic)]
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    consumer = make_consumer(settings.kafka, group_id=None)
+    await admin.start()
+    await consumer.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(settings.kafka.group_id)
+        ends = await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+        await admin.close()
+    return sum(
+        end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items()
+    )
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    """Environment variables that give a worker subprocess these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
+    for section in ("kafka", "batching", "runtime"):
+        for name, value in getattr(settings, section).model_dump().items():
+            env[f"WORKER_{section}__{name}".upper()] = str(value)
+    env["WORKER_MODELS__REPOSITORY"] = str(MODELS)
+    env["WORKER_LOG__FORMAT"] = "json"
+    return env
+
+
+class WorkerProcess:
+    """``python -m worker serve`` as a child process, for signal tests."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "serve"],
+            env=worker_env(settings),
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the worker."""
+        self.proc.send_signal(sig)
+
+    async def wait(self, timeout: float) -> int:
+        """Wait for exit; return the exit code."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None:
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                pytest.fail(f"worker did not exit within {timeout:.0f}s")
+            await asyncio.sleep(0.05)
+        self._log.close()
+        return self.proc.returncode
+
+    def close(self) -> None:
+        """Kill the process if it still runs."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def worker_processes(tmp_path: Path) -> Iterator[Callable[[Settings], WorkerProcess]]:
+    """Factory of worker subprocesses, all killed at the end of the test."""
+    started: list[WorkerProcess] = []
+
+    def start(settings: Settings) -> WorkerProcess:
+        proc = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.close()
+

@@ -1,0 +1,162 @@
+"""Unit tests of the Avro codec and tensor conversions (no Kafka)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import fastavro
+import numpy as np
+import pytest
+
+from worker.codec import (
+    DATATYPES,
+    SOE_MARKER,
+    ErrorInfo,
+    InferenceRequest,
+    InferenceResponse,
+    Tensor,
+    Timing,
+    decode_request,
+    decode_response,
+    encode_request,
+    encode_response,
+    schema_dir,
+)
+from worker.errors import DecodeError, ErrorCode, ReplyError, RequestError
+
+_CRC64_EMPTY = 0xC15D213AA4D7A795
+
+
+def crc64_avro(data: bytes) -> int:
+    """CRC-64-AVRO exactly as the Avro specification writes it (independent of fastavro)."""
+    table = []
+    for i in range(256):
+        fp = i
+        for _ in range(8):
+            fp = (fp >> 1) ^ (_CRC64_EMPTY & -(fp & 1))
+        table.append(fp)
+    fp = _CRC64_EMPTY
+    for byte in data:
+        fp = (fp >> 8) ^ table[(fp ^ byte) & 0xFF]
+    return fp
+
+
+def sample_request() -> InferenceRequest:
+    return InferenceRequest(
+        id="req-1",
+        model_name="digits",
+        model_version="1",
+        inputs=[Tensor.from_numpy("pixels", np.arange(128, dtype=np.float32).reshape(2, 64))],
+        parameters={"priority": 3, "tag": "x", "flag": True, "w": 0.5},
+    )
+
+
+def test_request_round_trip() -> None:
+    """A request survives encode/decode unchanged, parameters included."""
+    request = sample_request()
+    assert decode_request(encode_request(request)) == request
+
+
+def test_response_round_trip_with_error_and_timing() -> None:
+    """A response with outputs, error and timing survives encode/decode unchanged."""
+    response = InferenceResponse(
+        id="r",
+        model_name="digits",
+        model_version="2",
+        outputs=[Tensor.from_numpy("label", np.array([3, 4], dtype=np.int64))],
+        error=ErrorInfo("INTERNAL", "boom"),
+        timing=Timing(queue_us=10, compute_us=20, batch_size=2),
+    )
+    assert decode_response(encode_response(response)) == response
+
+
+def test_single_object_header_matches_the_avro_spec() -> None:
+    """Messages start with C3 01 and the little-endian CRC-64-AVRO of the canonical schema."""
+    value = encode_request(sample_request())
+    schema = fastavro.parse_schema(json.loads((schema_dir() / "inference_request.avsc").read_text()))
+    canonical = fastavro.schema.to_parsing_canonical_form(schema).encode()
+    assert value[:2] == SOE_MARKER
+    assert value[2:10] == crc64_avro(canonical).to_bytes(8, "little")
+
+
+def test_reply_body_decodes_with_a_plain_avro_reader() -> None:
+    """After the 10-byte header, a reply is plain Avro binary of inference_response.avsc."""
+    value = encode_response(InferenceResponse(id="a", model_name="m"))
+    schema = json.loads((schema_dir() / "inference_response.avsc").read_text())
+    record = fastavro.schemaless_reader(io.BytesIO(value[10:]), fastavro.parse_schema(schema), None)
+    assert record["id"] == "a"
+    assert record["error"] is None
+
+
+def test_bare_avro_binary_request_is_accepted() -> None:
+    """A request written as bare Avro binary (no header) decodes the same."""
+    request = sample_request()
+    assert decode_request(encode_request(request)[10:]) == request
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        (b"", "empty"),
+        (None, "empty"),
+        (b"\x00\x01\x02garbage", "not an Avro-encoded"),
+        (SOE_MARKER + b"\x00" * 8 + b"\x02a", "fingerprint"),
+    ],
+)
+def test_undecodable_values_raise_decode_error(value: bytes | None, fragment: str) -> None:
+    """Empty, random and foreign-schema values raise DecodeError with a useful message."""
+    with pytest.raises(DecodeError, match=fragment) as info:
+        decode_request(value)
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+def test_truncated_and_padded_values_are_rejected() -> None:
+    """A truncated request, or one with trailing bytes, is not silently accepted."""
+    value = encode_request(sample_request())
+    with pytest.raises(DecodeError):
+        decode_request(value[:-5])
+    with pytest.raises(DecodeError, match="bytes left"):
+        decode_request(value + b"\x00\x00")
+
+
+@pytest.mark.parametrize("datatype", sorted(DATATYPES))
+def test_every_datatype_round_trips_through_numpy(datatype: str) -> None:
+    """Tensor.from_numpy/to_numpy keep dtype, shape and values for every OIP datatype."""
+    array = (np.arange(6) % 2).astype(DATATYPES[datatype]).reshape(2, 3)
+    tensor = Tensor.from_numpy("x", array)
+    assert tensor.datatype == datatype
+    assert tensor.shape == (2, 3)
+    np.testing.assert_array_equal(tensor.to_numpy(), array)
+
+
+def test_to_numpy_is_zero_copy() -> None:
+    """Decoding tensor bytes to numpy does not copy the payload."""
+    tensor = Tensor.from_numpy("x", np.ones((4, 4), dtype=np.float32))
+    array = tensor.to_numpy()
+    assert not array.flags.owndata
+    assert not array.flags.writeable
+
+
+@pytest.mark.parametrize(
+    ("tensor", "fragment"),
+    [
+        (Tensor("x", "FP32", (2, 2), b"\x00" * 15), "needs 16 bytes, data has 15"),
+        (Tensor("x", "FP32", (-1, 4), b""), "negative"),
+        (Tensor("x", "BF16", (1,), b"\x00\x00"), "unknown datatype"),
+        (Tensor("x", "FP32", (2**40, 2**40), b"\x00" * 4), "needs"),
+    ],
+)
+def test_bad_tensors_raise_invalid_argument(tensor: Tensor, fragment: str) -> None:
+    """Byte length, negative or huge shapes and unknown datatypes raise INVALID_ARGUMENT."""
+    with pytest.raises(RequestError, match=fragment) as info:
+        tensor.to_numpy()
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+
+
+def test_output_accessor_raises_on_error_reply() -> None:
+    """InferenceResponse.output raises ReplyError carrying the code of an error reply."""
+    reply = InferenceResponse(id="i", model_name="m", error=ErrorInfo("NOT_FOUND", "no model"))
+    with pytest.raises(ReplyError) as info:
+        reply.output("label")
+    assert info.value.code == "NOT_FOUND"

@@ -1,0 +1,116 @@
+"""Unit tests of the model repository, the digits model and request validation (no Kafka)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from worker.codec import InferenceRequest, Tensor
+from worker.errors import ConfigError, ErrorCode, RequestError
+from worker.models import ModelRepository, split_outputs, stack_inputs
+
+from .conftest import MODELS
+
+
+def request(*tensors: Tensor, model: str = "digits") -> InferenceRequest:
+    return InferenceRequest(id="t", model_name=model, inputs=list(tensors))
+
+
+def test_digits_accuracy_on_held_out_split(
+    repository: ModelRepository,
+    testset: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+) -> None:
+    """The committed digits model reaches >= 0.95 on the held-out split, as metrics.json says."""
+    pixels, labels = testset
+    model = repository.resolve("digits", None)
+    out = model.predict({"pixels": pixels})
+    accuracy = float((out["label"] == labels).mean())
+    recorded = json.loads((MODELS / "digits" / model.version / "metrics.json").read_text())
+    assert accuracy >= 0.95
+    assert accuracy == pytest.approx(recorded["test_accuracy"], abs=1e-4)
+    assert out["probabilities"].shape == (len(labels), 10)
+    np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_model_file_is_a_torch_export_program() -> None:
+    """Artifacts are torch.export archives (a zip), never a pickled module."""
+    for artifact in MODELS.glob("*/*/model.pt2"):
+        assert artifact.read_bytes()[:2] == b"PK"
+
+
+def test_resolve_unknown_model_and_version_is_not_found(repository: ModelRepository) -> None:
+    """An unknown model or version raises NOT_FOUND naming what is available."""
+    with pytest.raises(RequestError, match="serves: digits") as info:
+        repository.resolve("nope", None)
+    assert info.value.code is ErrorCode.NOT_FOUND
+    with pytest.raises(RequestError, match="no version '99'") as info:
+        repository.resolve("digits", "99")
+    assert info.value.code is ErrorCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("tensors", "fragment"),
+    [
+        ((), "missing input pixels FP32"),
+        ((Tensor.from_numpy("pixels", np.zeros((1, 64), np.float64)),), "datatype FP64"),
+        ((Tensor.from_numpy("pixels", np.zeros((1, 63), np.float32)),), "shape [1, 63]"),
+        ((Tensor.from_numpy("pixels", np.zeros((64,), np.float32)),), "shape [64]"),
+        ((Tensor.from_numpy("pixels", np.zeros((0, 64), np.float32)),), "at least 1"),
+        (
+            (
+                Tensor.from_numpy("pixels", np.zeros((1, 64), np.float32)),
+                Tensor.from_numpy("extra", np.zeros((1,), np.float32)),
+            ),
+            "unknown input 'extra'",
+        ),
+        ((Tensor("pixels", "FP32", (1, 64), b"\x00" * 12),), "needs 256 bytes"),
+    ],
+)
+def test_invalid_requests_say_what_was_expected(
+    repository: ModelRepository, tensors: tuple[Tensor, ...], fragment: str
+) -> None:
+    """Wrong names, dtypes, shapes and byte lengths raise INVALID_ARGUMENT with the expectation."""
+    model = repository.resolve("digits", None)
+    with pytest.raises(RequestError) as info:
+        model.validate(request(*tensors))
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT
+    assert fragment in info.value.message
+
+
+def test_stack_and_split_keep_each_requests_rows(repository: ModelRepository) -> None:
+    """Batched outputs are cut back so each request gets exactly its own rows' results."""
+    model = repository.resolve("digits", None)
+    rng = np.random.default_rng(1)
+    parts = [rng.integers(0, 17, (n, 64)).astype(np.float32) for n in (1, 3, 2)]
+    arrays = [model.validate(request(Tensor.from_numpy("pixels", p))) for p in parts]
+    outputs = model.predict(stack_inputs(model, arrays))
+    per_request = split_outputs(model, outputs, [1, 3, 2])
+    for part, tensors in zip(parts, per_request, strict=True):
+        alone = model.predict({"pixels": part})
+        by_name = {t.name: t.to_numpy() for t in tensors}
+        np.testing.assert_array_equal(by_name["label"], alone["label"])
+        np.testing.assert_allclose(by_name["probabilities"], alone["probabilities"], rtol=1e-5)
+
+
+def test_malformed_model_folder_names_the_file(tmp_path: Path) -> None:
+    """A bad config.toml or a missing artifact is a ConfigError naming the file."""
+    shutil.copytree(MODELS / "digits", tmp_path / "digits")
+    config = tmp_path / "digits" / "config.toml"
+    config.write_text(config.read_text().replace('datatype = "FP32"', 'datatype = "FLOAT"', 1))
+    with pytest.raises(ConfigError, match=r"config\.toml.*'FLOAT'"):
+        ModelRepository.load(tmp_path)
+    shutil.copy(MODELS / "digits" / "config.toml", config)
+    (tmp_path / "digits" / "1" / "model.pt2").write_bytes(b"not a model")
+    with pytest.raises(ConfigError, match=r"1/model\.pt2"):
+        ModelRepository.load(tmp_path)
+
+
+def test_empty_repository_is_a_config_error(tmp_path: Path) -> None:
+    """A repository without any model is refused at start-up."""
+    with pytest.raises(ConfigError, match="holds no model"):
+        ModelRepository.load(tmp_path)
