@@ -65,8 +65,14 @@ def resolve_jars() -> Path:
             jar.unlink()
     LIB.mkdir(parents=True, exist_ok=True)
     cmd = [
-        "mvn", "-q", "-B", "-f", str(pom), "dependency:copy-dependencies",
-        "-DincludeScope=runtime", f"-DoutputDirectory={LIB}",
+        "mvn",
+        "-q",
+        "-B",
+        "-f",
+        str(pom),
+        "dependency:copy-dependencies",
+        "-DincludeScope=runtime",
+        f"-DoutputDirectory={LIB}",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -79,11 +85,18 @@ def resolve_jars() -> Path:
 
 def _java(main: str, *args: str, log_dir: Path = STATE) -> list[str]:
     return [
-        "java", "-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+        "java",
+        "-Xms256m",
+        "-Xmx512m",
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
         "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={TEMPLATES / 'log4j2.properties'}",
         f"-Dkafka.logs.dir={log_dir}",
-        "-cp", f"{LIB}/*", main, *args,
+        "-cp",
+        f"{LIB}/*",
+        main,
+        *args,
     ]
 
 
@@ -104,8 +117,15 @@ def _format_storage() -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     # A cluster id is 16 random bytes in unpadded base64url (what `StorageTool random-uuid` prints).
     cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-    cmd = _java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(CONFIG_FILE),
-                "--ignore-formatted")
+    cmd = _java(
+        "kafka.tools.StorageTool",
+        "format",
+        "-t",
+        cluster_id,
+        "-c",
+        str(CONFIG_FILE),
+        "--ignore-formatted",
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise BrokerError(f"formatting KRaft storage failed:\n{done.stdout}{done.stderr}")
@@ -171,14 +191,18 @@ def start(port: int = 9092, controller_port: int = 9093, timeout: float = 120.0)
         _write_config(port, controller_port)
         _format_storage()
         with STDOUT_FILE.open("wb") as out:
-            proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            proc = subprocess.Popen(
                 _java("kafka.Kafka", str(CONFIG_FILE)),
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=STATE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=STATE,
             )
         pid = proc.pid
         PID_FILE.write_text(f"{pid}\n")
         _log(f"started broker pid {pid}; waiting for {bootstrap} to answer metadata requests")
+
     def alive() -> bool:
         return proc.poll() is None if proc is not None else _read_pid() is not None
 

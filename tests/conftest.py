@@ -28,7 +28,13 @@ from aiokafka.admin import AIOKafkaAdminClient
 from worker.app import Worker
 from worker.kafka import ensure_topics, make_consumer, make_producer
 from worker.models import ModelRepository
-from worker.settings import BatchingSettings, KafkaSettings, ModelSettings, RuntimeSettings, Settings
+from worker.settings import (
+    BatchingSettings,
+    KafkaSettings,
+    ModelSettings,
+    RuntimeSettings,
+    Settings,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "dev"))
@@ -181,9 +187,7 @@ async def group_lag(settings: Settings) -> int:
     finally:
         await consumer.stop()
         await admin.close()
-    return sum(
-        end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items()
-    )
+    return sum(end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items())
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
@@ -246,4 +250,3 @@ def worker_processes(tmp_path: Path) -> Iterator[Callable[[Settings], WorkerProc
     yield start
     for proc in started:
         proc.close()
-

@@ -74,7 +74,8 @@ def test_response_round_trip_with_error_and_timing() -> None:
 def test_single_object_header_matches_the_avro_spec() -> None:
     """Messages start with C3 01 and the little-endian CRC-64-AVRO of the canonical schema."""
     value = encode_request(sample_request())
-    schema = fastavro.parse_schema(json.loads((schema_dir() / "inference_request.avsc").read_text()))
+    raw = json.loads((schema_dir() / "inference_request.avsc").read_text())
+    schema = fastavro.parse_schema(raw)
     canonical = fastavro.schema.to_parsing_canonical_form(schema).encode()
     assert value[:2] == SOE_MARKER
     assert value[2:10] == crc64_avro(canonical).to_bytes(8, "little")
@@ -85,6 +86,7 @@ def test_reply_body_decodes_with_a_plain_avro_reader() -> None:
     value = encode_response(InferenceResponse(id="a", model_name="m"))
     schema = json.loads((schema_dir() / "inference_response.avsc").read_text())
     record = fastavro.schemaless_reader(io.BytesIO(value[10:]), fastavro.parse_schema(schema), None)
+    assert isinstance(record, dict)
     assert record["id"] == "a"
     assert record["error"] is None
 

@@ -50,7 +50,7 @@ def test_every_field_has_an_env_name() -> None:
     for section, info in Settings.model_fields.items():
         model = info.annotation
         assert model is not None
-        for field in model.model_fields:  # type: ignore[union-attr]
+        for field in model.model_fields:
             assert f"WORKER_{section}__{field}".upper() in names
 
 

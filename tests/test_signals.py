@@ -33,14 +33,16 @@ TestSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 
 async def publish_requests(settings: Settings, pixels: npt.NDArray[np.float32]) -> list[str]:
     """Publish N digits requests; return their ids."""
-    await ensure_topics(settings.kafka, [settings.kafka.requests_topic, settings.kafka.replies_topic])
+    kafka = settings.kafka
+    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
     producer = make_producer(settings.kafka, linger_ms=20)
     await producer.start()
     ids = [f"sig-{i}" for i in range(N)]
     try:
         for i, request_id in enumerate(ids):
             request = InferenceRequest(
-                id=request_id, model_name="digits",
+                id=request_id,
+                model_name="digits",
                 inputs=[Tensor.from_numpy("pixels", pixels[i % len(pixels)][None, :])],
             )
             await producer.send(

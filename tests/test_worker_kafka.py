@@ -63,10 +63,11 @@ async def test_thousand_concurrent_requests_each_get_their_own_correct_reply(
 async def test_reply_goes_to_reply_to_topic_with_key_and_headers(
     settings: Settings, repository: ModelRepository, testset: TestSet
 ) -> None:
-    """reply_to is honoured; the reply keeps the key, carries correlation_id, echoes trace headers."""
+    """reply_to is honoured; the reply keeps the key and correlation_id, echoes trace headers."""
     other = f"{settings.kafka.replies_topic}.custom"
     request = InferenceRequest(
-        id="corr-42", model_name="digits",
+        id="corr-42",
+        model_name="digits",
         inputs=[Tensor.from_numpy("pixels", testset[0][:2])],
     )
     traceparent = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -79,7 +80,9 @@ async def test_reply_goes_to_reply_to_topic_with_key_and_headers(
         await producer.start()
         try:
             await producer.send_and_wait(
-                settings.kafka.requests_topic, encode_request(request), key=b"user-7",
+                settings.kafka.requests_topic,
+                encode_request(request),
+                key=b"user-7",
                 headers=[
                     ("reply_to", other.encode()),
                     ("traceparent", traceparent),
@@ -135,7 +138,8 @@ async def test_undecodable_record_with_correlation_header_gets_error_reply(
         await producer.start()
         try:
             await producer.send_and_wait(
-                settings.kafka.requests_topic, b"\x07not avro at all",
+                settings.kafka.requests_topic,
+                b"\x07not avro at all",
                 headers=[("correlation_id", b"junk-1")],
             )
         finally:
@@ -157,7 +161,8 @@ async def test_requests_published_before_any_worker_are_answered_and_committed(
     try:
         for i in range(30):
             request = InferenceRequest(
-                id=f"early-{i}", model_name="digits",
+                id=f"early-{i}",
+                model_name="digits",
                 inputs=[Tensor.from_numpy("pixels", testset[0][i : i + 1])],
             )
             await producer.send(settings.kafka.requests_topic, encode_request(request))
@@ -168,6 +173,7 @@ async def test_requests_published_before_any_worker_are_answered_and_committed(
         await wait_for(lambda: len(replies) >= 30, timeout=60, what="30 replies")
         ids = sorted(decode_response(r.value).id for r in replies)
         assert ids == sorted(f"early-{i}" for i in range(30))
+
         async def all_committed() -> bool:
             return await group_lag(settings) == 0
 

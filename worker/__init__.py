@@ -1,5 +1,4 @@
-"""Asynchronous Kafka inference worker: Avro requests in, dynamic batches through PyTorch,
-replies out by correlation id.
+"""Asynchronous Kafka inference worker: Avro requests, dynamic batches, PyTorch, replies.
 
 The public API is what ``__all__`` lists; modules are importable for advanced use, but only
 these names are promised to stay.
@@ -23,7 +22,7 @@ from worker.errors import (
     DecodeError,
     ErrorCode,
     ReplyError,
-    ReplyTimeout,
+    ReplyTimeoutError,
     RequestError,
     WorkerError,
 )
@@ -39,7 +38,7 @@ __all__ = [
     "InferenceRequest",
     "InferenceResponse",
     "ReplyError",
-    "ReplyTimeout",
+    "ReplyTimeoutError",
     "RequestError",
     "Settings",
     "Tensor",

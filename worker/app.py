@@ -61,14 +61,21 @@ ECHOED_HEADERS = ("traceparent", "tracestate", "kafka_correlationId")
 """Request headers copied unchanged onto the reply."""
 
 
-@dataclass(slots=True)
-class _Job:
-    """A decoded, validated request waiting for its batch."""
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """Where a request came from: its record's partition, offset, key and headers."""
 
     tp: TopicPartition
     offset: int
     key: bytes | None
     headers: Headers
+
+
+@dataclass(slots=True)
+class _Job:
+    """A decoded, validated request waiting for its batch."""
+
+    source: _Source
     request: InferenceRequest
     arrays: list[npt.NDArray[Any]]
     enqueued: float
@@ -78,11 +85,9 @@ class _Job:
 class _Outgoing:
     """An encoded reply and the record it answers."""
 
-    tp: TopicPartition
-    offset: int
+    source: _Source
     correlation_id: str
     topic: str
-    key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
 
@@ -127,7 +132,7 @@ class _Replier:
         for item in items:
             try:
                 fut = await self._producer.send(
-                    item.topic, item.value, key=item.key, headers=item.headers
+                    item.topic, item.value, key=item.source.key, headers=item.headers
                 )
             except KafkaError as exc:
                 fut = asyncio.get_running_loop().create_future()
@@ -139,17 +144,17 @@ class _Replier:
             if isinstance(result, BaseException):
                 failed.append((item, result))
             else:
-                self._tracker.done(item.tp, item.offset)
+                self._tracker.done(item.source.tp, item.source.offset)
         self._on_progress()
         if failed:
-            for item, exc in failed:
+            for item, error in failed:
                 log.error(
                     "reply not published; its request stays uncommitted",
                     correlation_id=item.correlation_id,
                     reply_topic=item.topic,
-                    partition=item.tp.partition,
-                    offset=item.offset,
-                    error=repr(exc),
+                    partition=item.source.tp.partition,
+                    offset=item.source.offset,
+                    error=repr(error),
                 )
             raise WorkerError(
                 f"{len(failed)} replies could not be published (first: {failed[0][1]!r}); "
@@ -223,7 +228,7 @@ class Worker:
                     replier.close()
                     await replier_task
             except TimeoutError:
-                log.error(
+                log.error(  # noqa: TRY400 - the timeout's traceback says nothing useful
                     "shutdown timeout passed with requests unanswered; they will be served "
                     "again by the next owner of their partitions",
                     pending=self._tracker.pending,
@@ -262,50 +267,47 @@ class Worker:
             for tp, records in fetched.items():
                 for record in records:
                     self._tracker.track(tp, record.offset)
-                    self._dispatch(tp, record.offset, record.key, record.headers, record.value)
+                    source = _Source(tp, record.offset, record.key, record.headers)
+                    self._dispatch(source, record.value)
 
-    def _dispatch(
-        self, tp: TopicPartition, offset: int, key: bytes | None, headers: Headers, value: bytes
-    ) -> None:
+    def _dispatch(self, source: _Source, value: bytes | None) -> None:
         try:
             request = decode_request(value)
         except DecodeError as exc:
-            self._answer_undecodable(tp, offset, key, headers, exc)
+            self._answer_undecodable(source, exc)
             return
         try:
             model = self.models.resolve(request.model_name, request.model_version)
             arrays = model.validate(request)
         except RequestError as exc:
-            self._reply_error(tp, offset, key, headers, request, exc)
+            self._reply_error(source, request, exc)
             return
-        job = _Job(tp, offset, key, headers, request, arrays, time.monotonic())
+        job = _Job(source, request, arrays, time.monotonic())
         self._batchers[(model.name, model.version)].put(job)
 
-    def _answer_undecodable(
-        self, tp: TopicPartition, offset: int, key: bytes | None, headers: Headers,
-        exc: DecodeError,
-    ) -> None:
-        raw_id = header(headers, "correlation_id")
+    def _answer_undecodable(self, source: _Source, exc: DecodeError) -> None:
+        raw_id = header(source.headers, "correlation_id")
         log.warning(
             "undecodable request",
-            partition=tp.partition, offset=offset, error=exc.message,
+            partition=source.tp.partition,
+            offset=source.offset,
+            error=exc.message,
             correlation_id=raw_id.decode(errors="replace") if raw_id else None,
         )
         if raw_id is None:
             # Nobody to answer: nothing identifies the sender. (Dead-lettering comes later.)
-            self._tracker.done(tp, offset)
+            self._tracker.done(source.tp, source.offset)
             self._progress.set()
             return
         request = InferenceRequest(id=raw_id.decode(errors="replace"), model_name="", inputs=[])
-        self._reply_error(tp, offset, key, headers, request, exc)
+        self._reply_error(source, request, exc)
 
-    def _reply_error(
-        self, tp: TopicPartition, offset: int, key: bytes | None, headers: Headers,
-        request: InferenceRequest, exc: RequestError,
-    ) -> None:
+    def _reply_error(self, source: _Source, request: InferenceRequest, exc: RequestError) -> None:
         log.info(
             "request answered with an error",
-            correlation_id=request.id, model=request.model_name, code=str(exc.code),
+            correlation_id=request.id,
+            model=request.model_name,
+            code=str(exc.code),
             error=exc.message,
         )
         response = InferenceResponse(
@@ -315,26 +317,21 @@ class Worker:
             error=ErrorInfo(str(exc.code), exc.message),
         )
         assert self._replier is not None
-        self._replier.submit([self._outgoing(tp, offset, key, headers, response)])
+        self._replier.submit([self._outgoing(source, response)])
 
-    def _outgoing(
-        self, tp: TopicPartition, offset: int, key: bytes | None, headers: Headers,
-        response: InferenceResponse,
-    ) -> _Outgoing:
+    def _outgoing(self, source: _Source, response: InferenceResponse) -> _Outgoing:
         topic = self.settings.kafka.replies_topic
         for name in REPLY_TOPIC_HEADERS:
-            value = header(headers, name)
+            value = header(source.headers, name)
             if value:
                 topic = value.decode(errors="replace")
                 break
         reply_headers = [("correlation_id", response.id.encode())]
         for name in ECHOED_HEADERS:
-            value = header(headers, name)
+            value = header(source.headers, name)
             if value is not None:
                 reply_headers.append((name, value))
-        return _Outgoing(
-            tp, offset, response.id, topic, key, encode_response(response), reply_headers
-        )
+        return _Outgoing(source, response.id, topic, encode_response(response), reply_headers)
 
     async def _run_batch(self, model: LoadedModel, jobs: list[_Job]) -> None:
         started = time.monotonic()
@@ -348,7 +345,7 @@ class Worker:
         try:
             per_job: list[list[Tensor]] | None = await loop.run_in_executor(self._executor, compute)
             error = None
-        except Exception as exc:  # noqa: BLE001 - any model failure is answered, not raised
+        except Exception as exc:
             log.exception("model raised on a batch", model=model.name, version=model.version)
             per_job = None
             error = ErrorInfo(
@@ -366,11 +363,16 @@ class Worker:
                 error=error,
                 timing=Timing(int((started - job.enqueued) * 1e6), compute_us, len(jobs)),
             )
-            outgoing.append(self._outgoing(job.tp, job.offset, job.key, job.headers, response))
+            outgoing.append(self._outgoing(job.source, response))
         assert self._replier is not None
         self._replier.submit(outgoing)
-        log.debug("batch done", model=model.name, version=model.version, size=len(jobs),
-                  compute_us=compute_us)
+        log.debug(
+            "batch done",
+            model=model.name,
+            version=model.version,
+            size=len(jobs),
+            compute_us=compute_us,
+        )
 
     async def _commit_loop(self, replier: asyncio.Task[None]) -> None:
         interval = self.settings.runtime.commit_interval_ms / 1000
@@ -384,9 +386,7 @@ class Worker:
             return
         assigned = consumer.assignment()
         positions = {
-            tp: pos
-            for tp, pos in self._tracker.committable(partitions).items()
-            if tp in assigned
+            tp: pos for tp, pos in self._tracker.committable(partitions).items() if tp in assigned
         }
         if not positions:
             return
@@ -408,8 +408,10 @@ class Worker:
                     await self._progress.wait()
         left = self._tracker.pending_in(revoked)
         if left:
-            log.warning("partitions revoked with requests in flight; they will be served again",
-                        in_flight=left)
+            log.warning(
+                "partitions revoked with requests in flight; they will be served again",
+                in_flight=left,
+            )
         await self._commit(sorted(revoked))
         self._tracker.forget(revoked)
 
@@ -427,7 +429,7 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if revoked:
             log.info("partitions revoked", partitions=_fmt_tps(revoked))
-            await self._worker._drain_partitions(set(revoked))  # noqa: SLF001
+            await self._worker._drain_partitions(set(revoked))
         self._worker.assigned -= set(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:

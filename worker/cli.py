@@ -79,8 +79,7 @@ async def _serve(settings: Settings) -> None:
 
 
 async def _predict(settings: Settings, args: argparse.Namespace) -> int:
-    doc = json.loads(Path(args.input).read_text())
-    tensors = tensors_from_json(doc)
+    tensors = tensors_from_json(json.loads(await asyncio.to_thread(Path(args.input).read_text)))
     async with InferenceClient(settings.kafka, timeout=args.timeout) as client:
         reply = await client.infer(args.model, tensors, version=args.version)
     print(json.dumps(response_to_json(reply), indent=2))
@@ -125,8 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="send the digits test split; print accuracy and requests/s")
     demo.add_argument("--limit", type=int, default=None, help="send only the first N images")
     demo.add_argument("--timeout", type=float, default=60.0)
-    demo.add_argument("--min-accuracy", type=float, default=0.95,
-                      help="exit 1 if accuracy is below this")
+    demo.add_argument(
+        "--min-accuracy", type=float, default=0.95, help="exit 1 if accuracy is below this"
+    )
     return parser
 
 

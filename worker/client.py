@@ -22,8 +22,14 @@ import numpy.typing as npt
 import structlog
 from aiokafka import TopicPartition
 
-from worker.codec import InferenceRequest, InferenceResponse, Tensor, decode_response, encode_request
-from worker.errors import ConfigError, DecodeError, ReplyTimeout
+from worker.codec import (
+    InferenceRequest,
+    InferenceResponse,
+    Tensor,
+    decode_response,
+    encode_request,
+)
+from worker.errors import ConfigError, DecodeError, ReplyTimeoutError
 from worker.kafka import make_consumer, make_producer
 from worker.settings import KafkaSettings
 
@@ -147,7 +153,7 @@ class InferenceClient:
     ) -> InferenceResponse:
         """Send one request and wait for its reply (which may be an error reply).
 
-        Raises :class:`~worker.errors.ReplyTimeout` if no reply comes within ``timeout``
+        Raises :class:`~worker.errors.ReplyTimeoutError` if no reply comes within ``timeout``
         seconds (default: the client's). Call ``raise_for_error()`` on the reply, or read
         outputs with ``reply.output(name)``, which raises on an error reply.
         """
@@ -169,7 +175,7 @@ class InferenceClient:
             async with asyncio.timeout(wait):
                 return await fut
         except TimeoutError:
-            raise ReplyTimeout(
+            raise ReplyTimeoutError(
                 f"no reply to request {request.id} for model {model_name!r} within {wait:.1f}s "
                 f"(requests topic {self._settings.requests_topic!r}, reply topic "
                 f"{self.reply_topic!r}); is a worker running?"

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fastavro
 import numpy as np
@@ -60,7 +60,9 @@ DATATYPES: Mapping[str, np.dtype[Any]] = {
 }
 """Open Inference Protocol datatype -> little-endian numpy dtype."""
 
-_DATATYPE_OF_KIND = {(dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()}
+_DATATYPE_OF_KIND: dict[tuple[str, int], str] = {
+    (dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()
+}
 
 
 def schema_dir() -> Path:
@@ -77,6 +79,7 @@ class _Schema:
 
     def __init__(self, filename: str) -> None:
         raw = json.loads((schema_dir() / filename).read_text())
+        self.name: str = raw["name"]
         self.parsed = fastavro.parse_schema(raw)
         canonical = to_parsing_canonical_form(self.parsed)
         self.header = SOE_MARKER + bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
@@ -94,21 +97,20 @@ class _Schema:
             if value[:10] != self.header:
                 raise DecodeError(
                     f"Avro single-object message with schema fingerprint {value[2:10].hex()}; "
-                    f"this worker reads {self.parsed['name']} with fingerprint "
+                    f"this worker reads {self.name} with fingerprint "
                     f"{self.header[2:].hex()} (schemas/*.avsc)"
                 )
             body = body[10:]
         buf = io.BytesIO(body)
         try:
-            record: dict[str, Any] = fastavro.schemaless_reader(buf, self.parsed, None)
+            record = cast(dict[str, Any], fastavro.schemaless_reader(buf, self.parsed, None))
         except Exception as exc:  # fastavro raises many types on garbage
             raise DecodeError(
-                f"value is not an Avro-encoded {self.parsed['name']} "
-                f"({type(exc).__name__}: {exc})"
+                f"value is not an Avro-encoded {self.name} ({type(exc).__name__}: {exc})"
             ) from exc
         if buf.tell() != len(body):
             raise DecodeError(
-                f"{len(body) - buf.tell()} bytes left after decoding {self.parsed['name']}: "
+                f"{len(body) - buf.tell()} bytes left after decoding {self.name}: "
                 "the value was written with another schema"
             )
         return record

@@ -3,12 +3,12 @@
 The tree::
 
     WorkerError                     root of everything raised by this package
-    ├── ConfigError                 settings, model repository or topics are not usable at start-up
-    ├── RequestError                one request cannot be served; ``code`` goes into its error reply
-    │   └── DecodeError             the record's bytes are not a request at all (never reached a model)
-    └── ClientError                 raised by :mod:`worker.client` to the caller
-        ├── ReplyTimeout            no reply arrived in time
-        └── ReplyError              the worker answered with an error (``code``, ``message``)
+    ├── ConfigError             settings, model repository or topics unusable at start-up
+    ├── RequestError            one request cannot be served; ``code`` goes into its reply
+    │   └── DecodeError         the record's bytes are not a request at all
+    └── ClientError             raised by :mod:`worker.client` to the caller
+        ├── ReplyTimeoutError   no reply arrived in time
+        └── ReplyError          the worker answered with an error (``code``, ``message``)
 
 Behaviour lives in attributes, not in more types: a :class:`RequestError` carries its
 :class:`ErrorCode`, which the reply repeats so that clients can branch on it.
@@ -24,7 +24,7 @@ __all__ = [
     "DecodeError",
     "ErrorCode",
     "ReplyError",
-    "ReplyTimeout",
+    "ReplyTimeoutError",
     "RequestError",
     "WorkerError",
 ]
@@ -71,7 +71,7 @@ class ClientError(WorkerError):
     """Raised by :class:`worker.client.InferenceClient` to its caller."""
 
 
-class ReplyTimeout(ClientError):
+class ReplyTimeoutError(ClientError):
     """No reply for the request arrived within the timeout."""
 
 

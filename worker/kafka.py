@@ -93,7 +93,7 @@ def make_producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer
 
 
 async def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
-    """Create the missing ``topics``, or raise :class:`ConfigError` if topics are managed elsewhere."""
+    """Create missing ``topics``; raise :class:`ConfigError` if topics are managed elsewhere."""
     wanted = sorted(set(topics))
     admin = AIOKafkaAdminClient(**_common(settings))
     await admin.start()

@@ -17,6 +17,7 @@ the worker runs off the event loop.
 
 from __future__ import annotations
 
+import itertools
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -145,11 +146,11 @@ class LoadedModel:
         model expects.
         """
         expected = {s.name for s in self.config.inputs}
-        for tensor in request.inputs:
-            if tensor.name not in expected:
+        for given in request.inputs:
+            if given.name not in expected:
                 raise RequestError(
                     ErrorCode.INVALID_ARGUMENT,
-                    f"unknown input {tensor.name!r} for model {self.name!r}; expected inputs: "
+                    f"unknown input {given.name!r} for model {self.name!r}; expected inputs: "
                     + ", ".join(s.describe() for s in self.config.inputs),
                 )
         arrays = []
@@ -190,7 +191,7 @@ class LoadedModel:
 
 
 def _writable(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """torch wants writable memory; a lone request's array is a read-only view of its bytes."""
+    """Torch wants writable memory; a lone request's array is a read-only view of its bytes."""
     if array.flags.writeable and array.flags.c_contiguous:
         return array
     return np.array(array, order="C")
@@ -241,7 +242,7 @@ def split_outputs(
     bounds = np.cumsum([0, *rows]).tolist()
     return [
         [Tensor.from_numpy(spec.name, outputs[spec.name][lo:hi]) for spec in model.config.outputs]
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        for lo, hi in itertools.pairwise(bounds)
     ]
 
 
@@ -304,4 +305,3 @@ class ModelRepository:
                 f"{', '.join(self.versions(name))}",
             )
         return model
-

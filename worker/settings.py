@@ -45,7 +45,7 @@ class KafkaSettings(BaseModel):
     replies_topic: str = "inference.replies"
     """Default reply topic; a request's ``reply_to`` header overrides it."""
     manage_topics: bool = True
-    """Create missing topics at start. False: topics are managed elsewhere, a missing one is an error."""
+    """Create missing topics at start; false: managed elsewhere, a missing topic is an error."""
     topic_partitions: int = Field(default=6, ge=1)
     """Partitions for topics the worker creates; it bounds how many workers share the load."""
     topic_replication_factor: int = Field(default=1, ge=1)
@@ -115,7 +115,8 @@ def env_var_names() -> set[str]:
     names = set()
     for section, info in Settings.model_fields.items():
         model = info.annotation
-        assert isinstance(model, type) and issubclass(model, BaseModel)
+        assert isinstance(model, type)
+        assert issubclass(model, BaseModel)
         for name in model.model_fields:
             names.add(f"{ENV_PREFIX}{section}__{name}".upper())
     return names

@@ -54,8 +54,11 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     digits = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
-        digits.data.astype(np.float32), digits.target.astype(np.int64),
-        test_size=TEST_FRACTION, random_state=SEED, stratify=digits.target,
+        digits.data.astype(np.float32),
+        digits.target.astype(np.int64),
+        test_size=TEST_FRACTION,
+        random_state=SEED,
+        stratify=digits.target,
     )
     model = DigitsMLP()
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -64,11 +67,11 @@ def main() -> None:
     for _ in range(args.epochs):
         order = torch.randperm(len(xt), generator=generator)
         for start in range(0, len(xt), 64):
-            idx = order[start:start + 64]
+            idx = order[start : start + 64]
             logits = model.net(xt[idx] / 16.0)
             loss = torch.nn.functional.cross_entropy(logits, yt[idx])
             optimiser.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimiser.step()
     model.eval()
     with torch.inference_mode():
@@ -81,10 +84,16 @@ def main() -> None:
     program = torch.export.export(model, (torch.zeros(2, 64),), dynamic_shapes=({0: batch},))
     torch.export.save(program, out / "model.pt2")
     metrics = {
-        "model": "digits", "version": args.version, "architecture": "MLP 64-128-10",
-        "dataset": "sklearn.datasets.load_digits", "test_fraction": TEST_FRACTION,
-        "seed": SEED, "epochs": args.epochs, "train_size": len(x_train),
-        "test_size": len(x_test), "test_accuracy": round(accuracy, 4),
+        "model": "digits",
+        "version": args.version,
+        "architecture": "MLP 64-128-10",
+        "dataset": "sklearn.datasets.load_digits",
+        "test_fraction": TEST_FRACTION,
+        "seed": SEED,
+        "epochs": args.epochs,
+        "train_size": len(x_train),
+        "test_size": len(x_test),
+        "test_accuracy": round(accuracy, 4),
         "torch": torch.__version__.split("+")[0],
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
