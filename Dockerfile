@@ -1,0 +1,27 @@
+# The inference worker: CPU-only torch, non-root user, models baked in.
+#   docker build -t kafka-inference-worker .
+#   docker run --rm -e WORKER_KAFKA__BOOTSTRAP_SERVERS=broker:9092 kafka-inference-worker
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# PyPI's Linux torch wheel bundles CUDA (several GB); the CPU build comes from PyTorch's own
+# index. Override the build argument to use a mirror, or PyPI's default build for GPU hosts.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --index-url "${TORCH_INDEX_URL}" torch
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY schemas ./schemas
+COPY worker ./worker
+RUN pip install . && useradd --system --uid 10001 --no-create-home worker
+COPY models ./models
+
+USER 10001
+ENV WORKER_MODELS__REPOSITORY=/app/models \
+    WORKER_LOG__FORMAT=json
+ENTRYPOINT ["python", "-m", "worker"]
+CMD ["serve"]
