@@ -162,3 +162,31 @@ def test_output_accessor_raises_on_error_reply() -> None:
     with pytest.raises(ReplyError) as info:
         reply.output("label")
     assert info.value.code == "NOT_FOUND"
+
+
+def test_v1_writers_are_still_read_with_deadline_defaulted() -> None:
+    """A request written with the v1 schema (no deadline_ms) decodes, single-object or bare."""
+    path = schema_dir() / "history" / "inference_request.v1.avsc"
+    v1 = fastavro.parse_schema(json.loads(path.read_text()))
+    canonical = fastavro.schema.to_parsing_canonical_form(v1).encode()
+    record = {
+        "id": "old",
+        "model_name": "digits",
+        "model_version": None,
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": b"\x00" * 4}],
+        "parameters": None,
+    }
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, v1, record)
+    header = SOE_MARKER + crc64_avro(canonical).to_bytes(8, "little")
+    for value in (header + buf.getvalue(), buf.getvalue()):
+        request = decode_request(value)
+        assert request.id == "old"
+        assert request.deadline_ms is None
+        assert request.inputs[0].shape == (1,)
+
+
+def test_deadline_round_trips() -> None:
+    """deadline_ms (added in v2) survives encode/decode."""
+    request = InferenceRequest(id="d", model_name="m", inputs=[], deadline_ms=1_800_000_000_000)
+    assert decode_request(encode_request(request)).deadline_ms == 1_800_000_000_000

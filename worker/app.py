@@ -2,29 +2,31 @@
 
 One request's path::
 
-    consumer.getmany ─> decode (codec) ─> resolve + validate (models) ─> Batcher.put
-        Batcher ─> executor thread: stack, forward pass, split ─> encode replies
+    consumer.getmany ─> limits, decode (codec) ─> resolve + validate (models) ─> Batcher.put
+        Batcher ─> deadline check ─> executor thread: forward pass (bad items isolated)
         Replier ─> producer.send (acks=all, idempotent) ─> ack ─> OffsetTracker.done
         commit loop ─> consumer.commit(lowest unanswered offset per partition)
 
-Requests that cannot be served (bad bytes, unknown model, wrong dtype or shape) skip the
-batcher and go straight to the replier as coded error replies. Every child task lives in one
-``asyncio.TaskGroup``; there is no task per message. At most ``runtime.max_in_flight`` requests
-are between fetch and acknowledged reply; at the bound the worker stops fetching.
+Requests that cannot be served (over a limit, unknown model, wrong dtype or shape) skip the
+batcher and go straight to the replier as coded error replies; records that are not requests
+at all are copied to the dead-letter topic. Every child task lives in one ``asyncio.TaskGroup``;
+there is no task per message. At most ``runtime.max_in_flight`` requests are between fetch and
+acknowledged reply; at the bound the worker pauses its partitions until replies catch up.
 
 Stopping (:meth:`Worker.stop`, wired to SIGTERM/SIGINT by the CLI): fetching stops, every
 batcher flushes what it holds, every reply is acknowledged, offsets are committed, the consumer
 leaves the group. A rebalance waits (bounded) for the revoked partitions' requests to be
-answered and commits them before the partitions move.
+answered and commits them before the partitions move. A watchdog ends the worker with
+:class:`~worker.errors.WatchdogError` when it has work but makes no progress.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +34,7 @@ from typing import Any
 import numpy.typing as npt
 import structlog
 import torch
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker.batching import Batcher
@@ -45,10 +47,11 @@ from worker.codec import (
     decode_request,
     encode_response,
 )
-from worker.errors import DecodeError, ErrorCode, RequestError, WorkerError
-from worker.kafka import Headers, ensure_topics, header, make_consumer, make_producer
-from worker.models import LoadedModel, ModelRepository, split_outputs, stack_inputs
+from worker.errors import DecodeError, ErrorCode, RequestError, WatchdogError, WorkerError
+from worker.kafka import ensure_topics, header, make_consumer, make_producer
+from worker.models import LoadedModel, ModelRepository, run_isolated
 from worker.offsets import OffsetTracker
+from worker.replies import Outgoing, Replier, Source, Stage, TopicCache, dead_letter
 from worker.settings import Settings
 
 __all__ = ["ECHOED_HEADERS", "REPLY_TOPIC_HEADERS", "Worker"]
@@ -61,105 +64,15 @@ ECHOED_HEADERS = ("traceparent", "tracestate", "kafka_correlationId")
 """Request headers copied unchanged onto the reply."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Source:
-    """Where a request came from: its record's partition, offset, key and headers."""
-
-    tp: TopicPartition
-    offset: int
-    key: bytes | None
-    headers: Headers
-
-
 @dataclass(slots=True)
 class _Job:
     """A decoded, validated request waiting for its batch."""
 
-    source: _Source
+    source: Source
     request: InferenceRequest
     arrays: list[npt.NDArray[Any]]
     enqueued: float
-
-
-@dataclass(slots=True)
-class _Outgoing:
-    """An encoded reply and the record it answers."""
-
-    source: _Source
-    correlation_id: str
-    topic: str
-    value: bytes
-    headers: list[tuple[str, bytes]]
-
-
-class _Replier:
-    """Publishes replies in groups and marks their records done once acknowledged."""
-
-    def __init__(
-        self,
-        producer: AIOKafkaProducer,
-        tracker: OffsetTracker[TopicPartition],
-        on_progress: Callable[[], None],
-    ) -> None:
-        self._producer = producer
-        self._tracker = tracker
-        self._on_progress = on_progress
-        self._queue: deque[_Outgoing] = deque()
-        self._wakeup = asyncio.Event()
-        self._closed = False
-
-    def submit(self, items: Sequence[_Outgoing]) -> None:
-        self._queue.extend(items)
-        self._wakeup.set()
-
-    def close(self) -> None:
-        self._closed = True
-        self._wakeup.set()
-
-    async def run(self) -> None:
-        while True:
-            while not self._queue:
-                if self._closed:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            items = list(self._queue)
-            self._queue.clear()
-            await self._publish(items)
-
-    async def _publish(self, items: list[_Outgoing]) -> None:
-        pending: list[asyncio.Future[Any]] = []
-        for item in items:
-            try:
-                fut = await self._producer.send(
-                    item.topic, item.value, key=item.source.key, headers=item.headers
-                )
-            except KafkaError as exc:
-                fut = asyncio.get_running_loop().create_future()
-                fut.set_exception(exc)
-            pending.append(fut)
-        results = await asyncio.gather(*pending, return_exceptions=True)
-        failed = []
-        for item, result in zip(items, results, strict=True):
-            if isinstance(result, BaseException):
-                failed.append((item, result))
-            else:
-                self._tracker.done(item.source.tp, item.source.offset)
-        self._on_progress()
-        if failed:
-            for item, error in failed:
-                log.error(
-                    "reply not published; its request stays uncommitted",
-                    correlation_id=item.correlation_id,
-                    reply_topic=item.topic,
-                    partition=item.source.tp.partition,
-                    offset=item.source.offset,
-                    error=repr(error),
-                )
-            raise WorkerError(
-                f"{len(failed)} replies could not be published (first: {failed[0][1]!r}); "
-                "stopping so that their requests are served again after restart"
-            ) from failed[0][1]
+    deadline_ms: int | None
 
 
 class Worker:
@@ -170,12 +83,25 @@ class Worker:
         self.models = models
         self._stopping = asyncio.Event()
         self._progress = asyncio.Event()
+        self._last_progress = time.monotonic()
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._batchers: dict[tuple[str, str], Batcher[_Job]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._replier: _Replier | None = None
+        self._replier: Replier | None = None
         self.assigned: set[TopicPartition] = set()
+        self.paused_times = 0
+        """How often fetching was paused because ``max_in_flight`` was reached."""
+
+    @property
+    def in_flight(self) -> int:
+        """Requests fetched and not yet answered (reply or dead-letter copy acknowledged)."""
+        return self._tracker.pending
+
+    @property
+    def dead_lettered(self) -> int:
+        """Records copied to the dead-letter topic so far."""
+        return self._replier.dead_lettered if self._replier else 0
 
     def stop(self) -> None:
         """Begin a graceful stop: no more fetching; finish, reply, commit, leave the group."""
@@ -188,7 +114,9 @@ class Worker:
         kafka = self.settings.kafka
         if self.settings.models.torch_threads:
             torch.set_num_threads(self.settings.models.torch_threads)
-        await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
+        await ensure_topics(
+            kafka, [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic]
+        )
         consumer = make_consumer(kafka)
         producer = make_producer(kafka)
         self._consumer = consumer
@@ -198,19 +126,32 @@ class Worker:
             consumer.subscribe([kafka.requests_topic], listener=_RebalanceListener(self))
             await consumer.start()
             stack.push_async_callback(self._leave, consumer)
-            self._executor = stack.enter_context(
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+            # wait=False: a model call stuck forever must not keep the worker from exiting.
+            stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+            self._executor = executor
+
+            async def topics() -> set[str]:
+                return set((await producer.client.fetch_all_metadata()).topics())
+
+            self._replier = Replier(
+                producer,
+                self._tracker,
+                self._note_progress,
+                dead_letter_topic=kafka.dead_letter_topic,
+                group_id=kafka.group_id,
+                retries=self.settings.runtime.reply_retries,
+                topic_exists=TopicCache(topics).exists,
             )
-            self._replier = _Replier(producer, self._tracker, self._progress.set)
             log.info(
                 "worker started",
                 topic=kafka.requests_topic,
                 group=kafka.group_id,
-                models={m.name + ":" + m.version for m in self.models.all()},
+                models=sorted(f"{m.name}:{m.version}" for m in self.models.all()),
             )
             await self._serve(consumer, self._replier)
 
-    async def _serve(self, consumer: AIOKafkaConsumer, replier: _Replier) -> None:
+    async def _serve(self, consumer: AIOKafkaConsumer, replier: Replier) -> None:
         async with asyncio.TaskGroup() as group:
             batcher_tasks = []
             for model in self.models.all():
@@ -218,7 +159,10 @@ class Worker:
                 self._batchers[(model.name, model.version)] = batcher
                 batcher_tasks.append(group.create_task(batcher.run()))
             replier_task = group.create_task(replier.run())
-            commits = group.create_task(self._commit_loop(replier_task))
+            background = [
+                group.create_task(self._commit_loop()),
+                group.create_task(self._watchdog(consumer)),
+            ]
             await self._consume(consumer)
             try:
                 async with asyncio.timeout(self.settings.runtime.shutdown_timeout_s):
@@ -236,7 +180,8 @@ class Worker:
                 )
                 raise WorkerError("drain did not finish within shutdown_timeout_s") from None
             finally:
-                commits.cancel()
+                for task in background:
+                    task.cancel()
                 await self._commit()
         log.info("worker stopped cleanly")
 
@@ -252,57 +197,85 @@ class Worker:
 
         return Batcher(process, max_batch_size=size, max_batch_delay=delay_ms / 1000)
 
+    def _note_progress(self) -> None:
+        self._last_progress = time.monotonic()
+        self._progress.set()
+
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
-        runtime = self.settings.runtime
+        max_in_flight = self.settings.runtime.max_in_flight
         max_records = self.settings.kafka.fetch_max_records
+        paused = False
         while not self._stopping.is_set():
-            room = runtime.max_in_flight - self._tracker.pending
+            room = max_in_flight - self._tracker.pending
             if room <= 0:
+                if not paused:
+                    # Stop the background fetcher too, not just our reads: no buffering.
+                    consumer.pause(*consumer.assignment())
+                    paused = True
+                    self.paused_times += 1
                 self._progress.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.5):
                         await self._progress.wait()
                 continue
+            if paused:
+                consumer.resume(*consumer.paused())
+                paused = False
             fetched = await consumer.getmany(timeout_ms=100, max_records=min(room, max_records))
             for tp, records in fetched.items():
                 for record in records:
                     self._tracker.track(tp, record.offset)
-                    source = _Source(tp, record.offset, record.key, record.headers)
-                    self._dispatch(source, record.value)
+                    source = Source(
+                        tp,
+                        record.offset,
+                        record.key,
+                        record.value,
+                        record.headers,
+                        record.timestamp,
+                    )
+                    self._dispatch(source)
 
-    def _dispatch(self, source: _Source, value: bytes | None) -> None:
+    def _dispatch(self, source: Source) -> None:
+        runtime = self.settings.runtime
         try:
-            request = decode_request(value)
+            request = decode_request(source.value)
         except DecodeError as exc:
-            self._answer_undecodable(source, exc)
+            self._dead_letter_undecodable(source, exc)
             return
         try:
+            _check_limits(self.settings, source, request)
             model = self.models.resolve(request.model_name, request.model_version)
             arrays = model.validate(request)
         except RequestError as exc:
             self._reply_error(source, request, exc)
             return
-        job = _Job(source, request, arrays, time.monotonic())
+        deadline = request.deadline_ms
+        if deadline is None and runtime.default_timeout_ms:
+            deadline = source.timestamp_ms + runtime.default_timeout_ms
+        job = _Job(source, request, arrays, time.monotonic(), deadline)
         self._batchers[(model.name, model.version)].put(job)
 
-    def _answer_undecodable(self, source: _Source, exc: DecodeError) -> None:
+    def _dead_letter_undecodable(self, source: Source, exc: DecodeError) -> None:
+        """Copy the record to the dead-letter topic; answer it too if it names a correlation id."""
         raw_id = header(source.headers, "correlation_id")
         log.warning(
-            "undecodable request",
+            "undecodable record dead-lettered",
             partition=source.tp.partition,
             offset=source.offset,
             error=exc.message,
             correlation_id=raw_id.decode(errors="replace") if raw_id else None,
         )
-        if raw_id is None:
-            # Nobody to answer: nothing identifies the sender. (Dead-lettering comes later.)
-            self._tracker.done(source.tp, source.offset)
-            self._progress.set()
-            return
-        request = InferenceRequest(id=raw_id.decode(errors="replace"), model_name="", inputs=[])
-        self._reply_error(source, request, exc)
+        kafka = self.settings.kafka
+        outgoing = [
+            dead_letter(source, kafka.dead_letter_topic, Stage.DECODE, exc, group_id=kafka.group_id)
+        ]
+        if raw_id is not None:
+            request = InferenceRequest(id=raw_id.decode(errors="replace"), model_name="", inputs=[])
+            outgoing.append(self._outgoing(source, _error_response(request, exc)))
+        assert self._replier is not None
+        self._replier.submit(outgoing)
 
-    def _reply_error(self, source: _Source, request: InferenceRequest, exc: RequestError) -> None:
+    def _reply_error(self, source: Source, request: InferenceRequest, exc: RequestError) -> None:
         log.info(
             "request answered with an error",
             correlation_id=request.id,
@@ -310,16 +283,10 @@ class Worker:
             code=str(exc.code),
             error=exc.message,
         )
-        response = InferenceResponse(
-            id=request.id,
-            model_name=request.model_name,
-            model_version=request.model_version,
-            error=ErrorInfo(str(exc.code), exc.message),
-        )
         assert self._replier is not None
-        self._replier.submit([self._outgoing(source, response)])
+        self._replier.submit([self._outgoing(source, _error_response(request, exc))])
 
-    def _outgoing(self, source: _Source, response: InferenceResponse) -> _Outgoing:
+    def _outgoing(self, source: Source, response: InferenceResponse) -> Outgoing:
         topic = self.settings.kafka.replies_topic
         for name in REPLY_TOPIC_HEADERS:
             value = header(source.headers, name)
@@ -331,52 +298,53 @@ class Worker:
             value = header(source.headers, name)
             if value is not None:
                 reply_headers.append((name, value))
-        return _Outgoing(source, response.id, topic, encode_response(response), reply_headers)
+        return Outgoing(source, response.id, topic, encode_response(response), reply_headers)
 
     async def _run_batch(self, model: LoadedModel, jobs: list[_Job]) -> None:
-        started = time.monotonic()
-        rows = [int(job.arrays[0].shape[0]) for job in jobs]
-
-        def compute() -> list[list[Tensor]]:
-            inputs = stack_inputs(model, [job.arrays for job in jobs])
-            return split_outputs(model, model.predict(inputs), rows)
-
-        loop = asyncio.get_running_loop()
-        try:
-            per_job: list[list[Tensor]] | None = await loop.run_in_executor(self._executor, compute)
-            error = None
-        except Exception as exc:
-            log.exception("model raised on a batch", model=model.name, version=model.version)
-            per_job = None
-            error = ErrorInfo(
-                str(ErrorCode.INTERNAL),
-                f"model {model.name} v{model.version} failed: {type(exc).__name__}: {exc}",
+        now_ms = time.time() * 1000
+        expired = [j for j in jobs if j.deadline_ms is not None and j.deadline_ms < now_ms]
+        live = [j for j in jobs if j.deadline_ms is None or j.deadline_ms >= now_ms]
+        outgoing = [
+            self._outgoing(
+                job.source,
+                _error_response(
+                    job.request,
+                    RequestError(
+                        ErrorCode.DEADLINE_EXCEEDED,
+                        f"deadline {job.deadline_ms} (Unix ms) passed "
+                        f"{now_ms - (job.deadline_ms or 0):.0f} ms before its batch ran; "
+                        "the model was not run",
+                    ),
+                ),
             )
-        compute_us = int((time.monotonic() - started) * 1e6)
-        outgoing = []
-        for i, job in enumerate(jobs):
-            response = InferenceResponse(
-                id=job.request.id,
-                model_name=model.name,
-                model_version=model.version,
-                outputs=per_job[i] if per_job is not None else [],
-                error=error,
-                timing=Timing(int((started - job.enqueued) * 1e6), compute_us, len(jobs)),
+            for job in expired
+        ]
+        if live:
+            started = time.monotonic()
+            loop = asyncio.get_running_loop()
+            results = await loop.run_in_executor(
+                self._executor, run_isolated, model, [job.arrays for job in live]
             )
-            outgoing.append(self._outgoing(job.source, response))
+            compute_us = int((time.monotonic() - started) * 1e6)
+            for job, result in zip(live, results, strict=True):
+                timing = Timing(int((started - job.enqueued) * 1e6), compute_us, len(live))
+                outgoing.append(
+                    self._outgoing(job.source, _model_response(model, job, result, timing))
+                )
+            log.debug(
+                "batch done",
+                model=model.name,
+                version=model.version,
+                size=len(live),
+                expired=len(expired),
+                compute_us=compute_us,
+            )
         assert self._replier is not None
         self._replier.submit(outgoing)
-        log.debug(
-            "batch done",
-            model=model.name,
-            version=model.version,
-            size=len(jobs),
-            compute_us=compute_us,
-        )
 
-    async def _commit_loop(self, replier: asyncio.Task[None]) -> None:
+    async def _commit_loop(self) -> None:
         interval = self.settings.runtime.commit_interval_ms / 1000
-        while not replier.done():
+        while True:
             await asyncio.sleep(interval)
             await self._commit()
 
@@ -398,6 +366,38 @@ class Worker:
         self._tracker.mark_committed(positions)
         log.debug("committed", positions=_fmt(positions))
 
+    async def _watchdog(self, consumer: AIOKafkaConsumer) -> None:
+        """Raise :class:`WatchdogError` when there is work but no progress for too long."""
+        timeout = self.settings.runtime.watchdog_timeout_s
+        if not timeout:
+            return
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            if not await self._has_work(consumer):
+                self._last_progress = time.monotonic()
+                continue
+            stalled = time.monotonic() - self._last_progress
+            if stalled > timeout:
+                log.critical(
+                    "watchdog: no progress while there is work; exiting so that a supervisor "
+                    "restarts the worker",
+                    stalled_s=round(stalled, 1),
+                    in_flight=self._tracker.pending,
+                )
+                raise WatchdogError(
+                    f"no reply published for {stalled:.0f}s with {self._tracker.pending} "
+                    f"request(s) in flight (WORKER_RUNTIME__WATCHDOG_TIMEOUT_S={timeout:g})"
+                )
+
+    async def _has_work(self, consumer: AIOKafkaConsumer) -> bool:
+        if self._tracker.pending:
+            return True
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is not None and highwater > await consumer.position(tp):
+                return True
+        return False
+
     async def _drain_partitions(self, revoked: set[TopicPartition]) -> None:
         """Wait (bounded) for revoked partitions' requests to be answered, then commit them."""
         deadline = time.monotonic() + self.settings.runtime.shutdown_timeout_s
@@ -418,6 +418,66 @@ class Worker:
     async def _leave(self, consumer: AIOKafkaConsumer) -> None:
         await consumer.stop()
         self.assigned.clear()
+
+
+def _check_limits(settings: Settings, source: Source, request: InferenceRequest) -> None:
+    """Raise RESOURCE_EXHAUSTED for a request over the size limits, before any allocation."""
+    runtime = settings.runtime
+    size = len(source.value or b"")
+    if size > runtime.max_request_bytes:
+        raise RequestError(
+            ErrorCode.RESOURCE_EXHAUSTED,
+            f"request is {size} bytes; this worker serves at most "
+            f"{runtime.max_request_bytes} (WORKER_RUNTIME__MAX_REQUEST_BYTES)",
+        )
+    elements = sum(math.prod(t.shape) for t in request.inputs)
+    if elements > runtime.max_request_elements:
+        raise RequestError(
+            ErrorCode.RESOURCE_EXHAUSTED,
+            f"inputs declare {elements} elements in all; this worker serves at most "
+            f"{runtime.max_request_elements} (WORKER_RUNTIME__MAX_REQUEST_ELEMENTS)",
+        )
+
+
+def _error_response(request: InferenceRequest, exc: RequestError) -> InferenceResponse:
+    return InferenceResponse(
+        id=request.id,
+        model_name=request.model_name,
+        model_version=request.model_version,
+        error=ErrorInfo(str(exc.code), exc.message),
+    )
+
+
+def _model_response(
+    model: LoadedModel, job: _Job, result: list[Tensor] | Exception, timing: Timing
+) -> InferenceResponse:
+    if isinstance(result, Exception):
+        log.error(
+            "model raised on a request",
+            correlation_id=job.request.id,
+            model=model.name,
+            version=model.version,
+            error=repr(result),
+        )
+        error = ErrorInfo(
+            str(ErrorCode.INTERNAL),
+            f"model {model.name} v{model.version} failed on this request: "
+            f"{type(result).__name__}: {result}",
+        )
+        return InferenceResponse(
+            id=job.request.id,
+            model_name=model.name,
+            model_version=model.version,
+            error=error,
+            timing=timing,
+        )
+    return InferenceResponse(
+        id=job.request.id,
+        model_name=model.name,
+        model_version=model.version,
+        outputs=result,
+        timing=timing,
+    )
 
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import time
@@ -152,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         for error in errors:
             print(f"error: {error}", file=sys.stderr)
+        if any(getattr(e, "hard_exit", False) for e in errors):
+            sys.stderr.flush()
+            os._exit(3)  # a model call may be stuck in a thread; an orderly exit would wait on it
         return 1
 
 

@@ -4,9 +4,12 @@ Wire format: Avro *single-object encoding* (the Avro spec's framing for messages
 bytes ``C3 01``, the 8-byte little-endian CRC-64-AVRO fingerprint of the writer schema's
 parsing canonical form, then the Avro binary body. Java's ``BinaryMessageEncoder`` and
 ``BinaryMessageDecoder`` speak it natively; any Avro library decodes the body after skipping
-10 bytes. Bare Avro binary (no header) of the current request schema is accepted too.
+10 bytes. Bare Avro binary (no header) is accepted too, tried against the current schema first
+and then against each earlier one.
 
-Schemas are read from ``schemas/*.avsc`` and parsed once, at import.
+Schema evolution: earlier request schemas live in ``schemas/history/``. A message written with
+one of them is read through Avro schema resolution, so fields added since take their defaults
+and old writers keep working. Schemas are read and parsed once, at import.
 """
 
 from __future__ import annotations
@@ -74,15 +77,25 @@ def schema_dir() -> Path:
     raise FileNotFoundError(f"inference_request.avsc not found beside {here}")
 
 
-class _Schema:
-    """A parsed schema and its single-object header."""
+def _parse(path: Path) -> tuple[Any, bytes]:
+    """A parsed schema and the 10-byte single-object header of messages written with it."""
+    parsed = fastavro.parse_schema(json.loads(path.read_text()))
+    canonical = to_parsing_canonical_form(parsed)
+    return parsed, SOE_MARKER + bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
 
-    def __init__(self, filename: str) -> None:
-        raw = json.loads((schema_dir() / filename).read_text())
-        self.name: str = raw["name"]
-        self.parsed = fastavro.parse_schema(raw)
-        canonical = to_parsing_canonical_form(self.parsed)
-        self.header = SOE_MARKER + bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))
+
+class _Schema:
+    """The current schema of a message type, and the earlier ones it can still read."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.parsed, self.header = _parse(schema_dir() / f"{name}.avsc")
+        history = sorted((schema_dir() / "history").glob(f"{name}.v*.avsc"), reverse=True)
+        # Writer schemas by header, newest first; the current schema reads them all.
+        self.writers: dict[bytes, Any] = {self.header: self.parsed}
+        for path in history:
+            parsed, header = _parse(path)
+            self.writers[header] = parsed
 
     def encode(self, record: Mapping[str, Any]) -> bytes:
         buf = io.BytesIO()
@@ -91,19 +104,29 @@ class _Schema:
         return buf.getvalue()
 
     def decode(self, value: bytes) -> dict[str, Any]:
-        """Decode a single-object message, or bare binary of this schema."""
-        body = memoryview(value)
+        """Decode a single-object message of a known schema version, or bare Avro binary."""
         if value[:2] == SOE_MARKER:
-            if value[:10] != self.header:
+            writer = self.writers.get(value[:10])
+            if writer is None:
                 raise DecodeError(
-                    f"Avro single-object message with schema fingerprint {value[2:10].hex()}; "
-                    f"this worker reads {self.name} with fingerprint "
-                    f"{self.header[2:].hex()} (schemas/*.avsc)"
+                    f"Avro single-object message with schema fingerprint {value[2:10].hex()}, "
+                    f"which is no version of {self.name} this worker knows (known: "
+                    f"{', '.join(h[2:].hex() for h in self.writers)}; see schemas/)"
                 )
-            body = body[10:]
+            return self._read(memoryview(value)[10:], writer)
+        failure: DecodeError | None = None
+        for writer in self.writers.values():
+            try:
+                return self._read(memoryview(value), writer)
+            except DecodeError as exc:
+                failure = failure or exc
+        assert failure is not None
+        raise failure
+
+    def _read(self, body: memoryview, writer: Any) -> dict[str, Any]:
         buf = io.BytesIO(body)
         try:
-            record = cast(dict[str, Any], fastavro.schemaless_reader(buf, self.parsed, None))
+            record = fastavro.schemaless_reader(buf, writer, self.parsed)
         except Exception as exc:  # fastavro raises many types on garbage
             raise DecodeError(
                 f"value is not an Avro-encoded {self.name} ({type(exc).__name__}: {exc})"
@@ -113,11 +136,11 @@ class _Schema:
                 f"{len(body) - buf.tell()} bytes left after decoding {self.name}: "
                 "the value was written with another schema"
             )
-        return record
+        return cast(dict[str, Any], record)
 
 
-_REQUEST = _Schema("inference_request.avsc")
-_RESPONSE = _Schema("inference_response.avsc")
+_REQUEST = _Schema("inference_request")
+_RESPONSE = _Schema("inference_response")
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +228,8 @@ class InferenceRequest:
     inputs: list[Tensor]
     model_version: str | None = None
     parameters: Parameters | None = None
+    deadline_ms: int | None = None
+    """Unix epoch milliseconds after which the answer is useless (None: no deadline)."""
 
     def input(self, name: str) -> Tensor | None:
         """The input tensor called ``name``, if present."""
@@ -246,6 +271,7 @@ def encode_request(request: InferenceRequest) -> bytes:
             "model_version": request.model_version,
             "inputs": [_tensor_to_avro(t) for t in request.inputs],
             "parameters": request.parameters,
+            "deadline_ms": request.deadline_ms,
         }
     )
 
@@ -261,6 +287,7 @@ def decode_request(value: bytes | None) -> InferenceRequest:
         model_version=rec["model_version"],
         inputs=[_tensor_from_avro(t) for t in rec["inputs"]],
         parameters=rec["parameters"],
+        deadline_ms=rec["deadline_ms"],
     )
 
 

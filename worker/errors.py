@@ -4,6 +4,7 @@ The tree::
 
     WorkerError                     root of everything raised by this package
     ├── ConfigError             settings, model repository or topics unusable at start-up
+    ├── WatchdogError           no progress while there was work: exit so a supervisor restarts
     ├── RequestError            one request cannot be served; ``code`` goes into its reply
     │   └── DecodeError         the record's bytes are not a request at all
     └── ClientError             raised by :mod:`worker.client` to the caller
@@ -26,6 +27,7 @@ __all__ = [
     "ReplyError",
     "ReplyTimeoutError",
     "RequestError",
+    "WatchdogError",
     "WorkerError",
 ]
 
@@ -37,6 +39,10 @@ class ErrorCode(enum.StrEnum):
     """The request is malformed: bad bytes, dtype, shape, byte length or input name."""
     NOT_FOUND = "NOT_FOUND"
     """No such model, or no such version of it."""
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    """The request's deadline passed before its batch ran; the model was not run for it."""
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    """The request is over a size limit (record bytes or tensor elements)."""
     INTERNAL = "INTERNAL"
     """The model raised while computing this request."""
     UNAVAILABLE = "UNAVAILABLE"
@@ -49,6 +55,16 @@ class WorkerError(Exception):
 
 class ConfigError(WorkerError):
     """Settings, the model repository or the Kafka topics are not usable; raised at start-up."""
+
+
+class WatchdogError(WorkerError):
+    """The worker made no progress for too long while it had work.
+
+    ``hard_exit``: the process should end at once (a model call may be stuck in a thread that
+    would keep an orderly exit waiting forever); its supervisor restarts it.
+    """
+
+    hard_exit = True
 
 
 class RequestError(WorkerError):

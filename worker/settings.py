@@ -44,6 +44,8 @@ class KafkaSettings(BaseModel):
     requests_topic: str = "inference.requests"
     replies_topic: str = "inference.replies"
     """Default reply topic; a request's ``reply_to`` header overrides it."""
+    dead_letter_topic: str = "inference.dlq"
+    """Where records that cannot be decoded, or whose reply cannot be published, are copied."""
     manage_topics: bool = True
     """Create missing topics at start; false: managed elsewhere, a missing topic is an error."""
     topic_partitions: int = Field(default=6, ge=1)
@@ -86,6 +88,16 @@ class RuntimeSettings(BaseModel):
     """How often finished offsets are committed (also on rebalance and shutdown)."""
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     """On SIGTERM/SIGINT, how long in-flight requests may take to be answered and committed."""
+    default_timeout_ms: int = Field(default=0, ge=0)
+    """Deadline for requests without ``deadline_ms``, from the record's timestamp; 0: none."""
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
+    """Largest record value served; larger ones are answered RESOURCE_EXHAUSTED."""
+    max_request_elements: int = Field(default=1_000_000, ge=1)
+    """Most tensor elements (all inputs together) in one request; more: RESOURCE_EXHAUSTED."""
+    reply_retries: int = Field(default=3, ge=0)
+    """Retries of a reply whose publish failed with a retriable error, before dead-lettering."""
+    watchdog_timeout_s: float = Field(default=120.0, ge=0)
+    """No progress for this long while there is work: exit non-zero. 0 disables the watchdog."""
 
 
 class LogSettings(BaseModel):

@@ -1,0 +1,275 @@
+"""Publishing replies and dead-letter copies, and marking their records done once acknowledged.
+
+Policy when a reply cannot be published:
+
+1. its topic does not exist (checked before sending, so a bad ``reply_to`` never stalls the
+   other replies): no retry;
+2. the send fails with a retriable Kafka error: retried ``retries`` times with backoff;
+3. otherwise, or when the retries are spent: the *request* record is copied to the dead-letter
+   topic with context headers (stage ``REPLY_PUBLISH``), and the failure is logged with the
+   correlation id.
+
+A record is marked done only when everything published for it in a group (reply, dead-letter
+copy) is acknowledged. If a dead-letter copy itself cannot be published, :class:`Replier.run`
+raises: the worker stops, nothing of that record is committed, and it is served again later.
+
+Dead-letter headers follow Kafka Connect's names (``__connect.errors.*``, UTF-8 strings), so
+existing DLQ tooling reads them; the dead-letter record keeps the original key, value, headers
+and timestamp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from worker.errors import WorkerError
+from worker.kafka import Headers
+from worker.offsets import OffsetTracker
+
+__all__ = [
+    "DLQ_HEADER_PREFIX",
+    "Outgoing",
+    "Replier",
+    "Source",
+    "Stage",
+    "TopicCache",
+    "dead_letter",
+]
+
+log = structlog.get_logger(__name__)
+
+DLQ_HEADER_PREFIX = "__connect.errors."
+
+
+class Stage:
+    """Values of the ``__connect.errors.stage`` header: where the record failed."""
+
+    DECODE = "DECODE"
+    REPLY_PUBLISH = "REPLY_PUBLISH"
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """The request record an outgoing message answers (references, no copies)."""
+
+    tp: TopicPartition
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp_ms: int
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A message to publish for a request record: its reply, or a dead-letter copy of it."""
+
+    source: Source
+    correlation_id: str | None
+    topic: str
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp_ms: int | None = None
+    is_dead_letter: bool = False
+    attempts: int = field(default=0)
+
+
+def dead_letter(
+    source: Source, topic: str, stage: str, error: BaseException, *, group_id: str
+) -> Outgoing:
+    """A copy of the request record for the dead-letter topic, with context headers."""
+    context = {
+        "topic": source.tp.topic,
+        "partition": str(source.tp.partition),
+        "offset": str(source.offset),
+        "timestamp": str(source.timestamp_ms),
+        "stage": stage,
+        "connector.name": group_id,
+        "class.name": "worker.app.Worker",
+        "exception.class.name": f"{type(error).__module__}.{type(error).__qualname__}",
+        "exception.message": str(error),
+    }
+    headers = [*source.headers]
+    headers += [(DLQ_HEADER_PREFIX + k, v.encode()) for k, v in context.items()]
+    return Outgoing(
+        source=source,
+        correlation_id=None,
+        topic=topic,
+        # Kafka refuses a record with neither key nor value: keep an empty value then.
+        value=source.value if source.value is not None or source.key is not None else b"",
+        headers=headers,
+        timestamp_ms=source.timestamp_ms,
+        is_dead_letter=True,
+    )
+
+
+class Replier:
+    """Publishes outgoing messages in groups; marks records done when all of theirs are acked."""
+
+    def __init__(
+        self,
+        producer: AIOKafkaProducer,
+        tracker: OffsetTracker[TopicPartition],
+        on_progress: Callable[[], None],
+        *,
+        dead_letter_topic: str,
+        group_id: str,
+        retries: int,
+        topic_exists: Callable[[str], Awaitable[bool]],
+        retry_backoff_s: float = 0.5,
+    ) -> None:
+        self._producer = producer
+        self._tracker = tracker
+        self._on_progress = on_progress
+        self._dead_letter_topic = dead_letter_topic
+        self._group_id = group_id
+        self._retries = retries
+        self._topic_exists = topic_exists
+        self._backoff = retry_backoff_s
+        self._queue: deque[Outgoing] = deque()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self.dead_lettered = 0
+
+    def submit(self, items: Sequence[Outgoing]) -> None:
+        """Queue messages; all messages of one record must be submitted in one call."""
+        self._queue.extend(items)
+        self._wakeup.set()
+
+    def close(self) -> None:
+        """Publish what is queued, then let :meth:`run` return."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Publish groups until closed and empty."""
+        while True:
+            while not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            group = list(self._queue)
+            self._queue.clear()
+            await self._publish(group)
+
+    async def _publish(self, group: list[Outgoing]) -> None:
+        missing = {t for t in {o.topic for o in group} if not await self._topic_exists(t)}
+        ready = [o for o in group if o.topic not in missing]
+        failed = [
+            (o, KafkaError(f"topic {o.topic!r} does not exist"))
+            for o in group
+            if o.topic in missing
+        ]
+        failed += await self._send(ready)
+        copies = []
+        for item, error in failed:
+            if item.is_dead_letter:
+                raise WorkerError(
+                    f"dead-letter copy of {item.source.tp.topic}[{item.source.tp.partition}]@"
+                    f"{item.source.offset} not published to {item.topic!r}: {error!r}; stopping "
+                    "without committing it"
+                ) from error
+            log.error(
+                "reply not published; the request is dead-lettered",
+                correlation_id=item.correlation_id,
+                reply_topic=item.topic,
+                partition=item.source.tp.partition,
+                offset=item.source.offset,
+                error=repr(error),
+                dead_letter_topic=self._dead_letter_topic,
+            )
+            copies.append(
+                dead_letter(
+                    item.source,
+                    self._dead_letter_topic,
+                    Stage.REPLY_PUBLISH,
+                    error,
+                    group_id=self._group_id,
+                )
+            )
+        if copies:
+            lost = await self._send(copies)
+            if lost:
+                item, error = lost[0]
+                raise WorkerError(
+                    f"dead-letter copy not published to {item.topic!r}: {error!r}; stopping "
+                    "without committing it"
+                ) from error
+        self.dead_lettered += sum(o.is_dead_letter for o in group) + len(copies)
+        for item in group:
+            self._tracker.done(item.source.tp, item.source.offset)
+        self._on_progress()
+
+    async def _send(self, items: list[Outgoing]) -> list[tuple[Outgoing, BaseException]]:
+        """Send with retries of retriable errors; return what finally failed."""
+        failed: list[tuple[Outgoing, BaseException]] = []
+        pending = items
+        while pending:
+            # One future per message from the producer's accumulator: no task per message.
+            futures = [await self._enqueue(o) for o in pending]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            retry = []
+            for item, error in zip(pending, results, strict=True):
+                if not isinstance(error, BaseException):
+                    continue
+                if getattr(error, "retriable", False) and item.attempts < self._retries:
+                    item.attempts += 1
+                    retry.append(item)
+                else:
+                    failed.append((item, error))
+            if retry:
+                delay = self._backoff * 2 ** (retry[0].attempts - 1)
+                log.warning("retrying publish", count=len(retry), delay_s=delay)
+                await asyncio.sleep(delay)
+            pending = retry
+        return failed
+
+    async def _enqueue(self, item: Outgoing) -> asyncio.Future[Any]:
+        try:
+            return await self._producer.send(  # type: ignore[no-any-return]
+                item.topic,
+                item.value,
+                key=item.source.key,
+                headers=item.headers,
+                timestamp_ms=item.timestamp_ms,
+            )
+        except KafkaError as exc:
+            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+
+
+class TopicCache:
+    """Answers "does this topic exist?" from metadata, caching hits and briefly misses."""
+
+    def __init__(
+        self, fetch_topics: Callable[[], Awaitable[set[str]]], *, miss_ttl_s: float = 5.0
+    ) -> None:
+        self._fetch = fetch_topics
+        self._known: set[str] = set()
+        self._missing: dict[str, float] = {}
+        self._miss_ttl = miss_ttl_s
+
+    async def exists(self, topic: str) -> bool:
+        """True if the topic exists (per fresh metadata when not known yet)."""
+        if topic in self._known:
+            return True
+        checked = self._missing.get(topic)
+        if checked is not None and time.monotonic() - checked < self._miss_ttl:
+            return False
+        self._known |= await self._fetch()
+        if topic in self._known:
+            self._missing.pop(topic, None)
+            return True
+        self._missing[topic] = time.monotonic()
+        return False
