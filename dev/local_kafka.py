@@ -28,19 +28,15 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BrokerError", "metadata_ok", "start", "status", "stop"]
+__all__ = ["DEFAULT", "BrokerError", "LocalBroker", "metadata_ok", "start", "status", "stop"]
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "dev" / "kafka"
 STATE = ROOT / ".kafka"
 LIB = STATE / "lib"
-DATA = STATE / "data"
-PID_FILE = STATE / "broker.pid"
-LOG_FILE = STATE / "broker.log"
-STDOUT_FILE = STATE / "broker.stdout"
-CONFIG_FILE = STATE / "server.properties"
 HOST = "127.0.0.1"
 
 
@@ -83,66 +79,6 @@ def resolve_jars() -> Path:
     return LIB
 
 
-def _java(main: str, *args: str, log_dir: Path = STATE) -> list[str]:
-    return [
-        "java",
-        "-Xms256m",
-        "-Xmx512m",
-        "-XX:+UseG1GC",
-        "-XX:MaxGCPauseMillis=20",
-        "-Djava.awt.headless=true",
-        f"-Dlog4j2.configurationFile={TEMPLATES / 'log4j2.properties'}",
-        f"-Dkafka.logs.dir={log_dir}",
-        "-cp",
-        f"{LIB}/*",
-        main,
-        *args,
-    ]
-
-
-def _write_config(port: int, controller_port: int) -> None:
-    lines = [
-        TEMPLATES.joinpath("server.properties").read_text(),
-        f"controller.quorum.voters=1@{HOST}:{controller_port}",
-        f"listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
-        f"advertised.listeners=PLAINTEXT://{HOST}:{port}",
-        f"log.dirs={DATA}",
-    ]
-    CONFIG_FILE.write_text("\n".join(lines) + "\n")
-
-
-def _format_storage() -> None:
-    if (DATA / "meta.properties").is_file():
-        return
-    DATA.mkdir(parents=True, exist_ok=True)
-    # A cluster id is 16 random bytes in unpadded base64url (what `StorageTool random-uuid` prints).
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-    cmd = _java(
-        "kafka.tools.StorageTool",
-        "format",
-        "-t",
-        cluster_id,
-        "-c",
-        str(CONFIG_FILE),
-        "--ignore-formatted",
-    )
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise BrokerError(f"formatting KRaft storage failed:\n{done.stdout}{done.stderr}")
-
-
-def _read_pid() -> int | None:
-    try:
-        pid = int(PID_FILE.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    return pid if b"kafka.Kafka" in cmdline else None
-
-
 def metadata_ok(bootstrap: str, timeout: float = 5.0) -> bool:
     """True when a real Kafka client fetches cluster metadata from ``bootstrap``."""
     import logging
@@ -172,83 +108,181 @@ def _tail(path: Path, lines: int = 40) -> str:
         return f"(no {path.name})"
 
 
-def start(port: int = 9092, controller_port: int = 9093, timeout: float = 120.0) -> str:
-    """Start the broker, or reuse a running one; return its bootstrap address."""
-    bootstrap = f"{HOST}:{port}"
-    STATE.mkdir(exist_ok=True)
-    pid = _read_pid()
-    if pid is not None and metadata_ok(bootstrap):
-        _log(f"reusing running broker (pid {pid}) at {bootstrap}")
-        return bootstrap
-    if pid is None and metadata_ok(bootstrap, timeout=2.0):
-        _log(f"a broker not started by this script answers at {bootstrap}; reusing it")
-        return bootstrap
-    proc: subprocess.Popen[bytes] | None = None
-    if pid is not None:
-        _log(f"broker pid {pid} runs but does not answer; waiting for it")
-    else:
-        resolve_jars()
-        _write_config(port, controller_port)
-        _format_storage()
-        with STDOUT_FILE.open("wb") as out:
-            proc = subprocess.Popen(
-                _java("kafka.Kafka", str(CONFIG_FILE)),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd=STATE,
-            )
-        pid = proc.pid
-        PID_FILE.write_text(f"{pid}\n")
-        _log(f"started broker pid {pid}; waiting for {bootstrap} to answer metadata requests")
+@dataclass(frozen=True)
+class LocalBroker:
+    """One single-node broker: its ports and its folder (``.kafka`` or ``.kafka/brokers/NAME``)."""
 
-    def alive() -> bool:
-        return proc.poll() is None if proc is not None else _read_pid() is not None
+    port: int = 9092
+    controller_port: int = 9093
+    state: Path = STATE
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            break
-        if metadata_ok(bootstrap, timeout=3.0):
-            _log(f"broker ready at {bootstrap}")
-            return bootstrap
-        time.sleep(0.5)
-    running = alive()
-    if running:
-        stop()
-    raise BrokerError(
-        f"broker {f'did not answer within {timeout:.0f}s' if running else 'exited'}; "
-        f"last lines of {LOG_FILE}:\n{_tail(LOG_FILE)}\n--- {STDOUT_FILE}:\n{_tail(STDOUT_FILE)}"
-    )
+    @classmethod
+    def named(cls, name: str, port: int, controller_port: int) -> LocalBroker:
+        """A broker of its own (e.g. one that tests stop and start), beside the default one."""
+        return cls(port, controller_port, STATE / "brokers" / name)
+
+    @property
+    def bootstrap(self) -> str:
+        """``host:port`` clients connect to."""
+        return f"{HOST}:{self.port}"
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.state / "broker.pid"
+
+    @property
+    def _config(self) -> Path:
+        return self.state / "server.properties"
+
+    def _java(self, main: str, *args: str) -> list[str]:
+        return [
+            "java",
+            "-Xms256m",
+            "-Xmx512m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={TEMPLATES / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self.state}",
+            "-cp",
+            f"{LIB}/*",
+            main,
+            *args,
+        ]
+
+    def _write_config(self) -> None:
+        lines = [
+            TEMPLATES.joinpath("server.properties").read_text(),
+            f"controller.quorum.voters=1@{HOST}:{self.controller_port}",
+            f"listeners=PLAINTEXT://{HOST}:{self.port},CONTROLLER://{HOST}:{self.controller_port}",
+            f"advertised.listeners=PLAINTEXT://{HOST}:{self.port}",
+            f"log.dirs={self.state / 'data'}",
+        ]
+        self._config.write_text("\n".join(lines) + "\n")
+
+    def _format_storage(self) -> None:
+        data = self.state / "data"
+        if (data / "meta.properties").is_file():
+            return
+        data.mkdir(parents=True, exist_ok=True)
+        # A cluster id: 16 random bytes, unpadded base64url (as `StorageTool random-uuid` prints).
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cmd = self._java(
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(self._config),
+            "--ignore-formatted",
+        )
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise BrokerError(f"formatting KRaft storage failed:\n{done.stdout}{done.stderr}")
+
+    def pid(self) -> int | None:
+        """PID of this broker's running process, if any."""
+        try:
+            pid = int(self._pid_file.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        mine = f"-Dkafka.logs.dir={self.state}".encode() + b"\0"
+        return pid if b"kafka.Kafka" in cmdline and mine in cmdline else None
+
+    def start(self, timeout: float = 120.0) -> str:
+        """Start the broker, or reuse a running one; return its bootstrap address."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        pid = self.pid()
+        if pid is not None and metadata_ok(self.bootstrap):
+            _log(f"reusing running broker (pid {pid}) at {self.bootstrap}")
+            return self.bootstrap
+        if pid is None and metadata_ok(self.bootstrap, timeout=2.0):
+            _log(f"a broker not started by this script answers at {self.bootstrap}; reusing it")
+            return self.bootstrap
+        proc: subprocess.Popen[bytes] | None = None
+        if pid is not None:
+            _log(f"broker pid {pid} runs but does not answer; waiting for it")
+        else:
+            resolve_jars()
+            self._write_config()
+            self._format_storage()
+            with (self.state / "broker.stdout").open("wb") as out:
+                proc = subprocess.Popen(
+                    self._java("kafka.Kafka", str(self._config)),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                    cwd=self.state,
+                )
+            pid = proc.pid
+            self._pid_file.write_text(f"{pid}\n")
+            _log(f"started broker pid {pid}; waiting for {self.bootstrap} to answer metadata")
+
+        def alive() -> bool:
+            return proc.poll() is None if proc is not None else self.pid() is not None
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not alive():
+                break
+            if metadata_ok(self.bootstrap, timeout=3.0):
+                _log(f"broker ready at {self.bootstrap}")
+                return self.bootstrap
+            time.sleep(0.5)
+        running = alive()
+        if running:
+            self.stop()
+        log_file, stdout_file = self.state / "broker.log", self.state / "broker.stdout"
+        raise BrokerError(
+            f"broker {f'did not answer within {timeout:.0f}s' if running else 'exited'}; "
+            f"last lines of {log_file}:\n{_tail(log_file)}\n--- {stdout_file}:\n"
+            f"{_tail(stdout_file)}"
+        )
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the broker (SIGTERM, then SIGKILL); return whether one was running."""
+        pid = self.pid()
+        if pid is None:
+            self._pid_file.unlink(missing_ok=True)
+            return False
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.pid() is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.2)
+        if self.pid() is not None:
+            _log(f"broker pid {pid} ignored SIGTERM for {timeout:.0f}s; killing it")
+            os.kill(pid, signal.SIGKILL)
+        self._pid_file.unlink(missing_ok=True)
+        _log(f"stopped broker pid {pid}")
+        return True
+
+    def status(self) -> bool:
+        """Print whether the broker runs and answers; return True if it answers."""
+        answers = metadata_ok(self.bootstrap, timeout=3.0)
+        print(f"pid={self.pid() or '-'} answering={answers}")
+        return answers
 
 
-def stop(timeout: float = 30.0) -> bool:
-    """Stop the broker started by :func:`start`; return whether one was running."""
-    pid = _read_pid()
-    if pid is None:
-        PID_FILE.unlink(missing_ok=True)
-        return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _read_pid() is not None:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.2)
-    if _read_pid() is not None:
-        _log(f"broker pid {pid} ignored SIGTERM for {timeout:.0f}s; killing it")
-        os.kill(pid, signal.SIGKILL)
-    PID_FILE.unlink(missing_ok=True)
-    _log(f"stopped broker pid {pid}")
-    return True
+DEFAULT = LocalBroker()
 
 
-def status(port: int = 9092) -> bool:
-    """Print whether the broker runs and answers; return True if it answers."""
-    pid = _read_pid()
-    answers = metadata_ok(f"{HOST}:{port}", timeout=3.0)
-    print(f"pid={pid or '-'} answering={answers}")
-    return answers
+def start(timeout: float = 120.0) -> str:
+    """Start (or reuse) the default broker on 127.0.0.1:9092."""
+    return DEFAULT.start(timeout)
+
+
+def stop() -> bool:
+    """Stop the default broker."""
+    return DEFAULT.stop()
+
+
+def status() -> bool:
+    """Whether the default broker answers."""
+    return DEFAULT.status()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,13 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--controller-port", type=int, default=9093)
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
+    broker = LocalBroker(args.port, args.controller_port)
     try:
         if args.command == "start":
-            print(start(args.port, args.controller_port, args.timeout))
+            print(broker.start(args.timeout))
         elif args.command == "stop":
-            stop()
+            broker.stop()
         else:
-            return 0 if status(args.port) else 1
+            return 0 if broker.status() else 1
     except BrokerError as exc:
         _log(f"error: {exc}")
         return 1

@@ -79,6 +79,7 @@ def settings(bootstrap: str) -> Settings:
             bootstrap_servers=bootstrap,
             requests_topic=f"test.{uid}.requests",
             replies_topic=f"test.{uid}.replies",
+            dead_letter_topic=f"test.{uid}.dlq",
             group_id=f"test-{uid}",
             topic_partitions=3,
             session_timeout_ms=6_000,

@@ -92,6 +92,8 @@ class Worker:
         self.assigned: set[TopicPartition] = set()
         self.paused_times = 0
         """How often fetching was paused because ``max_in_flight`` was reached."""
+        self.peak_in_flight = 0
+        """The most requests ever in flight at once (never above ``max_in_flight``)."""
 
     @property
     def in_flight(self) -> int:
@@ -234,6 +236,7 @@ class Worker:
                         record.timestamp,
                     )
                     self._dispatch(source)
+            self.peak_in_flight = max(self.peak_in_flight, self._tracker.pending)
 
     def _dispatch(self, source: Source) -> None:
         runtime = self.settings.runtime

@@ -1,0 +1,357 @@
+"""Reliability against the real broker: bad input, deadlines, isolation, limits, DLQ, watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import fastavro
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from worker.app import Worker
+from worker.client import InferenceClient
+from worker.codec import (
+    InferenceRequest,
+    InferenceResponse,
+    Tensor,
+    decode_response,
+    encode_request,
+    encode_response,
+    schema_dir,
+)
+from worker.errors import ErrorCode, WatchdogError
+from worker.kafka import ensure_topics, make_producer
+from worker.models import LoadedModel, ModelRepository
+from worker.replies import DLQ_HEADER_PREFIX
+from worker.settings import RuntimeSettings, Settings
+
+from .conftest import MODELS, Reply, group_lag, reply_reader, running_worker, wait_for
+
+pytestmark = pytest.mark.kafka
+
+TestSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
+
+
+def with_runtime(settings: Settings, **changes: Any) -> Settings:
+    """The same settings with some runtime fields changed."""
+    runtime = RuntimeSettings(**{**settings.runtime.model_dump(), **changes})
+    return Settings(**{**settings.model_dump(), "runtime": runtime})
+
+
+def request_value(request_id: str, tensor: Tensor, model: str = "digits") -> bytes:
+    return encode_request(InferenceRequest(id=request_id, model_name=model, inputs=[tensor]))
+
+
+def poison(model: LoadedModel, marker: float) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A predict that raises on any batch holding a pixel equal to ``marker``."""
+    original = model.predict
+
+    def predict(inputs: dict[str, Any]) -> dict[str, Any]:
+        if (inputs["pixels"] == marker).any():
+            raise RuntimeError("poisoned row")
+        return original(inputs)
+
+    return predict
+
+
+def unknown_datatype_value(request_id: str) -> bytes:
+    """Bare Avro binary whose datatype enum index is beyond the schema's symbols."""
+    raw = json.loads((schema_dir() / "inference_request.avsc").read_text())
+    tensor_schema = raw["fields"][3]["type"]["items"]
+    tensor_schema["fields"][1]["type"]["symbols"].append("BF16")
+    schema = fastavro.parse_schema(raw)
+    buf = io.BytesIO()
+    record = {
+        "id": request_id,
+        "model_name": "digits",
+        "model_version": None,
+        "inputs": [{"name": "pixels", "datatype": "BF16", "shape": [1, 64], "data": b"\0" * 128}],
+        "parameters": None,
+        "deadline_ms": None,
+    }
+    fastavro.schemaless_writer(buf, schema, record)
+    return buf.getvalue()
+
+
+async def publish(
+    settings: Settings, records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]
+) -> None:
+    """Publish (key, value, headers) records to the requests topic, acknowledged."""
+    kafka = settings.kafka
+    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic])
+    producer = make_producer(kafka)
+    await producer.start()
+    try:
+        futures = [
+            await producer.send(kafka.requests_topic, value, key=key, headers=headers)
+            for key, value, headers in records
+        ]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def by_id(replies: list[Reply]) -> dict[str, InferenceResponse]:
+    decoded = [decode_response(r.value) for r in replies]
+    return {r.id: r for r in decoded}
+
+
+async def test_bad_input_corpus_is_answered_or_dead_lettered_and_good_requests_still_served(
+    settings: Settings, repository: ModelRepository, testset: TestSet
+) -> None:
+    """Hostile records: each gets a coded reply or a DLQ copy; good ones get correct answers."""
+    pixels = testset[0]
+    good = {f"good-{i}": pixels[i : i + 1] for i in range(40)}
+    valid = request_value("x", Tensor.from_numpy("pixels", pixels[:1]))
+    nan = pixels[:1].copy()
+    nan[0, 5] = np.nan
+    inf = pixels[:1].copy()
+    inf[0, 9] = np.inf
+    other_schema = encode_response(InferenceResponse(id="not-a-request", model_name="digits"))
+
+    def cid(name: str) -> list[tuple[str, bytes]]:
+        return [("correlation_id", name.encode())]
+
+    # name -> (key, value, headers, expected code, dead-lettered?)
+    corpus: dict[str, tuple[bytes | None, bytes | None, list[tuple[str, bytes]], str | None, bool]]
+    corpus = {
+        "random-no-id": (b"k1", bytes(range(7, 250, 3)), [], None, True),
+        "random": (b"k2", b"\x13\x99garbage\x00\xff", cid("random"), "INVALID_ARGUMENT", True),
+        "empty": (b"k3", b"", cid("empty"), "INVALID_ARGUMENT", True),
+        "tombstone": (b"k4", None, [], None, True),
+        "truncated": (None, valid[:-7], cid("truncated"), "INVALID_ARGUMENT", True),
+        "other-schema": (None, other_schema, cid("other-schema"), "INVALID_ARGUMENT", True),
+        "unknown-dtype": (None, unknown_datatype_value("u"), cid("unknown-dtype"),
+                          "INVALID_ARGUMENT", True),
+        "overflow": (None, request_value("overflow", Tensor("pixels", "FP32", (2**62, 2**62),
+                     b"\0" * 4)), [], "RESOURCE_EXHAUSTED", False),
+        "huge-shape": (None, request_value("huge-shape", Tensor("pixels", "FP32", (100_000, 64),
+                       b"\0" * 256)), [], "RESOURCE_EXHAUSTED", False),
+        "short-data": (None, request_value("short-data", Tensor("pixels", "FP32", (3, 64),
+                       b"\0" * 256)), [], "INVALID_ARGUMENT", False),
+        "negative-dim": (None, request_value("negative-dim", Tensor("pixels", "FP32", (-1, 64),
+                         b"")), [], "INVALID_ARGUMENT", False),
+        "nan": (None, request_value("nan", Tensor.from_numpy("pixels", nan)), [],
+                "INVALID_ARGUMENT", False),
+        "inf": (None, request_value("inf", Tensor.from_numpy("pixels", inf)), [],
+                "INVALID_ARGUMENT", False),
+        "wrong-model": (None, request_value("wrong-model", Tensor.from_numpy("pixels", pixels[:1]),
+                        model="resnet"), [], "NOT_FOUND", False),
+    }  # fmt: skip
+    records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
+    bad = list(corpus.items())
+    for i, (request_id, rows) in enumerate(good.items()):
+        records.append((None, request_value(request_id, Tensor.from_numpy("pixels", rows)), []))
+        if i < len(bad):
+            key, value, headers, _, _ = bad[i][1]
+            records.append((key, value, headers))
+    await publish(settings, records)
+    kafka = settings.kafka
+    answered = {name for name, spec in corpus.items() if spec[3] is not None}
+    dead = {name for name, spec in corpus.items() if spec[4]}
+    async with (
+        reply_reader(settings) as replies,
+        reply_reader(settings, kafka.dead_letter_topic) as dlq,
+        running_worker(settings, repository) as worker,
+    ):
+        await wait_for(
+            lambda: len(replies) >= len(good) + len(answered) and len(dlq) >= len(dead),
+            timeout=90,
+            what="replies and dead-letter records for the whole corpus",
+        )
+
+        async def committed() -> bool:
+            return await group_lag(settings) == 0
+
+        await wait_for(committed, timeout=30, what="offsets committed over the whole corpus")
+        assert worker.in_flight == 0
+    assert len(replies) == len(good) + len(answered)
+    assert len(dlq) == len(dead)
+    got = by_id(replies)
+    expected = repository.resolve("digits", None).predict(
+        {"pixels": np.concatenate(list(good.values()))}
+    )
+    for i, request_id in enumerate(good):
+        assert got[request_id].output("label")[0] == expected["label"][i]
+    for name in answered:
+        reply = got[name]
+        assert reply.error is not None, name
+        assert reply.error.code == corpus[name][3], (name, reply.error)
+        assert reply.error.message
+    positions = {
+        (r.headers[DLQ_HEADER_PREFIX + "partition"], r.headers[DLQ_HEADER_PREFIX + "offset"])
+        for r in dlq
+    }
+    assert len(positions) == len(dead), "one dead-letter record per bad record"
+    for record in dlq:
+        assert record.headers[DLQ_HEADER_PREFIX + "topic"] == kafka.requests_topic.encode()
+        assert record.headers[DLQ_HEADER_PREFIX + "stage"] == b"DECODE"
+        assert record.headers[DLQ_HEADER_PREFIX + "exception.class.name"].endswith(b"DecodeError")
+        assert record.headers[DLQ_HEADER_PREFIX + "exception.message"]
+        assert int(record.headers[DLQ_HEADER_PREFIX + "timestamp"]) > 0
+    originals = {(key, value) for key, value, _, _, is_dead in corpus.values() if is_dead}
+    assert {(r.key, r.value or None) for r in dlq} == {
+        (k, v if v else None) for k, v in originals
+    }, "dead-letter records keep the original key and value"
+
+
+async def test_deadlines_are_enforced_without_running_the_model(
+    settings: Settings, testset: TestSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past deadline_ms, or an old record under default_timeout_ms: DEADLINE_EXCEEDED, no compute."""
+    repository = ModelRepository.load(MODELS)
+    model = repository.resolve("digits", None)
+    computed_rows: list[int] = []
+    original = model.predict
+
+    def counting(inputs: dict[str, Any]) -> dict[str, Any]:
+        computed_rows.append(len(inputs["pixels"]))
+        return original(inputs)
+
+    monkeypatch.setattr(model, "predict", counting)
+    settings = with_runtime(settings, default_timeout_ms=5_000)
+    now_ms = int(time.time() * 1000)
+    tensor = Tensor.from_numpy("pixels", testset[0][:1])
+
+    def value(request_id: str, deadline: int | None) -> bytes:
+        request = InferenceRequest(request_id, "digits", [tensor], deadline_ms=deadline)
+        return encode_request(request)
+
+    kafka = settings.kafka
+    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic])
+    producer = make_producer(kafka)
+    await producer.start()
+    try:
+        for request_id, deadline, timestamp in (
+            ("expired", now_ms - 1_000, None),
+            ("in-time", now_ms + 600_000, None),
+            ("old-record", None, now_ms - 60_000),
+            ("fresh-record", None, None),
+        ):
+            await producer.send_and_wait(
+                kafka.requests_topic, value(request_id, deadline), timestamp_ms=timestamp
+            )
+    finally:
+        await producer.stop()
+    async with reply_reader(settings) as replies, running_worker(settings, repository):
+        await wait_for(lambda: len(replies) >= 4, timeout=60, what="four replies")
+    got = by_id(replies)
+    for name in ("expired", "old-record"):
+        error = got[name].error
+        assert error is not None
+        assert error.code == ErrorCode.DEADLINE_EXCEEDED
+    assert got["in-time"].error is None
+    assert got["fresh-record"].error is None
+    assert sum(computed_rows) == 2, "only the two live requests reach the model"
+
+
+async def test_one_bad_request_does_not_fail_its_batch(
+    settings: Settings, testset: TestSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request that makes the model raise gets INTERNAL; the rest of its batch is answered."""
+    repository = ModelRepository.load(MODELS)
+    model = repository.resolve("digits", None)
+    marker = 13.5  # digits pixels are integers 0..16: this value appears only where we put it
+    monkeypatch.setattr(model, "predict", poison(model, marker))
+    pixels = testset[0][:60].copy()
+    poisoned = {7, 30, 51}
+    for i in poisoned:
+        pixels[i, 10] = marker
+    expected = ModelRepository.load(MODELS).resolve("digits", None).predict({"pixels": pixels})
+    async with running_worker(settings, repository), InferenceClient(settings.kafka) as client:
+        replies = await asyncio.gather(
+            *(client.infer("digits", {"pixels": pixels[i : i + 1]}, timeout=60) for i in range(60))
+        )
+    for i, reply in enumerate(replies):
+        if i in poisoned:
+            assert reply.error is not None
+            assert reply.error.code == ErrorCode.INTERNAL
+            assert "poisoned row" in reply.error.message
+        else:
+            assert reply.error is None, reply.error
+            assert reply.output("label")[0] == expected["label"][i]
+    sizes = [r.timing.batch_size for r in replies if r.timing is not None]
+    assert max(sizes) > 1, "the poisoned requests must have shared batches with good ones"
+
+
+async def test_in_flight_is_bounded_and_fetching_pauses(
+    settings: Settings, repository: ModelRepository, testset: TestSet
+) -> None:
+    """With a backlog far above max_in_flight, in-flight never exceeds it and fetching pauses."""
+    settings = with_runtime(settings, max_in_flight=25)
+    tensor = Tensor.from_numpy("pixels", testset[0][:1])
+    await publish(settings, [(None, request_value(f"bp-{i}", tensor), []) for i in range(1500)])
+    async with reply_reader(settings) as replies, running_worker(settings, repository) as worker:
+        await wait_for(lambda: len(replies) >= 1500, timeout=120, what="1500 replies")
+        assert worker.peak_in_flight <= 25
+        assert worker.peak_in_flight > 1
+        assert worker.paused_times > 0
+    assert len(by_id(replies)) == 1500
+
+
+async def test_reply_to_a_missing_topic_is_dead_lettered_without_stalling_others(
+    settings: Settings, repository: ModelRepository, testset: TestSet
+) -> None:
+    """A reply that cannot be published dead-letters its request; other replies flow on."""
+    kafka = settings.kafka
+    tensor = Tensor.from_numpy("pixels", testset[0][:1])
+    missing = f"{kafka.replies_topic}.does-not-exist"
+    records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = [
+        (b"lost-key", request_value("lost", tensor), [("reply_to", missing.encode())])
+    ]
+    records += [(None, request_value(f"ok-{i}", tensor), []) for i in range(20)]
+    await publish(settings, records)
+    async with (
+        reply_reader(settings) as replies,
+        reply_reader(settings, kafka.dead_letter_topic) as dlq,
+        running_worker(settings, repository),
+    ):
+        await wait_for(
+            lambda: len(replies) >= 20 and len(dlq) >= 1, timeout=60, what="replies and DLQ copy"
+        )
+
+        async def committed() -> bool:
+            return await group_lag(settings) == 0
+
+        await wait_for(committed, timeout=30, what="offsets committed")
+    assert {decode_response(r.value).id for r in replies} == {f"ok-{i}" for i in range(20)}
+    (copy,) = dlq
+    assert copy.key == b"lost-key"
+    assert copy.headers[DLQ_HEADER_PREFIX + "stage"] == b"REPLY_PUBLISH"
+    assert missing.encode() in copy.headers[DLQ_HEADER_PREFIX + "exception.message"]
+    assert copy.headers["reply_to"] == missing.encode(), "original headers are kept"
+
+
+async def test_watchdog_ends_a_worker_whose_model_hangs(
+    settings: Settings, testset: TestSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model call that never returns trips the watchdog: run() raises WatchdogError."""
+    repository = ModelRepository.load(MODELS)
+    model = repository.resolve("digits", None)
+    release = threading.Event()
+
+    def hang(inputs: dict[str, Any]) -> dict[str, Any]:
+        release.wait(60)
+        raise RuntimeError("released")
+
+    monkeypatch.setattr(model, "predict", hang)
+    settings = with_runtime(settings, watchdog_timeout_s=2.0)
+    await publish(
+        settings, [(None, request_value("h", Tensor.from_numpy("pixels", testset[0][:1])), [])]
+    )
+    worker = Worker(settings, repository)
+    started = time.monotonic()
+    try:
+        with pytest.raises(ExceptionGroup) as info:
+            await asyncio.wait_for(worker.run(), 60)
+    finally:
+        release.set()
+    assert info.group_contains(WatchdogError)
+    assert time.monotonic() - started < 45
