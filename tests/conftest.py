@@ -206,6 +206,7 @@ class WorkerProcess:
     """``python -m worker serve`` as a child process, for signal tests."""
 
     def __init__(self, settings: Settings, log_path: Path) -> None:
+        self._log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "serve"],
@@ -214,6 +215,13 @@ class WorkerProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
+
+    def serving(self) -> bool:
+        """True once the worker has joined its group and been given partitions."""
+        try:
+            return b"partitions assigned" in self._log_path.read_bytes()
+        except OSError:
+            return False
 
     def signal(self, sig: signal.Signals) -> None:
         """Send ``sig`` to the worker."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -12,7 +14,7 @@ import pytest
 
 from worker.codec import InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError
-from worker.models import ModelRepository, split_outputs, stack_inputs
+from worker.models import LoadedModel, ModelRepository, run_isolated, split_outputs, stack_inputs
 
 from .conftest import MODELS
 
@@ -114,3 +116,54 @@ def test_empty_repository_is_a_config_error(tmp_path: Path) -> None:
     """A repository without any model is refused at start-up."""
     with pytest.raises(ConfigError, match="holds no model"):
         ModelRepository.load(tmp_path)
+
+
+def test_non_finite_inputs_are_refused_unless_allowed(
+    repository: ModelRepository, tmp_path: Path
+) -> None:
+    """NaN/inf inputs get INVALID_ARGUMENT naming the index; allow_non_finite lets them through."""
+    model = repository.resolve("digits", None)
+    pixels = np.zeros((2, 64), np.float32)
+    pixels[1, 3] = np.nan
+    with pytest.raises(
+        RequestError, match=r"1 NaN or infinite value\(s\), the first at index \[1, 3\]"
+    ):
+        model.validate(request(Tensor.from_numpy("pixels", pixels)))
+    shutil.copytree(MODELS / "digits", tmp_path / "digits")
+    config = tmp_path / "digits" / "config.toml"
+    config.write_text(
+        config.read_text().replace("shape = [-1, 64]", "shape = [-1, 64]\nallow_non_finite = true")
+    )
+    lenient = ModelRepository.load(tmp_path).resolve("digits", None)
+    assert len(lenient.validate(request(Tensor.from_numpy("pixels", pixels)))) == 1
+
+
+def test_run_isolated_answers_good_requests_when_some_raise(repository: ModelRepository) -> None:
+    """Bisection gives every good request its own result and every bad one its exception."""
+    model = repository.resolve("digits", None)
+    calls: list[int] = []
+    original = model.predict
+
+    class Poisoned(LoadedModel):
+        def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+            calls.append(len(inputs["pixels"]))
+            if (inputs["pixels"] < 0).any():
+                raise ValueError("negative pixel")
+            return original(inputs)
+
+    poisoned = Poisoned(model.config, model.version, model._module)
+    rng = np.random.default_rng(3)
+    parts = [rng.integers(0, 17, (1, 64)).astype(np.float32) for _ in range(16)]
+    parts[5][0, 0] = -1
+    parts[12][0, 0] = -1
+    results = run_isolated(poisoned, [[p] for p in parts])
+    for i, (part, result) in enumerate(zip(parts, results, strict=True)):
+        if i in (5, 12):
+            assert isinstance(result, ValueError)
+        else:
+            assert not isinstance(result, Exception)
+            by_name = {t.name: t.to_numpy() for t in result}
+            np.testing.assert_array_equal(by_name["label"], original({"pixels": part})["label"])
+    assert calls[0] == 16
+    # Bisection: at most two passes per level per bad request, log2(16) = 4 levels below the top.
+    assert len(calls) <= 1 + 2 * 2 * 4

@@ -205,7 +205,7 @@ async def test_bad_input_corpus_is_answered_or_dead_lettered_and_good_requests_s
 async def test_deadlines_are_enforced_without_running_the_model(
     settings: Settings, testset: TestSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Past deadline_ms, or an old record under default_timeout_ms: DEADLINE_EXCEEDED, no compute."""
+    """Past deadline_ms, or an old record with default_timeout_ms: DEADLINE_EXCEEDED, no compute."""
     repository = ModelRepository.load(MODELS)
     model = repository.resolve("digits", None)
     computed_rows: list[int] = []

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from worker.codec import DATATYPES, InferenceResponse, Tensor
 from worker.errors import WorkerError
 from worker.logs import configure_logging
 from worker.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from worker.app import Worker
 
 __all__ = ["main", "response_to_json", "tensors_from_json"]
 
@@ -67,13 +70,23 @@ def response_to_json(response: InferenceResponse) -> dict[str, Any]:
     }
 
 
-async def _serve(settings: Settings) -> None:
+def _build_worker(settings: Settings) -> Worker:
+    """Import torch and load every model (slow: run in a thread while signals are watched)."""
     from worker.app import Worker  # noqa: PLC0415 - keeps `predict` free of torch start-up
     from worker.models import ModelRepository  # noqa: PLC0415
 
-    models = ModelRepository.load(settings.models.repository)
-    worker = Worker(settings, models)
+    return Worker(settings, ModelRepository.load(settings.models.repository))
+
+
+async def _serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
+    stop_early = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_early.set)
+    worker = await asyncio.to_thread(_build_worker, settings)
+    if stop_early.is_set():
+        print("stopped during start-up; nothing was fetched", file=sys.stderr)
+        return
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
     await worker.run()

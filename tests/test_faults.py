@@ -1,0 +1,153 @@
+"""Faults under load on the real broker: workers joining and leaving, the broker going away."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.kafka import ensure_topics, make_producer
+from worker.models import ModelRepository
+from worker.settings import KafkaSettings, Settings
+
+from .conftest import ROOT, Reply, WorkerProcess, group_lag, reply_reader, running_worker, wait_for
+
+sys.path.insert(0, str(ROOT / "dev"))
+from local_kafka import LocalBroker
+
+pytestmark = pytest.mark.kafka
+
+TestSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
+
+
+async def paced_publisher(
+    settings: Settings, pixels: npt.NDArray[np.float32], total: int, per_second: int
+) -> list[str]:
+    """Publish ``total`` requests at about ``per_second``; return their ids when all are acked."""
+    kafka = settings.kafka
+    producer = make_producer(kafka, linger_ms=5)
+    await producer.start()
+    ids = [f"load-{i}" for i in range(total)]
+    tick = 0.05
+    per_tick = max(1, int(per_second * tick))
+    try:
+        futures = []
+        for start in range(0, total, per_tick):
+            began = time.monotonic()
+            for i in range(start, min(start + per_tick, total)):
+                request = InferenceRequest(
+                    ids[i], "digits", [Tensor.from_numpy("pixels", pixels[i % len(pixels)][None])]
+                )
+                futures.append(await producer.send(kafka.requests_topic, encode_request(request)))
+            await asyncio.sleep(max(0.0, tick - (time.monotonic() - began)))  # pacing, not sync
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return ids
+
+
+def counts(replies: list[Reply]) -> Counter[str]:
+    return Counter(decode_response(r.value).id for r in replies)
+
+
+async def drained(settings: Settings) -> bool:
+    return await group_lag(settings) == 0
+
+
+async def test_workers_joining_and_leaving_under_load_lose_nothing(
+    settings: Settings,
+    testset: TestSet,
+    worker_processes: Callable[[Settings], WorkerProcess],
+) -> None:
+    """Three workers join and two leave (SIGTERM) under load: none lost, no duplicates."""
+    kafka = settings.kafka
+    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic])
+    total = 9000
+    async with reply_reader(settings) as replies, asyncio.TaskGroup() as group:
+        publisher = group.create_task(paced_publisher(settings, testset[0], total, per_second=600))
+        first = worker_processes(settings)
+        await wait_for(lambda: len(replies) >= 500, timeout=90, what="first worker's replies")
+        second = worker_processes(settings)
+        await wait_for(second.serving, timeout=90, what="the second worker to join")
+        await wait_for(lambda: len(replies) >= 2500, timeout=90, what="replies with two workers")
+        third = worker_processes(settings)
+        await wait_for(third.serving, timeout=90, what="the third worker to join")
+        await wait_for(lambda: len(replies) >= 4500, timeout=90, what="replies with three workers")
+        second.signal(signal.SIGTERM)
+        assert await second.wait(timeout=60) == 0
+        await wait_for(lambda: len(replies) >= 6000, timeout=90, what="replies after a leave")
+        third.signal(signal.SIGTERM)
+        assert await third.wait(timeout=60) == 0
+        ids = await publisher
+        await wait_for(
+            lambda: set(counts(replies)) == set(ids), timeout=120, what="every request answered"
+        )
+        await wait_for(lambda: drained(settings), timeout=60, what="all offsets committed")
+        assert first.proc.poll() is None, "the first worker served throughout"
+    answered = counts(replies)
+    duplicates = {k: v for k, v in answered.items() if v > 1}
+    print(f"rebalances under load: {len(answered)} answered, {len(duplicates)} duplicated")
+    assert set(answered) == set(ids)
+    assert duplicates == {}, "graceful joins and leaves commit finished work: no duplicates"
+
+
+@pytest.fixture
+def outage_broker() -> Iterator[LocalBroker]:
+    """A broker of this test's own (ports 19192/19193), which the test stops and restarts."""
+    broker = LocalBroker.named("outage", 19192, 19193)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def outage_settings(settings: Settings, outage_broker: LocalBroker) -> Settings:
+    """The test's settings, pointed at the outage broker."""
+    kafka = KafkaSettings(
+        **{**settings.kafka.model_dump(), "bootstrap_servers": outage_broker.bootstrap}
+    )
+    return Settings(**{**settings.model_dump(), "kafka": kafka})
+
+
+async def test_worker_recovers_when_the_broker_is_down_for_ten_seconds(
+    outage_settings: Settings,
+    outage_broker: LocalBroker,
+    repository: ModelRepository,
+    testset: TestSet,
+) -> None:
+    """Broker stopped ~10 s mid-stream and started again: the worker recovers, all answered."""
+    settings = outage_settings
+    kafka = settings.kafka
+    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic])
+    async with (
+        reply_reader(settings) as replies,
+        running_worker(settings, repository) as worker,
+        asyncio.TaskGroup() as group,
+    ):
+        publisher = group.create_task(paced_publisher(settings, testset[0], 3000, per_second=200))
+        await wait_for(lambda: len(replies) >= 300, timeout=60, what="replies before the outage")
+        await asyncio.to_thread(outage_broker.stop)
+        before = len(replies)
+        await asyncio.sleep(10)  # the fault itself: the broker stays down this long
+        await asyncio.to_thread(outage_broker.start)
+        ids = await publisher
+        await wait_for(
+            lambda: set(counts(replies)) == set(ids), timeout=180, what="every request answered"
+        )
+        await wait_for(lambda: drained(settings), timeout=90, what="all offsets committed")
+        assert worker.in_flight == 0
+    answered = counts(replies)
+    print(
+        f"broker outage: {before} answered before it, {sum(answered.values()) - len(answered)} "
+        "duplicates"
+    )
+    assert before < len(ids), "the outage must land mid-stream"
+    assert set(answered) == set(ids)
