@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from worker.app import Worker
+from worker.codec import decode_response
 from worker.kafka import ensure_topics, make_consumer, make_producer
 from worker.models import ModelRepository
 from worker.settings import (
@@ -189,6 +191,41 @@ async def group_lag(settings: Settings) -> int:
         await consumer.stop()
         await admin.close()
     return sum(end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items())
+
+
+async def topic_size(settings: Settings, topic: str) -> int:
+    """Records in ``topic`` (sum of end offsets; nothing is deleted in these tests)."""
+    consumer = make_consumer(settings.kafka, group_id=None)
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in await partitions_of(settings, topic)]
+        return sum((await consumer.end_offsets(tps)).values())
+    finally:
+        await consumer.stop()
+
+
+def reply_counts(replies: list[Reply]) -> Counter[str]:
+    """How many replies each correlation id got."""
+    return Counter(decode_response(r.value).id for r in replies)
+
+
+async def settle(
+    settings: Settings, replies: list[Reply], ids: list[str], *, timeout: float = 180
+) -> Counter[str]:
+    """Wait until every id is answered, the group has committed all, every reply is read."""
+    await wait_for(
+        lambda: set(reply_counts(replies)) == set(ids), timeout=timeout, what="every answer"
+    )
+
+    async def committed() -> bool:
+        return await group_lag(settings) == 0
+
+    async def all_read() -> bool:
+        return len(replies) == await topic_size(settings, settings.kafka.replies_topic)
+
+    await wait_for(committed, timeout=60, what="all offsets committed")
+    await wait_for(all_read, timeout=60, what="the whole reply topic read")
+    return reply_counts(replies)
 
 
 def worker_env(settings: Settings) -> dict[str, str]:

@@ -6,19 +6,18 @@ import asyncio
 import signal
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.codec import InferenceRequest, Tensor, encode_request
 from worker.kafka import ensure_topics, make_producer
 from worker.models import ModelRepository
 from worker.settings import KafkaSettings, Settings
 
-from .conftest import ROOT, Reply, WorkerProcess, group_lag, reply_reader, running_worker, wait_for
+from .conftest import ROOT, WorkerProcess, reply_reader, running_worker, settle, wait_for
 
 sys.path.insert(0, str(ROOT / "dev"))
 from local_kafka import LocalBroker
@@ -54,14 +53,6 @@ async def paced_publisher(
     return ids
 
 
-def counts(replies: list[Reply]) -> Counter[str]:
-    return Counter(decode_response(r.value).id for r in replies)
-
-
-async def drained(settings: Settings) -> bool:
-    return await group_lag(settings) == 0
-
-
 async def test_workers_joining_and_leaving_under_load_lose_nothing(
     settings: Settings,
     testset: TestSet,
@@ -87,12 +78,8 @@ async def test_workers_joining_and_leaving_under_load_lose_nothing(
         third.signal(signal.SIGTERM)
         assert await third.wait(timeout=60) == 0
         ids = await publisher
-        await wait_for(
-            lambda: set(counts(replies)) == set(ids), timeout=120, what="every request answered"
-        )
-        await wait_for(lambda: drained(settings), timeout=60, what="all offsets committed")
+        answered = await settle(settings, replies, ids)
         assert first.proc.poll() is None, "the first worker served throughout"
-    answered = counts(replies)
     duplicates = {k: v for k, v in answered.items() if v > 1}
     print(f"rebalances under load: {len(answered)} answered, {len(duplicates)} duplicated")
     assert set(answered) == set(ids)
@@ -139,12 +126,8 @@ async def test_worker_recovers_when_the_broker_is_down_for_ten_seconds(
         await asyncio.sleep(10)  # the fault itself: the broker stays down this long
         await asyncio.to_thread(outage_broker.start)
         ids = await publisher
-        await wait_for(
-            lambda: set(counts(replies)) == set(ids), timeout=180, what="every request answered"
-        )
-        await wait_for(lambda: drained(settings), timeout=90, what="all offsets committed")
+        answered = await settle(settings, replies, ids)
         assert worker.in_flight == 0
-    answered = counts(replies)
     print(
         f"broker outage: {before} answered before it, {sum(answered.values()) - len(answered)} "
         "duplicates"

@@ -59,35 +59,18 @@ async def test_client_example_and_predict_command_run(
     """The README's client example and `python -m worker predict` get real replies."""
     block = next(b for b in python_blocks() if "InferenceClient" in b)
     env = worker_env(settings)
+    example_request = str(MODELS / "digits" / "example_request.json")
+
+    async def python(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(
+            subprocess.run, [sys.executable, *args], env=env, cwd=ROOT,
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
     async with running_worker(settings, repository):
-        example = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-c", block],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        predict = await asyncio.to_thread(
-            subprocess.run,
-            [
-                sys.executable,
-                "-m",
-                "worker",
-                "predict",
-                "--model",
-                "digits",
-                "--input",
-                str(MODELS / "digits" / "example_request.json"),
-            ],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+        example = await python("-c", block)
+        predict = await python(
+            "-m", "worker", "predict", "--model", "digits", "--input", example_request
         )
     assert example.returncode == 0, example.stderr
     assert re.search(r"version 1 label \d", example.stdout), example.stdout

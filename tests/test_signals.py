@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import signal
-from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
-from worker.kafka import ensure_topics, make_consumer, make_producer
+from worker.codec import InferenceRequest, Tensor, encode_request
+from worker.kafka import ensure_topics, make_producer
 from worker.settings import Settings
 
 from .conftest import (
-    Reply,
     WorkerProcess,
     group_lag,
-    partitions_of,
+    reply_counts,
     reply_reader,
+    settle,
+    topic_size,
     wait_for,
 )
 
@@ -54,27 +54,6 @@ async def publish_requests(settings: Settings, pixels: npt.NDArray[np.float32]) 
     return ids
 
 
-async def topic_size(settings: Settings, topic: str) -> int:
-    """Records in ``topic`` (sum of end offsets; nothing is deleted in these tests)."""
-    from aiokafka import TopicPartition  # noqa: PLC0415
-
-    consumer = make_consumer(settings.kafka, group_id=None)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in await partitions_of(settings, topic)]
-        return sum((await consumer.end_offsets(tps)).values())
-    finally:
-        await consumer.stop()
-
-
-def reply_ids(replies: list[Reply]) -> Counter[str]:
-    return Counter(decode_response(r.value).id for r in replies)
-
-
-async def all_read(settings: Settings, replies: list[Reply]) -> bool:
-    return len(replies) == await topic_size(settings, settings.kafka.replies_topic)
-
-
 async def test_sigkill_mid_stream_then_restart_loses_nothing(
     settings: Settings,
     testset: TestSet,
@@ -87,20 +66,11 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
         await wait_for(lambda: len(replies) >= KILL_AFTER, timeout=120, what="first replies")
         first.signal(signal.SIGKILL)
         assert await first.wait(timeout=30) == -signal.SIGKILL
-        answered_before_kill = len(set(reply_ids(replies)))
+        answered_before_kill = len(reply_counts(replies))
         assert answered_before_kill < N, "the kill must land mid-stream"
 
         worker_processes(settings)
-        await wait_for(
-            lambda: set(reply_ids(replies)) == set(ids), timeout=180, what="every request answered"
-        )
-
-        async def drained() -> bool:
-            return await group_lag(settings) == 0
-
-        await wait_for(drained, timeout=60, what="all offsets committed")
-        await wait_for(lambda: all_read(settings, replies), timeout=60, what="reply topic read")
-    counts = reply_ids(replies)
+        counts = await settle(settings, replies, ids)
     duplicates = sum(counts.values()) - len(counts)
     print(f"SIGKILL: {answered_before_kill} answered before the kill, {duplicates} duplicates")
     assert set(counts) == set(ids)
@@ -118,7 +88,11 @@ async def test_sigterm_mid_stream_drains_and_restart_has_no_duplicates(
         await wait_for(lambda: len(replies) >= KILL_AFTER, timeout=120, what="first replies")
         first.signal(signal.SIGTERM)
         assert await first.wait(timeout=60) == 0
-        await wait_for(lambda: all_read(settings, replies), timeout=60, what="reply topic read")
+
+        async def all_read() -> bool:
+            return len(replies) == await topic_size(settings, settings.kafka.replies_topic)
+
+        await wait_for(all_read, timeout=60, what="the stopped worker's replies")
         answered_before_stop = len(replies)
         assert answered_before_stop < N, "the stop must land mid-stream"
         assert await group_lag(settings) == N - answered_before_stop, (
@@ -126,16 +100,7 @@ async def test_sigterm_mid_stream_drains_and_restart_has_no_duplicates(
         )
 
         worker_processes(settings)
-        await wait_for(
-            lambda: set(reply_ids(replies)) == set(ids), timeout=180, what="every request answered"
-        )
-
-        async def drained() -> bool:
-            return await group_lag(settings) == 0
-
-        await wait_for(drained, timeout=60, what="all offsets committed")
-        await wait_for(lambda: all_read(settings, replies), timeout=60, what="reply topic read")
-    counts = reply_ids(replies)
+        counts = await settle(settings, replies, ids)
     duplicates = {k: v for k, v in counts.items() if v > 1}
     assert set(counts) == set(ids)
     assert duplicates == {}

@@ -454,6 +454,8 @@ def _error_response(request: InferenceRequest, exc: RequestError) -> InferenceRe
 def _model_response(
     model: LoadedModel, job: _Job, result: list[Tensor] | Exception, timing: Timing
 ) -> InferenceResponse:
+    outputs: list[Tensor] = []
+    error = None
     if isinstance(result, Exception):
         log.error(
             "model raised on a request",
@@ -467,18 +469,14 @@ def _model_response(
             f"model {model.name} v{model.version} failed on this request: "
             f"{type(result).__name__}: {result}",
         )
-        return InferenceResponse(
-            id=job.request.id,
-            model_name=model.name,
-            model_version=model.version,
-            error=error,
-            timing=timing,
-        )
+    else:
+        outputs = result
     return InferenceResponse(
         id=job.request.id,
         model_name=model.name,
         model_version=model.version,
-        outputs=result,
+        outputs=outputs,
+        error=error,
         timing=timing,
     )
 
