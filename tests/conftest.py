@@ -29,7 +29,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from worker.app import Worker
 from worker.codec import decode_response
 from worker.kafka import ensure_topics, make_consumer, make_producer
-from worker.models import ModelRepository
+from worker.repository import ModelRepository
 from worker.settings import (
     BatchingSettings,
     KafkaSettings,

@@ -14,7 +14,7 @@ import pytest
 
 from worker.codec import InferenceRequest, Tensor, encode_request
 from worker.kafka import ensure_topics, make_producer
-from worker.models import ModelRepository
+from worker.repository import ModelRepository
 from worker.settings import KafkaSettings, Settings
 
 from .conftest import ROOT, WorkerProcess, reply_reader, running_worker, settle, wait_for

@@ -14,7 +14,8 @@ import pytest
 
 from worker.codec import InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError
-from worker.models import LoadedModel, ModelRepository, run_isolated, split_outputs, stack_inputs
+from worker.models import LoadedModel, run_isolated, split_outputs, stack_inputs
+from worker.repository import ModelRepository
 
 from .conftest import MODELS
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from worker.codec import InferenceResponse, Tensor, decode_request, encode_response
-from worker.models import ModelRepository
+from worker.repository import ModelRepository
 from worker.settings import Settings, env_var_names
 
 from .conftest import MODELS, ROOT, running_worker, worker_env

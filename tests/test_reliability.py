@@ -28,8 +28,9 @@ from worker.codec import (
 )
 from worker.errors import ErrorCode, WatchdogError
 from worker.kafka import ensure_topics, make_producer
-from worker.models import LoadedModel, ModelRepository
+from worker.models import LoadedModel
 from worker.replies import DLQ_HEADER_PREFIX
+from worker.repository import ModelRepository
 from worker.settings import RuntimeSettings, Settings
 
 from .conftest import MODELS, Reply, group_lag, reply_reader, running_worker, wait_for

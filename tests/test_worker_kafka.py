@@ -19,7 +19,7 @@ from worker.codec import (
 )
 from worker.errors import ConfigError, ErrorCode
 from worker.kafka import ensure_topics, make_producer
-from worker.models import ModelRepository
+from worker.repository import ModelRepository
 from worker.settings import KafkaSettings, Settings
 
 from .conftest import group_lag, reply_reader, running_worker, wait_for

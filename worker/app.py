@@ -49,9 +49,10 @@ from worker.codec import (
 )
 from worker.errors import DecodeError, ErrorCode, RequestError, WatchdogError, WorkerError
 from worker.kafka import ensure_topics, header, make_consumer, make_producer
-from worker.models import LoadedModel, ModelRepository, run_isolated
+from worker.models import LoadedModel, run_isolated
 from worker.offsets import OffsetTracker
 from worker.replies import Outgoing, Replier, Source, Stage, TopicCache, dead_letter
+from worker.repository import ModelRepository
 from worker.settings import Settings
 
 __all__ = ["ECHOED_HEADERS", "REPLY_TOPIC_HEADERS", "Worker"]
@@ -65,14 +66,49 @@ ECHOED_HEADERS = ("traceparent", "tracestate", "kafka_correlationId")
 
 
 @dataclass(slots=True)
+class ShadowCounts:
+    """How a model's shadow version compares with its primary (per model name)."""
+
+    compared: int = 0
+    """Requests both versions answered."""
+    agreed: int = 0
+    """Of those, how many gave an equal ``shadow_compare`` output."""
+    failed: int = 0
+    """Requests one of the two versions raised on, or whose deadline passed first."""
+    dropped: int = 0
+    """Copies not sent to the shadow because its queue was full (the primary is never slowed)."""
+
+
+@dataclass(slots=True)
+class _Comparison:
+    """Primary and shadow results of one request, compared once both are in."""
+
+    output: str
+    primary: list[Tensor] | Exception | None = None
+    shadow: list[Tensor] | Exception | None = None
+
+
+@dataclass(slots=True)
 class _Job:
-    """A decoded, validated request waiting for its batch."""
+    """A decoded, validated request waiting for its batch (or a shadow copy of one)."""
 
     source: Source
     request: InferenceRequest
+    model: LoadedModel
     arrays: list[npt.NDArray[Any]]
     enqueued: float
     deadline_ms: int | None
+    comparison: _Comparison | None = None
+    is_shadow: bool = False
+
+
+@dataclass(slots=True)
+class _Lane:
+    """The batcher of one served model version, and the task running it."""
+
+    model: LoadedModel
+    batcher: Batcher[_Job]
+    task: asyncio.Task[None]
 
 
 class Worker:
@@ -85,7 +121,14 @@ class Worker:
         self._progress = asyncio.Event()
         self._last_progress = time.monotonic()
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
-        self._batchers: dict[tuple[str, str], Batcher[_Job]] = {}
+        self._lanes: dict[tuple[str, str], _Lane] = {}
+        self._retired: set[asyncio.Task[None]] = set()
+        self._group: asyncio.TaskGroup | None = None
+        self._reload = asyncio.Event()
+        self.shadow: dict[str, ShadowCounts] = {}
+        """Shadow comparison counts by model name."""
+        self.reloads = 0
+        """Reloads of the model repository that were applied."""
         self._consumer: AIOKafkaConsumer | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._replier: Replier | None = None
@@ -104,6 +147,10 @@ class Worker:
     def dead_lettered(self) -> int:
         """Records copied to the dead-letter topic so far."""
         return self._replier.dead_lettered if self._replier else 0
+
+    def request_reload(self) -> None:
+        """Re-read the model repository soon (SIGHUP does this); the current one keeps serving."""
+        self._reload.set()
 
     def stop(self) -> None:
         """Begin a graceful stop: no more fetching; finish, reply, commit, leave the group."""
@@ -155,22 +202,21 @@ class Worker:
 
     async def _serve(self, consumer: AIOKafkaConsumer, replier: Replier) -> None:
         async with asyncio.TaskGroup() as group:
-            batcher_tasks = []
-            for model in self.models.all():
-                batcher = self._make_batcher(model)
-                self._batchers[(model.name, model.version)] = batcher
-                batcher_tasks.append(group.create_task(batcher.run()))
+            self._group = group
+            self._open_lanes(self.models)
             replier_task = group.create_task(replier.run())
             background = [
                 group.create_task(self._commit_loop()),
                 group.create_task(self._watchdog(consumer)),
+                group.create_task(self._reload_loop()),
             ]
             await self._consume(consumer)
             try:
                 async with asyncio.timeout(self.settings.runtime.shutdown_timeout_s):
-                    for batcher in self._batchers.values():
-                        batcher.close()
-                    await asyncio.gather(*batcher_tasks)
+                    for lane in self._lanes.values():
+                        lane.batcher.close()
+                    await asyncio.gather(*(lane.task for lane in self._lanes.values()))
+                    await asyncio.gather(*self._retired)
                     replier.close()
                     await replier_task
             except TimeoutError:
@@ -187,17 +233,68 @@ class Worker:
                 await self._commit()
         log.info("worker stopped cleanly")
 
-    def _make_batcher(self, model: LoadedModel) -> Batcher[_Job]:
+    def _open_lanes(self, models: ModelRepository) -> None:
+        """Start a batcher per served version that has none; retire those no longer served.
+
+        A version whose program and batching are unchanged keeps its batcher. A retired
+        batcher still answers everything it holds, with the version the request was given.
+        """
+        assert self._group is not None
         batching = self.settings.batching
-        size = model.config.max_batch_size or batching.max_batch_size
-        delay_ms = model.config.max_batch_delay_ms
-        if delay_ms is None:
-            delay_ms = batching.max_batch_delay_ms
+        wanted = {(m.name, m.version): m for m in models.all()}
+        for key, lane in list(self._lanes.items()):
+            model = wanted.get(key)
+            size = (model.config.max_batch_size or batching.max_batch_size) if model else None
+            if (
+                model is None
+                or not lane.model.same_program(model)
+                or (size != lane.batcher.max_batch_size)
+            ):
+                lane.batcher.close()
+                self._retired.add(lane.task)
+                lane.task.add_done_callback(self._retired.discard)
+                del self._lanes[key]
+        for key, model in wanted.items():
+            if key in self._lanes:
+                self._lanes[key].model = model
+                continue
+            delay_ms = model.config.max_batch_delay_ms
+            if delay_ms is None:
+                delay_ms = batching.max_batch_delay_ms
+            batcher: Batcher[_Job] = Batcher(
+                self._run_batch,
+                max_batch_size=model.config.max_batch_size or batching.max_batch_size,
+                max_batch_delay=delay_ms / 1000,
+            )
+            self._lanes[key] = _Lane(model, batcher, self._group.create_task(batcher.run()))
 
-        async def process(jobs: list[_Job]) -> None:
-            await self._run_batch(model, jobs)
-
-        return Batcher(process, max_batch_size=size, max_batch_delay=delay_ms / 1000)
+    async def _reload_loop(self) -> None:
+        """Apply repository changes on request (SIGHUP) or, if enabled, when files change."""
+        interval = self.settings.models.poll_interval_s
+        seen = await asyncio.to_thread(self.models.fingerprint)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval or None):
+                    await self._reload.wait()
+            requested = self._reload.is_set()
+            self._reload.clear()
+            current = await asyncio.to_thread(self.models.fingerprint)
+            if current == seen and not requested:
+                continue
+            seen = current
+            models, errors = await asyncio.to_thread(self.models.reload)
+            for error in errors:
+                log.error(
+                    "model reload failed; the model keeps its current versions", error=str(error)
+                )
+            self.models = models
+            self._open_lanes(models)
+            self.reloads += 1
+            log.info(
+                "model repository reloaded",
+                models=sorted(f"{m.name}:{m.version}" for m in models.all()),
+                failed=len(errors),
+            )
 
     def _note_progress(self) -> None:
         self._last_progress = time.monotonic()
@@ -247,7 +344,8 @@ class Worker:
             return
         try:
             _check_limits(self.settings, source, request)
-            model = self.models.resolve(request.model_name, request.model_version)
+            served = self.models.get(request.model_name)
+            model = served.choose(request.model_version, request.id)
             arrays = model.validate(request)
         except RequestError as exc:
             self._reply_error(source, request, exc)
@@ -255,8 +353,63 @@ class Worker:
         deadline = request.deadline_ms
         if deadline is None and runtime.default_timeout_ms:
             deadline = source.timestamp_ms + runtime.default_timeout_ms
-        job = _Job(source, request, arrays, time.monotonic(), deadline)
-        self._batchers[(model.name, model.version)].put(job)
+        job = _Job(source, request, model, arrays, time.monotonic(), deadline)
+        shadow = served.shadow() if not request.model_version else None
+        if shadow is not None and shadow.version != model.version:
+            self._put_shadow(job, shadow)
+        self._lanes[(model.name, model.version)].batcher.put(job)
+
+    def _put_shadow(self, job: _Job, shadow: LoadedModel) -> None:
+        counts = self.shadow.setdefault(shadow.name, ShadowCounts())
+        lane = self._lanes[(shadow.name, shadow.version)]
+        if len(lane.batcher) >= self.settings.runtime.max_in_flight:
+            counts.dropped += 1
+            return
+        output = shadow.config.routing.shadow_compare or shadow.config.outputs[-1].name
+        job.comparison = _Comparison(output)
+        copy = _Job(
+            job.source,
+            job.request,
+            shadow,
+            job.arrays,
+            job.enqueued,
+            job.deadline_ms,
+            comparison=job.comparison,
+            is_shadow=True,
+        )
+        lane.batcher.put(copy)
+
+    def _compare(self, job: _Job, result: list[Tensor] | Exception | None) -> None:
+        """Record one side of a shadow comparison; count it when both sides are in.
+
+        ``None`` stands for "not run" (deadline passed).
+        """
+        comparison = job.comparison
+        assert comparison is not None
+        outcome: list[Tensor] | Exception = result if result is not None else TimeoutError()
+        if job.is_shadow:
+            comparison.shadow = outcome
+        else:
+            comparison.primary = outcome
+        primary, shadow = comparison.primary, comparison.shadow
+        if primary is None or shadow is None:
+            return
+        counts = self.shadow.setdefault(job.model.name, ShadowCounts())
+        if isinstance(primary, Exception) or isinstance(shadow, Exception):
+            counts.failed += 1
+            return
+        counts.compared += 1
+        first = next(t for t in primary if t.name == comparison.output).to_numpy()
+        second = next(t for t in shadow if t.name == comparison.output).to_numpy()
+        if first.shape == second.shape and bool((first == second).all()):
+            counts.agreed += 1
+        else:
+            log.info(
+                "shadow disagrees with primary",
+                correlation_id=job.request.id,
+                model=job.model.name,
+                output=comparison.output,
+            )
 
     def _dead_letter_undecodable(self, source: Source, exc: DecodeError) -> None:
         """Copy the record to the dead-letter topic; answer it too if it names a correlation id."""
@@ -303,10 +456,14 @@ class Worker:
                 reply_headers.append((name, value))
         return Outgoing(source, response.id, topic, encode_response(response), reply_headers)
 
-    async def _run_batch(self, model: LoadedModel, jobs: list[_Job]) -> None:
+    async def _run_batch(self, jobs: list[_Job]) -> None:
+        model = jobs[0].model
         now_ms = time.time() * 1000
         expired = [j for j in jobs if j.deadline_ms is not None and j.deadline_ms < now_ms]
         live = [j for j in jobs if j.deadline_ms is None or j.deadline_ms >= now_ms]
+        for job in expired:
+            if job.comparison is not None:
+                self._compare(job, None)
         outgoing = [
             self._outgoing(
                 job.source,
@@ -321,6 +478,7 @@ class Worker:
                 ),
             )
             for job in expired
+            if not job.is_shadow
         ]
         if live:
             started = time.monotonic()
@@ -330,6 +488,10 @@ class Worker:
             )
             compute_us = int((time.monotonic() - started) * 1e6)
             for job, result in zip(live, results, strict=True):
+                if job.comparison is not None:
+                    self._compare(job, result)
+                if job.is_shadow:
+                    continue
                 timing = Timing(int((started - job.enqueued) * 1e6), compute_us, len(live))
                 outgoing.append(
                     self._outgoing(job.source, _model_response(model, job, result, timing))

@@ -73,7 +73,7 @@ def response_to_json(response: InferenceResponse) -> dict[str, Any]:
 def _build_worker(settings: Settings) -> Worker:
     """Import torch and load every model (slow: run in a thread while signals are watched)."""
     from worker.app import Worker  # noqa: PLC0415 - keeps `predict` free of torch start-up
-    from worker.models import ModelRepository  # noqa: PLC0415
+    from worker.repository import ModelRepository  # noqa: PLC0415
 
     return Worker(settings, ModelRepository.load(settings.models.repository))
 
@@ -83,12 +83,15 @@ async def _serve(settings: Settings) -> None:
     stop_early = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_early.set)
+    # Start-up loads the repository as it is now, so a reload asked for meanwhile is moot.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     worker = await asyncio.to_thread(_build_worker, settings)
     if stop_early.is_set():
         print("stopped during start-up; nothing was fetched", file=sys.stderr)
         return
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
+    loop.add_signal_handler(signal.SIGHUP, worker.request_reload)
     await worker.run()
 
 

@@ -1,10 +1,11 @@
 """The model repository on disk, loading, request validation and the batched forward call.
 
-Layout::
+Layout (the repository itself, versions and routing: :mod:`worker.repository`)::
 
     models/
       <name>/
-        config.toml          inputs, outputs (name, datatype, shape; -1 = any), batching
+        config.toml          inputs, outputs (name, datatype, shape; -1 = any), batching,
+                             version_policy, routing
         <version>/           a folder per version, named by an integer ("1", "2", ...)
           model.pt2          a torch.export program (loaded without unpickling code)
           metrics.json       optional: how the version was trained and evaluated
@@ -32,10 +33,13 @@ from worker.codec import DATATYPES, InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError
 
 __all__ = [
+    "CONFIG_FILE",
+    "MODEL_FILE",
     "LoadedModel",
     "ModelConfig",
-    "ModelRepository",
+    "Routing",
     "TensorSpec",
+    "VersionPolicy",
     "run_isolated",
     "split_outputs",
     "stack_inputs",
@@ -61,6 +65,37 @@ class TensorSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class VersionPolicy:
+    """Which version folders are served: all (default), the ``latest`` N, or ``specific`` ones."""
+
+    latest: int | None = None
+    specific: tuple[str, ...] | None = None
+
+    def select(self, available: Sequence[str]) -> list[str]:
+        """The served versions among those on disk, oldest first."""
+        ordered = sorted(available, key=int)
+        if self.specific is not None:
+            return [v for v in ordered if v in self.specific]
+        if self.latest is not None:
+            return ordered[-self.latest :]
+        return ordered
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """Where requests that name no version go, and which version shadows the traffic."""
+
+    default_version: str | None = None
+    """Version for requests naming none (default: the highest served)."""
+    split: tuple[tuple[str, int], ...] = ()
+    """Canary: (version, weight) pairs for requests naming no version; stable per request id."""
+    shadow: str | None = None
+    """A version that gets a copy of the primary traffic; its results are compared, not sent."""
+    shadow_compare: str | None = None
+    """Output compared between primary and shadow (default: the last output)."""
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """What ``<name>/config.toml`` declares."""
 
@@ -69,6 +104,8 @@ class ModelConfig:
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int | None = None
     max_batch_delay_ms: float | None = None
+    version_policy: VersionPolicy = VersionPolicy()
+    routing: Routing = Routing()
 
     @classmethod
     def load(cls, folder: Path) -> ModelConfig:
@@ -78,6 +115,9 @@ class ModelConfig:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read model config: {exc}") from exc
+        unknown = set(raw) - {"inputs", "outputs", "batching", "version_policy", "routing"}
+        if unknown:
+            raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
         try:
             batching = raw.get("batching", {})
             config = cls(
@@ -86,12 +126,50 @@ class ModelConfig:
                 outputs=tuple(_spec(s, path) for s in raw["outputs"]),
                 max_batch_size=batching.get("max_batch_size"),
                 max_batch_delay_ms=batching.get("max_batch_delay_ms"),
+                version_policy=_policy(raw.get("version_policy", {}), path),
+                routing=_routing(raw.get("routing", {}), path),
             )
         except KeyError as exc:
             raise ConfigError(f"{path}: missing key {exc}") from exc
         if not config.inputs or not config.outputs:
             raise ConfigError(f"{path}: needs at least one [[inputs]] and one [[outputs]]")
+        compare = config.routing.shadow_compare
+        if compare is not None and compare not in {s.name for s in config.outputs}:
+            raise ConfigError(f"{path}: routing.shadow_compare {compare!r} is not an output")
         return config
+
+
+def _policy(raw: Mapping[str, Any], path: Path) -> VersionPolicy:
+    chosen = set(raw) & {"all", "latest", "specific"}
+    if set(raw) - chosen or len(chosen) > 1:
+        raise ConfigError(
+            f"{path}: [version_policy] takes exactly one of all = true, latest = N, "
+            f'specific = ["1", ...]; found {sorted(raw)}'
+        )
+    if "latest" in raw:
+        if not isinstance(raw["latest"], int) or raw["latest"] < 1:
+            raise ConfigError(f"{path}: version_policy.latest must be a whole number >= 1")
+        return VersionPolicy(latest=raw["latest"])
+    if "specific" in raw:
+        return VersionPolicy(specific=tuple(str(v) for v in raw["specific"]))
+    return VersionPolicy()
+
+
+def _routing(raw: Mapping[str, Any], path: Path) -> Routing:
+    unknown = set(raw) - {"default_version", "split", "shadow", "shadow_compare"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown [routing] key(s) {sorted(unknown)}")
+    split = tuple((str(v), w) for v, w in raw.get("split", {}).items())
+    if any(not isinstance(w, int) or w < 0 for _, w in split) or (
+        split and sum(w for _, w in split) == 0
+    ):
+        raise ConfigError(f"{path}: routing.split weights must be whole numbers >= 0, not all 0")
+
+    def version(key: str) -> str | None:
+        value = raw.get(key)
+        return None if value is None else str(value)
+
+    return Routing(version("default_version"), split, version("shadow"), raw.get("shadow_compare"))
 
 
 def _spec(raw: Mapping[str, Any], path: Path) -> TensorSpec:
@@ -141,6 +219,14 @@ class LoadedModel:
                     f"batch of one; {folder.parent / CONFIG_FILE} declares {spec.describe()}"
                 )
         return model
+
+    def same_program(self, other: LoadedModel) -> bool:
+        """True if both run the very same loaded program (a reload reused it)."""
+        return self._module is other._module
+
+    def with_config(self, config: ModelConfig) -> LoadedModel:
+        """The same loaded program under a new config (same inputs and outputs; new routing)."""
+        return LoadedModel(config, self.version, self._module)
 
     def validate(self, request: InferenceRequest) -> list[npt.NDArray[Any]]:
         """Check a request against the config; return its inputs as arrays, in config order.
@@ -279,64 +365,3 @@ def run_isolated(
             return [exc]
         middle = len(per_request) // 2
         return run_isolated(model, per_request[:middle]) + run_isolated(model, per_request[middle:])
-
-
-class ModelRepository:
-    """Every model found in the repository folder, with all its versions loaded."""
-
-    def __init__(self, models: Mapping[str, Mapping[str, LoadedModel]]) -> None:
-        self._models = {name: dict(versions) for name, versions in models.items()}
-
-    @classmethod
-    def load(cls, root: Path, *, only: Sequence[str] | None = None) -> ModelRepository:
-        """Load every model (or those named in ``only``) under ``root``."""
-        if not root.is_dir():
-            raise ConfigError(f"model repository {root} is not a folder")
-        models: dict[str, dict[str, LoadedModel]] = {}
-        for folder in sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file()):
-            if only is not None and folder.name not in only:
-                continue
-            config = ModelConfig.load(folder)
-            versions = {
-                v.name: LoadedModel.load(config, v)
-                for v in sorted(folder.iterdir(), key=lambda p: p.name)
-                if v.is_dir() and v.name.isdigit()
-            }
-            if not versions:
-                raise ConfigError(f"{folder}: no version folder (e.g. {folder}/1/{MODEL_FILE})")
-            models[folder.name] = versions
-        if not models:
-            raise ConfigError(f"model repository {root} holds no model (<name>/{CONFIG_FILE})")
-        return cls(models)
-
-    @property
-    def names(self) -> list[str]:
-        """Names of the models served."""
-        return sorted(self._models)
-
-    def versions(self, name: str) -> list[str]:
-        """Versions of a model, oldest first."""
-        return sorted(self._models.get(name, {}), key=int)
-
-    def all(self) -> list[LoadedModel]:
-        """Every loaded model version."""
-        return [m for versions in self._models.values() for m in versions.values()]
-
-    def resolve(self, name: str, version: str | None) -> LoadedModel:
-        """The version asked for, or the latest; :class:`RequestError` NOT_FOUND otherwise."""
-        versions = self._models.get(name)
-        if versions is None:
-            raise RequestError(
-                ErrorCode.NOT_FOUND,
-                f"no model named {name!r}; this worker serves: {', '.join(self.names)}",
-            )
-        if version is None or version == "":
-            return versions[max(versions, key=int)]
-        model = versions.get(version)
-        if model is None:
-            raise RequestError(
-                ErrorCode.NOT_FOUND,
-                f"model {name!r} has no version {version!r}; available: "
-                f"{', '.join(self.versions(name))}",
-            )
-        return model

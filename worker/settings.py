@@ -77,6 +77,9 @@ class ModelSettings(BaseModel):
     """Folder laid out as ``<name>/config.toml`` and ``<name>/<version>/model.pt2``."""
     torch_threads: int = Field(default=0, ge=0)
     """Intra-op threads for torch; 0 keeps torch's default (one per core)."""
+    poll_interval_s: float = Field(default=0.0, ge=0)
+    """Watch the repository: reload when a config or model file changes, checked this often.
+    0: reload only on SIGHUP."""
 
 
 class RuntimeSettings(BaseModel):

@@ -1,0 +1,199 @@
+"""The model repository: which versions of which models are served, routing, and reloads.
+
+Per model, ``config.toml`` says which version folders are served (``[version_policy]``: all,
+the latest N, or a specific list) and where requests go (``[routing]``):
+
+- a request naming a served version gets it; naming any other version: NOT_FOUND;
+- a request naming none gets ``default_version`` (default: the highest served version), or,
+  with a ``split`` (canary), a version picked by weight from a hash of its correlation id, so
+  the same id always lands on the same version;
+- with ``shadow``, requests naming no version are also run on the shadow version; its result
+  is compared with the primary's and counted, never sent.
+
+:meth:`ModelRepository.reload` re-reads the folder: unchanged versions are reused without
+reloading, new ones are loaded and checked, and a model whose new state fails to load keeps
+serving its old state (the error is returned, to be logged). Nothing here touches Kafka.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from worker.errors import ConfigError, ErrorCode, RequestError
+from worker.models import CONFIG_FILE, MODEL_FILE, LoadedModel, ModelConfig
+
+__all__ = ["ModelRepository", "ServedModel", "split_bucket"]
+
+
+def split_bucket(request_id: str, total: int) -> int:
+    """A stable bucket in ``[0, total)`` for a correlation id (same id, same bucket)."""
+    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % total
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model: its config and its served versions, loaded."""
+
+    config: ModelConfig
+    versions: Mapping[str, LoadedModel]
+    artifacts: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    """Per version, (mtime_ns, size) of its model file when loaded: unchanged ones are reused."""
+
+    @property
+    def name(self) -> str:
+        """The model's name (its folder)."""
+        return self.config.name
+
+    @property
+    def default_version(self) -> str:
+        """Where requests naming no version go when there is no split."""
+        return self.config.routing.default_version or max(self.versions, key=int)
+
+    def choose(self, version: str | None, request_id: str) -> LoadedModel:
+        """The version a request gets; :class:`RequestError` NOT_FOUND if it is not served."""
+        if version:
+            model = self.versions.get(version)
+            if model is None:
+                raise RequestError(
+                    ErrorCode.NOT_FOUND,
+                    f"model {self.name!r} has no version {version!r}; served: "
+                    f"{', '.join(sorted(self.versions, key=int))}",
+                )
+            return model
+        split = self.config.routing.split
+        if split:
+            bucket = split_bucket(request_id, sum(w for _, w in split))
+            for name, weight in split:
+                if bucket < weight:
+                    return self.versions[name]
+                bucket -= weight
+        return self.versions[self.default_version]
+
+    def shadow(self) -> LoadedModel | None:
+        """The shadow version, if one is configured."""
+        name = self.config.routing.shadow
+        return None if name is None else self.versions[name]
+
+    def check_routing(self) -> None:
+        """Raise :class:`ConfigError` if routing names a version that is not served."""
+        routing = self.config.routing
+        named = [
+            ("default_version", routing.default_version),
+            ("shadow", routing.shadow),
+            *(("split", v) for v, _ in routing.split),
+        ]
+        for key, version in named:
+            if version is not None and version not in self.versions:
+                raise ConfigError(
+                    f"{self.name}/{CONFIG_FILE}: routing.{key} names version {version!r}, which "
+                    f"is not served (served: {', '.join(sorted(self.versions, key=int))})"
+                )
+
+
+def _load_model(folder: Path, previous: ServedModel | None) -> ServedModel:
+    config = ModelConfig.load(folder)
+    on_disk = [p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
+    served = config.version_policy.select(on_disk)
+    if not served:
+        raise ConfigError(
+            f"{folder}: no version folder is served (on disk: {sorted(on_disk) or 'none'}; "
+            f"policy: {config.version_policy}); add e.g. {folder}/1/{MODEL_FILE}"
+        )
+    versions: dict[str, LoadedModel] = {}
+    artifacts: dict[str, tuple[int, int]] = {}
+    for version in served:
+        path = folder / version / MODEL_FILE
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read model file: {exc}") from exc
+        artifacts[version] = (stat.st_mtime_ns, stat.st_size)
+        old = previous.versions.get(version) if previous else None
+        if (
+            old is not None
+            and previous is not None
+            and previous.artifacts.get(version) == artifacts[version]
+            and (old.config.inputs, old.config.outputs) == (config.inputs, config.outputs)
+        ):
+            versions[version] = old.with_config(config)
+        else:
+            versions[version] = LoadedModel.load(config, folder / version)
+    model = ServedModel(config, versions, artifacts)
+    model.check_routing()
+    return model
+
+
+class ModelRepository:
+    """Every model served, by name; immutable (a reload builds a new one)."""
+
+    def __init__(self, root: Path, models: Mapping[str, ServedModel]) -> None:
+        self.root = root
+        self._models = dict(models)
+
+    @classmethod
+    def load(cls, root: Path) -> ModelRepository:
+        """Load every model under ``root``; any problem is a :class:`ConfigError`."""
+        if not root.is_dir():
+            raise ConfigError(f"model repository {root} is not a folder")
+        folders = sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file())
+        if not folders:
+            raise ConfigError(f"model repository {root} holds no model (<name>/{CONFIG_FILE})")
+        return cls(root, {f.name: _load_model(f, None) for f in folders})
+
+    def reload(self) -> tuple[ModelRepository, list[ConfigError]]:
+        """Re-read the folder. A model that fails keeps its current state; errors are returned."""
+        errors: list[ConfigError] = []
+        models: dict[str, ServedModel] = {}
+        folders = sorted(p for p in self.root.iterdir() if (p / CONFIG_FILE).is_file())
+        for folder in folders:
+            current = self._models.get(folder.name)
+            try:
+                models[folder.name] = _load_model(folder, current)
+            except ConfigError as exc:
+                errors.append(exc)
+                if current is not None:
+                    models[folder.name] = current
+        return ModelRepository(self.root, models), errors
+
+    def fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        """What a file watch compares: every config and model file's path, mtime and size."""
+        files = [*self.root.glob(f"*/{CONFIG_FILE}"), *self.root.glob(f"*/*/{MODEL_FILE}")]
+        stats = []
+        for path in sorted(files):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            stats.append((str(path), stat.st_mtime_ns, stat.st_size))
+        return tuple(stats)
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the models served."""
+        return sorted(self._models)
+
+    def get(self, name: str) -> ServedModel:
+        """A served model; :class:`RequestError` NOT_FOUND if there is none of that name."""
+        model = self._models.get(name)
+        if model is None:
+            raise RequestError(
+                ErrorCode.NOT_FOUND,
+                f"no model named {name!r}; this worker serves: {', '.join(self.names)}",
+            )
+        return model
+
+    def versions(self, name: str) -> list[str]:
+        """Served versions of a model, oldest first."""
+        return sorted(self.get(name).versions, key=int)
+
+    def all(self) -> list[LoadedModel]:
+        """Every served model version."""
+        return [m for served in self._models.values() for m in served.versions.values()]
+
+    def resolve(self, name: str, version: str | None, request_id: str = "") -> LoadedModel:
+        """The model version a request gets (see :meth:`ServedModel.choose`)."""
+        return self.get(name).choose(version, request_id)
