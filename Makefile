@@ -16,7 +16,7 @@ help:
 	@echo "test        run the test suite (starts the broker if WORKER_KAFKA__BOOTSTRAP_SERVERS is unset)"
 	@echo "check       ruff + mypy --strict + test"
 	@echo "demo        broker + worker + digits demo client; prints accuracy and requests/s"
-	@echo "train       retrain the digits model (models/digits/train.py)"
+	@echo "train       retrain the models (models/*/train.py; needs scikit-learn)"
 
 install:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -47,7 +47,9 @@ demo: install
 	PY=$(PY) bash dev/demo.sh
 
 train: install
-	$(PY) models/digits/train.py --version 1
+	$(PY) models/digits/train.py --version 1 --arch mlp
+	$(PY) models/digits/train.py --version 2 --arch cnn --epochs 40
+	$(PY) models/iris/train.py --version 1
 
 clean:
 	rm -rf .mypy_cache .ruff_cache .pytest_cache build dist *.egg-info

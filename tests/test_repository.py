@@ -1,0 +1,140 @@
+"""Unit tests of the model repository: version policy, routing, canary split, shadow, reload."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from worker.errors import ConfigError, ErrorCode, RequestError
+from worker.models import VersionPolicy
+from worker.repository import ModelRepository, split_bucket
+
+from .conftest import MODELS
+
+
+@pytest.fixture
+def repo_dir(tmp_path: Path) -> Path:
+    """A copy of the project's model repository that a test may change."""
+    shutil.copytree(MODELS, tmp_path / "models")
+    return tmp_path / "models"
+
+
+def configure(repo: Path, model: str, extra: str) -> None:
+    """Append TOML sections to a model's config.toml."""
+    config = repo / model / "config.toml"
+    config.write_text(config.read_text() + "\n" + extra + "\n")
+
+
+def test_version_policies_select_like_triton() -> None:
+    """all, latest N and specific pick the expected versions, oldest first."""
+    on_disk = ["10", "2", "1", "3"]
+    assert VersionPolicy().select(on_disk) == ["1", "2", "3", "10"]
+    assert VersionPolicy(latest=2).select(on_disk) == ["3", "10"]
+    assert VersionPolicy(specific=("1", "3", "7")).select(on_disk) == ["1", "3"]
+
+
+def test_two_models_and_two_versions_are_served(repository: ModelRepository) -> None:
+    """The repository serves digits v1 and v2 and iris; no version means the highest."""
+    assert repository.names == ["digits", "iris"]
+    assert repository.versions("digits") == ["1", "2"]
+    assert repository.resolve("digits", None).version == "2"
+    assert repository.resolve("digits", "1").version == "1"
+    assert repository.resolve("iris", None).config.inputs[0].name == "features"
+
+
+def test_policy_hides_versions_and_default_version_pins(repo_dir: Path) -> None:
+    """A version outside the policy is NOT_FOUND; default_version routes unnamed requests."""
+    configure(repo_dir, "digits", '[version_policy]\nspecific = ["1"]')
+    repo = ModelRepository.load(repo_dir)
+    assert repo.resolve("digits", None).version == "1"
+    with pytest.raises(RequestError, match="served: 1") as info:
+        repo.resolve("digits", "2")
+    assert info.value.code is ErrorCode.NOT_FOUND
+    configure(repo_dir, "iris", '[routing]\ndefault_version = "1"')
+    assert ModelRepository.load(repo_dir).resolve("iris", None).version == "1"
+
+
+def test_canary_split_is_weighted_and_stable_per_id(repo_dir: Path) -> None:
+    """A 90/10 split sends about 10% to v2 over many ids, always the same version per id."""
+    configure(repo_dir, "digits", '[routing]\nsplit = { "1" = 90, "2" = 10 }')
+    served = ModelRepository.load(repo_dir).get("digits")
+    ids = [f"request-{i}" for i in range(10_000)]
+    first = [served.choose(None, i).version for i in ids]
+    share = Counter(first)["2"] / len(ids)
+    assert 0.08 < share < 0.12
+    assert [served.choose(None, i).version for i in ids] == first
+    assert served.choose("2", ids[0]).version == "2", "an explicit version beats the split"
+
+
+def test_split_bucket_is_uniform_enough() -> None:
+    """Buckets of sequential ids spread evenly over 0..99."""
+    counts = Counter(split_bucket(f"id-{i}", 100) for i in range(20_000))
+    assert len(counts) == 100
+    assert max(counts.values()) < 2 * min(counts.values())
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ('[routing]\nshadow = "7"', "routing.shadow names version '7'"),
+        ('[routing]\nsplit = { "1" = 50, "3" = 50 }', "routing.split names version '3'"),
+        ('[routing]\ndefault_version = "9"', "routing.default_version names version '9'"),
+        ("[routing]\nshaddow = 2", "unknown [routing] key"),
+        ("[version_policy]\nlatest = 0", "latest must be"),
+        ("[version_policy]\nall = true\nlatest = 1", "exactly one"),
+        ('[routing]\nsplit = { "1" = 0 }', "not all 0"),
+        ('[routing]\nshadow_compare = "logits"', "not an output"),
+        ("[servers]\nx = 1", "unknown section"),
+    ],
+)
+def test_bad_routing_and_policy_name_the_file(repo_dir: Path, extra: str, fragment: str) -> None:
+    """Routing to unserved versions and malformed sections fail start-up naming config.toml."""
+    configure(repo_dir, "digits", extra)
+    with pytest.raises(ConfigError, match="config.toml") as info:
+        ModelRepository.load(repo_dir)
+    assert fragment in str(info.value)
+
+
+def test_reload_reuses_unchanged_versions_and_adds_new_ones(repo_dir: Path) -> None:
+    """A reload keeps loaded programs that did not change and serves a new version folder."""
+    shutil.move(repo_dir / "digits" / "2", repo_dir.parent / "v2")
+    repo = ModelRepository.load(repo_dir)
+    assert repo.versions("digits") == ["1"]
+    before = repo.fingerprint()
+    shutil.move(repo_dir.parent / "v2", repo_dir / "digits" / "2")
+    assert repo.fingerprint() != before
+    reloaded, errors = repo.reload()
+    assert errors == []
+    assert reloaded.versions("digits") == ["1", "2"]
+    assert reloaded.resolve("digits", "1").same_program(repo.resolve("digits", "1"))
+    assert reloaded.resolve("iris", None).same_program(repo.resolve("iris", None))
+
+
+def test_reload_keeps_the_old_state_of_a_model_whose_new_version_is_broken(
+    repo_dir: Path,
+) -> None:
+    """A new version that fails to load is reported; the model keeps serving its old versions."""
+    repo = ModelRepository.load(repo_dir)
+    (repo_dir / "digits" / "3").mkdir()
+    (repo_dir / "digits" / "3" / "model.pt2").write_bytes(b"truncated")
+    configure(repo_dir, "iris", '[routing]\ndefault_version = "1"')
+    reloaded, errors = repo.reload()
+    assert len(errors) == 1
+    assert "digits/3/model.pt2" in str(errors[0])
+    assert reloaded.versions("digits") == ["1", "2"]
+    assert reloaded.get("iris").config.routing.default_version == "1", "other models still apply"
+
+
+def test_rollback_is_a_config_change(repo_dir: Path) -> None:
+    """Pinning default_version in config.toml and reloading moves unnamed traffic back."""
+    repo = ModelRepository.load(repo_dir)
+    assert repo.resolve("digits", None).version == "2"
+    configure(repo_dir, "digits", '[routing]\ndefault_version = "1"')
+    os.utime(repo_dir / "digits" / "config.toml")
+    reloaded, errors = repo.reload()
+    assert errors == []
+    assert reloaded.resolve("digits", None).version == "1"
