@@ -94,7 +94,7 @@ def test_split_bucket_is_uniform_enough() -> None:
 def test_bad_routing_and_policy_name_the_file(repo_dir: Path, extra: str, fragment: str) -> None:
     """Routing to unserved versions and malformed sections fail start-up naming config.toml."""
     configure(repo_dir, "digits", extra)
-    with pytest.raises(ConfigError, match="config.toml") as info:
+    with pytest.raises(ConfigError, match=r"config\.toml") as info:
         ModelRepository.load(repo_dir)
     assert fragment in str(info.value)
 

@@ -25,6 +25,9 @@ SEED = 20261126
 class IrisMLP(torch.nn.Module):
     """Measurements (cm) -> (class probabilities, label)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
         super().__init__()
         self.register_buffer("mean", torch.from_numpy(mean.astype(np.float32)))
