@@ -231,10 +231,9 @@ async def settle(
 def worker_env(settings: Settings) -> dict[str, str]:
     """Environment variables that give a worker subprocess these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    for section in ("kafka", "batching", "runtime"):
+    for section in ("kafka", "batching", "runtime", "models"):
         for name, value in getattr(settings, section).model_dump().items():
             env[f"WORKER_{section}__{name}".upper()] = str(value)
-    env["WORKER_MODELS__REPOSITORY"] = str(MODELS)
     env["WORKER_LOG__FORMAT"] = "json"
     return env
 
