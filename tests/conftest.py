@@ -32,6 +32,7 @@ from worker.kafka import ensure_topics, make_consumer, make_producer
 from worker.repository import ModelRepository
 from worker.settings import (
     BatchingSettings,
+    HttpSettings,
     KafkaSettings,
     ModelSettings,
     RuntimeSettings,
@@ -90,6 +91,7 @@ def settings(bootstrap: str) -> Settings:
         batching=BatchingSettings(max_batch_size=16, max_batch_delay_ms=20),
         models=ModelSettings(repository=MODELS),
         runtime=RuntimeSettings(commit_interval_ms=100, shutdown_timeout_s=20),
+        http=HttpSettings(host="127.0.0.1", port=0),
     )
 
 
@@ -231,7 +233,7 @@ async def settle(
 def worker_env(settings: Settings) -> dict[str, str]:
     """Environment variables that give a worker subprocess these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    for section in ("kafka", "batching", "runtime", "models"):
+    for section in ("kafka", "batching", "runtime", "models", "http", "audit"):
         for name, value in getattr(settings, section).model_dump().items():
             env[f"WORKER_{section}__{name}".upper()] = str(value)
     env["WORKER_LOG__FORMAT"] = "json"

@@ -63,7 +63,7 @@ async def test_thousand_concurrent_requests_each_get_their_own_correct_reply(
 async def test_reply_goes_to_reply_to_topic_with_key_and_headers(
     settings: Settings, repository: ModelRepository, testset: TestSet
 ) -> None:
-    """reply_to is honoured; the reply keeps the key and correlation_id, echoes trace headers."""
+    """reply_to is honoured; the reply keeps key and correlation id, continues the trace."""
     other = f"{settings.kafka.replies_topic}.custom"
     request = InferenceRequest(
         id="corr-42",
@@ -95,7 +95,10 @@ async def test_reply_goes_to_reply_to_topic_with_key_and_headers(
     reply = custom[0]
     assert reply.key == b"user-7"
     assert reply.headers["correlation_id"] == b"corr-42"
-    assert reply.headers["traceparent"] == traceparent
+    version, trace_id, span_id, flags = reply.headers["traceparent"].decode().split("-")
+    assert (version, trace_id, flags) == ("00", "0af7651916cd43dd8448eb211c80319c", "01")
+    assert span_id != "b7ad6b7169203331", "the reply carries the worker's span, a child"
+    assert len(span_id) == 16
     assert reply.headers["kafka_correlationId"] == b"\x01\x02"
     decoded = decode_response(reply.value)
     assert decoded.id == "corr-42"

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
+import secrets
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,21 +50,25 @@ from worker.codec import (
     encode_response,
 )
 from worker.errors import DecodeError, ErrorCode, RequestError, WatchdogError, WorkerError
+from worker.http import Probes, serve_http
 from worker.kafka import ensure_topics, header, make_consumer, make_producer
+from worker.metrics import Metrics
 from worker.models import LoadedModel, run_isolated
 from worker.offsets import OffsetTracker
-from worker.replies import Outgoing, Replier, Source, Stage, TopicCache, dead_letter
+from worker.replies import Outgoing, Replier, ReplyMeta, Source, Stage, TopicCache, dead_letter
 from worker.repository import ModelRepository
 from worker.settings import Settings
+from worker.tracing import continue_trace
 
 __all__ = ["ECHOED_HEADERS", "REPLY_TOPIC_HEADERS", "Worker"]
 
 log = structlog.get_logger(__name__)
+audit_log = structlog.get_logger("worker.audit")
 
 REPLY_TOPIC_HEADERS = ("reply_to", "kafka_replyTopic")
 """Request headers naming the reply topic (ours, then Spring's), in order of preference."""
-ECHOED_HEADERS = ("traceparent", "tracestate", "kafka_correlationId")
-"""Request headers copied unchanged onto the reply."""
+ECHOED_HEADERS = ("tracestate", "kafka_correlationId")
+"""Request headers copied unchanged onto the reply (``traceparent`` is continued, not copied)."""
 
 
 @dataclass(slots=True)
@@ -84,6 +90,8 @@ class _Comparison:
     """Primary and shadow results of one request, compared once both are in."""
 
     output: str
+    primary_version: str
+    shadow_version: str
     primary: list[Tensor] | Exception | None = None
     shadow: list[Tensor] | Exception | None = None
 
@@ -129,6 +137,13 @@ class Worker:
         """Shadow comparison counts by model name."""
         self.reloads = 0
         """Reloads of the model repository that were applied."""
+        self.metrics = Metrics()
+        self.http_port: int | None = None
+        """The port of the metrics and health endpoint, once it listens."""
+        self.joined = False
+        """True once the consumer has joined its group and received an assignment."""
+        self._worker_id = secrets.token_hex(4)
+        self._batches = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._replier: Replier | None = None
@@ -148,6 +163,22 @@ class Worker:
         """Records copied to the dead-letter topic so far."""
         return self._replier.dead_lettered if self._replier else 0
 
+    def healthy(self) -> tuple[bool, str]:
+        """Liveness: False once there was work and no progress for the watchdog timeout."""
+        timeout = self.settings.runtime.watchdog_timeout_s
+        stalled = time.monotonic() - self._last_progress
+        if timeout and self._tracker.pending and stalled > timeout:
+            return False, f"no progress for {stalled:.0f}s with {self._tracker.pending} in flight"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: models loaded and the group joined (an assignment received)."""
+        if self._stopping.is_set():
+            return False, "stopping"
+        if not self.joined:
+            return False, "waiting for the consumer group assignment"
+        return True, f"ok: {len(self.assigned)} partition(s)"
+
     def request_reload(self) -> None:
         """Re-read the model repository soon (SIGHUP does this); the current one keeps serving."""
         self._reload.set()
@@ -163,13 +194,18 @@ class Worker:
         kafka = self.settings.kafka
         if self.settings.models.torch_threads:
             torch.set_num_threads(self.settings.models.torch_threads)
-        await ensure_topics(
-            kafka, [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic]
-        )
-        consumer = make_consumer(kafka)
-        producer = make_producer(kafka)
-        self._consumer = consumer
         async with contextlib.AsyncExitStack() as stack:
+            http = self.settings.http
+            if http.enabled:
+                probes = Probes(self.metrics.render, self.healthy, self.ready)
+                self.http_port = await stack.enter_async_context(
+                    serve_http(probes, http.host, http.port)
+                )
+            topics = [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic]
+            await ensure_topics(kafka, [*topics, *filter(None, [self.settings.audit.topic])])
+            consumer = make_consumer(kafka)
+            producer = make_producer(kafka)
+            self._consumer = consumer
             await producer.start()
             stack.push_async_callback(producer.stop)
             consumer.subscribe([kafka.requests_topic], listener=_RebalanceListener(self))
@@ -180,17 +216,17 @@ class Worker:
             stack.callback(executor.shutdown, wait=False, cancel_futures=True)
             self._executor = executor
 
-            async def topics() -> set[str]:
+            async def existing_topics() -> set[str]:
                 return set((await producer.client.fetch_all_metadata()).topics())
 
             self._replier = Replier(
                 producer,
                 self._tracker,
-                self._note_progress,
+                self._on_published,
                 dead_letter_topic=kafka.dead_letter_topic,
                 group_id=kafka.group_id,
                 retries=self.settings.runtime.reply_retries,
-                topic_exists=TopicCache(topics).exists,
+                topic_exists=TopicCache(existing_topics).exists,
             )
             log.info(
                 "worker started",
@@ -209,6 +245,7 @@ class Worker:
                 group.create_task(self._commit_loop()),
                 group.create_task(self._watchdog(consumer)),
                 group.create_task(self._reload_loop()),
+                group.create_task(self._lag_loop(consumer)),
             ]
             await self._consume(consumer)
             try:
@@ -287,6 +324,8 @@ class Worker:
                 log.error(
                     "model reload failed; the model keeps its current versions", error=str(error)
                 )
+                self.metrics.reloads.labels("failed").inc()
+            self.metrics.reloads.labels("ok").inc()
             self.models = models
             self._open_lanes(models)
             self.reloads += 1
@@ -296,9 +335,46 @@ class Worker:
                 failed=len(errors),
             )
 
-    def _note_progress(self) -> None:
+    def _on_published(self, items: Sequence[Outgoing]) -> None:
+        """Everything for a group of records is acknowledged: count, audit, note progress."""
+        now_ms = time.time() * 1000
+        metrics = self.metrics
+        audit = self.settings.audit.log
+        for item in items:
+            if item.is_dead_letter:
+                metrics.dead_lettered.labels(item.stage or "").inc()
+            meta = item.meta
+            if meta is None:
+                continue
+            latency_s = max(0.0, now_ms - item.source.timestamp_ms) / 1000
+            metrics.requests.labels(meta.model, meta.version, meta.outcome).inc()
+            metrics.latency.labels(meta.model, meta.version).observe(latency_s)
+            if audit:
+                audit_log.info("audit", **_audit_record(item, meta, latency_s))
+        metrics.in_flight.set(self._tracker.pending)
         self._last_progress = time.monotonic()
         self._progress.set()
+
+    async def _lag_loop(self, consumer: AIOKafkaConsumer) -> None:
+        """Keep the consumer-lag gauge current: high watermark minus committed position."""
+        shown: set[TopicPartition] = set()
+        while True:
+            await asyncio.sleep(1.0)
+            assigned = consumer.assignment()
+            for tp in shown - assigned:
+                self.metrics.lag.remove(tp.topic, str(tp.partition))
+            for tp in assigned:
+                highwater = consumer.highwater(tp)
+                if highwater is None:
+                    continue
+                committed = self._tracker.committed(tp)
+                if committed is None:
+                    committed = await consumer.position(tp)
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(
+                    max(0, highwater - committed)
+                )
+            shown = set(assigned)
+            self.metrics.in_flight.set(self._tracker.pending)
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         max_in_flight = self.settings.runtime.max_in_flight
@@ -364,9 +440,12 @@ class Worker:
         lane = self._lanes[(shadow.name, shadow.version)]
         if len(lane.batcher) >= self.settings.runtime.max_in_flight:
             counts.dropped += 1
+            self.metrics.shadow.labels(
+                shadow.name, job.model.version, shadow.version, "dropped"
+            ).inc()
             return
         output = shadow.config.routing.shadow_compare or shadow.config.outputs[-1].name
-        job.comparison = _Comparison(output)
+        job.comparison = _Comparison(output, job.model.version, shadow.version)
         copy = _Job(
             job.source,
             job.request,
@@ -395,13 +474,20 @@ class Worker:
         if primary is None or shadow is None:
             return
         counts = self.shadow.setdefault(job.model.name, ShadowCounts())
+        counter = self.metrics.shadow.labels(
+            job.model.name, comparison.primary_version, comparison.shadow_version, "failed"
+        )
         if isinstance(primary, Exception) or isinstance(shadow, Exception):
             counts.failed += 1
+            counter.inc()
             return
         counts.compared += 1
         first = next(t for t in primary if t.name == comparison.output).to_numpy()
         second = next(t for t in shadow if t.name == comparison.output).to_numpy()
-        if first.shape == second.shape and bool((first == second).all()):
+        agreed = first.shape == second.shape and bool((first == second).all())
+        labels = (job.model.name, comparison.primary_version, comparison.shadow_version)
+        self.metrics.shadow.labels(*labels, "agreed" if agreed else "disagreed").inc()
+        if agreed:
             counts.agreed += 1
         else:
             log.info(
@@ -427,7 +513,7 @@ class Worker:
         ]
         if raw_id is not None:
             request = InferenceRequest(id=raw_id.decode(errors="replace"), model_name="", inputs=[])
-            outgoing.append(self._outgoing(source, _error_response(request, exc)))
+            outgoing += self._outgoing(source, _error_response(request, exc))
         assert self._replier is not None
         self._replier.submit(outgoing)
 
@@ -440,69 +526,92 @@ class Worker:
             error=exc.message,
         )
         assert self._replier is not None
-        self._replier.submit([self._outgoing(source, _error_response(request, exc))])
+        self._replier.submit(self._outgoing(source, _error_response(request, exc)))
 
-    def _outgoing(self, source: Source, response: InferenceResponse) -> Outgoing:
+    def _outgoing(
+        self,
+        source: Source,
+        response: InferenceResponse,
+        batch_id: str | None = None,
+    ) -> list[Outgoing]:
+        """The reply to a record (and its audit record, if audit goes to a topic)."""
         topic = self.settings.kafka.replies_topic
         for name in REPLY_TOPIC_HEADERS:
             value = header(source.headers, name)
             if value:
                 topic = value.decode(errors="replace")
                 break
-        reply_headers = [("correlation_id", response.id.encode())]
+        trace = continue_trace(header(source.headers, "traceparent"))
+        reply_headers = [
+            ("correlation_id", response.id.encode()),
+            ("traceparent", trace.traceparent),
+        ]
         for name in ECHOED_HEADERS:
             value = header(source.headers, name)
             if value is not None:
                 reply_headers.append((name, value))
-        return Outgoing(source, response.id, topic, encode_response(response), reply_headers)
+        timing = response.timing
+        meta = ReplyMeta(
+            model=response.model_name,
+            version=response.model_version or "",
+            outcome=response.error.code if response.error else "ok",
+            trace_id=trace.trace_id,
+            batch_id=batch_id,
+            queue_s=timing.queue_us / 1e6 if timing else None,
+            compute_s=timing.compute_us / 1e6 if timing else None,
+        )
+        reply = Outgoing(
+            source, response.id, topic, encode_response(response), reply_headers, meta=meta
+        )
+        audit_topic = self.settings.audit.topic
+        if not audit_topic:
+            return [reply]
+        latency_s = max(0.0, time.time() * 1000 - source.timestamp_ms) / 1000
+        record = _audit_record(reply, meta, latency_s)
+        return [reply, Outgoing(source, response.id, audit_topic, json.dumps(record).encode(), [])]
 
     async def _run_batch(self, jobs: list[_Job]) -> None:
         model = jobs[0].model
         now_ms = time.time() * 1000
         expired = [j for j in jobs if j.deadline_ms is not None and j.deadline_ms < now_ms]
         live = [j for j in jobs if j.deadline_ms is None or j.deadline_ms >= now_ms]
+        outgoing: list[Outgoing] = []
         for job in expired:
             if job.comparison is not None:
                 self._compare(job, None)
-        outgoing = [
-            self._outgoing(
-                job.source,
-                _error_response(
-                    job.request,
-                    RequestError(
-                        ErrorCode.DEADLINE_EXCEEDED,
-                        f"deadline {job.deadline_ms} (Unix ms) passed "
-                        f"{now_ms - (job.deadline_ms or 0):.0f} ms before its batch ran; "
-                        "the model was not run",
-                    ),
-                ),
-            )
-            for job in expired
-            if not job.is_shadow
-        ]
+            if not job.is_shadow:
+                outgoing += self._outgoing(job.source, _expired_response(job, now_ms))
         if live:
+            self._batches += 1
+            batch_id = f"{self._worker_id}-{self._batches}"
             started = time.monotonic()
             loop = asyncio.get_running_loop()
             results = await loop.run_in_executor(
                 self._executor, run_isolated, model, [job.arrays for job in live]
             )
-            compute_us = int((time.monotonic() - started) * 1e6)
+            compute_s = time.monotonic() - started
+            labels = (model.name, model.version)
+            self.metrics.compute.labels(*labels).observe(compute_s)
+            self.metrics.batch_size.labels(*labels).observe(len(live))
+            queue_wait = self.metrics.queue_wait.labels(*labels)
             for job, result in zip(live, results, strict=True):
+                queue_wait.observe(started - job.enqueued)
                 if job.comparison is not None:
                     self._compare(job, result)
                 if job.is_shadow:
                     continue
-                timing = Timing(int((started - job.enqueued) * 1e6), compute_us, len(live))
-                outgoing.append(
-                    self._outgoing(job.source, _model_response(model, job, result, timing))
+                timing = Timing(
+                    int((started - job.enqueued) * 1e6), int(compute_s * 1e6), len(live)
                 )
+                response = _model_response(model, job, result, timing)
+                outgoing += self._outgoing(job.source, response, batch_id)
             log.debug(
                 "batch done",
                 model=model.name,
                 version=model.version,
                 size=len(live),
                 expired=len(expired),
-                compute_us=compute_us,
+                compute_s=compute_s,
             )
         assert self._replier is not None
         self._replier.submit(outgoing)
@@ -526,8 +635,10 @@ class Worker:
         try:
             await consumer.commit(positions)
         except KafkaError as exc:
+            self.metrics.commits.labels("failed").inc()
             log.warning("commit failed; will retry", error=repr(exc), positions=_fmt(positions))
             return
+        self.metrics.commits.labels("ok").inc()
         self._tracker.mark_committed(positions)
         log.debug("committed", positions=_fmt(positions))
 
@@ -604,6 +715,36 @@ def _check_limits(settings: Settings, source: Source, request: InferenceRequest)
         )
 
 
+def _audit_record(item: Outgoing, meta: ReplyMeta, latency_s: float) -> dict[str, Any]:
+    """One request's audit record: who asked what, which version answered, how, how fast."""
+    return {
+        "correlation_id": item.correlation_id,
+        "model": meta.model,
+        "version": meta.version,
+        "outcome": meta.outcome,
+        "latency_ms": round(latency_s * 1000, 3),
+        "queue_ms": None if meta.queue_s is None else round(meta.queue_s * 1000, 3),
+        "compute_ms": None if meta.compute_s is None else round(meta.compute_s * 1000, 3),
+        "batch_id": meta.batch_id,
+        "topic": item.source.tp.topic,
+        "partition": item.source.tp.partition,
+        "offset": item.source.offset,
+        "reply_topic": item.topic,
+        "trace_id": meta.trace_id,
+    }
+
+
+def _expired_response(job: _Job, now_ms: float) -> InferenceResponse:
+    return _error_response(
+        job.request,
+        RequestError(
+            ErrorCode.DEADLINE_EXCEEDED,
+            f"deadline {job.deadline_ms} (Unix ms) passed "
+            f"{now_ms - (job.deadline_ms or 0):.0f} ms before its batch ran; the model was not run",
+        ),
+    )
+
+
 def _error_response(request: InferenceRequest, exc: RequestError) -> InferenceResponse:
     return InferenceResponse(
         id=request.id,
@@ -657,6 +798,7 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._worker.assigned |= set(assigned)
+        self._worker.joined = True
         log.info("partitions assigned", partitions=_fmt_tps(assigned))
 
 

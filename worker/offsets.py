@@ -73,6 +73,11 @@ class OffsetTracker(Generic[P]):
             part.finished.discard(part.outstanding.popleft())
             self._pending -= 1
 
+    def committed(self, partition: P) -> int | None:
+        """The last position marked committed (or the first tracked offset), if tracked."""
+        part = self._partitions.get(partition)
+        return None if part is None else part.committed
+
     def committable(self, partitions: Iterable[P] | None = None) -> dict[P, int]:
         """Commit positions that moved since they were last marked committed."""
         chosen = self._partitions if partitions is None else partitions

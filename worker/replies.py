@@ -39,6 +39,7 @@ __all__ = [
     "DLQ_HEADER_PREFIX",
     "Outgoing",
     "Replier",
+    "ReplyMeta",
     "Source",
     "Stage",
     "TopicCache",
@@ -69,9 +70,23 @@ class Source:
     timestamp_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class ReplyMeta:
+    """What metrics and the audit trail need to know about a reply."""
+
+    model: str
+    version: str
+    outcome: str
+    """``ok`` or the reply's error code."""
+    trace_id: str
+    batch_id: str | None
+    queue_s: float | None = None
+    compute_s: float | None = None
+
+
 @dataclass(slots=True)
 class Outgoing:
-    """A message to publish for a request record: its reply, or a dead-letter copy of it."""
+    """A message to publish for a request record: its reply, an audit record, a DLQ copy."""
 
     source: Source
     correlation_id: str | None
@@ -80,6 +95,10 @@ class Outgoing:
     headers: list[tuple[str, bytes]]
     timestamp_ms: int | None = None
     is_dead_letter: bool = False
+    stage: str | None = None
+    """For a dead-letter copy: where the record failed (:class:`Stage`)."""
+    meta: ReplyMeta | None = None
+    """For a reply: what it answered (metrics, audit)."""
     attempts: int = field(default=0)
 
 
@@ -109,6 +128,7 @@ def dead_letter(
         headers=headers,
         timestamp_ms=source.timestamp_ms,
         is_dead_letter=True,
+        stage=stage,
     )
 
 
@@ -119,7 +139,7 @@ class Replier:
         self,
         producer: AIOKafkaProducer,
         tracker: OffsetTracker[TopicPartition],
-        on_progress: Callable[[], None],
+        on_published: Callable[[Sequence[Outgoing]], None],
         *,
         dead_letter_topic: str,
         group_id: str,
@@ -129,7 +149,7 @@ class Replier:
     ) -> None:
         self._producer = producer
         self._tracker = tracker
-        self._on_progress = on_progress
+        self._on_published = on_published
         self._dead_letter_topic = dead_letter_topic
         self._group_id = group_id
         self._retries = retries
@@ -208,7 +228,8 @@ class Replier:
         self.dead_lettered += sum(o.is_dead_letter for o in group) + len(copies)
         for item in group:
             self._tracker.done(item.source.tp, item.source.offset)
-        self._on_progress()
+        not_published = {id(item) for item, _ in failed}
+        self._on_published([o for o in group if id(o) not in not_published] + copies)
 
     async def _send(self, items: list[Outgoing]) -> list[tuple[Outgoing, BaseException]]:
         """Send with retries of retriable errors; return what finally failed."""

@@ -19,7 +19,9 @@ from worker.errors import ConfigError
 
 __all__ = [
     "ENV_PREFIX",
+    "AuditSettings",
     "BatchingSettings",
+    "HttpSettings",
     "KafkaSettings",
     "LogSettings",
     "ModelSettings",
@@ -103,6 +105,24 @@ class RuntimeSettings(BaseModel):
     """No progress for this long while there is work: exit non-zero. 0 disables the watchdog."""
 
 
+class HttpSettings(BaseModel):
+    """The metrics and health endpoint."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"  # noqa: S104 - probes and Prometheus reach a container from outside
+    port: int = Field(default=9464, ge=0, le=65535)
+    """``/metrics``, ``/healthz``, ``/readyz``; 0 picks a free port."""
+
+
+class AuditSettings(BaseModel):
+    """One audit record per request."""
+
+    log: bool = True
+    """Write each audit record to the log (logger ``worker.audit``)."""
+    topic: str = ""
+    """Also publish each audit record (JSON) to this topic, with the reply; empty: don't."""
+
+
 class LogSettings(BaseModel):
     """Logging output."""
 
@@ -122,6 +142,8 @@ class Settings(BaseSettings):
     batching: BatchingSettings = BatchingSettings()
     models: ModelSettings = ModelSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    http: HttpSettings = HttpSettings()
+    audit: AuditSettings = AuditSettings()
     log: LogSettings = LogSettings()
 
 

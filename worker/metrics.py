@@ -1,0 +1,94 @@
+"""Prometheus metrics of one worker (prometheus-client), in seconds, by model and version.
+
+Each :class:`Metrics` has its own registry, so several workers in one process (tests) do not
+mix their counts. The HTTP endpoint (:mod:`worker.http`) serves :meth:`Metrics.render`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+# Latency buckets from 1 ms to 30 s: a batch delay of a few ms up to a backlog being drained.
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_COMPUTE = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Every metric the worker exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "inference_requests",
+            "Requests answered, by outcome: ok or the error code of the reply",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "inference_request_latency_seconds",
+            "From the request record's Kafka timestamp to its reply being acknowledged",
+            ["model", "version"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "inference_queue_wait_seconds",
+            "From decoding a request to the start of its batch's forward pass",
+            ["model", "version"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "inference_batch_compute_seconds",
+            "Forward pass time of one batch",
+            ["model", "version"],
+            buckets=_COMPUTE,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "inference_batch_size",
+            "Requests per batch",
+            ["model", "version"],
+            buckets=_BATCH,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "inference_requests_in_flight",
+            "Requests fetched and not yet answered (reply or dead-letter copy acknowledged)",
+            registry=r,
+        )
+        self.lag = Gauge(
+            "inference_consumer_lag",
+            "Records of an assigned partition not yet committed (high watermark - committed)",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "inference_dead_lettered",
+            "Records copied to the dead-letter topic, by stage",
+            ["stage"],
+            registry=r,
+        )
+        self.commits = Counter(
+            "inference_commits", "Offset commits, by result", ["result"], registry=r
+        )
+        self.shadow = Counter(
+            "inference_shadow_comparisons",
+            "Shadow results compared with the primary's: agreed, disagreed, failed, dropped",
+            ["model", "primary", "shadow", "result"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "inference_model_reloads",
+            "Model repository reloads, by result",
+            ["result"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
