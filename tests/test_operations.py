@@ -1,0 +1,179 @@
+"""Operations against the real broker: /metrics counts, readiness, audit topic, trace ids."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import numpy as np
+import numpy.typing as npt
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from worker.app import Worker
+from worker.client import InferenceClient
+from worker.codec import Tensor
+from worker.kafka import make_producer
+from worker.repository import ModelRepository
+from worker.settings import AuditSettings, Settings
+
+from .conftest import reply_reader, running_worker, wait_for
+
+pytestmark = pytest.mark.kafka
+
+TestSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
+
+
+async def get(worker: Worker, path: str) -> tuple[int, str]:
+    """GET a path of the worker's HTTP endpoint."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{worker.http_port}{path}") as response,
+    ):
+        return response.status, await response.text()
+
+
+async def scrape(worker: Worker) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, by name and sorted labels."""
+    status, text = await get(worker, "/metrics")
+    assert status == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+          **labels: str) -> float:  # fmt: skip
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_count_what_was_sent_and_lag_returns_to_zero(
+    settings: Settings, repository: ModelRepository, testset: TestSet
+) -> None:
+    """/metrics: N ok, errors by code, dead-lettered records, batches, commits; lag back to 0."""
+    pixels = testset[0][:50]
+    async with (
+        running_worker(settings, repository) as worker,
+        InferenceClient(settings.kafka) as client,
+    ):
+        ok = await asyncio.gather(
+            *(client.infer("digits", {"pixels": pixels[i : i + 1]}) for i in range(50))
+        )
+        missing = await asyncio.gather(
+            *(client.infer("nope", {"pixels": pixels[:1]}) for _ in range(3))
+        )
+        invalid = await asyncio.gather(
+            *(client.infer("digits", {"pixels": pixels[:1, :5]}) for _ in range(2))
+        )
+        producer = make_producer(settings.kafka)
+        await producer.start()
+        try:
+            await producer.send_and_wait(settings.kafka.requests_topic, b"\x01garbage")
+        finally:
+            await producer.stop()
+
+        async def settled() -> bool:
+            samples = await scrape(worker)
+            lags = [v for (n, _), v in samples.items() if n == "inference_consumer_lag"]
+            return (
+                value(samples, "inference_dead_lettered_total", stage="DECODE") == 1
+                and len(lags) == settings.kafka.topic_partitions
+                and not any(lags)
+            )
+
+        await wait_for(settled, timeout=30, what="the dead-letter count and lag 0 in /metrics")
+        samples = await scrape(worker)
+    version = repository.resolve("digits", None).version
+    assert all(r.error is None for r in ok)
+    assert {r.error.code for r in missing if r.error} == {"NOT_FOUND"}
+    assert {r.error.code for r in invalid if r.error} == {"INVALID_ARGUMENT"}
+    requests = "inference_requests_total"
+    assert value(samples, requests, model="digits", version=version, outcome="ok") == 50
+    assert value(samples, requests, model="nope", version="", outcome="NOT_FOUND") == 3
+    assert value(samples, requests, model="digits", version="", outcome="INVALID_ARGUMENT") == 2
+    labels = {"model": "digits", "version": version}
+    assert value(samples, "inference_request_latency_seconds_count", **labels) == 50
+    assert value(samples, "inference_queue_wait_seconds_count", **labels) == 50
+    batches = value(samples, "inference_batch_size_count", **labels)
+    assert 1 <= batches <= 50
+    assert value(samples, "inference_batch_size_sum", **labels) == 50
+    assert value(samples, "inference_batch_compute_seconds_count", **labels) == batches
+    assert value(samples, "inference_requests_in_flight") == 0
+    assert value(samples, "inference_commits_total", result="ok") >= 1
+
+
+async def test_readiness_flips_to_ready_only_after_the_assignment(
+    settings: Settings, repository: ModelRepository
+) -> None:
+    """/readyz answers 503 until the group assignment arrives, then 200; /healthz is 200."""
+    worker = Worker(settings, repository)
+    statuses: list[tuple[int, bool]] = []
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(worker.run())
+        await wait_for(lambda: worker.http_port is not None, timeout=30, what="the endpoint")
+        while not statuses or statuses[-1][0] != 200:
+            joined = worker.joined
+            status, _ = await get(worker, "/readyz")
+            statuses.append((status, joined))
+            assert not task.done()
+            await asyncio.sleep(0.01)  # poll interval of the probe loop, not synchronisation
+        health, _ = await get(worker, "/healthz")
+        worker.stop()
+    assert statuses[0] == (503, False), "not ready before the assignment"
+    assert statuses[-1][0] == 200
+    assert all(joined for status, joined in statuses if status == 200)
+    assert health == 200
+
+
+async def test_audit_topic_holds_one_record_per_request_with_the_trace_id(
+    settings: Settings, repository: ModelRepository, testset: TestSet
+) -> None:
+    """With an audit topic, each request leaves one JSON record; trace ids flow through."""
+    audit_topic = f"{settings.kafka.requests_topic}.audit"
+    settings = Settings(**{**settings.model_dump(), "audit": AuditSettings(topic=audit_topic)})
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    traceparent = f"00-{trace_id}-00f067aa0ba902b7-01".encode()
+    pixels = testset[0][:30]
+    async with (
+        running_worker(settings, repository),
+        reply_reader(settings, audit_topic) as audit,
+        reply_reader(settings) as replies,
+        InferenceClient(settings.kafka) as client,
+    ):
+        answers = await asyncio.gather(
+            *(
+                client.infer(
+                    "digits",
+                    [Tensor.from_numpy("pixels", pixels[i : i + 1])],
+                    headers=[("traceparent", traceparent)] if i == 0 else [],
+                )
+                for i in range(30)
+            ),
+            client.infer("digits", {"pixels": pixels[:1]}, version="42"),
+        )
+        await wait_for(lambda: len(audit) >= 31, timeout=30, what="31 audit records")
+        await wait_for(lambda: len(replies) >= 31, timeout=30, what="31 replies")
+    records: list[dict[str, Any]] = [json.loads(r.value) for r in audit]
+    assert len(records) == 31
+    assert sorted(r["correlation_id"] for r in records) == sorted(a.id for a in answers)
+    by_id = {r["correlation_id"]: r for r in records}
+    traced = by_id[answers[0].id]
+    assert traced["trace_id"] == trace_id
+    assert traced["outcome"] == "ok"
+    assert traced["model"] == "digits"
+    assert traced["batch_id"]
+    assert traced["topic"] == settings.kafka.requests_topic
+    assert isinstance(traced["partition"], int)
+    assert isinstance(traced["offset"], int)
+    assert traced["latency_ms"] >= 0
+    assert by_id[answers[-1].id]["outcome"] == "NOT_FOUND"
+    reply_trace = {
+        r.headers["correlation_id"].decode(): r.headers["traceparent"].decode().split("-")[1]
+        for r in replies
+    }
+    assert reply_trace[answers[0].id] == trace_id, "the reply continues the request's trace"
+    assert all(by_id[cid]["trace_id"] == tid for cid, tid in reply_trace.items())
