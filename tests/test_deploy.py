@@ -1,13 +1,22 @@
-"""The compose file and Dockerfile, checked against the code (no Docker engine runs here)."""
+"""Compose, Dockerfile, Kubernetes and monitoring files, checked against the code.
+
+No Docker engine or Kubernetes cluster runs here: these tests check structure and that every
+setting, port, path, topic and metric the files name really exists in the worker.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 
-from worker.settings import KafkaSettings, env_var_names
+from worker.http import Probes, serve_http
+from worker.metrics import Metrics
+from worker.settings import HttpSettings, KafkaSettings, RuntimeSettings, env_var_names
 
 from .conftest import ROOT
 
@@ -84,3 +93,117 @@ def test_wheel_carries_the_schemas() -> None:
     text = (ROOT / "pyproject.toml").read_text()
     assert '"schemas" = "worker/schemas"' in text
     assert Path(ROOT / "schemas" / "inference_request.avsc").is_file()
+
+
+K8S = ROOT / "deploy" / "k8s"
+MONITORING = ROOT / "deploy" / "monitoring"
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    """Every Kubernetes object in deploy/k8s, by kind."""
+    objects: dict[str, dict[str, Any]] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and "kind" in doc and doc["kind"] != "Kustomization":
+                objects[doc["kind"]] = doc
+    return objects
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    """`kubectl apply -k deploy/k8s` applies every manifest in the folder."""
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kustomization["resources"]) == files
+
+
+def test_k8s_config_uses_real_settings_and_secrets_come_from_a_secret() -> None:
+    """Every WORKER_* key in the ConfigMap is a setting; the Secret is mounted by envFrom."""
+    objects = manifests()
+    config = objects["ConfigMap"]["data"]
+    assert config
+    assert set(config) <= env_var_names()
+    container = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    sources = {next(iter(s)): s[next(iter(s))]["name"] for s in container["envFrom"]}
+    assert sources == {
+        "configMapRef": objects["ConfigMap"]["metadata"]["name"],
+        "secretRef": objects["Secret"]["metadata"]["name"],
+    }
+    assert "env" not in container or all(e["name"] in env_var_names() for e in container["env"])
+
+
+def test_k8s_deployment_probes_resources_drain_and_hardening() -> None:
+    """Probes hit /healthz and /readyz on the metrics port; grace period covers the drain."""
+    objects = manifests()
+    config = objects["ConfigMap"]["data"]
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    port = next(p for p in container["ports"] if p["name"] == "http")["containerPort"]
+    assert port == int(config.get("WORKER_HTTP__PORT", HttpSettings().port))
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["resources"]["requests"]["cpu"]
+    assert container["resources"]["requests"]["memory"]
+    drain = float(
+        config.get("WORKER_RUNTIME__SHUTDOWN_TIMEOUT_S", RuntimeSettings().shutdown_timeout_s)
+    )
+    assert pod["terminationGracePeriodSeconds"] > drain
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_keda_scales_the_group_on_lag_capped_at_the_partition_count() -> None:
+    """The ScaledObject watches our group and topic and never exceeds the partitions."""
+    objects = manifests()
+    config = objects["ConfigMap"]["data"]
+    scaled = objects["ScaledObject"]["spec"]
+    (trigger,) = scaled["triggers"]
+    assert trigger["type"] == "kafka"
+    assert trigger["metadata"]["consumerGroup"] == config["WORKER_KAFKA__GROUP_ID"]
+    assert trigger["metadata"]["topic"] == config["WORKER_KAFKA__REQUESTS_TOPIC"]
+    assert trigger["metadata"]["bootstrapServers"] == config["WORKER_KAFKA__BOOTSTRAP_SERVERS"]
+    assert scaled["scaleTargetRef"]["name"] == objects["Deployment"]["metadata"]["name"]
+    partitions = int(config.get("WORKER_KAFKA__TOPIC_PARTITIONS", KafkaSettings().topic_partitions))
+    assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"] <= partitions
+
+
+async def test_probe_paths_are_served_by_the_worker_endpoint() -> None:
+    """The paths the manifests probe exist on worker.http (started here on a free port)."""
+    probes = Probes(lambda: b"# metrics\n", lambda: (True, "ok"), lambda: (False, "joining"))
+    async with serve_http(probes, "127.0.0.1", 0) as port, aiohttp.ClientSession() as session:
+        statuses = {}
+        for path in ("/healthz", "/readyz", "/metrics", "/nope"):
+            async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+                statuses[path] = response.status
+    assert statuses == {"/healthz": 200, "/readyz": 503, "/metrics": 200, "/nope": 404}
+
+
+def test_monitoring_profile_scrapes_the_workers_and_provisions_the_dashboard() -> None:
+    """Prometheus scrapes port 9464 of every worker; Grafana gets the datasource and dashboard."""
+    doc = compose()
+    for name in ("prometheus", "grafana"):
+        assert doc["services"][name]["profiles"] == ["monitoring"]
+        for volume in doc["services"][name]["volumes"]:
+            assert (ROOT / volume.split(":")[0]).exists(), volume
+    scrape = yaml.safe_load((MONITORING / "prometheus.yml").read_text())["scrape_configs"][0]
+    sd = scrape["dns_sd_configs"][0]
+    assert sd["names"] == ["worker"]
+    assert str(sd["port"]) in doc["services"]["worker"]["expose"]
+
+
+def test_dashboard_queries_only_metrics_the_worker_exports() -> None:
+    """Every metric a Grafana panel queries is one the worker registers."""
+    dashboard = json.loads(
+        (MONITORING / "grafana" / "dashboards" / "inference-worker.json").read_text()
+    )
+    exported = {
+        sample_name
+        for family in Metrics().registry.collect()
+        for sample_name in (family.name, f"{family.name}_total", f"{family.name}_bucket",
+                            f"{family.name}_sum", f"{family.name}_count")
+    }  # fmt: skip
+    titles = {p["title"] for p in dashboard["panels"]}
+    assert {"Throughput (requests/s) by outcome", "Consumer lag by partition"} <= titles
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"inference_[a-z_]+", target["expr"]):
+                assert name in exported, (panel["title"], name)
