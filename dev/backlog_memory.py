@@ -1,10 +1,12 @@
 """Measure a worker's memory while it drains a large backlog (default 200,000 requests).
 
     python dev/backlog_memory.py [--requests 200000] [--bootstrap 127.0.0.1:9092]
+                                 [--set WORKER_AUDIT__LOG=false ...]
 
-Publishes the backlog to fresh topics first, then starts ``python -m worker serve`` and samples
-its resident set size (``/proc/<pid>/status`` VmRSS) until every request is answered. Prints
-the RSS before the first reply, the peak, and the drain rate. Needs a running broker.
+Publishes the backlog to fresh topics first, then starts ``python -m worker serve`` (with any
+extra ``--set`` settings; its log goes to ``.kafka/drain-worker.log``) and samples its resident
+set size (``/proc/<pid>/status`` VmRSS) until every request is answered. Prints the RSS before
+the first reply, the peak, and the drain rate. Needs a running broker.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
+    parser.add_argument("--set", action="append", default=[], metavar="WORKER_X__Y=VALUE")
     args = parser.parse_args()
     uid = uuid.uuid4().hex[:8]
     kafka = KafkaSettings(
@@ -91,9 +94,16 @@ async def main() -> None:
         "WORKER_KAFKA__DEAD_LETTER_TOPIC": kafka.dead_letter_topic,
         "WORKER_KAFKA__GROUP_ID": kafka.group_id,
         "WORKER_LOG__LEVEL": "WARNING",
+        "WORKER_LOG__FORMAT": "json",
+        "WORKER_HTTP__PORT": "0",
     }
+    env |= dict(item.split("=", 1) for item in args.set)
+    log_path = ROOT / ".kafka" / "drain-worker.log"
     # Popen returns at once; the worker runs beside this event loop, which only samples it.
-    proc = subprocess.Popen([sys.executable, "-m", "worker", "serve"], env=env, cwd=ROOT)  # noqa: ASYNC220
+    with log_path.open("wb") as worker_log:
+        proc = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "worker", "serve"], env=env, cwd=ROOT, stderr=worker_log
+        )
     peak = 0.0
     first_reply_rss = None
     began = time.perf_counter()
@@ -112,8 +122,9 @@ async def main() -> None:
     proc.terminate()
     proc.wait(60)
     print(
-        f"backlog {args.requests}: RSS at first reply {first_reply_rss:.0f} MiB, peak "
-        f"{peak:.0f} MiB; drained at {args.requests / elapsed:.0f} requests/s"
+        f"{' '.join(args.set) or 'defaults'}: backlog {args.requests}: RSS at first reply "
+        f"{first_reply_rss:.0f} MiB, peak {peak:.0f} MiB; "
+        f"drained at {args.requests / elapsed:.0f} requests/s"
     )
 
 

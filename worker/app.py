@@ -39,6 +39,7 @@ import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from worker.audit import AuditLog, audit_record
 from worker.batching import Batcher
 from worker.codec import (
     ErrorInfo,
@@ -63,7 +64,6 @@ from worker.tracing import continue_trace
 __all__ = ["ECHOED_HEADERS", "REPLY_TOPIC_HEADERS", "Worker"]
 
 log = structlog.get_logger(__name__)
-audit_log = structlog.get_logger("worker.audit")
 
 REPLY_TOPIC_HEADERS = ("reply_to", "kafka_replyTopic")
 """Request headers naming the reply topic (ours, then Spring's), in order of preference."""
@@ -142,6 +142,7 @@ class Worker:
         """The port of the metrics and health endpoint, once it listens."""
         self.joined = False
         """True once the consumer has joined its group and received an assignment."""
+        self._audit_log = AuditLog()
         self._worker_id = secrets.token_hex(4)
         self._batches = 0
         self._consumer: AIOKafkaConsumer | None = None
@@ -340,6 +341,7 @@ class Worker:
         now_ms = time.time() * 1000
         metrics = self.metrics
         audit = self.settings.audit.log
+        records = []
         for item in items:
             if item.is_dead_letter:
                 metrics.dead_lettered.labels(item.stage or "").inc()
@@ -350,7 +352,8 @@ class Worker:
             metrics.requests.labels(meta.model, meta.version, meta.outcome).inc()
             metrics.latency.labels(meta.model, meta.version).observe(latency_s)
             if audit:
-                audit_log.info("audit", **_audit_record(item, meta, latency_s))
+                records.append(audit_record(item, meta, latency_s))
+        self._audit_log.write(records)
         metrics.in_flight.set(self._tracker.pending)
         self._last_progress = time.monotonic()
         self._progress.set()
@@ -567,7 +570,7 @@ class Worker:
         if not audit_topic:
             return [reply]
         latency_s = max(0.0, time.time() * 1000 - source.timestamp_ms) / 1000
-        record = _audit_record(reply, meta, latency_s)
+        record = audit_record(reply, meta, latency_s)
         return [reply, Outgoing(source, response.id, audit_topic, json.dumps(record).encode(), [])]
 
     async def _run_batch(self, jobs: list[_Job]) -> None:
@@ -713,25 +716,6 @@ def _check_limits(settings: Settings, source: Source, request: InferenceRequest)
             f"inputs declare {elements} elements in all; this worker serves at most "
             f"{runtime.max_request_elements} (WORKER_RUNTIME__MAX_REQUEST_ELEMENTS)",
         )
-
-
-def _audit_record(item: Outgoing, meta: ReplyMeta, latency_s: float) -> dict[str, Any]:
-    """One request's audit record: who asked what, which version answered, how, how fast."""
-    return {
-        "correlation_id": item.correlation_id,
-        "model": meta.model,
-        "version": meta.version,
-        "outcome": meta.outcome,
-        "latency_ms": round(latency_s * 1000, 3),
-        "queue_ms": None if meta.queue_s is None else round(meta.queue_s * 1000, 3),
-        "compute_ms": None if meta.compute_s is None else round(meta.compute_s * 1000, 3),
-        "batch_id": meta.batch_id,
-        "topic": item.source.tp.topic,
-        "partition": item.source.tp.partition,
-        "offset": item.source.offset,
-        "reply_topic": item.topic,
-        "trace_id": meta.trace_id,
-    }
 
 
 def _expired_response(job: _Job, now_ms: float) -> InferenceResponse:
