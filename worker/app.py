@@ -28,6 +28,7 @@ import json
 import math
 import secrets
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -342,6 +343,8 @@ class Worker:
         metrics = self.metrics
         audit = self.settings.audit.log
         records = []
+        outcomes: Counter[tuple[str, str, str]] = Counter()
+        latency: dict[tuple[str, str], Any] = {}  # labelled children, looked up once per group
         for item in items:
             if item.is_dead_letter:
                 metrics.dead_lettered.labels(item.stage or "").inc()
@@ -349,10 +352,16 @@ class Worker:
             if meta is None:
                 continue
             latency_s = max(0.0, now_ms - item.source.timestamp_ms) / 1000
-            metrics.requests.labels(meta.model, meta.version, meta.outcome).inc()
-            metrics.latency.labels(meta.model, meta.version).observe(latency_s)
+            outcomes[(meta.model, meta.version, meta.outcome)] += 1
+            labels = (meta.model, meta.version)
+            child = latency.get(labels) or latency.setdefault(
+                labels, metrics.latency.labels(*labels)
+            )
+            child.observe(latency_s)
             if audit:
                 records.append(audit_record(item, meta, latency_s))
+        for labels_outcome, count in outcomes.items():
+            metrics.requests.labels(*labels_outcome).inc(count)
         self._audit_log.write(records)
         metrics.in_flight.set(self._tracker.pending)
         self._last_progress = time.monotonic()

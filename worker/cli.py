@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +95,23 @@ async def _serve(settings: Settings) -> None:
     await worker.run()
 
 
+async def _echo(settings: Settings) -> None:
+    from worker.echo import run_echo  # noqa: PLC0415
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await run_echo(settings, stop)
+
+
+async def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.bench import run  # noqa: PLC0415 - needs the bench extra (rich, matplotlib)
+
+    report = await run(settings, args)
+    return 1 if any(r["errors"] for r in report["results"]) else 0
+
+
 async def _predict(settings: Settings, args: argparse.Namespace) -> int:
     tensors = tensors_from_json(json.loads(await asyncio.to_thread(Path(args.input).read_text)))
     async with InferenceClient(settings.kafka, timeout=args.timeout) as client:
@@ -144,6 +161,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--min-accuracy", type=float, default=0.95, help="exit 1 if accuracy is below this"
     )
+    sub.add_parser(
+        "echo", help="copy requests to replies unchanged (the benchmark's transport limit)"
+    )
+    from worker.bench import add_arguments  # noqa: PLC0415 - argparse only, no heavy imports
+
+    add_arguments(sub.add_parser("bench", help="measure throughput and latency through Kafka"))
     return parser
 
 
@@ -156,13 +179,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log)
+    commands: dict[str, Callable[[], Coroutine[Any, Any, int | None]]] = {
+        "serve": lambda: _serve(settings),
+        "echo": lambda: _echo(settings),
+        "predict": lambda: _predict(settings, args),
+        "demo": lambda: _demo(settings, args),
+        "bench": lambda: _bench(settings, args),
+    }
     try:
-        if args.command == "serve":
-            asyncio.run(_serve(settings))
-            return 0
-        if args.command == "predict":
-            return asyncio.run(_predict(settings, args))
-        return asyncio.run(_demo(settings, args))
+        return asyncio.run(commands[args.command]()) or 0
     except (WorkerError, BaseExceptionGroup) as exc:
         errors = _leaves(exc)
         if not all(isinstance(e, WorkerError) for e in errors):

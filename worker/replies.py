@@ -21,6 +21,7 @@ and timestamp.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,7 +30,8 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.partitioner import DefaultPartitioner
 
 from worker.errors import WorkerError
 from worker.kafka import Headers
@@ -159,6 +161,8 @@ class Replier:
         self._wakeup = asyncio.Event()
         self._closed = False
         self.dead_lettered = 0
+        self._partitions: dict[str, list[int]] = {}
+        self._partitioner = DefaultPartitioner()
 
     def submit(self, items: Sequence[Outgoing]) -> None:
         """Queue messages; all messages of one record must be submitted in one call."""
@@ -236,12 +240,10 @@ class Replier:
         failed: list[tuple[Outgoing, BaseException]] = []
         pending = items
         while pending:
-            # One future per message from the producer's accumulator: no task per message.
-            futures = [await self._enqueue(o) for o in pending]
-            results = await asyncio.gather(*futures, return_exceptions=True)
+            errors = await self._send_batches(pending)
             retry = []
-            for item, error in zip(pending, results, strict=True):
-                if not isinstance(error, BaseException):
+            for item, error in zip(pending, errors, strict=True):
+                if error is None:
                     continue
                 if getattr(error, "retriable", False) and item.attempts < self._retries:
                     item.attempts += 1
@@ -249,25 +251,90 @@ class Replier:
                 else:
                     failed.append((item, error))
             if retry:
+                self._partitions.clear()  # metadata may have moved on
                 delay = self._backoff * 2 ** (retry[0].attempts - 1)
                 log.warning("retrying publish", count=len(retry), delay_s=delay)
                 await asyncio.sleep(delay)
             pending = retry
         return failed
 
-    async def _enqueue(self, item: Outgoing) -> asyncio.Future[Any]:
+    async def _send_batches(self, items: list[Outgoing]) -> list[BaseException | None]:
+        """Publish as one record batch per partition (``send_batch``); an error per item.
+
+        Per-message ``send()`` costs a metadata check, a partitioner call and a future per
+        record; a batch per partition costs them once. Keyed records go to the partition the
+        Java client's murmur2 partitioner would pick; unkeyed ones of a group share a
+        partition (as Kafka's sticky partitioner does).
+        """
+        errors: list[BaseException | None] = [None] * len(items)
+        sends: list[tuple[list[int], asyncio.Future[Any]]] = []
+        for (topic, partition), indices in (await self._route(items, errors)).items():
+            batch = self._producer.create_batch()
+            members: list[int] = []
+            for index in indices:
+                item = items[index]
+                if self._append(batch, item) is None:
+                    if members:
+                        sends.append((members, await self._submit(batch, topic, partition)))
+                    batch, members = self._producer.create_batch(), []
+                    if self._append(batch, item) is None:
+                        errors[index] = MessageSizeTooLargeError(
+                            f"a {len(item.value or b'')}-byte record does not fit a batch"
+                        )
+                        continue
+                members.append(index)
+            if members:
+                sends.append((members, await self._submit(batch, topic, partition)))
+        results = await asyncio.gather(*(f for _, f in sends), return_exceptions=True)
+        for (members, _), result in zip(sends, results, strict=True):
+            if isinstance(result, BaseException):
+                for index in members:
+                    errors[index] = result
+        return errors
+
+    async def _route(
+        self, items: list[Outgoing], errors: list[BaseException | None]
+    ) -> dict[tuple[str, int], list[int]]:
+        """Item indices by (topic, partition); an item whose topic has no metadata errs."""
+        by_partition: dict[tuple[str, int], list[int]] = {}
+        sticky: dict[str, int] = {}
+        for index, item in enumerate(items):
+            try:
+                partitions = await self._partitions_of(item.topic)
+            except KafkaError as exc:
+                errors[index] = exc
+                continue
+            key = item.source.key
+            if key is None:
+                partition = sticky.setdefault(item.topic, random.choice(partitions))  # noqa: S311
+            else:
+                partition = self._partitioner(key, partitions, partitions)
+            by_partition.setdefault((item.topic, partition), []).append(index)
+        return by_partition
+
+    @staticmethod
+    def _append(batch: Any, item: Outgoing) -> Any:
+        return batch.append(
+            key=item.source.key, value=item.value, timestamp=item.timestamp_ms,
+            headers=item.headers,
+        )  # fmt: skip
+
+    async def _submit(self, batch: Any, topic: str, partition: int) -> asyncio.Future[Any]:
         try:
-            return await self._producer.send(  # type: ignore[no-any-return]
-                item.topic,
-                item.value,
-                key=item.source.key,
-                headers=item.headers,
-                timestamp_ms=item.timestamp_ms,
+            return await self._producer.send_batch(  # type: ignore[no-any-return]
+                batch, topic, partition=partition
             )
         except KafkaError as exc:
             failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
             return failed
+
+    async def _partitions_of(self, topic: str) -> list[int]:
+        partitions = self._partitions.get(topic)
+        if partitions is None:
+            partitions = sorted(await self._producer.partitions_for(topic))
+            self._partitions[topic] = partitions
+        return partitions
 
 
 class TopicCache:
