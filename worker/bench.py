@@ -14,7 +14,7 @@ go (echo, the worker at ``max_batch_size=1`` and at its default, a compute-heavy
 its own plain-torch throughput, open loop at half the measured capacity) and prints the ratios.
 
 Models come from a temporary repository: ``digits`` (copied, with ``--max-batch-size``) and
-``heavy``, an MLP 256-2048-2048-10 defined here with seeded random weights (no download).
+``heavy``, an MLP 256-4096-4096-10 defined here with seeded random weights (no download).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from worker.settings import KafkaSettings, Settings
 
 __all__ = ["BenchResult", "add_arguments", "heavy_model_repository", "run"]
 
-HEAVY_WIDTH = 2048
+HEAVY_WIDTH = 4096
 HEAVY_INPUTS = 256
 
 
@@ -126,10 +126,18 @@ def heavy_model_repository(root: Path, *, max_batch_size: int, delay_ms: float) 
     return repo
 
 
-def plain_torch_throughput(repo: Path, model: str, batch: int, seconds: float = 3.0) -> float:
-    """Rows per second of the model's own forward pass at ``batch`` rows (the compute limit)."""
+def plain_torch_throughput(
+    repo: Path, model: str, batch: int, threads: int, seconds: float = 3.0
+) -> float:
+    """Rows per second of the model's own forward pass at ``batch`` rows (the compute limit).
+
+    Runs with ``threads`` intra-op threads: the same number the worker gives torch.
+    """
+    import torch  # noqa: PLC0415
+
     from worker.repository import ModelRepository  # noqa: PLC0415
 
+    torch.set_num_threads(threads)
     loaded = ModelRepository.load(repo).resolve(model, None)
     spec = loaded.config.inputs[0]
     inputs = {spec.name: np.random.default_rng(0).random((batch, spec.shape[1]), np.float32)}
@@ -400,7 +408,10 @@ async def _suite(args: argparse.Namespace, one: Any, report: dict[str, Any], tmp
     heavy_batch = round(statistics.fmean(heavy.batch_sizes)) if heavy.batch_sizes else 1
     repo = heavy_model_repository(tmp / "plain", max_batch_size=args.max_batch_size,
                                   delay_ms=args.max_batch_delay_ms)  # fmt: skip
-    plain = plain_torch_throughput(repo, "heavy", heavy_batch)
+    threads = int(os.environ.get("WORKER_MODELS__TORCH_THREADS", "0")) or max(
+        1, (os.cpu_count() or 2) - 1
+    )
+    plain = plain_torch_throughput(repo, "heavy", heavy_batch, threads)
     half = digits.throughput / 2
     open_loop = await one("digits-open-half", "worker", model="digits", mode="open", rate=half,
                           requests=max(500, int(half * 10)))  # fmt: skip
@@ -409,6 +420,7 @@ async def _suite(args: argparse.Namespace, one: Any, report: dict[str, Any], tmp
     report["limits"] = {
         "heavy_plain_torch_rows_per_s": round(plain, 1),
         "heavy_batch_size": heavy_batch,
+        "torch_threads": threads,
         "open_loop_rate": round(half, 1),
         "open_loop_p99_bound_ms": round(bound, 2),
     }

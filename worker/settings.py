@@ -59,8 +59,8 @@ class KafkaSettings(BaseModel):
     request_timeout_ms: int = Field(default=30_000, ge=1)
     fetch_max_records: int = Field(default=500, ge=1)
     """Most records taken from the consumer in one fetch round."""
-    linger_ms: int = Field(default=2, ge=0)
-    """How long the producer waits to fill a batch of replies."""
+    linger_ms: int = Field(default=0, ge=0)
+    """How long the producer waits to fill a batch; 0: replies are batched by the worker."""
 
 
 class BatchingSettings(BaseModel):
@@ -78,7 +78,7 @@ class ModelSettings(BaseModel):
     repository: Path = Path("models")
     """Folder laid out as ``<name>/config.toml`` and ``<name>/<version>/model.pt2``."""
     torch_threads: int = Field(default=0, ge=0)
-    """Intra-op threads for torch; 0 keeps torch's default (one per core)."""
+    """Intra-op threads for torch; 0: one per core but one, which is left to the event loop."""
     poll_interval_s: float = Field(default=0.0, ge=0)
     """Watch the repository: reload when a config or model file changes, checked this often.
     0: reload only on SIGHUP."""
