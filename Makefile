@@ -6,6 +6,9 @@
 PYTHON ?= python3
 VENV ?= $(HOME)/.cache/kafka-inference-worker/venv
 PY := $(VENV)/bin/python
+# The shared venv's editable install points at whichever checkout last ran `make install`;
+# every target puts this checkout first, so it always runs its own code.
+export PYTHONPATH := $(CURDIR)
 
 .PHONY: install kafka kafka-stop test lint typecheck check demo train clean help
 

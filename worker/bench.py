@@ -100,6 +100,8 @@ def heavy_model_repository(root: Path, *, max_batch_size: int, delay_ms: float) 
     """Write a model repository with ``digits`` (copied) and the compute-heavy ``heavy``."""
     import torch  # noqa: PLC0415 - torch is only needed when the tool builds models
 
+    from worker.models import export_model  # noqa: PLC0415
+
     repo = root / "models"
     shutil.copytree(Path(__file__).resolve().parent.parent / "models" / "digits", repo / "digits",
                     ignore=shutil.ignore_patterns("*.py", "*.json", "*.npz"))  # fmt: skip
@@ -113,12 +115,7 @@ def heavy_model_repository(root: Path, *, max_batch_size: int, delay_ms: float) 
         torch.nn.Linear(HEAVY_WIDTH, HEAVY_WIDTH), torch.nn.ReLU(),
         torch.nn.Linear(HEAVY_WIDTH, 10),
     ).eval()  # fmt: skip
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.export.export(
-        model, (torch.zeros(2, HEAVY_INPUTS),), dynamic_shapes=({0: batch},)
-    )
-    (repo / "heavy" / "1").mkdir(parents=True)
-    torch.export.save(program, repo / "heavy" / "1" / "model.pt2")
+    export_model(model, HEAVY_INPUTS, repo / "heavy" / "1" / "model.pt2")
     (repo / "heavy" / "config.toml").write_text(
         f'[[inputs]]\nname = "x"\ndatatype = "FP32"\nshape = [-1, {HEAVY_INPUTS}]\n\n'
         '[[outputs]]\nname = "logits"\ndatatype = "FP32"\nshape = [-1, 10]\n' + batching

@@ -40,6 +40,7 @@ __all__ = [
     "Routing",
     "TensorSpec",
     "VersionPolicy",
+    "export_model",
     "run_isolated",
     "split_outputs",
     "stack_inputs",
@@ -279,6 +280,19 @@ class LoadedModel:
             spec.name: t.detach().cpu().numpy()
             for spec, t in zip(self.config.outputs, tensors, strict=True)
         }
+
+
+def export_model(module: torch.nn.Module, features: int, path: Path) -> None:
+    """Save ``module`` (one input of ``features`` columns) as a torch.export program at ``path``.
+
+    The batch dimension is dynamic (1 to 65,536 rows), so the worker can batch freely.
+    """
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(
+        module.eval(), (torch.zeros(2, features),), dynamic_shapes=({0: batch},)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, path)
 
 
 def _writable(array: npt.NDArray[Any]) -> npt.NDArray[Any]:

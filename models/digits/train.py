@@ -20,6 +20,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from worker.models import export_model
+
 HERE = Path(__file__).resolve().parent
 SEED = 20261126
 TEST_FRACTION = 0.2
@@ -107,9 +109,7 @@ def main() -> None:
 
     out = HERE / args.version
     out.mkdir(exist_ok=True)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.export.export(model, (torch.zeros(2, 64),), dynamic_shapes=({0: batch},))
-    torch.export.save(program, out / "model.pt2")
+    export_model(model, 64, out / "model.pt2")
     metrics = {
         "model": "digits",
         "version": args.version,

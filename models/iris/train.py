@@ -18,6 +18,8 @@ import torch
 from sklearn.datasets import load_iris
 from sklearn.model_selection import train_test_split
 
+from worker.models import export_model
+
 HERE = Path(__file__).resolve().parent
 SEED = 20261126
 
@@ -72,9 +74,7 @@ def main() -> None:
     accuracy = float((predicted.numpy() == y_test).mean())
     out = HERE / args.version
     out.mkdir(exist_ok=True)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    program = torch.export.export(model, (torch.zeros(2, 4),), dynamic_shapes=({0: batch},))
-    torch.export.save(program, out / "model.pt2")
+    export_model(model, 4, out / "model.pt2")
     metrics = {
         "model": "iris", "version": args.version, "architecture": "MLP 4-16-3",
         "dataset": "sklearn.datasets.load_iris", "test_fraction": 0.3, "seed": SEED,
