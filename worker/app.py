@@ -211,8 +211,8 @@ class Worker:
             consumer = make_consumer(kafka)
             producer = make_producer(kafka)
             self._consumer = consumer
+            stack.push_async_callback(producer.stop)  # before start: closed even if it fails
             await producer.start()
-            stack.push_async_callback(producer.stop)
             consumer.subscribe([kafka.requests_topic], listener=_RebalanceListener(self))
             await consumer.start()
             stack.push_async_callback(self._leave, consumer)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from worker.client import InferenceClient
 from worker.codec import DATATYPES, InferenceResponse, Tensor
@@ -188,12 +189,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return asyncio.run(commands[args.command]()) or 0
-    except (WorkerError, BaseExceptionGroup) as exc:
+    except (WorkerError, KafkaError, BaseExceptionGroup) as exc:
         errors = _leaves(exc)
-        if not all(isinstance(e, WorkerError) for e in errors):
+        if not all(isinstance(e, WorkerError | KafkaError) for e in errors):
             raise
         for error in errors:
-            print(f"error: {error}", file=sys.stderr)
+            hint = ""
+            if isinstance(error, KafkaConnectionError):
+                hint = (
+                    f" (is a broker running at {settings.kafka.bootstrap_servers}? "
+                    "WORKER_KAFKA__BOOTSTRAP_SERVERS names it; `make kafka` starts a local one)"
+                )
+            print(f"error: {error}{hint}", file=sys.stderr)
         if any(getattr(e, "hard_exit", False) for e in errors):
             sys.stderr.flush()
             os._exit(3)  # a model call may be stuck in a thread; an orderly exit would wait on it

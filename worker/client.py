@@ -60,10 +60,11 @@ class InferenceClient:
 
     async def __aenter__(self) -> Self:
         async with contextlib.AsyncExitStack() as stack:
-            await self._producer.start()
-            stack.push_async_callback(self._producer.stop)
-            await self._consumer.start()
+            # Registered before start: clients that fail to start are still closed.
             stack.push_async_callback(self._consumer.stop)
+            stack.push_async_callback(self._producer.stop)
+            await self._producer.start()
+            await self._consumer.start()
             await self._assign_reply_partitions()
             group = await stack.enter_async_context(asyncio.TaskGroup())
             reader = group.create_task(self._read_replies())
