@@ -381,7 +381,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             return result
 
         if args.suite:
-            await _suite(args, one, report, Path(tmp))
+            await _suite(args, one, report, Path(tmp), settings.models.torch_threads)
         elif args.sweep:
             for size in [int(s) for s in args.sweep.split(",")]:
                 await one(f"batch-{size}", args.target, max_batch_size=size)
@@ -396,7 +396,9 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-async def _suite(args: argparse.Namespace, one: Any, report: dict[str, Any], tmp: Path) -> None:
+async def _suite(
+    args: argparse.Namespace, one: Any, report: dict[str, Any], tmp: Path, torch_threads: int
+) -> None:
     n = args.requests
     echo = await one("echo", "echo", model="digits", mode="closed")
     batch1 = await one("digits-batch-1", "worker", model="digits", mode="closed", max_batch_size=1)
@@ -405,9 +407,7 @@ async def _suite(args: argparse.Namespace, one: Any, report: dict[str, Any], tmp
     heavy_batch = round(statistics.fmean(heavy.batch_sizes)) if heavy.batch_sizes else 1
     repo = heavy_model_repository(tmp / "plain", max_batch_size=args.max_batch_size,
                                   delay_ms=args.max_batch_delay_ms)  # fmt: skip
-    threads = int(os.environ.get("WORKER_MODELS__TORCH_THREADS", "0")) or max(
-        1, (os.cpu_count() or 2) - 1
-    )
+    threads = torch_threads or max(1, (os.cpu_count() or 2) - 1)  # as the worker chooses
     plain = plain_torch_throughput(repo, "heavy", heavy_batch, threads)
     half = digits.throughput / 2
     open_loop = await one("digits-open-half", "worker", model="digits", mode="open", rate=half,
