@@ -381,7 +381,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             return result
 
         if args.suite:
-            await _suite(args, one, report, Path(tmp), settings.models.torch_threads)
+            await _suite(args, one, report, Path(tmp), settings.models.threads)
         elif args.sweep:
             for size in [int(s) for s in args.sweep.split(",")]:
                 await one(f"batch-{size}", args.target, max_batch_size=size)
@@ -407,7 +407,7 @@ async def _suite(
     heavy_batch = round(statistics.fmean(heavy.batch_sizes)) if heavy.batch_sizes else 1
     repo = heavy_model_repository(tmp / "plain", max_batch_size=args.max_batch_size,
                                   delay_ms=args.max_batch_delay_ms)  # fmt: skip
-    threads = torch_threads or max(1, (os.cpu_count() or 2) - 1)  # as the worker chooses
+    threads = torch_threads  # as the worker chooses
     plain = plain_torch_throughput(repo, "heavy", heavy_batch, threads)
     half = digits.throughput / 2
     open_loop = await one("digits-open-half", "worker", model="digits", mode="open", rate=half,

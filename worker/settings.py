@@ -79,6 +79,12 @@ class ModelSettings(BaseModel):
     """Folder laid out as ``<name>/config.toml`` and ``<name>/<version>/model.pt2``."""
     torch_threads: int = Field(default=0, ge=0)
     """Intra-op threads for torch; 0: one per core but one, which is left to the event loop."""
+
+    @property
+    def threads(self) -> int:
+        """The intra-op thread count to use: ``torch_threads``, or cores minus one (at least 1)."""
+        return self.torch_threads or max(1, (os.cpu_count() or 2) - 1)
+
     poll_interval_s: float = Field(default=0.0, ge=0)
     """Watch the repository: reload when a config or model file changes, checked this often.
     0: reload only on SIGHUP."""
