@@ -160,11 +160,6 @@ class Worker:
         """Requests fetched and not yet answered (reply or dead-letter copy acknowledged)."""
         return self._tracker.pending
 
-    @property
-    def dead_lettered(self) -> int:
-        """Records copied to the dead-letter topic so far."""
-        return self._replier.dead_lettered if self._replier else 0
-
     def healthy(self) -> tuple[bool, str]:
         """Liveness: False once there was work and no progress for the watchdog timeout."""
         timeout = self.settings.runtime.watchdog_timeout_s

@@ -160,7 +160,6 @@ class Replier:
         self._queue: deque[Outgoing] = deque()
         self._wakeup = asyncio.Event()
         self._closed = False
-        self.dead_lettered = 0
         self._partitions: dict[str, list[int]] = {}
         self._partitioner = DefaultPartitioner()
 
@@ -229,7 +228,6 @@ class Replier:
                     f"dead-letter copy not published to {item.topic!r}: {error!r}; stopping "
                     "without committing it"
                 ) from error
-        self.dead_lettered += sum(o.is_dead_letter for o in group) + len(copies)
         for item in group:
             self._tracker.done(item.source.tp, item.source.offset)
         not_published = {id(item) for item, _ in failed}
