@@ -27,8 +27,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from worker.app import Worker
-from worker.codec import decode_response
-from worker.kafka import ensure_topics, make_consumer, make_producer
+from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.kafka import assign_all, ensure_topics, make_consumer, make_producer
 from worker.repository import ModelRepository
 from worker.settings import (
     BatchingSettings,
@@ -147,8 +147,7 @@ async def reply_reader(settings: Settings, topic: str | None = None) -> AsyncIte
     await consumer.start()
     seen: list[Reply] = []
     try:
-        partitions = await partitions_of(settings, topic)
-        consumer.assign([TopicPartition(topic, p) for p in partitions])
+        await assign_all(consumer, topic, await partitions_of(settings, topic), from_end=False)
 
         async def pump() -> None:
             while True:
@@ -228,6 +227,43 @@ async def settle(
     await wait_for(committed, timeout=60, what="all offsets committed")
     await wait_for(all_read, timeout=60, what="the whole reply topic read")
     return reply_counts(replies)
+
+
+async def publish_digits(
+    settings: Settings,
+    pixels: npt.NDArray[np.float32],
+    total: int,
+    *,
+    prefix: str = "req",
+    per_second: float | None = None,
+) -> list[str]:
+    """Publish ``total`` digits requests (keyed by id), all at once or at about ``per_second``.
+
+    Returns their ids once every one is acknowledged.
+    """
+    kafka = settings.kafka
+    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
+    producer = make_producer(kafka, linger_ms=5)
+    await producer.start()
+    ids = [f"{prefix}-{i}" for i in range(total)]
+    tick = 0.05
+    per_tick = max(1, int(per_second * tick)) if per_second else total
+    try:
+        futures = []
+        for start in range(0, total, per_tick):
+            began = time.monotonic()
+            for i in range(start, min(start + per_tick, total)):
+                tensor = Tensor.from_numpy("pixels", pixels[i % len(pixels)][None])
+                value = encode_request(InferenceRequest(ids[i], "digits", [tensor]))
+                futures.append(
+                    await producer.send(kafka.requests_topic, value, key=ids[i].encode())
+                )
+            if per_second:
+                await asyncio.sleep(max(0.0, tick - (time.monotonic() - began)))  # pacing
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return ids
 
 
 def worker_env(settings: Settings) -> dict[str, str]:

@@ -5,19 +5,25 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from worker.codec import InferenceRequest, Tensor, encode_request
-from worker.kafka import ensure_topics, make_producer
+from worker.kafka import ensure_topics
 from worker.repository import ModelRepository
 from worker.settings import KafkaSettings, Settings
 
-from .conftest import ROOT, WorkerProcess, reply_reader, running_worker, settle, wait_for
+from .conftest import (
+    ROOT,
+    WorkerProcess,
+    publish_digits,
+    reply_reader,
+    running_worker,
+    settle,
+    wait_for,
+)
 
 sys.path.insert(0, str(ROOT / "dev"))
 from local_kafka import LocalBroker
@@ -25,32 +31,6 @@ from local_kafka import LocalBroker
 pytestmark = pytest.mark.kafka
 
 TestSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
-
-
-async def paced_publisher(
-    settings: Settings, pixels: npt.NDArray[np.float32], total: int, per_second: int
-) -> list[str]:
-    """Publish ``total`` requests at about ``per_second``; return their ids when all are acked."""
-    kafka = settings.kafka
-    producer = make_producer(kafka, linger_ms=5)
-    await producer.start()
-    ids = [f"load-{i}" for i in range(total)]
-    tick = 0.05
-    per_tick = max(1, int(per_second * tick))
-    try:
-        futures = []
-        for start in range(0, total, per_tick):
-            began = time.monotonic()
-            for i in range(start, min(start + per_tick, total)):
-                request = InferenceRequest(
-                    ids[i], "digits", [Tensor.from_numpy("pixels", pixels[i % len(pixels)][None])]
-                )
-                futures.append(await producer.send(kafka.requests_topic, encode_request(request)))
-            await asyncio.sleep(max(0.0, tick - (time.monotonic() - began)))  # pacing, not sync
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-    return ids
 
 
 async def test_workers_joining_and_leaving_under_load_lose_nothing(
@@ -63,7 +43,9 @@ async def test_workers_joining_and_leaving_under_load_lose_nothing(
     await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic])
     total = 9000
     async with reply_reader(settings) as replies, asyncio.TaskGroup() as group:
-        publisher = group.create_task(paced_publisher(settings, testset[0], total, per_second=600))
+        publisher = group.create_task(
+            publish_digits(settings, testset[0], total, prefix="load", per_second=600)
+        )
         first = worker_processes(settings)
         await wait_for(lambda: len(replies) >= 500, timeout=90, what="first worker's replies")
         second = worker_processes(settings)
@@ -119,7 +101,9 @@ async def test_worker_recovers_when_the_broker_is_down_for_ten_seconds(
         running_worker(settings, repository) as worker,
         asyncio.TaskGroup() as group,
     ):
-        publisher = group.create_task(paced_publisher(settings, testset[0], 3000, per_second=200))
+        publisher = group.create_task(
+            publish_digits(settings, testset[0], 3000, prefix="load", per_second=200)
+        )
         await wait_for(lambda: len(replies) >= 300, timeout=60, what="replies before the outage")
         await asyncio.to_thread(outage_broker.stop)
         before = len(replies)

@@ -9,13 +9,12 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from worker.codec import InferenceRequest, Tensor, encode_request
-from worker.kafka import ensure_topics, make_producer
 from worker.settings import Settings
 
 from .conftest import (
     WorkerProcess,
     group_lag,
+    publish_digits,
     reply_counts,
     reply_reader,
     settle,
@@ -31,36 +30,13 @@ KILL_AFTER = 600
 TestSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 
 
-async def publish_requests(settings: Settings, pixels: npt.NDArray[np.float32]) -> list[str]:
-    """Publish N digits requests; return their ids."""
-    kafka = settings.kafka
-    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
-    producer = make_producer(settings.kafka, linger_ms=20)
-    await producer.start()
-    ids = [f"sig-{i}" for i in range(N)]
-    try:
-        for i, request_id in enumerate(ids):
-            request = InferenceRequest(
-                id=request_id,
-                model_name="digits",
-                inputs=[Tensor.from_numpy("pixels", pixels[i % len(pixels)][None, :])],
-            )
-            await producer.send(
-                settings.kafka.requests_topic, encode_request(request), key=request_id.encode()
-            )
-        await producer.flush()
-    finally:
-        await producer.stop()
-    return ids
-
-
 async def test_sigkill_mid_stream_then_restart_loses_nothing(
     settings: Settings,
     testset: TestSet,
     worker_processes: Callable[[Settings], WorkerProcess],
 ) -> None:
     """After SIGKILL mid-stream and a restart, every request is answered (duplicates allowed)."""
-    ids = await publish_requests(settings, testset[0])
+    ids = await publish_digits(settings, testset[0], N, prefix="sig")
     async with reply_reader(settings) as replies:
         first = worker_processes(settings)
         await wait_for(lambda: len(replies) >= KILL_AFTER, timeout=120, what="first replies")
@@ -82,7 +58,7 @@ async def test_sigterm_mid_stream_drains_and_restart_has_no_duplicates(
     worker_processes: Callable[[Settings], WorkerProcess],
 ) -> None:
     """SIGTERM: the worker drains, commits, exits 0; a restart answers the rest exactly once."""
-    ids = await publish_requests(settings, testset[0])
+    ids = await publish_digits(settings, testset[0], N, prefix="sig")
     async with reply_reader(settings) as replies:
         first = worker_processes(settings)
         await wait_for(lambda: len(replies) >= KILL_AFTER, timeout=120, what="first replies")

@@ -543,19 +543,20 @@ class Worker:
         batch_id: str | None = None,
     ) -> list[Outgoing]:
         """The reply to a record (and its audit record, if audit goes to a topic)."""
+        headers = dict(source.headers)  # one pass; the last value of a header wins
         topic = self.settings.kafka.replies_topic
         for name in REPLY_TOPIC_HEADERS:
-            value = header(source.headers, name)
+            value = headers.get(name)
             if value:
                 topic = value.decode(errors="replace")
                 break
-        trace = continue_trace(header(source.headers, "traceparent"))
+        trace = continue_trace(headers.get("traceparent"))
         reply_headers = [
             ("correlation_id", response.id.encode()),
             ("traceparent", trace.traceparent),
         ]
         for name in ECHOED_HEADERS:
-            value = header(source.headers, name)
+            value = headers.get(name)
             if value is not None:
                 reply_headers.append((name, value))
         timing = response.timing

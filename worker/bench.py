@@ -38,11 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiokafka import TopicPartition
 
 from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
 from worker.errors import DecodeError, WorkerError
-from worker.kafka import ensure_topics, header, make_consumer, make_producer
+from worker.kafka import assign_all, ensure_topics, header, make_consumer, make_producer
 from worker.settings import KafkaSettings, Settings
 
 __all__ = ["BenchResult", "add_arguments", "heavy_model_repository", "run"]
@@ -204,14 +203,9 @@ class _Load:
         await producer.start()
         await consumer.start()
         try:
-            tps = [
-                TopicPartition(self.kafka.replies_topic, p)
-                for p in sorted(await producer.partitions_for(self.kafka.replies_topic))
-            ]
-            consumer.assign(tps)
-            await consumer.seek_to_end(*tps)
-            for tp in tps:
-                await consumer.position(tp)
+            topic = self.kafka.replies_topic
+            partitions = await producer.partitions_for(topic)
+            await assign_all(consumer, topic, partitions, from_end=True)
             async with asyncio.TaskGroup() as group:
                 reader = group.create_task(self._read(consumer))
                 try:

@@ -20,7 +20,6 @@ from typing import Any, Self
 
 import numpy.typing as npt
 import structlog
-from aiokafka import TopicPartition
 
 from worker.codec import (
     InferenceRequest,
@@ -30,7 +29,7 @@ from worker.codec import (
     encode_request,
 )
 from worker.errors import ConfigError, DecodeError, ReplyTimeoutError
-from worker.kafka import make_consumer, make_producer
+from worker.kafka import assign_all, make_consumer, make_producer
 from worker.settings import KafkaSettings
 
 __all__ = ["InferenceClient"]
@@ -91,11 +90,7 @@ class InferenceClient:
                 "or create the topic"
             )
         partitions = await self._producer.partitions_for(self.reply_topic)
-        tps = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
-        self._consumer.assign(tps)
-        await self._consumer.seek_to_end(*tps)
-        for tp in tps:  # resolve positions now, so no reply sent after this point is missed
-            await self._consumer.position(tp)
+        await assign_all(self._consumer, self.reply_topic, partitions, from_end=True)
 
     async def _read_replies(self) -> None:
         while True:

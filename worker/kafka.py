@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from worker.errors import ConfigError
@@ -25,6 +25,7 @@ from worker.settings import KafkaSettings
 
 __all__ = [
     "Headers",
+    "assign_all",
     "consumer_config",
     "ensure_topics",
     "header",
@@ -90,6 +91,23 @@ def make_consumer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaConsumer
 def make_producer(settings: KafkaSettings, **overrides: Any) -> AIOKafkaProducer:
     """A producer with :func:`producer_config` (not started)."""
     return AIOKafkaProducer(**{**producer_config(settings), **overrides})
+
+
+async def assign_all(
+    consumer: AIOKafkaConsumer, topic: str, partitions: Iterable[int], *, from_end: bool
+) -> None:
+    """Assign every partition of ``topic`` to a group-less consumer, from its end or beginning.
+
+    Positions are resolved before returning, so nothing published afterwards is missed.
+    """
+    tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(tps)
+    if from_end:
+        await consumer.seek_to_end(*tps)
+    else:
+        await consumer.seek_to_beginning(*tps)
+    for tp in tps:
+        await consumer.position(tp)
 
 
 async def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
