@@ -168,3 +168,71 @@ def test_run_isolated_answers_good_requests_when_some_raise(repository: ModelRep
     assert calls[0] == 16
     # Bisection: at most two passes per level per bad request, log2(16) = 4 levels below the top.
     assert len(calls) <= 1 + 2 * 2 * 4
+
+
+def quantized_copy(tmp_path: Path, value: str) -> Path:
+    """A copy of the model repository whose digits config sets ``quantize = value``."""
+    repo = tmp_path / "models"
+    shutil.copytree(MODELS, repo)
+    config = repo / "digits" / "config.toml"
+    config.write_text(f'quantize = "{value}"\n' + config.read_text())
+    return repo
+
+
+def test_int8_quantisation_keeps_the_digits_accuracy(
+    tmp_path: Path,
+    repository: ModelRepository,
+    testset: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+) -> None:
+    """Int8 quantisation serves a different program whose accuracy stays within 1 point."""
+    pixels, labels = testset
+    quantized = ModelRepository.load(quantized_copy(tmp_path, "int8"))
+    for version in ("1", "2"):
+        plain = repository.resolve("digits", version)
+        int8 = quantized.resolve("digits", version)
+        assert int8.config.quantize == "int8"
+        assert not int8.same_program(plain)
+        expected = plain.predict({"pixels": pixels})
+        got = int8.predict({"pixels": pixels})
+        assert (
+            float((got["label"] == labels).mean())
+            >= float((expected["label"] == labels).mean()) - 0.01
+        )
+        assert float((got["label"] == expected["label"]).mean()) >= 0.98
+        assert not np.array_equal(got["probabilities"], expected["probabilities"])
+        np.testing.assert_allclose(got["probabilities"], expected["probabilities"], atol=0.1)
+
+
+def test_unknown_quantize_value_names_the_file(tmp_path: Path) -> None:
+    """The quantize key takes "none" or "int8"; anything else is a ConfigError naming the file."""
+    with pytest.raises(ConfigError, match=r"digits/config.toml: quantize = 'fp4'"):
+        ModelRepository.load(quantized_copy(tmp_path, "fp4"))
+
+
+def test_int8_needs_a_linear_layer(tmp_path: Path) -> None:
+    """A program without linear layers cannot be quantised: a ConfigError, not a silent no-op."""
+    import torch  # noqa: PLC0415 - only this test builds a model
+
+    from worker.models import export_model  # noqa: PLC0415
+
+    repo = tmp_path / "models"
+    export_model(torch.nn.ReLU(), 4, repo / "relu" / "1" / "model.pt2")
+    (repo / "relu" / "config.toml").write_text(
+        'quantize = "int8"\n[[inputs]]\nname = "x"\ndatatype = "FP32"\nshape = [-1, 4]\n'
+        '[[outputs]]\nname = "y"\ndatatype = "FP32"\nshape = [-1, 4]\n'
+    )
+    with pytest.raises(ConfigError, match="no linear layer"):
+        ModelRepository.load(repo)
+
+
+def test_reload_requantises_when_the_setting_changes(tmp_path: Path) -> None:
+    """Turning quantize on is a reload that loads the version again, not a reuse."""
+    repo_dir = quantized_copy(tmp_path, "none")
+    repo = ModelRepository.load(repo_dir)
+    config = repo_dir / "digits" / "config.toml"
+    config.write_text(config.read_text().replace('quantize = "none"', 'quantize = "int8"'))
+    reloaded, errors = repo.reload()
+    assert errors == []
+    assert reloaded.resolve("digits", "1").config.quantize == "int8"
+    assert not reloaded.resolve("digits", "1").same_program(repo.resolve("digits", "1"))
+    assert reloaded.resolve("iris", None).same_program(repo.resolve("iris", None))

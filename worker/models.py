@@ -5,7 +5,7 @@ Layout (the repository itself, versions and routing: :mod:`worker.repository`)::
     models/
       <name>/
         config.toml          inputs, outputs (name, datatype, shape; -1 = any), batching,
-                             version_policy, routing
+                             version_policy, routing, quantize ("none" or "int8")
         <version>/           a folder per version, named by an integer ("1", "2", ...)
           model.pt2          a torch.export program (loaded without unpickling code)
           metrics.json       optional: how the version was trained and evaluated
@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import itertools
 import tomllib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +36,7 @@ from worker.errors import ConfigError, ErrorCode, RequestError
 __all__ = [
     "CONFIG_FILE",
     "MODEL_FILE",
+    "QUANTIZE_MODES",
     "LoadedModel",
     "ModelConfig",
     "Routing",
@@ -48,6 +50,8 @@ __all__ = [
 
 MODEL_FILE = "model.pt2"
 CONFIG_FILE = "config.toml"
+QUANTIZE_MODES = ("none", "int8")
+"""Values of a model's ``quantize`` key: float as exported, or int8 dynamic quantisation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +111,8 @@ class ModelConfig:
     max_batch_delay_ms: float | None = None
     version_policy: VersionPolicy = VersionPolicy()
     routing: Routing = Routing()
+    quantize: str = "none"
+    """``"int8"``: the program's linear layers run with int8 dynamic quantisation."""
 
     @classmethod
     def load(cls, folder: Path) -> ModelConfig:
@@ -116,9 +122,15 @@ class ModelConfig:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read model config: {exc}") from exc
-        unknown = set(raw) - {"inputs", "outputs", "batching", "version_policy", "routing"}
+        known = {"inputs", "outputs", "batching", "version_policy", "routing", "quantize"}
+        unknown = set(raw) - known
         if unknown:
             raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
+        quantize = raw.get("quantize", "none")
+        if quantize not in QUANTIZE_MODES:
+            raise ConfigError(
+                f"{path}: quantize = {quantize!r}; expected one of {', '.join(QUANTIZE_MODES)}"
+            )
         try:
             batching = raw.get("batching", {})
             config = cls(
@@ -129,6 +141,7 @@ class ModelConfig:
                 max_batch_delay_ms=batching.get("max_batch_delay_ms"),
                 version_policy=_policy(raw.get("version_policy", {}), path),
                 routing=_routing(raw.get("routing", {}), path),
+                quantize=quantize,
             )
         except KeyError as exc:
             raise ConfigError(f"{path}: missing key {exc}") from exc
@@ -203,7 +216,10 @@ class LoadedModel:
             program = torch.export.load(path)
         except Exception as exc:
             raise ConfigError(f"{path}: cannot load torch.export program: {exc}") from exc
-        model = cls(config, folder.name, program.module())
+        module: torch.nn.Module = program.module()
+        if config.quantize == "int8":
+            module = _quantize_int8(module, path)
+        model = cls(config, folder.name, module)
         dummy = {
             s.name: np.zeros((1, *(max(d, 1) for d in s.shape[1:])), DATATYPES[s.datatype])
             for s in config.inputs
@@ -293,6 +309,61 @@ def export_model(module: torch.nn.Module, features: int, path: Path) -> None:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, path)
+
+
+def _quantize_int8(module: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """Run the program's linear layers with int8 weights (dynamic quantisation, CPU).
+
+    A torch.export program calls ``aten.linear`` on weight attributes; each such call becomes
+    an ``nn.Linear`` submodule, which ``quantize_dynamic`` then swaps for its int8 version
+    (weights quantised once, activations per batch). Other layers are left in float.
+    """
+    if not isinstance(module, torch.fx.GraphModule):
+        raise ConfigError(f"{path}: quantize = int8 needs a torch.export program")
+    graph = module.graph
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+            continue
+        x, weight_node, *rest = node.args
+        bias_node = rest[0] if rest else None
+        if not isinstance(weight_node, torch.fx.Node) or weight_node.op != "get_attr":
+            continue
+        if bias_node is not None and (
+            not isinstance(bias_node, torch.fx.Node) or bias_node.op != "get_attr"
+        ):
+            continue
+        weight = _attribute(module, str(weight_node.target))
+        bias = _attribute(module, str(bias_node.target)) if bias_node is not None else None
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        name = f"int8_linear_{count}"
+        count += 1
+        module.add_submodule(name, linear)
+        with graph.inserting_before(node):
+            replacement = graph.call_module(name, (x,))
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+    if not count:
+        raise ConfigError(f"{path}: quantize = int8, but the program has no linear layer")
+    graph.eliminate_dead_code()
+    module.recompile()
+    with warnings.catch_warnings():  # torch points eager quantisation users to torchao
+        warnings.simplefilter("ignore")
+        quantized: torch.nn.Module = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
+            module, {torch.nn.Linear}, dtype=torch.qint8
+        )
+    return quantized
+
+
+def _attribute(module: torch.nn.Module, target: str) -> torch.Tensor:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return cast(torch.Tensor, value)
 
 
 def _writable(array: npt.NDArray[Any]) -> npt.NDArray[Any]:

@@ -117,7 +117,8 @@ def _load_model(folder: Path, previous: ServedModel | None) -> ServedModel:
             old is not None
             and previous is not None
             and previous.artifacts.get(version) == artifacts[version]
-            and (old.config.inputs, old.config.outputs) == (config.inputs, config.outputs)
+            and (old.config.inputs, old.config.outputs, old.config.quantize)
+            == (config.inputs, config.outputs, config.quantize)
         ):
             versions[version] = old.with_config(config)
         else:
