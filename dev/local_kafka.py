@@ -30,6 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["DEFAULT", "BrokerError", "LocalBroker", "metadata_ok", "start", "status", "stop"]
 
@@ -115,11 +116,17 @@ class LocalBroker:
     port: int = 9092
     controller_port: int = 9093
     state: Path = STATE
+    listeners: tuple[tuple[str, str, str, int], ...] = ()
+    """Extra listeners as (name, security protocol, advertised host, port), bound on loopback."""
+    config: tuple[str, ...] = ()
+    """Extra ``server.properties`` lines (they override the template's)."""
+    scram: tuple[str, ...] = ()
+    """SCRAM credentials created at format time, as ``StorageTool format --add-scram`` takes."""
 
     @classmethod
-    def named(cls, name: str, port: int, controller_port: int) -> LocalBroker:
+    def named(cls, name: str, port: int, controller_port: int, **extra: Any) -> LocalBroker:
         """A broker of its own (e.g. one that tests stop and start), beside the default one."""
-        return cls(port, controller_port, STATE / "brokers" / name)
+        return cls(port, controller_port, STATE / "brokers" / name, **extra)
 
     @property
     def bootstrap(self) -> str:
@@ -151,12 +158,21 @@ class LocalBroker:
         ]
 
     def _write_config(self) -> None:
+        bound = [f"PLAINTEXT://{HOST}:{self.port}", f"CONTROLLER://{HOST}:{self.controller_port}"]
+        advertised = [f"PLAINTEXT://{HOST}:{self.port}"]
+        protocols = ["CONTROLLER:PLAINTEXT", "PLAINTEXT:PLAINTEXT"]
+        for name, protocol, host, port in self.listeners:
+            bound.append(f"{name}://{HOST}:{port}")
+            advertised.append(f"{name}://{host}:{port}")
+            protocols.append(f"{name}:{protocol}")
         lines = [
             TEMPLATES.joinpath("server.properties").read_text(),
             f"controller.quorum.voters=1@{HOST}:{self.controller_port}",
-            f"listeners=PLAINTEXT://{HOST}:{self.port},CONTROLLER://{HOST}:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://{HOST}:{self.port}",
+            f"listeners={','.join(bound)}",
+            f"advertised.listeners={','.join(advertised)}",
+            f"listener.security.protocol.map={','.join(protocols)}",
             f"log.dirs={self.state / 'data'}",
+            *self.config,
         ]
         self._config.write_text("\n".join(lines) + "\n")
 
@@ -175,6 +191,7 @@ class LocalBroker:
             "-c",
             str(self._config),
             "--ignore-formatted",
+            *(arg for user in self.scram for arg in ("--add-scram", user)),
         )
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -259,6 +276,18 @@ class LocalBroker:
         self._pid_file.unlink(missing_ok=True)
         _log(f"stopped broker pid {pid}")
         return True
+
+    def tool(self, main: str, *args: str) -> str:
+        """Run a Kafka tool class against this broker's PLAINTEXT listener; return its output.
+
+        For example ``org.apache.kafka.tools.AclCommand``; raises :class:`BrokerError` if the
+        tool fails.
+        """
+        cmd = self._java(main, "--bootstrap-server", self.bootstrap, *args)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
+        if done.returncode != 0:
+            raise BrokerError(f"{main} {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
 
     def status(self) -> bool:
         """Print whether the broker runs and answers; return True if it answers."""

@@ -25,6 +25,7 @@ import numpy.typing as npt
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from pydantic import SecretStr
 
 from worker.app import Worker
 from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
@@ -271,7 +272,10 @@ def worker_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
     for section in ("kafka", "batching", "runtime", "models", "http", "audit"):
         for name, value in getattr(settings, section).model_dump().items():
-            env[f"WORKER_{section}__{name}".upper()] = str(value)
+            if value is None:
+                continue
+            secret = value.get_secret_value() if isinstance(value, SecretStr) else value
+            env[f"WORKER_{section}__{name}".upper()] = str(secret)
     env["WORKER_LOG__FORMAT"] = "json"
     return env
 

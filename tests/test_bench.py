@@ -71,3 +71,13 @@ def test_open_loop_sweep_writes_a_plot(settings: Settings, tmp_path: Path) -> No
     for row in rows:
         check_sane(row, 150)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_int8_heavy_model_is_served_through_the_broker(settings: Settings, tmp_path: Path) -> None:
+    """--quantize int8 serves the heavy MLP quantised: every request answered, no errors."""
+    rows = bench(settings, tmp_path, "--model", "heavy", "--quantize", "int8", "-n", "64")[
+        "results"
+    ]
+    assert isinstance(rows, list)
+    check_sane(rows[0], 64)
+    assert rows[0]["mean_batch"] >= 1

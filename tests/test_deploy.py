@@ -16,7 +16,13 @@ import yaml
 
 from worker.http import Probes, serve_http
 from worker.metrics import Metrics
-from worker.settings import HttpSettings, KafkaSettings, RuntimeSettings, env_var_names
+from worker.settings import (
+    SECRETS_DIR_VAR,
+    HttpSettings,
+    KafkaSettings,
+    RuntimeSettings,
+    env_var_names,
+)
 
 from .conftest import ROOT
 
@@ -116,19 +122,70 @@ def test_kustomization_lists_every_manifest() -> None:
     assert set(kustomization["resources"]) == files
 
 
-def test_k8s_config_uses_real_settings_and_secrets_come_from_a_secret() -> None:
-    """Every WORKER_* key in the ConfigMap is a setting; the Secret is mounted by envFrom."""
+def test_k8s_config_uses_real_settings_and_secrets_are_mounted_files() -> None:
+    """ConfigMap keys are settings; credentials live only in the Secret, mounted as files."""
     objects = manifests()
     config = objects["ConfigMap"]["data"]
     assert config
-    assert set(config) <= env_var_names()
-    container = objects["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-    sources = {next(iter(s)): s[next(iter(s))]["name"] for s in container["envFrom"]}
-    assert sources == {
-        "configMapRef": objects["ConfigMap"]["metadata"]["name"],
-        "secretRef": objects["Secret"]["metadata"]["name"],
-    }
+    assert set(config) <= env_var_names() | {SECRETS_DIR_VAR}
+    secret = objects["Secret"]
+    assert set(secret["stringData"]) <= env_var_names() | {"ca.pem"}
+    assert {"WORKER_KAFKA__SASL_USERNAME", "WORKER_KAFKA__SASL_PASSWORD"} <= set(
+        secret["stringData"]
+    )
+    assert not any("SASL_USERNAME" in k or "PASSWORD" in k for k in config), "no secret in config"
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert [next(iter(s)) for s in container["envFrom"]] == ["configMapRef"]
     assert "env" not in container or all(e["name"] in env_var_names() for e in container["env"])
+    volume = next(v for v in pod["volumes"] if "secret" in v)
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    assert mount["readOnly"] is True
+    assert config[SECRETS_DIR_VAR] == mount["mountPath"]
+    assert config["WORKER_KAFKA__SSL_CAFILE"] == f"{mount['mountPath']}/ca.pem"
+    kafka = KafkaSettings.model_validate(
+        {
+            k.removeprefix("WORKER_KAFKA__").lower(): v
+            for k, v in config.items()
+            if k.startswith("WORKER_KAFKA__") and k != "WORKER_KAFKA__SSL_CAFILE"
+        }
+        | {"sasl_username": "u", "sasl_password": "p"}
+    )
+    assert kafka.security_protocol == "SASL_SSL"
+    assert kafka.refuse_plaintext is True
+
+
+def test_compose_sasl_ssl_override_takes_credentials_from_secrets() -> None:
+    """The SASL_SSL override sets real settings and mounts the credentials as secret files."""
+
+    class ComposeLoader(yaml.SafeLoader):
+        """Compose's ``!reset`` tag (drop a value set by the base file) reads as None."""
+
+    ComposeLoader.add_constructor("!reset", lambda _loader, _node: None)
+    text = (ROOT / "deploy" / "compose" / "sasl-ssl.yml").read_text()
+    doc = yaml.load(text, Loader=ComposeLoader)  # noqa: S506 - a SafeLoader subclass
+    assert "depends_on: !reset" in text, "the local broker dependency is dropped"
+    worker = doc["services"]["worker"]
+    env = worker["environment"]
+    assert set(env) <= env_var_names() | {SECRETS_DIR_VAR}
+    assert env["WORKER_KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert not any("PASSWORD" in k or "USERNAME" in k for k in env), "credentials not in env"
+    targets = {s["target"] for s in worker["secrets"]}
+    assert {"WORKER_KAFKA__SASL_USERNAME", "WORKER_KAFKA__SASL_PASSWORD"} <= targets
+    assert env[SECRETS_DIR_VAR] == "/run/secrets"
+    assert env["WORKER_KAFKA__SSL_CAFILE"].removeprefix("/run/secrets/") in targets
+    for secret in doc["secrets"].values():
+        assert secret["file"].startswith("./deploy/compose/secrets/")
+    assert "/deploy/compose/secrets/" in (ROOT / ".gitignore").read_text()
+
+
+def test_compose_worker_runs_read_only_without_privileges() -> None:
+    """The Compose worker has a read-only root filesystem, a /tmp tmpfs and no capabilities."""
+    worker = compose()["services"]["worker"]
+    assert worker["read_only"] is True
+    assert worker["tmpfs"] == ["/tmp"]  # noqa: S108 - the container's own /tmp, a tmpfs
+    assert worker["cap_drop"] == ["ALL"]
 
 
 def test_k8s_deployment_probes_resources_drain_and_hardening() -> None:
@@ -164,6 +221,16 @@ def test_keda_scales_the_group_on_lag_capped_at_the_partition_count() -> None:
     assert scaled["scaleTargetRef"]["name"] == objects["Deployment"]["metadata"]["name"]
     partitions = int(config.get("WORKER_KAFKA__TOPIC_PARTITIONS", KafkaSettings().topic_partitions))
     assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"] <= partitions
+    # KEDA authenticates as the worker does: same protocol, keys of the worker's Secret.
+    assert trigger["metadata"]["sasl"] == "scram_sha512"
+    assert config["WORKER_KAFKA__SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert trigger["metadata"]["tls"] == "enable"
+    auth = objects["TriggerAuthentication"]
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    secret = objects["Secret"]
+    for ref in auth["spec"]["secretTargetRef"]:
+        assert ref["name"] == secret["metadata"]["name"]
+        assert ref["key"] in secret["stringData"]
 
 
 async def test_probe_paths_are_served_by_the_worker_endpoint() -> None:

@@ -11,7 +11,8 @@ By default the tool starts what it measures itself, on fresh topics of the broke
 aiokafka loop that copies requests to replies: the transport limit), or ``none`` (a worker
 you run yourself on the configured topics). ``--suite`` runs the reference comparisons in one
 go (echo, the worker at ``max_batch_size=1`` and at its default, a compute-heavy model against
-its own plain-torch throughput, open loop at half the measured capacity) and prints the ratios.
+its own plain-torch throughput, in float and with int8 dynamic quantisation, open loop at half
+the measured capacity) and prints the ratios.
 
 Models come from a temporary repository: ``digits`` (copied, with ``--max-batch-size``) and
 ``heavy``, an MLP 256-4096-4096-10 defined here with seeded random weights (no download).
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import SecretStr
 
 from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
 from worker.errors import DecodeError, WorkerError
@@ -95,8 +97,13 @@ class BenchResult:
         }
 
 
-def heavy_model_repository(root: Path, *, max_batch_size: int, delay_ms: float) -> Path:
-    """Write a model repository with ``digits`` (copied) and the compute-heavy ``heavy``."""
+def heavy_model_repository(
+    root: Path, *, max_batch_size: int, delay_ms: float, quantize: str = "none"
+) -> Path:
+    """Write a model repository with ``digits`` (copied) and the compute-heavy ``heavy``.
+
+    ``quantize="int8"`` sets both models' ``quantize`` key (int8 dynamic quantisation).
+    """
     import torch  # noqa: PLC0415 - torch is only needed when the tool builds models
 
     from worker.models import export_model  # noqa: PLC0415
@@ -105,9 +112,10 @@ def heavy_model_repository(root: Path, *, max_batch_size: int, delay_ms: float) 
     shutil.copytree(Path(__file__).resolve().parent.parent / "models" / "digits", repo / "digits",
                     ignore=shutil.ignore_patterns("*.py", "*.json", "*.npz"))  # fmt: skip
     batching = f"\n[batching]\nmax_batch_size = {max_batch_size}\nmax_batch_delay_ms = {delay_ms}\n"
+    top = f'quantize = "{quantize}"\n\n'
     config = repo / "digits" / "config.toml"
     text = config.read_text()
-    config.write_text(text[: text.index("[batching]")] + batching)
+    config.write_text(top + text[: text.index("[batching]")] + batching)
     torch.manual_seed(7)
     model = torch.nn.Sequential(
         torch.nn.Linear(HEAVY_INPUTS, HEAVY_WIDTH), torch.nn.ReLU(),
@@ -116,7 +124,7 @@ def heavy_model_repository(root: Path, *, max_batch_size: int, delay_ms: float) 
     ).eval()  # fmt: skip
     export_model(model, HEAVY_INPUTS, repo / "heavy" / "1" / "model.pt2")
     (repo / "heavy" / "config.toml").write_text(
-        f'[[inputs]]\nname = "x"\ndatatype = "FP32"\nshape = [-1, {HEAVY_INPUTS}]\n\n'
+        top + f'[[inputs]]\nname = "x"\ndatatype = "FP32"\nshape = [-1, {HEAVY_INPUTS}]\n\n'
         '[[outputs]]\nname = "logits"\ndatatype = "FP32"\nshape = [-1, 10]\n' + batching
     )
     return repo
@@ -159,9 +167,10 @@ def spawned(target: str, kafka: KafkaSettings, repo: Path, log: Path) -> Iterato
     Kafka topics and group, the model repository and logging, which the bench sets.
     """
     env = dict(os.environ)
-    env |= {
-        f"WORKER_KAFKA__{name.upper()}": str(value) for name, value in kafka.model_dump().items()
-    }
+    for name, value in kafka.model_dump().items():
+        if value is not None:  # secrets are passed on as values, not as their masked form
+            secret = value.get_secret_value() if isinstance(value, SecretStr) else value
+            env[f"WORKER_KAFKA__{name.upper()}"] = str(secret)
     env |= {
         "WORKER_MODELS__REPOSITORY": str(repo),
         "WORKER_LOG__LEVEL": "WARNING",
@@ -335,6 +344,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=["worker", "echo", "none"], default="worker")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="models' quantize key (int8: dynamic)")  # fmt: skip
     parser.add_argument("--sweep", default="", help="comma-separated max_batch_size values")
     parser.add_argument("--suite", action="store_true", help="run every reference comparison")
     parser.add_argument("--timeout", type=float, default=300.0)
@@ -355,7 +366,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             opts = {**vars(args), **over}
             repo = heavy_model_repository(
                 Path(tmp) / label, max_batch_size=opts["max_batch_size"],
-                delay_ms=opts["max_batch_delay_ms"],
+                delay_ms=opts["max_batch_delay_ms"], quantize=opts["quantize"],
             )  # fmt: skip
             kafka = _bench_topics(settings.kafka, target)
             await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
@@ -398,11 +409,18 @@ async def _suite(
     batch1 = await one("digits-batch-1", "worker", model="digits", mode="closed", max_batch_size=1)
     digits = await one("digits", "worker", model="digits", mode="closed")
     heavy = await one("heavy", "worker", model="heavy", mode="closed", requests=max(200, n // 10))
+    heavy_int8 = await one("heavy-int8", "worker", model="heavy", mode="closed",
+                           requests=max(200, n // 10), quantize="int8")  # fmt: skip
     heavy_batch = round(statistics.fmean(heavy.batch_sizes)) if heavy.batch_sizes else 1
-    repo = heavy_model_repository(tmp / "plain", max_batch_size=args.max_batch_size,
-                                  delay_ms=args.max_batch_delay_ms)  # fmt: skip
     threads = torch_threads  # as the worker chooses
-    plain = plain_torch_throughput(repo, "heavy", heavy_batch, threads)
+    plain, plain_int8 = (
+        plain_torch_throughput(
+            heavy_model_repository(tmp / f"plain-{mode}", max_batch_size=args.max_batch_size,
+                                   delay_ms=args.max_batch_delay_ms, quantize=mode),
+            "heavy", heavy_batch, threads,
+        )
+        for mode in ("none", "int8")
+    )  # fmt: skip
     half = digits.throughput / 2
     open_loop = await one("digits-open-half", "worker", model="digits", mode="open", rate=half,
                           requests=max(500, int(half * 10)))  # fmt: skip
@@ -410,6 +428,7 @@ async def _suite(
     bound = args.max_batch_delay_ms + 2 * compute + 10
     report["limits"] = {
         "heavy_plain_torch_rows_per_s": round(plain, 1),
+        "heavy_int8_plain_torch_rows_per_s": round(plain_int8, 1),
         "heavy_batch_size": heavy_batch,
         "torch_threads": threads,
         "open_loop_rate": round(half, 1),
@@ -419,6 +438,8 @@ async def _suite(
         "digits_vs_echo": round(digits.throughput / echo.throughput, 3),
         "batching_speedup": round(digits.throughput / batch1.throughput, 2),
         "heavy_vs_plain_torch": round(heavy.throughput / plain, 3),
+        "heavy_int8_vs_plain_torch_int8": round(heavy_int8.throughput / plain_int8, 3),
+        "heavy_int8_speedup": round(heavy_int8.throughput / heavy.throughput, 2),
         "open_loop_p99_over_bound": round(open_loop.percentile(99) / bound, 3),
     }
 

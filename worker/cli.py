@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from worker.client import InferenceClient
 from worker.codec import DATATYPES, InferenceResponse, Tensor
-from worker.errors import WorkerError
+from worker.errors import ConnectError, WorkerError
 from worker.logs import configure_logging
 from worker.settings import Settings, load_settings
 
@@ -195,7 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         for error in errors:
             hint = ""
-            if isinstance(error, KafkaConnectionError):
+            if isinstance(error, KafkaConnectionError) or (
+                isinstance(error, ConnectError) and error.retriable
+            ):
                 hint = (
                     f" (is a broker running at {settings.kafka.bootstrap_servers}? "
                     "WORKER_KAFKA__BOOTSTRAP_SERVERS names it; `make kafka` starts a local one)"

@@ -29,7 +29,7 @@ from worker.codec import (
     encode_request,
 )
 from worker.errors import ConfigError, DecodeError, ReplyTimeoutError
-from worker.kafka import assign_all, make_consumer, make_producer
+from worker.kafka import assign_all, check_connection, make_consumer, make_producer
 from worker.settings import KafkaSettings
 
 __all__ = ["InferenceClient"]
@@ -62,6 +62,7 @@ class InferenceClient:
             # Registered before start: clients that fail to start are still closed.
             stack.push_async_callback(self._consumer.stop)
             stack.push_async_callback(self._producer.stop)
+            await check_connection(self._settings)  # a wrong password or CA: ConnectError now
             await self._producer.start()
             await self._consumer.start()
             await self._assign_reply_partitions()

@@ -4,6 +4,7 @@ The tree::
 
     WorkerError                     root of everything raised by this package
     ├── ConfigError             settings, model repository or topics unusable at start-up
+    ├── ConnectError            no broker reached, TLS refused or authentication failed
     ├── WatchdogError           no progress while there was work: exit so a supervisor restarts
     ├── RequestError            one request cannot be served; ``code`` goes into its reply
     │   └── DecodeError         the record's bytes are not a request at all
@@ -12,7 +13,8 @@ The tree::
         └── ReplyError          the worker answered with an error (``code``, ``message``)
 
 Behaviour lives in attributes, not in more types: a :class:`RequestError` carries its
-:class:`ErrorCode`, which the reply repeats so that clients can branch on it.
+:class:`ErrorCode`, which the reply repeats so that clients can branch on it; a
+:class:`ConnectError` says whether trying again may help (``retriable``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import enum
 __all__ = [
     "ClientError",
     "ConfigError",
+    "ConnectError",
     "DecodeError",
     "ErrorCode",
     "ReplyError",
@@ -55,6 +58,18 @@ class WorkerError(Exception):
 
 class ConfigError(WorkerError):
     """Settings, the model repository or the Kafka topics are not usable; raised at start-up."""
+
+
+class ConnectError(WorkerError):
+    """No bootstrap server could be reached, or TLS or SASL authentication failed.
+
+    ``retriable``: False when the cause is the configuration (untrusted certificate, wrong
+    password, TLS against a plaintext listener): retrying would only hide it.
+    """
+
+    def __init__(self, message: str, *, retriable: bool) -> None:
+        super().__init__(message)
+        self.retriable = retriable
 
 
 class WatchdogError(WorkerError):

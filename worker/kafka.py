@@ -9,29 +9,47 @@ matters is spelt out here:
   "read_committed"`` (requests from aborted producer transactions are never served);
 - producer: ``acks="all"`` and ``enable_idempotence=True`` (a reply is acknowledged only once it
   is on every in-sync replica, and retries do not duplicate it).
+
+Every client (worker, client, CLI, benchmark, admin) takes its security from
+:func:`security_config`: TLS with a verifying context (hostname checked unless turned off),
+optional client certificate, SASL PLAIN or SCRAM. :func:`check_connection` connects and
+authenticates once before any client starts, so a wrong password or an untrusted certificate
+ends start-up with a :class:`~worker.errors.ConnectError` saying so, instead of a bootstrap
+retry loop that logs the cause and raises "Unable to bootstrap".
 """
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
 
-from worker.errors import ConfigError
-from worker.settings import KafkaSettings
+from worker.errors import ConfigError, ConnectError
+from worker.settings import ENCRYPTED_PROTOCOLS, KafkaSettings
 
 __all__ = [
     "Headers",
     "assign_all",
+    "check_connection",
     "consumer_config",
     "ensure_topics",
     "header",
     "make_consumer",
     "make_producer",
     "producer_config",
+    "security_config",
+    "ssl_context",
 ]
 
 log = structlog.get_logger(__name__)
@@ -50,12 +68,140 @@ def header(headers: Headers | None, name: str) -> bytes | None:
     return found
 
 
+def ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
+    """A client TLS context: certificates verified against ``ssl_cafile`` (or the system's)."""
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"WORKER_KAFKA__SSL_CAFILE={settings.ssl_cafile}: {exc}") from exc
+    context.check_hostname = settings.ssl_check_hostname
+    if settings.ssl_certfile is not None:
+        password = settings.ssl_key_password
+        try:
+            context.load_cert_chain(
+                settings.ssl_certfile,
+                settings.ssl_keyfile,
+                password.get_secret_value() if password else None,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"WORKER_KAFKA__SSL_CERTFILE={settings.ssl_certfile} / SSL_KEYFILE="
+                f"{settings.ssl_keyfile}: cannot load the client certificate and key "
+                f"({type(exc).__name__}: {exc})"
+            ) from None  # the exception may hold the key password's failure details
+    return context
+
+
+def security_config(settings: KafkaSettings) -> dict[str, Any]:
+    """Client keyword arguments for ``security_protocol``: TLS context, SASL credentials."""
+    protocol = settings.security_protocol
+    options: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ENCRYPTED_PROTOCOLS:
+        options["ssl_context"] = ssl_context(settings)
+    if protocol.startswith("SASL_"):
+        username, password = settings.sasl_username, settings.sasl_password
+        assert username is not None  # checked by KafkaSettings
+        assert password is not None
+        options |= {
+            "sasl_mechanism": settings.sasl_mechanism,
+            "sasl_plain_username": username.get_secret_value(),
+            "sasl_plain_password": password.get_secret_value(),
+        }
+    return options
+
+
 def _common(settings: KafkaSettings) -> dict[str, Any]:
     return {
         "bootstrap_servers": settings.bootstrap_servers,
         "client_id": settings.client_id,
         "request_timeout_ms": settings.request_timeout_ms,
+        **security_config(settings),
     }
+
+
+async def check_connection(settings: KafkaSettings) -> None:
+    """Connect, negotiate TLS and authenticate with one bootstrap server, or say why not.
+
+    Raises :class:`ConnectError`; ``retriable`` is False when the cause is configuration
+    (certificate, hostname, password, mechanism, protocol mismatch).
+    """
+    options = security_config(settings)
+    problems: list[tuple[str, bool]] = []
+    for server in settings.bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            async with asyncio.timeout(settings.request_timeout_ms / 1000):
+                conn = await create_conn(
+                    host.strip("[]"), int(port), client_id=settings.client_id,
+                    request_timeout_ms=settings.request_timeout_ms, **options,
+                )  # fmt: skip
+        except (OSError, KafkaError, TimeoutError, ValueError) as exc:
+            problems.append(_explain(server.strip(), settings, exc))
+            continue
+        conn.close()
+        return
+    raise ConnectError(
+        f"cannot use Kafka at {settings.bootstrap_servers} "
+        f"(security_protocol={settings.security_protocol}): "
+        + "; ".join(message for message, _ in problems),
+        retriable=all(retriable for _, retriable in problems),
+    )
+
+
+def _explain(server: str, settings: KafkaSettings, exc: BaseException) -> tuple[str, bool]:
+    """What went wrong with one server, in words, and whether retrying may help."""
+    protocol = settings.security_protocol
+    retriable = False
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.verify_message or str(exc)
+        if "hostname" in reason.lower() or "ip address mismatch" in reason.lower():
+            hint = (
+                "the certificate does not name this host; connect by a name it lists, or set "
+                "WORKER_KAFKA__SSL_CHECK_HOSTNAME=false"
+            )
+        else:
+            trusted = settings.ssl_cafile or "the system's CAs"
+            hint = f"the broker's certificate is not signed by a CA in {trusted}"
+        text = f"TLS certificate verification failed: {reason} ({hint})"
+    elif isinstance(exc, ssl.SSLError):
+        text = (
+            f"TLS handshake failed ({exc.reason or exc}); is this listener TLS, and does it "
+            "accept this client's certificate?"
+        )
+    elif isinstance(exc, SaslAuthenticationFailed):
+        text = (
+            f"SASL authentication failed with mechanism {settings.sasl_mechanism}: wrong "
+            "username or password, or no such user for this mechanism"
+        )
+    elif isinstance(exc, UnsupportedSaslMechanismError):
+        text = f"the listener does not enable SASL mechanism {settings.sasl_mechanism}"
+    elif isinstance(exc, TimeoutError):
+        text = f"no answer within {settings.request_timeout_ms} ms (is the listener {protocol}?)"
+        retriable = True
+    elif isinstance(exc, ConnectionRefusedError):
+        text = "connection refused (no broker listening there)"
+        retriable = True
+    elif isinstance(exc, ConnectionError | KafkaError) and protocol not in ENCRYPTED_PROTOCOLS:
+        text = (
+            f"the connection closed during the handshake ({type(exc).__name__}): what a "
+            f"{protocol} client sees when it talks to a TLS listener"
+        )
+    elif isinstance(exc, ConnectionError | KafkaError):
+        sent = (
+            f"refused the client certificate {settings.ssl_certfile}"
+            if settings.ssl_certfile
+            else "requires a client certificate (WORKER_KAFKA__SSL_CERTFILE and SSL_KEYFILE)"
+        )
+        text = (
+            f"the broker closed the connection right after the TLS handshake "
+            f"({type(exc).__name__}): the listener probably {sent}"
+        )
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+        retriable = True
+    return f"{server}: {text}", retriable
 
 
 def consumer_config(settings: KafkaSettings) -> dict[str, Any]:
@@ -113,6 +259,7 @@ async def assign_all(
 async def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
     """Create missing ``topics``; raise :class:`ConfigError` if topics are managed elsewhere."""
     wanted = sorted(set(topics))
+    await check_connection(settings)
     admin = AIOKafkaAdminClient(**_common(settings))
     await admin.start()
     try:
@@ -122,8 +269,9 @@ async def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
             return
         if not settings.manage_topics:
             raise ConfigError(
-                f"topic(s) {', '.join(missing)} do not exist on {settings.bootstrap_servers}; "
-                "create them, or set WORKER_KAFKA__MANAGE_TOPICS=true to let the worker do it"
+                f"topic(s) {', '.join(missing)} do not exist on {settings.bootstrap_servers}, "
+                "or this user may not Describe them (ACLs); create them (or grant Describe), "
+                "or set WORKER_KAFKA__MANAGE_TOPICS=true to let the worker create them"
             )
         response = await admin.create_topics(
             [

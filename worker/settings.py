@@ -12,13 +12,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, FilePath, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NestedSecretsSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from worker.errors import ConfigError
 
 __all__ = [
+    "ENCRYPTED_PROTOCOLS",
     "ENV_PREFIX",
+    "SECRETS_DIR_VAR",
     "AuditSettings",
     "BatchingSettings",
     "HttpSettings",
@@ -33,6 +40,9 @@ __all__ = [
 ]
 
 ENV_PREFIX = "WORKER_"
+SECRETS_DIR_VAR = "WORKER_SECRETS_DIR"
+"""Names a folder whose files set settings: file ``WORKER_KAFKA__SASL_PASSWORD`` sets that one."""
+ENCRYPTED_PROTOCOLS = ("SSL", "SASL_SSL")
 
 
 class KafkaSettings(BaseModel):
@@ -61,6 +71,59 @@ class KafkaSettings(BaseModel):
     """Most records taken from the consumer in one fetch round."""
     linger_ms: int = Field(default=0, ge=0)
     """How long the producer waits to fill a batch; 0: replies are batched by the worker."""
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """``SSL``: TLS; ``SASL_SSL``: TLS plus SASL authentication; ``SASL_PLAINTEXT``: no TLS."""
+    refuse_plaintext: bool = False
+    """Refuse to start unless ``security_protocol`` is ``SSL`` or ``SASL_SSL``."""
+    ssl_cafile: FilePath | None = None
+    """PEM file of the CA(s) that signed the brokers' certificates (unset: the system's CAs)."""
+    ssl_certfile: FilePath | None = None
+    """PEM client certificate (chain) for mutual TLS; may also hold the key."""
+    ssl_keyfile: FilePath | None = None
+    """PEM private key of ``ssl_certfile``."""
+    ssl_key_password: SecretStr | None = None
+    """Password of an encrypted ``ssl_keyfile``."""
+    ssl_check_hostname: bool = True
+    """Check that the broker's certificate names the host connected to."""
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    """Required with ``SASL_*`` protocols."""
+    sasl_username: SecretStr | None = None
+    sasl_password: SecretStr | None = None
+    """Never logged or shown; best set through a file in ``WORKER_SECRETS_DIR``."""
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        protocol = self.security_protocol
+        if self.refuse_plaintext and protocol not in ENCRYPTED_PROTOCOLS:
+            raise ValueError(
+                f"security_protocol={protocol} sends data unencrypted and refuse_plaintext is "
+                "set; use SSL or SASL_SSL"
+            )
+        tls = {
+            "ssl_cafile": self.ssl_cafile,
+            "ssl_certfile": self.ssl_certfile,
+            "ssl_keyfile": self.ssl_keyfile,
+            "ssl_key_password": self.ssl_key_password,
+        }
+        given = sorted(name for name, value in tls.items() if value is not None)
+        if given and protocol not in ENCRYPTED_PROTOCOLS:
+            raise ValueError(
+                f"{', '.join(given)} set, but security_protocol={protocol} does not use TLS"
+            )
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("ssl_keyfile needs ssl_certfile (the certificate of that key)")
+        sasl = {
+            "sasl_mechanism": self.sasl_mechanism,
+            "sasl_username": self.sasl_username,
+            "sasl_password": self.sasl_password,
+        }
+        if protocol.startswith("SASL_"):
+            missing = sorted(name for name, value in sasl.items() if value is None)
+            if missing:
+                raise ValueError(f"security_protocol={protocol} needs {', '.join(missing)}")
+        elif any(value is not None for value in sasl.values()):
+            raise ValueError(f"sasl_* settings set, but security_protocol={protocol} has no SASL")
+        return self
 
 
 class BatchingSettings(BaseModel):
@@ -141,7 +204,12 @@ class Settings(BaseSettings):
     """All settings of the worker, the client and the CLI."""
 
     model_config = SettingsConfigDict(
-        env_prefix="WORKER_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix="WORKER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        secrets_nested_delimiter="__",
+        secrets_dir_missing="error",
     )
 
     kafka: KafkaSettings = KafkaSettings()
@@ -151,6 +219,19 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     audit: AuditSettings = AuditSettings()
     log: LogSettings = LogSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then environment, then files in the secrets folder (nested by ``__``)."""
+        del settings_cls, dotenv_settings  # no .env files: the environment is the interface
+        return init_settings, env_settings, NestedSecretsSettingsSource(file_secret_settings)
 
 
 def env_var_names() -> set[str]:
@@ -168,6 +249,7 @@ def env_var_names() -> set[str]:
 def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
     """``WORKER_*`` names in ``environ`` that set no field (misspellings, removed settings)."""
     known = env_var_names()
+    known.add(SECRETS_DIR_VAR)
     return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
 
 
@@ -179,7 +261,15 @@ def load_settings() -> Settings:
     unknown = unknown_env_vars(os.environ)
     if unknown:
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see the README's settings")
+    secrets_dir = os.environ.get(SECRETS_DIR_VAR)
     try:
-        return Settings()
+        return Settings(_secrets_dir=secrets_dir or None)  # type: ignore[call-arg]
     except ValidationError as exc:
-        raise ConfigError(f"invalid settings: {exc}") from exc
+        # Never str(exc): pydantic would print the inputs, passwords included.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors(include_input=False, include_url=False)
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{SECRETS_DIR_VAR}={secrets_dir}: {exc}") from None
