@@ -2,7 +2,8 @@
 
 Writes PEM files: ``ca.pem`` (the trusted CA), ``broker.crt``/``broker.key`` (a server
 certificate naming only ``localhost``, so connecting by IP fails hostname verification),
-``client.crt``/``client.key`` (a client certificate for mutual TLS, CN=worker), and
+``client.crt``/``client.key`` (a client certificate for mutual TLS, CN=worker; the key also
+encrypted in ``client-encrypted.key`` with :data:`KEY_PASSWORD`), and
 ``other-ca.pem`` (a CA nobody uses, to stand for "the wrong CA").
 """
 
@@ -17,7 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["Pki", "make_pki"]
+__all__ = ["KEY_PASSWORD", "Pki", "make_pki"]
+
+KEY_PASSWORD = "key-password-for-tests"  # noqa: S105 - a throw-away key made per run
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class Pki:
     broker_key: Path
     client_cert: Path
     client_key: Path
+    client_key_encrypted: Path
 
 
 def _name(common_name: str) -> x509.Name:
@@ -80,7 +84,9 @@ def _certificate(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def _write(path: Path, *items: x509.Certificate | ec.EllipticCurvePrivateKey) -> Path:
+def _write(
+    path: Path, *items: x509.Certificate | ec.EllipticCurvePrivateKey, password: str = ""
+) -> Path:
     pem = b""
     for item in items:
         if isinstance(item, x509.Certificate):
@@ -89,7 +95,9 @@ def _write(path: Path, *items: x509.Certificate | ec.EllipticCurvePrivateKey) ->
             pem += item.private_bytes(
                 serialization.Encoding.PEM,
                 serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
+                serialization.BestAvailableEncryption(password.encode())
+                if password
+                else serialization.NoEncryption(),
             )
     path.write_bytes(pem)
     path.chmod(0o600)
@@ -123,4 +131,7 @@ def make_pki(folder: Path) -> Pki:
         broker_key=_write(folder / "broker.key", broker_key),
         client_cert=_write(folder / "client.crt", client),
         client_key=_write(folder / "client.key", client_key),
+        client_key_encrypted=_write(
+            folder / "client-encrypted.key", client_key, password=KEY_PASSWORD
+        ),
     )

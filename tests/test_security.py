@@ -38,7 +38,7 @@ from worker.repository import ModelRepository
 from worker.settings import KafkaSettings, Settings, load_settings
 
 from .conftest import MODELS, ROOT, reply_reader, running_worker, wait_for, worker_env
-from .pki import Pki, make_pki
+from .pki import KEY_PASSWORD, Pki, make_pki
 from .test_reliability import publish, request_value
 
 sys.path.insert(0, str(ROOT / "dev"))
@@ -252,6 +252,19 @@ async def test_mutual_tls_listener_refuses_a_client_without_certificate(
     assert seconds < 10
     assert "requires a client certificate (WORKER_KAFKA__SSL_CERTFILE" in str(error)
     assert not error.retriable
+
+
+async def test_encrypted_client_key_needs_its_password(
+    secure: SecureBroker, settings: Settings
+) -> None:
+    """An encrypted client key works with ssl_key_password; a wrong one is a clear ConfigError."""
+    encrypted = mtls(secure, ssl_keyfile=secure.pki.client_key_encrypted)
+    config = secured(settings, **encrypted, ssl_key_password=SecretStr(KEY_PASSWORD)).kafka
+    await check_connection(config)
+    wrong = secured(settings, **encrypted, ssl_key_password=SecretStr("not-it")).kafka
+    with pytest.raises(ConfigError, match="cannot load the client certificate and key") as info:
+        await check_connection(wrong)
+    assert "not-it" not in str(info.value)
 
 
 async def test_plaintext_client_on_a_tls_listener_fails_fast(
