@@ -141,6 +141,8 @@ class _Schema:
 
 _REQUEST = _Schema("inference_request")
 _RESPONSE = _Schema("inference_response")
+_ERROR_RECORD = "inference.v2.Error"
+_TIMING_RECORD = "inference.v2.Timing"
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +294,12 @@ def decode_request(value: bytes | None) -> InferenceRequest:
 
 
 def encode_response(response: InferenceResponse) -> bytes:
-    """Encode a response as an Avro single-object message."""
+    """Encode a response as an Avro single-object message.
+
+    Optional records are passed in fastavro's tuple notation, ``(record name, value)``, which
+    names the union branch: fastavro otherwise validates the value against every branch
+    (about a fifth of the encoding time of a typical reply).
+    """
     error = response.error
     timing = response.timing
     return _RESPONSE.encode(
@@ -301,14 +308,19 @@ def encode_response(response: InferenceResponse) -> bytes:
             "model_name": response.model_name,
             "model_version": response.model_version,
             "outputs": [_tensor_to_avro(t) for t in response.outputs],
-            "error": None if error is None else {"code": error.code, "message": error.message},
+            "error": None
+            if error is None
+            else (_ERROR_RECORD, {"code": error.code, "message": error.message}),
             "timing": None
             if timing is None
-            else {
-                "queue_us": timing.queue_us,
-                "compute_us": timing.compute_us,
-                "batch_size": timing.batch_size,
-            },
+            else (
+                _TIMING_RECORD,
+                {
+                    "queue_us": timing.queue_us,
+                    "compute_us": timing.compute_us,
+                    "batch_size": timing.batch_size,
+                },
+            ),
             "parameters": response.parameters,
         }
     )
