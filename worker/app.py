@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import secrets
@@ -232,6 +233,8 @@ class Worker:
                 group=kafka.group_id,
                 models=sorted(f"{m.name}:{m.version}" for m in self.models.all()),
             )
+            _freeze_heap()
+            stack.callback(gc.unfreeze)  # let exit-time collection see everything again
             await self._serve(consumer, self._replier)
 
     async def _serve(self, consumer: AIOKafkaConsumer, replier: Replier) -> None:
@@ -326,6 +329,7 @@ class Worker:
             self.metrics.reloads.labels("ok").inc()
             self.models = models
             self._open_lanes(models)
+            _freeze_heap()
             self.reloads += 1
             log.info(
                 "model repository reloaded",
@@ -703,6 +707,18 @@ class Worker:
     async def _leave(self, consumer: AIOKafkaConsumer) -> None:
         await consumer.stop()
         self.assigned.clear()
+
+
+def _freeze_heap() -> None:
+    """Exempt what exists now (torch, the models, the clients) from garbage collection.
+
+    With torch loaded, Python tracks ~400,000 objects; a full collection walks them all and
+    stops the event loop for ~0.4 s (measured on the development machine), a latency spike
+    for every request in flight. Frozen objects are never walked again; objects made later
+    are collected as usual, and frozen ones still die by reference counting.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _check_limits(settings: Settings, source: Source, request: InferenceRequest) -> None:
