@@ -202,6 +202,8 @@ class _Load:
         self.latencies: list[float] = []
         self.batch_sizes: list[int] = []
         self.compute_ms: list[float] = []
+        self.values: list[bytes] = []
+        """Reply values, decoded after the clock stops (decoding would take the worker's CPU)."""
         self.errors = 0
         self.replied = asyncio.Event()
 
@@ -236,9 +238,15 @@ class _Load:
                     if started is None:
                         continue
                     self.latencies.append((now - started) * 1000)
-                    self._inspect(record.value)
+                    self.values.append(record.value)
             if batches:
                 self.replied.set()
+
+    def inspect_replies(self) -> None:
+        """Count errors, batch sizes and compute times of the replies received."""
+        for value in self.values:
+            self._inspect(value)
+        self.values.clear()
 
     def _inspect(self, value: bytes) -> None:
         try:
@@ -286,9 +294,7 @@ async def drive(
         await send(*warmup)
         await _until(lambda: not load.sent, timeout, "the warm-up reply")
         load.latencies.clear()
-        load.batch_sizes.clear()
-        load.compute_ms.clear()
-        load.errors = 0
+        load.values.clear()
         started = time.perf_counter()
         if mode == "open":
             interval = 0.01
@@ -320,6 +326,7 @@ async def drive(
 
         await _until(done, timeout, f"{requests} replies")
         seconds = time.perf_counter() - started
+    load.inspect_replies()
     return BenchResult(label, mode, requests, seconds, load.errors, load.latencies,
                        load.batch_sizes, load.compute_ms)  # fmt: skip
 
