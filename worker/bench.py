@@ -12,7 +12,7 @@ aiokafka loop that copies requests to replies: the transport limit), or ``none``
 you run yourself on the configured topics). ``--suite`` runs the reference comparisons in one
 go (echo, the worker at ``max_batch_size=1`` and at its default, a compute-heavy model against
 its own plain-torch throughput, in float and with int8 dynamic quantisation, open loop at half
-the measured capacity) and prints the ratios.
+the measured capacity through the worker and through echo) and prints the ratios.
 
 Models come from a temporary repository: ``digits`` (copied, with ``--max-batch-size``) and
 ``heavy``, an MLP 256-4096-4096-10 defined here with seeded random weights (no download).
@@ -64,6 +64,8 @@ class BenchResult:
     latencies_ms: list[float] = field(repr=False)
     batch_sizes: list[int] = field(repr=False)
     compute_ms: list[float] = field(repr=False)
+    queue_ms: list[float] = field(repr=False, default_factory=list)
+    """Per reply: decode to the start of its batch's forward pass, inside the worker."""
 
     @property
     def throughput(self) -> float:
@@ -93,8 +95,17 @@ class BenchResult:
             "mean_compute_ms": round(statistics.fmean(self.compute_ms), 3)
             if self.compute_ms
             else None,
+            "p99_compute_ms": _p99(self.compute_ms),
+            "p50_queue_ms": round(float(np.percentile(self.queue_ms, 50)), 2)
+            if self.queue_ms
+            else None,
+            "p99_queue_ms": _p99(self.queue_ms),
             "errors": self.errors,
         }
+
+
+def _p99(values: list[float]) -> float | None:
+    return round(float(np.percentile(values, 99)), 2) if values else None
 
 
 def heavy_model_repository(
@@ -202,6 +213,7 @@ class _Load:
         self.latencies: list[float] = []
         self.batch_sizes: list[int] = []
         self.compute_ms: list[float] = []
+        self.queue_ms: list[float] = []
         self.values: list[bytes] = []
         """Reply values, decoded after the clock stops (decoding would take the worker's CPU)."""
         self.errors = 0
@@ -258,6 +270,7 @@ class _Load:
         if reply.timing is not None:
             self.batch_sizes.append(reply.timing.batch_size)
             self.compute_ms.append(reply.timing.compute_us / 1000)
+            self.queue_ms.append(reply.timing.queue_us / 1000)
 
 
 def _requests(model: str, count: int, rows: int, label: str) -> list[tuple[str, bytes]]:
@@ -328,7 +341,7 @@ async def drive(
         seconds = time.perf_counter() - started
     load.inspect_replies()
     return BenchResult(label, mode, requests, seconds, load.errors, load.latencies,
-                       load.batch_sizes, load.compute_ms)  # fmt: skip
+                       load.batch_sizes, load.compute_ms, load.queue_ms)  # fmt: skip
 
 
 async def _until(condition: Any, timeout: float, what: str) -> None:
@@ -431,8 +444,12 @@ async def _suite(
     half = digits.throughput / 2
     open_loop = await one("digits-open-half", "worker", model="digits", mode="open", rate=half,
                           requests=max(500, int(half * 10)))  # fmt: skip
+    # The same rate through the echo loop: the latency of the transport alone on this machine.
+    echo_open = await one("echo-open-half", "echo", model="digits", mode="open", rate=half,
+                          requests=max(500, int(half * 10)))  # fmt: skip
     compute = statistics.fmean(open_loop.compute_ms) if open_loop.compute_ms else 0.0
     bound = args.max_batch_delay_ms + 2 * compute + 10
+    worker_part = args.max_batch_delay_ms + 2 * compute
     report["limits"] = {
         "heavy_plain_torch_rows_per_s": round(plain, 1),
         "heavy_int8_plain_torch_rows_per_s": round(plain_int8, 1),
@@ -440,6 +457,7 @@ async def _suite(
         "torch_threads": threads,
         "open_loop_rate": round(half, 1),
         "open_loop_p99_bound_ms": round(bound, 2),
+        "open_loop_echo_p99_ms": round(echo_open.percentile(99), 2),
     }
     report["ratios"] = {
         "digits_vs_echo": round(digits.throughput / echo.throughput, 3),
@@ -448,6 +466,10 @@ async def _suite(
         "heavy_int8_vs_plain_torch_int8": round(heavy_int8.throughput / plain_int8, 3),
         "heavy_int8_speedup": round(heavy_int8.throughput / heavy.throughput, 2),
         "open_loop_p99_over_bound": round(open_loop.percentile(99) / bound, 3),
+        # What the worker adds to the transport's p99, against the bound's worker share.
+        "open_loop_p99_beyond_echo_over_delay_and_compute": round(
+            (open_loop.percentile(99) - echo_open.percentile(99)) / worker_part, 3
+        ),
     }
 
 
