@@ -443,3 +443,16 @@ async def test_least_privilege_acls_serve_and_a_forbidden_reply_topic_is_dead_le
     assert copy.key == b"denied"
     assert copy.headers[DLQ_HEADER_PREFIX + "stage"] == b"REPLY_PUBLISH"
     assert b"TopicAuthorizationFailed" in copy.headers[DLQ_HEADER_PREFIX + "exception.class.name"]
+
+
+async def test_mechanism_the_listener_does_not_enable_is_named(
+    secure: SecureBroker, settings: Settings
+) -> None:
+    """PLAIN against a listener that enables only SCRAM-SHA-256: refused, naming the mechanism."""
+    kafka = sasl_ssl(secure, "PLAIN", bootstrap_servers=f"localhost:{SASL_PLAINTEXT_PORT}")
+    kafka["security_protocol"] = "SASL_PLAINTEXT"
+    del kafka["ssl_cafile"]
+    error, seconds = await refused(secured(settings, **kafka).kafka)
+    assert seconds < 10
+    assert "the listener does not enable SASL mechanism PLAIN" in str(error)
+    assert not error.retriable
