@@ -297,37 +297,51 @@ async def test_in_flight_is_bounded_and_fetching_pauses(
     assert len(by_id(replies)) == 1500
 
 
+async def serve_one_unpublishable(
+    publisher: Settings, worker: Settings, repository: ModelRepository, testset: TestSet, *,
+    reply_to: str, others: int = 20,
+) -> Reply:  # fmt: skip
+    """Serve one request whose reply cannot be published among ``others``; return its DLQ copy.
+
+    ``publisher`` settings publish and read; the worker runs with ``worker`` settings. The
+    others must all be answered and the group's offsets committed.
+    """
+    kafka = publisher.kafka
+    tensor = Tensor.from_numpy("pixels", testset[0][:1])
+    records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = [
+        (b"lost-key", request_value("lost", tensor), [("reply_to", reply_to.encode())])
+    ]
+    records += [(None, request_value(f"ok-{i}", tensor), []) for i in range(others)]
+    await publish(publisher, records)
+    async with (
+        reply_reader(publisher) as replies,
+        reply_reader(publisher, kafka.dead_letter_topic) as dlq,
+        running_worker(worker, repository),
+    ):
+        await wait_for(
+            lambda: len(replies) >= others and len(dlq) >= 1, timeout=60,
+            what="replies and DLQ copy",
+        )  # fmt: skip
+
+        async def committed() -> bool:
+            return await group_lag(publisher) == 0  # the same group, read as the publisher
+
+        await wait_for(committed, timeout=30, what="offsets committed")
+    assert {decode_response(r.value).id for r in replies} == {f"ok-{i}" for i in range(others)}
+    (copy,) = dlq
+    assert copy.key == b"lost-key"
+    assert copy.headers[DLQ_HEADER_PREFIX + "stage"] == b"REPLY_PUBLISH"
+    assert copy.headers["reply_to"] == reply_to.encode(), "original headers are kept"
+    return copy
+
+
 async def test_reply_to_a_missing_topic_is_dead_lettered_without_stalling_others(
     settings: Settings, repository: ModelRepository, testset: TestSet
 ) -> None:
     """A reply that cannot be published dead-letters its request; other replies flow on."""
-    kafka = settings.kafka
-    tensor = Tensor.from_numpy("pixels", testset[0][:1])
-    missing = f"{kafka.replies_topic}.does-not-exist"
-    records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = [
-        (b"lost-key", request_value("lost", tensor), [("reply_to", missing.encode())])
-    ]
-    records += [(None, request_value(f"ok-{i}", tensor), []) for i in range(20)]
-    await publish(settings, records)
-    async with (
-        reply_reader(settings) as replies,
-        reply_reader(settings, kafka.dead_letter_topic) as dlq,
-        running_worker(settings, repository),
-    ):
-        await wait_for(
-            lambda: len(replies) >= 20 and len(dlq) >= 1, timeout=60, what="replies and DLQ copy"
-        )
-
-        async def committed() -> bool:
-            return await group_lag(settings) == 0
-
-        await wait_for(committed, timeout=30, what="offsets committed")
-    assert {decode_response(r.value).id for r in replies} == {f"ok-{i}" for i in range(20)}
-    (copy,) = dlq
-    assert copy.key == b"lost-key"
-    assert copy.headers[DLQ_HEADER_PREFIX + "stage"] == b"REPLY_PUBLISH"
+    missing = f"{settings.kafka.replies_topic}.does-not-exist"
+    copy = await serve_one_unpublishable(settings, settings, repository, testset, reply_to=missing)
     assert missing.encode() in copy.headers[DLQ_HEADER_PREFIX + "exception.message"]
-    assert copy.headers["reply_to"] == missing.encode(), "original headers are kept"
 
 
 async def test_watchdog_ends_a_worker_whose_model_hangs(

@@ -30,16 +30,15 @@ from pydantic import SecretStr
 
 from worker.app import Worker
 from worker.client import InferenceClient
-from worker.codec import Tensor, decode_response
 from worker.errors import ConfigError, ConnectError
 from worker.kafka import check_connection, ensure_topics
 from worker.replies import DLQ_HEADER_PREFIX
 from worker.repository import ModelRepository
 from worker.settings import KafkaSettings, Settings, load_settings
 
-from .conftest import MODELS, ROOT, reply_reader, running_worker, wait_for, worker_env
+from .conftest import MODELS, ROOT, running_worker, worker_env
 from .pki import KEY_PASSWORD, Pki, make_pki
-from .test_reliability import publish, request_value
+from .test_reliability import serve_one_unpublishable
 
 sys.path.insert(0, str(ROOT / "dev"))
 from local_kafka import LocalBroker
@@ -424,24 +423,9 @@ async def test_least_privilege_acls_serve_and_a_forbidden_reply_topic_is_dead_le
             secure.broker.tool, ACL_COMMAND, "--add", "--allow-principal", "User:bob", *grant
         )
     bob = secured(admin, **sasl_ssl(secure, sasl_username=SecretStr("bob")), manage_topics=False)
-    tensor = Tensor.from_numpy("pixels", testset[0][:1])
-    records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = [
-        (b"denied", request_value("denied", tensor), [("reply_to", forbidden.encode())])
-    ]
-    records += [(None, request_value(f"ok-{i}", tensor), []) for i in range(10)]
-    await publish(admin, records)
-    async with (
-        reply_reader(admin) as replies,
-        reply_reader(admin, kafka.dead_letter_topic) as dlq,
-        running_worker(bob, repository),
-    ):
-        await wait_for(
-            lambda: len(replies) >= 10 and len(dlq) >= 1, timeout=60, what="replies and DLQ copy"
-        )
-    assert {decode_response(r.value).id for r in replies} == {f"ok-{i}" for i in range(10)}
-    (copy,) = dlq
-    assert copy.key == b"denied"
-    assert copy.headers[DLQ_HEADER_PREFIX + "stage"] == b"REPLY_PUBLISH"
+    copy = await serve_one_unpublishable(
+        admin, bob, repository, testset, reply_to=forbidden, others=10
+    )
     assert b"TopicAuthorizationFailed" in copy.headers[DLQ_HEADER_PREFIX + "exception.class.name"]
 
 
