@@ -19,13 +19,13 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from pydantic import SecretStr
 
 from worker.app import Worker
 from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
@@ -38,6 +38,7 @@ from worker.settings import (
     ModelSettings,
     RuntimeSettings,
     Settings,
+    env_vars,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +95,12 @@ def settings(bootstrap: str) -> Settings:
         runtime=RuntimeSettings(commit_interval_ms=100, shutdown_timeout_s=20),
         http=HttpSettings(host="127.0.0.1", port=0),
     )
+
+
+def changed(settings: Settings, section: str, **fields: Any) -> Settings:
+    """``settings`` with some fields of one section replaced (that section validated again)."""
+    part = getattr(settings, section)
+    return settings.model_copy(update={section: type(part)(**{**part.model_dump(), **fields})})
 
 
 async def wait_for(
@@ -271,11 +278,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
     """Environment variables that give a worker subprocess these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
     for section in ("kafka", "batching", "runtime", "models", "http", "audit"):
-        for name, value in getattr(settings, section).model_dump().items():
-            if value is None:
-                continue
-            secret = value.get_secret_value() if isinstance(value, SecretStr) else value
-            env[f"WORKER_{section}__{name}".upper()] = str(secret)
+        env |= env_vars(getattr(settings, section), section)
     env["WORKER_LOG__FORMAT"] = "json"
     return env
 

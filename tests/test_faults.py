@@ -13,11 +13,12 @@ import pytest
 
 from worker.kafka import ensure_topics
 from worker.repository import ModelRepository
-from worker.settings import KafkaSettings, Settings
+from worker.settings import Settings
 
 from .conftest import (
     ROOT,
     WorkerProcess,
+    changed,
     publish_digits,
     reply_reader,
     running_worker,
@@ -80,10 +81,7 @@ def outage_broker() -> Iterator[LocalBroker]:
 @pytest.fixture
 def outage_settings(settings: Settings, outage_broker: LocalBroker) -> Settings:
     """The test's settings, pointed at the outage broker."""
-    kafka = KafkaSettings(
-        **{**settings.kafka.model_dump(), "bootstrap_servers": outage_broker.bootstrap}
-    )
-    return Settings(**{**settings.model_dump(), "kafka": kafka})
+    return changed(settings, "kafka", bootstrap_servers=outage_broker.bootstrap)
 
 
 async def test_worker_recovers_when_the_broker_is_down_for_ten_seconds(

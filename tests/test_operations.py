@@ -17,9 +17,9 @@ from worker.client import InferenceClient
 from worker.codec import Tensor
 from worker.kafka import make_producer
 from worker.repository import ModelRepository
-from worker.settings import AuditSettings, Settings
+from worker.settings import Settings
 
-from .conftest import reply_reader, running_worker, wait_for
+from .conftest import changed, reply_reader, running_worker, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -132,7 +132,7 @@ async def test_audit_topic_holds_one_record_per_request_with_the_trace_id(
 ) -> None:
     """With an audit topic, each request leaves one JSON record; trace ids flow through."""
     audit_topic = f"{settings.kafka.requests_topic}.audit"
-    settings = Settings(**{**settings.model_dump(), "audit": AuditSettings(topic=audit_topic)})
+    settings = changed(settings, "audit", topic=audit_topic)
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     traceparent = f"00-{trace_id}-00f067aa0ba902b7-01".encode()
     pixels = testset[0][:30]

@@ -31,9 +31,9 @@ from worker.kafka import ensure_topics, make_producer
 from worker.models import LoadedModel
 from worker.replies import DLQ_HEADER_PREFIX
 from worker.repository import ModelRepository
-from worker.settings import RuntimeSettings, Settings
+from worker.settings import Settings
 
-from .conftest import MODELS, Reply, group_lag, reply_reader, running_worker, wait_for
+from .conftest import MODELS, Reply, changed, group_lag, reply_reader, running_worker, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -42,8 +42,7 @@ TestSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 
 def with_runtime(settings: Settings, **changes: Any) -> Settings:
     """The same settings with some runtime fields changed."""
-    runtime = RuntimeSettings(**{**settings.runtime.model_dump(), **changes})
-    return Settings(**{**settings.model_dump(), "runtime": runtime})
+    return changed(settings, "runtime", **changes)
 
 
 def request_value(request_id: str, tensor: Tensor, model: str = "digits") -> bytes:

@@ -36,7 +36,7 @@ from worker.replies import DLQ_HEADER_PREFIX
 from worker.repository import ModelRepository
 from worker.settings import KafkaSettings, Settings, load_settings
 
-from .conftest import MODELS, ROOT, running_worker, worker_env
+from .conftest import MODELS, ROOT, changed, running_worker, worker_env
 from .pki import KEY_PASSWORD, Pki, make_pki
 from .test_reliability import serve_one_unpublishable
 
@@ -116,12 +116,6 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureBroker]:
     broker.stop()
 
 
-def secured(settings: Settings, **kafka: Any) -> Settings:
-    """The test's settings (its own topics and group) with these Kafka connection settings."""
-    values = {**settings.kafka.model_dump(), **kafka}
-    return Settings(**{**settings.model_dump(), "kafka": KafkaSettings(**values)})
-
-
 def sasl_ssl(
     secure: SecureBroker, mechanism: str = "SCRAM-SHA-512", **extra: Any
 ) -> dict[str, Any]:
@@ -172,14 +166,14 @@ async def test_worker_serves_over_sasl_ssl_with_scram(
     secure: SecureBroker, settings: Settings, repository: ModelRepository, testset: TestSet
 ) -> None:
     """SCRAM-SHA-512 over TLS: the worker and the client connect, serve and answer."""
-    await serve_some(secured(settings, **sasl_ssl(secure)), repository, testset)
+    await serve_some(changed(settings, "kafka", **sasl_ssl(secure)), repository, testset)
 
 
 async def test_worker_serves_over_mutual_tls(
     secure: SecureBroker, settings: Settings, repository: ModelRepository, testset: TestSet
 ) -> None:
     """A listener that requires client certificates: with ours, the worker serves."""
-    await serve_some(secured(settings, **mtls(secure)), repository, testset)
+    await serve_some(changed(settings, "kafka", **mtls(secure)), repository, testset)
 
 
 @pytest.mark.parametrize(
@@ -198,7 +192,7 @@ async def test_each_sasl_mechanism_authenticates(
     kafka["security_protocol"] = protocol
     if protocol == "SASL_PLAINTEXT":
         del kafka["ssl_cafile"]
-    config = secured(settings, **kafka).kafka
+    config = changed(settings, "kafka", **kafka).kafka
     await check_connection(config)
     await ensure_topics(config, [config.requests_topic])
 
@@ -208,7 +202,7 @@ async def test_wrong_password_fails_fast_and_says_so(
 ) -> None:
     """A wrong password ends the worker's start at once with the cause, and never shows it."""
     wrong = "not-" + secure.password
-    config = secured(settings, **sasl_ssl(secure, sasl_password=SecretStr(wrong)))
+    config = changed(settings, "kafka", **sasl_ssl(secure, sasl_password=SecretStr(wrong)))
     started = time.monotonic()
     with pytest.raises(ConnectError) as info:
         await asyncio.wait_for(Worker(config, repository).run(), timeout=20)
@@ -224,7 +218,7 @@ async def test_untrusted_ca_fails_fast_and_says_so(
     secure: SecureBroker, settings: Settings
 ) -> None:
     """A broker certificate from another CA: refused at once, naming the CA file trusted."""
-    config = secured(settings, **sasl_ssl(secure, ssl_cafile=secure.pki.other_ca)).kafka
+    config = changed(settings, "kafka", **sasl_ssl(secure, ssl_cafile=secure.pki.other_ca)).kafka
     error, seconds = await refused(config)
     assert seconds < 10
     assert "TLS certificate verification failed" in str(error)
@@ -237,16 +231,16 @@ async def test_hostname_is_verified_unless_turned_off(
 ) -> None:
     """By IP the certificate (naming localhost) is refused; with the check off it connects."""
     by_ip = sasl_ssl(secure, bootstrap_servers=f"127.0.0.1:{SASL_SSL_PORT}")
-    error, _ = await refused(secured(settings, **by_ip).kafka)
+    error, _ = await refused(changed(settings, "kafka", **by_ip).kafka)
     assert "WORKER_KAFKA__SSL_CHECK_HOSTNAME" in str(error)
-    await check_connection(secured(settings, **by_ip, ssl_check_hostname=False).kafka)
+    await check_connection(changed(settings, "kafka", **by_ip, ssl_check_hostname=False).kafka)
 
 
 async def test_mutual_tls_listener_refuses_a_client_without_certificate(
     secure: SecureBroker, settings: Settings
 ) -> None:
     """No client certificate on a listener that requires one: a TLS error, not a hang."""
-    config = secured(settings, **mtls(secure, ssl_certfile=None, ssl_keyfile=None)).kafka
+    config = changed(settings, "kafka", **mtls(secure, ssl_certfile=None, ssl_keyfile=None)).kafka
     error, seconds = await refused(config)
     assert seconds < 10
     assert "requires a client certificate (WORKER_KAFKA__SSL_CERTFILE" in str(error)
@@ -258,9 +252,9 @@ async def test_encrypted_client_key_needs_its_password(
 ) -> None:
     """An encrypted client key works with ssl_key_password; a wrong one is a clear ConfigError."""
     encrypted = mtls(secure, ssl_keyfile=secure.pki.client_key_encrypted)
-    config = secured(settings, **encrypted, ssl_key_password=SecretStr(KEY_PASSWORD)).kafka
+    config = changed(settings, "kafka", **encrypted, ssl_key_password=SecretStr(KEY_PASSWORD)).kafka
     await check_connection(config)
-    wrong = secured(settings, **encrypted, ssl_key_password=SecretStr("not-it")).kafka
+    wrong = changed(settings, "kafka", **encrypted, ssl_key_password=SecretStr("not-it")).kafka
     with pytest.raises(ConfigError, match="cannot load the client certificate and key") as info:
         await check_connection(wrong)
     assert "not-it" not in str(info.value)
@@ -270,7 +264,7 @@ async def test_plaintext_client_on_a_tls_listener_fails_fast(
     secure: SecureBroker, settings: Settings
 ) -> None:
     """A PLAINTEXT client talking to the TLS listener is told so instead of hanging."""
-    config = secured(settings, bootstrap_servers=f"localhost:{SASL_SSL_PORT}").kafka
+    config = changed(settings, "kafka", bootstrap_servers=f"localhost:{SASL_SSL_PORT}").kafka
     error, seconds = await refused(config)
     assert seconds < 10
     assert "TLS listener" in str(error)
@@ -373,7 +367,7 @@ async def test_readme_sasl_ssl_example_serves_cli_and_bench(
         "WORKER_KAFKA__SSL_CAFILE": str(secure.pki.ca),
         "WORKER_SECRETS_DIR": str(folder),
     }
-    config = secured(settings, **sasl_ssl(secure))
+    config = changed(settings, "kafka", **sasl_ssl(secure))
     env = {
         k: v for k, v in worker_env(config).items()
         if not k.startswith(("WORKER_KAFKA__SASL", "WORKER_KAFKA__SSL", "WORKER_KAFKA__SECURITY"))
@@ -406,7 +400,9 @@ async def test_least_privilege_acls_serve_and_a_forbidden_reply_topic_is_dead_le
     secure: SecureBroker, settings: Settings, repository: ModelRepository, testset: TestSet
 ) -> None:
     """With only the README's ACLs a worker serves; a reply it may not write is dead-lettered."""
-    admin = secured(settings, bootstrap_servers=secure.broker.bootstrap)  # PLAINTEXT: superuser
+    admin = changed(
+        settings, "kafka", bootstrap_servers=secure.broker.bootstrap
+    )  # PLAINTEXT: superuser
     kafka = admin.kafka
     forbidden = f"{kafka.replies_topic}.forbidden"
     await ensure_topics(
@@ -422,7 +418,9 @@ async def test_least_privilege_acls_serve_and_a_forbidden_reply_topic_is_dead_le
         await asyncio.to_thread(
             secure.broker.tool, ACL_COMMAND, "--add", "--allow-principal", "User:bob", *grant
         )
-    bob = secured(admin, **sasl_ssl(secure, sasl_username=SecretStr("bob")), manage_topics=False)
+    bob = changed(
+        admin, "kafka", **sasl_ssl(secure, sasl_username=SecretStr("bob")), manage_topics=False
+    )
     copy = await serve_one_unpublishable(
         admin, bob, repository, testset, reply_to=forbidden, others=10
     )
@@ -436,7 +434,7 @@ async def test_mechanism_the_listener_does_not_enable_is_named(
     kafka = sasl_ssl(secure, "PLAIN", bootstrap_servers=f"localhost:{SASL_PLAINTEXT_PORT}")
     kafka["security_protocol"] = "SASL_PLAINTEXT"
     del kafka["ssl_cafile"]
-    error, seconds = await refused(secured(settings, **kafka).kafka)
+    error, seconds = await refused(changed(settings, "kafka", **kafka).kafka)
     assert seconds < 10
     assert "the listener does not enable SASL mechanism PLAIN" in str(error)
     assert not error.retriable

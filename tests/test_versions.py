@@ -16,9 +16,9 @@ import pytest
 from worker.client import InferenceClient
 from worker.codec import InferenceResponse
 from worker.repository import ModelRepository
-from worker.settings import ModelSettings, Settings
+from worker.settings import Settings
 
-from .conftest import MODELS, WorkerProcess, running_worker, wait_for
+from .conftest import MODELS, WorkerProcess, changed, running_worker, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -45,8 +45,7 @@ def configure(repo: Path, model: str, extra: str) -> None:
 
 def served_from(settings: Settings, repo: Path) -> Settings:
     """The settings, with the model repository at ``repo``."""
-    models = ModelSettings(**{**settings.models.model_dump(), "repository": repo})
-    return Settings(**{**settings.model_dump(), "models": models})
+    return changed(settings, "models", repository=repo)
 
 
 async def ask(
@@ -156,8 +155,7 @@ async def test_reload_under_load_adds_a_version_and_changes_the_split_without_lo
     """Editing config.toml under load (file watch) brings v2 in: no lost or failed requests."""
     configure(repo_dir, "digits", '[version_policy]\nspecific = ["1"]')
     settings = served_from(settings, repo_dir)
-    models = ModelSettings(**{**settings.models.model_dump(), "poll_interval_s": 0.2})
-    settings = Settings(**{**settings.model_dump(), "models": models})
+    settings = changed(settings, "models", poll_interval_s=0.2)
     repository = ModelRepository.load(repo_dir)
     pixels = testset[0]
     async with (

@@ -20,9 +20,9 @@ from worker.codec import (
 from worker.errors import ConfigError, ErrorCode
 from worker.kafka import ensure_topics, make_producer
 from worker.repository import ModelRepository
-from worker.settings import KafkaSettings, Settings
+from worker.settings import Settings
 
-from .conftest import group_lag, reply_reader, running_worker, wait_for
+from .conftest import changed, group_lag, reply_reader, running_worker, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -187,8 +187,7 @@ async def test_missing_topic_is_a_clear_error_when_topics_are_managed_elsewhere(
     settings: Settings, repository: ModelRepository
 ) -> None:
     """With manage_topics=false, a missing topic fails start-up naming it and the fix."""
-    kafka = KafkaSettings(**{**settings.kafka.model_dump(), "manage_topics": False})
-    worker = Worker(Settings(**{**settings.model_dump(), "kafka": kafka}), repository)
+    worker = Worker(changed(settings, "kafka", manage_topics=False), repository)
     with pytest.raises(ConfigError) as info:
         await asyncio.wait_for(worker.run(), 60)
     assert settings.kafka.requests_topic in str(info.value)

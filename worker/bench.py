@@ -39,12 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import SecretStr
 
 from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
 from worker.errors import DecodeError, WorkerError
 from worker.kafka import assign_all, ensure_topics, header, make_consumer, make_producer
-from worker.settings import KafkaSettings, Settings
+from worker.settings import KafkaSettings, Settings, env_vars
 
 __all__ = ["BenchResult", "add_arguments", "heavy_model_repository", "run"]
 
@@ -178,10 +177,7 @@ def spawned(target: str, kafka: KafkaSettings, repo: Path, log: Path) -> Iterato
     Kafka topics and group, the model repository and logging, which the bench sets.
     """
     env = dict(os.environ)
-    for name, value in kafka.model_dump().items():
-        if value is not None:  # secrets are passed on as values, not as their masked form
-            secret = value.get_secret_value() if isinstance(value, SecretStr) else value
-            env[f"WORKER_KAFKA__{name.upper()}"] = str(secret)
+    env |= env_vars(kafka, "kafka")
     env |= {
         "WORKER_MODELS__REPOSITORY": str(repo),
         "WORKER_LOG__LEVEL": "WARNING",

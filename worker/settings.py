@@ -35,6 +35,7 @@ __all__ = [
     "RuntimeSettings",
     "Settings",
     "env_var_names",
+    "env_vars",
     "load_settings",
     "unknown_env_vars",
 ]
@@ -244,6 +245,19 @@ def env_var_names() -> set[str]:
         for name in model.model_fields:
             names.add(f"{ENV_PREFIX}{section}__{name}".upper())
     return names
+
+
+def env_vars(section: BaseModel, name: str) -> dict[str, str]:
+    """``WORKER_<NAME>__<FIELD>`` variables that give another process this section's values.
+
+    Secrets are written as their values (not ``**********``); unset (None) fields are left out.
+    """
+    out = {}
+    for field, value in section.model_dump().items():
+        if value is not None:
+            plain = value.get_secret_value() if isinstance(value, SecretStr) else value
+            out[f"{ENV_PREFIX}{name}__{field}".upper()] = str(plain)
+    return out
 
 
 def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
