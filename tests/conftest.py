@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,6 +67,19 @@ def bootstrap() -> Iterator[str]:
 def repository() -> ModelRepository:
     """The project's model repository, loaded once."""
     return ModelRepository.load(MODELS)
+
+
+@pytest.fixture
+def repo_dir(tmp_path: Path) -> Path:
+    """A copy of the project's model repository that a test may change."""
+    shutil.copytree(MODELS, tmp_path / "models", ignore=shutil.ignore_patterns("*.py"))
+    return tmp_path / "models"
+
+
+def configure(repo: Path, model: str, extra: str) -> None:
+    """Append TOML sections to a model's config.toml."""
+    config = repo / model / "config.toml"
+    config.write_text(config.read_text() + "\n" + extra + "\n")
 
 
 @pytest.fixture(scope="session")

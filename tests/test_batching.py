@@ -14,14 +14,17 @@ class Recorder:
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
+        self.runs: list[int] = []
+        """Batches per call of ``process``."""
         self.gate = asyncio.Event()
         self.gate.set()
         self.started = asyncio.Event()
 
-    async def __call__(self, batch: list[int]) -> None:
+    async def __call__(self, run: list[list[int]]) -> None:
         self.started.set()
+        self.runs.append(len(run))
         await self.gate.wait()
-        self.batches.append(batch)
+        self.batches.extend(run)
 
 
 async def test_batch_closes_at_max_size() -> None:
@@ -97,7 +100,7 @@ async def test_concurrent_batches_respect_the_limit() -> None:
     peak = 0
     release = asyncio.Event()
 
-    async def process(batch: list[int]) -> None:
+    async def process(run: list[list[int]]) -> None:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
@@ -122,7 +125,7 @@ async def test_concurrent_batches_respect_the_limit() -> None:
 async def test_process_error_ends_run() -> None:
     """An exception escaping process() ends run() instead of being swallowed."""
 
-    async def process(batch: list[int]) -> None:
+    async def process(run: list[list[int]]) -> None:
         raise RuntimeError("boom")
 
     batcher: Batcher[int] = Batcher(process, max_batch_size=2, max_batch_delay=0)
@@ -135,10 +138,69 @@ async def test_process_error_ends_run() -> None:
 def test_invalid_limits_are_rejected() -> None:
     """Non-positive sizes and negative delays are refused at construction."""
 
-    async def process(batch: list[int]) -> None:
+    async def process(run: list[list[int]]) -> None:
         return None
 
     with pytest.raises(ValueError, match="max_batch_size"):
         Batcher(process, max_batch_size=0, max_batch_delay=0)
     with pytest.raises(ValueError, match="max_batch_delay"):
         Batcher(process, max_batch_size=1, max_batch_delay=-1)
+    with pytest.raises(ValueError, match="max_batches_per_run"):
+        Batcher(process, max_batch_size=1, max_batch_delay=0, max_batches_per_run=0)
+
+
+async def spin() -> None:
+    """Let every ready task run (a few rounds of the event loop)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_a_partial_batch_waits_for_the_delay() -> None:
+    """Without start_when_idle, a lone item is held until the delay or a full batch."""
+    rec = Recorder()
+    batcher: Batcher[int] = Batcher(rec, max_batch_size=3, max_batch_delay=3600)
+    async with asyncio.TaskGroup() as group:
+        group.create_task(batcher.run())
+        batcher.put(1)
+        await spin()
+        assert not rec.started.is_set(), "a partial batch must wait for its delay"
+        batcher.put(2)
+        batcher.put(3)
+        await asyncio.wait_for(rec.started.wait(), 5)
+        batcher.close()
+    assert rec.batches == [[1, 2, 3]]
+
+
+async def test_start_when_idle_runs_a_lone_request_at_once() -> None:
+    """An idle model takes a lone item at once; items arriving while busy wait for the delay."""
+    rec = Recorder()
+    rec.gate.clear()
+    batcher: Batcher[int] = Batcher(
+        rec, max_batch_size=3, max_batch_delay=3600, start_when_idle=True
+    )
+    async with asyncio.TaskGroup() as group:
+        group.create_task(batcher.run())
+        batcher.put(1)
+        await asyncio.wait_for(rec.started.wait(), 5)
+        rec.started.clear()
+        batcher.put(2)
+        rec.gate.set()
+        await spin()
+        assert not rec.started.is_set(), "under load, a partial batch waits for its delay"
+        assert rec.batches == [[1]]
+        batcher.close()
+    assert rec.batches == [[1], [2]]
+
+
+async def test_a_backlog_is_handed_over_in_runs_of_full_batches() -> None:
+    """Ten queued items, batches of 2, runs of up to 3 batches: two calls, order kept."""
+    rec = Recorder()
+    batcher: Batcher[int] = Batcher(
+        rec, max_batch_size=2, max_batch_delay=3600, max_batches_per_run=3
+    )
+    for i in range(11):
+        batcher.put(i)
+    batcher.close()
+    await asyncio.wait_for(batcher.run(), 5)
+    assert rec.batches == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10]]
+    assert rec.runs == [3, 2, 1]

@@ -87,7 +87,7 @@ async def test_metrics_count_what_was_sent_and_lag_returns_to_zero(
 
         await wait_for(settled, timeout=30, what="the dead-letter count and lag 0 in /metrics")
         samples = await scrape(worker)
-    version = repository.resolve("digits", None).version
+    version = repository.route("digits", None, "").primary.version
     assert all(r.error is None for r in ok)
     assert {r.error.code for r in missing if r.error} == {"NOT_FOUND"}
     assert {r.error.code for r in invalid if r.error} == {"INVALID_ARGUMENT"}

@@ -1,4 +1,4 @@
-"""The README tells the truth: its examples run against the real broker, its tables are complete."""
+"""The README and docs tell the truth: examples run against the real broker, tables are complete."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from worker.settings import SECRETS_DIR_VAR, Settings, env_var_names
 from .conftest import MODELS, ROOT, running_worker, worker_env
 
 README = (ROOT / "README.md").read_text()
+SETTINGS = (ROOT / "docs" / "settings.md").read_text()
 
 
 def python_blocks() -> list[str]:
@@ -27,8 +28,8 @@ def python_blocks() -> list[str]:
 
 
 def test_every_setting_is_in_the_readme_table() -> None:
-    """Each WORKER_* variable appears in the README's settings table, and no stale one does."""
-    documented = set(re.findall(r"^\| `(WORKER_[A-Z_]+)`", README, flags=re.MULTILINE))
+    """Each WORKER_* variable appears in the settings table, and no stale one does."""
+    documented = set(re.findall(r"^\| `(WORKER_[A-Z_]+)`", SETTINGS, flags=re.MULTILINE))
     assert documented == env_var_names() | {SECRETS_DIR_VAR}
 
 
@@ -80,3 +81,11 @@ async def test_client_example_and_predict_command_run(
     assert label["data"] == [4]  # the example image is a 4 the model gets right
     assert reply["error"] is None
     uuid.UUID(reply["id"])
+
+
+def test_doc_links_point_at_files_that_exist() -> None:
+    """Every relative link in the README and docs/ names a file of the repository."""
+    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"

@@ -10,23 +10,10 @@ from pathlib import Path
 import pytest
 
 from worker.errors import ConfigError, ErrorCode, RequestError
-from worker.models import VersionPolicy
+from worker.model_config import VersionPolicy
 from worker.repository import ModelRepository, split_bucket
 
-from .conftest import MODELS
-
-
-@pytest.fixture
-def repo_dir(tmp_path: Path) -> Path:
-    """A copy of the project's model repository that a test may change."""
-    shutil.copytree(MODELS, tmp_path / "models")
-    return tmp_path / "models"
-
-
-def configure(repo: Path, model: str, extra: str) -> None:
-    """Append TOML sections to a model's config.toml."""
-    config = repo / model / "config.toml"
-    config.write_text(config.read_text() + "\n" + extra + "\n")
+from .conftest import configure
 
 
 def test_version_policies_select_like_triton() -> None:
@@ -41,21 +28,21 @@ def test_two_models_and_two_versions_are_served(repository: ModelRepository) -> 
     """The repository serves digits v1 and v2 and iris; no version means the highest."""
     assert repository.names == ["digits", "iris"]
     assert repository.versions("digits") == ["1", "2"]
-    assert repository.resolve("digits", None).version == "2"
-    assert repository.resolve("digits", "1").version == "1"
-    assert repository.resolve("iris", None).config.inputs[0].name == "features"
+    assert repository.route("digits", None, "").primary.version == "2"
+    assert repository.route("digits", "1", "").primary.version == "1"
+    assert repository.route("iris", None, "").primary.config.inputs[0].name == "features"
 
 
 def test_policy_hides_versions_and_default_version_pins(repo_dir: Path) -> None:
     """A version outside the policy is NOT_FOUND; default_version routes unnamed requests."""
     configure(repo_dir, "digits", '[version_policy]\nspecific = ["1"]')
     repo = ModelRepository.load(repo_dir)
-    assert repo.resolve("digits", None).version == "1"
+    assert repo.route("digits", None, "").primary.version == "1"
     with pytest.raises(RequestError, match="served: 1") as info:
-        repo.resolve("digits", "2")
+        repo.route("digits", "2", "")
     assert info.value.code is ErrorCode.NOT_FOUND
     configure(repo_dir, "iris", '[routing]\ndefault_version = "1"')
-    assert ModelRepository.load(repo_dir).resolve("iris", None).version == "1"
+    assert ModelRepository.load(repo_dir).route("iris", None, "").primary.version == "1"
 
 
 def test_canary_split_is_weighted_and_stable_per_id(repo_dir: Path) -> None:
@@ -63,11 +50,11 @@ def test_canary_split_is_weighted_and_stable_per_id(repo_dir: Path) -> None:
     configure(repo_dir, "digits", '[routing]\nsplit = { "1" = 90, "2" = 10 }')
     served = ModelRepository.load(repo_dir).get("digits")
     ids = [f"request-{i}" for i in range(10_000)]
-    first = [served.choose(None, i).version for i in ids]
+    first = [served.route(None, i).primary.version for i in ids]
     share = Counter(first)["2"] / len(ids)
     assert 0.08 < share < 0.12
-    assert [served.choose(None, i).version for i in ids] == first
-    assert served.choose("2", ids[0]).version == "2", "an explicit version beats the split"
+    assert [served.route(None, i).primary.version for i in ids] == first
+    assert served.route("2", ids[0]).primary.version == "2", "an explicit version beats the split"
 
 
 def test_split_bucket_is_uniform_enough() -> None:
@@ -110,8 +97,12 @@ def test_reload_reuses_unchanged_versions_and_adds_new_ones(repo_dir: Path) -> N
     reloaded, errors = repo.reload()
     assert errors == []
     assert reloaded.versions("digits") == ["1", "2"]
-    assert reloaded.resolve("digits", "1").same_program(repo.resolve("digits", "1"))
-    assert reloaded.resolve("iris", None).same_program(repo.resolve("iris", None))
+    assert reloaded.route("digits", "1", "").primary.same_program(
+        repo.route("digits", "1", "").primary
+    )
+    assert reloaded.route("iris", None, "").primary.same_program(
+        repo.route("iris", None, "").primary
+    )
 
 
 def test_reload_keeps_the_old_state_of_a_model_whose_new_version_is_broken(
@@ -132,9 +123,9 @@ def test_reload_keeps_the_old_state_of_a_model_whose_new_version_is_broken(
 def test_rollback_is_a_config_change(repo_dir: Path) -> None:
     """Pinning default_version in config.toml and reloading moves unnamed traffic back."""
     repo = ModelRepository.load(repo_dir)
-    assert repo.resolve("digits", None).version == "2"
+    assert repo.route("digits", None, "").primary.version == "2"
     configure(repo_dir, "digits", '[routing]\ndefault_version = "1"')
     os.utime(repo_dir / "digits" / "config.toml")
     reloaded, errors = repo.reload()
     assert errors == []
-    assert reloaded.resolve("digits", None).version == "1"
+    assert reloaded.route("digits", None, "").primary.version == "1"

@@ -32,7 +32,7 @@ from worker.app import Worker
 from worker.client import InferenceClient
 from worker.errors import ConfigError, ConnectError
 from worker.kafka import check_connection, ensure_topics
-from worker.replies import DLQ_HEADER_PREFIX
+from worker.outgoing import DLQ_HEADER_PREFIX
 from worker.repository import ModelRepository
 from worker.settings import KafkaSettings, Settings, load_settings
 
@@ -146,7 +146,9 @@ def mtls(secure: SecureBroker, **extra: Any) -> dict[str, Any]:
 async def serve_some(settings: Settings, repository: ModelRepository, testset: TestSet) -> None:
     """Run a worker and answer 20 requests through the client; every answer is the model's."""
     pixels, _ = testset
-    expected = repository.resolve("digits", None).predict({"pixels": pixels[:20]})["label"]
+    expected = repository.route("digits", None, "").primary.predict({"pixels": pixels[:20]})[
+        "label"
+    ]
     async with running_worker(settings, repository), InferenceClient(settings.kafka) as client:
         replies = await asyncio.gather(
             *(client.infer("digits", {"pixels": pixels[i : i + 1]}, timeout=60) for i in range(20))
@@ -343,8 +345,8 @@ def test_sasl_needs_its_credentials_and_tls_files_need_tls() -> None:
 
 
 def readme_sasl_ssl_example() -> dict[str, str]:
-    """The settings the README's SASL_SSL example exports."""
-    readme = (ROOT / "README.md").read_text()
+    """The settings the security page's SASL_SSL example exports."""
+    readme = (ROOT / "docs" / "security.md").read_text()
     block = next(
         b for b in re.findall(r"```sh\n(.*?)```", readme, flags=re.DOTALL)
         if "SECURITY_PROTOCOL=SASL_SSL" in b

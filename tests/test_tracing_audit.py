@@ -8,8 +8,8 @@ import json
 import pytest
 from aiokafka import TopicPartition
 
-from worker.audit import AuditLog, audit_record
-from worker.replies import Outgoing, ReplyMeta, Source
+from worker.audit import AuditLog
+from worker.outgoing import Outgoing, ReplyMeta, Source, audit_record
 from worker.tracing import continue_trace
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"

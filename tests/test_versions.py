@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 from collections import Counter
 from collections.abc import Callable
@@ -13,12 +12,13 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from worker.app import Worker
 from worker.client import InferenceClient
 from worker.codec import InferenceResponse
 from worker.repository import ModelRepository
 from worker.settings import Settings
 
-from .conftest import MODELS, WorkerProcess, changed, running_worker, wait_for
+from .conftest import WorkerProcess, changed, configure, running_worker, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -28,19 +28,6 @@ IRIS = np.array(
     [[5.1, 3.5, 1.4, 0.2], [6.4, 3.2, 4.5, 1.5], [6.3, 3.3, 6.0, 2.5], [5.0, 3.4, 1.5, 0.2]],
     dtype=np.float32,
 )
-
-
-@pytest.fixture
-def repo_dir(tmp_path: Path) -> Path:
-    """A copy of the model repository that the test may change while a worker serves it."""
-    shutil.copytree(MODELS, tmp_path / "models", ignore=shutil.ignore_patterns("*.py"))
-    return tmp_path / "models"
-
-
-def configure(repo: Path, model: str, extra: str) -> None:
-    """Append TOML sections to a model's config.toml."""
-    config = repo / model / "config.toml"
-    config.write_text(config.read_text() + "\n" + extra + "\n")
 
 
 def served_from(settings: Settings, repo: Path) -> Settings:
@@ -63,8 +50,10 @@ async def test_two_models_and_explicit_versions_are_served_at_once(
 ) -> None:
     """Digits v1, digits v2 and iris answer concurrently, each with its own predictions."""
     pixels = testset[0][:40]
-    direct = {v: repository.resolve("digits", v).predict({"pixels": pixels}) for v in ("1", "2")}
-    iris_direct = repository.resolve("iris", None).predict({"features": IRIS})
+    direct = {
+        v: repository.route("digits", v, "").primary.predict({"pixels": pixels}) for v in ("1", "2")
+    }
+    iris_direct = repository.route("iris", None, "").primary.predict({"features": IRIS})
     async with running_worker(settings, repository), InferenceClient(settings.kafka) as client:
         v1, v2, iris = await asyncio.gather(
             ask(client, pixels, version="1"),
@@ -114,6 +103,11 @@ async def test_canary_split_is_ninety_ten_and_stable_per_correlation_id(
     assert [r.model_version for r in again] == [r.model_version for r in first[:300]]
 
 
+def reloads(worker: Worker, result: str) -> float:
+    """Reloads the worker counted with ``result``."""
+    return worker.metrics.value("inference_model_reloads_total", result=result)
+
+
 async def test_shadow_is_compared_and_counted_but_never_sent(
     settings: Settings, repo_dir: Path, testset: TestSet
 ) -> None:
@@ -122,8 +116,8 @@ async def test_shadow_is_compared_and_counted_but_never_sent(
     settings = served_from(settings, repo_dir)
     repository = ModelRepository.load(repo_dir)
     pixels = testset[0][:300]
-    v1 = repository.resolve("digits", "1").predict({"pixels": pixels})["label"]
-    v2 = repository.resolve("digits", "2").predict({"pixels": pixels})["label"]
+    v1 = repository.route("digits", "1", "").primary.predict({"pixels": pixels})["label"]
+    v2 = repository.route("digits", "2", "").primary.predict({"pixels": pixels})["label"]
     from .conftest import reply_reader  # noqa: PLC0415
 
     async with (
@@ -132,21 +126,25 @@ async def test_shadow_is_compared_and_counted_but_never_sent(
         InferenceClient(settings.kafka) as client,
     ):
         replies = await ask(client, pixels)
+
+        def shadow(result: str) -> float:
+            return worker.metrics.value(
+                "inference_shadow_comparisons_total",
+                model="digits", primary="1", shadow="2", result=result,
+            )  # fmt: skip
+
         await wait_for(
-            lambda: (
-                worker.shadow.get("digits") is not None
-                and worker.shadow["digits"].compared == len(pixels)
-            ),
+            lambda: shadow("agreed") + shadow("disagreed") == len(pixels),
             timeout=60,
             what="every request compared with the shadow",
         )
         await wait_for(lambda: len(raw_replies) >= len(pixels), timeout=30, what="replies read")
-    counts = worker.shadow["digits"]
     assert {r.model_version for r in replies} == {"1"}
     assert len(raw_replies) == len(pixels), "shadow results are never published"
-    assert counts.agreed == int((v1 == v2).sum())
-    assert counts.failed == 0
-    assert counts.dropped == 0
+    assert shadow("agreed") == int((v1 == v2).sum())
+    assert shadow("disagreed") == len(pixels) - int((v1 == v2).sum())
+    assert shadow("failed") == 0
+    assert shadow("dropped") == 0
 
 
 async def test_reload_under_load_adds_a_version_and_changes_the_split_without_loss(
@@ -170,7 +168,7 @@ async def test_reload_under_load_adds_a_version_and_changes_the_split_without_lo
             )
         )
         during = asyncio.gather(*(ask(client, pixels[i : i + 60]) for i in range(0, 360, 60)))
-        await wait_for(lambda: worker.reloads >= 1, timeout=30, what="the reload")
+        await wait_for(lambda: reloads(worker, "ok") >= 1, timeout=30, what="the reload")
         after = await ask(client, pixels[:200])
         during_replies = [r for chunk in await during for r in chunk]
     assert {r.model_version for r in before} == {"1"}
@@ -192,7 +190,7 @@ async def test_broken_new_version_is_rejected_while_the_old_keeps_serving(
         (repo_dir / "digits" / "3").mkdir()
         (repo_dir / "digits" / "3" / "model.pt2").write_bytes(b"not a torch.export archive")
         worker.request_reload()
-        await wait_for(lambda: worker.reloads >= 1, timeout=30, what="the reload attempt")
+        await wait_for(lambda: reloads(worker, "failed") >= 1, timeout=30, what="the reload")
         default = await ask(client, testset[0][:20])
         three = await client.infer("digits", {"pixels": testset[0][:1]}, version="3", timeout=60)
     assert {r.model_version for r in default} == {"2"}

@@ -37,7 +37,7 @@ async def test_thousand_concurrent_requests_each_get_their_own_correct_reply(
     rng = np.random.default_rng(42)
     rows = rng.integers(0, len(pixels), 1000)
     inputs = pixels[rows]
-    expected = repository.resolve("digits", None).predict({"pixels": inputs})
+    expected = repository.route("digits", None, "").primary.predict({"pixels": inputs})
     async with running_worker(settings, repository), InferenceClient(settings.kafka) as client:
         ids = [f"req-{i}-{uuid.uuid4().hex[:6]}" for i in range(1000)]
         replies = await asyncio.gather(
@@ -53,11 +53,13 @@ async def test_thousand_concurrent_requests_each_get_their_own_correct_reply(
     np.testing.assert_allclose(probabilities, expected["probabilities"], rtol=1e-5, atol=1e-7)
     sizes = [r.timing.batch_size for r in replies if r.timing is not None]
     assert len(sizes) == 1000
-    limit = repository.resolve("digits", None).config.max_batch_size
+    limit = repository.route("digits", None, "").primary.config.max_batch_size
     assert limit is not None
     assert max(sizes) <= limit
     assert np.mean(sizes) > 1, "concurrent load should be batched"
-    assert {r.model_version for r in replies} == {repository.resolve("digits", None).version}
+    assert {r.model_version for r in replies} == {
+        repository.route("digits", None, "").primary.version
+    }
 
 
 async def test_reply_goes_to_reply_to_topic_with_key_and_headers(

@@ -1,4 +1,4 @@
-"""Command line: ``python -m worker serve | predict | demo``.
+"""Command line: ``python -m worker serve | predict | demo | bench | echo | plain``.
 
 All commands take their Kafka and model settings from the environment (``WORKER_*``).
 """
@@ -96,14 +96,14 @@ async def _serve(settings: Settings) -> None:
     await worker.run()
 
 
-async def _echo(settings: Settings) -> None:
-    from worker.echo import run_echo  # noqa: PLC0415
+async def _reference(settings: Settings, name: str) -> None:
+    from worker.bench.references import run_echo, run_plain  # noqa: PLC0415
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await run_echo(settings, stop)
+    await (run_echo if name == "echo" else run_plain)(settings, stop)
 
 
 async def _bench(settings: Settings, args: argparse.Namespace) -> int:
@@ -165,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "echo", help="copy requests to replies unchanged (the benchmark's transport limit)"
     )
+    sub.add_parser(
+        "plain", help="serve at batch size 1 in a plain aiokafka loop (a benchmark reference)"
+    )
     from worker.bench import add_arguments  # noqa: PLC0415 - argparse only, no heavy imports
 
     add_arguments(sub.add_parser("bench", help="measure throughput and latency through Kafka"))
@@ -182,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log)
     commands: dict[str, Callable[[], Coroutine[Any, Any, int | None]]] = {
         "serve": lambda: _serve(settings),
-        "echo": lambda: _echo(settings),
+        "echo": lambda: _reference(settings, "echo"),
+        "plain": lambda: _reference(settings, "plain"),
         "predict": lambda: _predict(settings, args),
         "demo": lambda: _demo(settings, args),
         "bench": lambda: _bench(settings, args),

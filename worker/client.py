@@ -6,7 +6,8 @@
 
 Each request gets a fresh correlation id; the client reads every partition of its reply topic
 (without a consumer group, from the end as it was when the client started) and hands each
-caller the reply carrying its id. Replies for other clients sharing the topic are skipped.
+caller the reply carrying its id (:class:`~worker.correlation.ReplyMatcher`). Replies for other
+clients sharing the topic are skipped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import numpy.typing as npt
-import structlog
 
 from worker.codec import (
     InferenceRequest,
@@ -28,13 +28,12 @@ from worker.codec import (
     decode_response,
     encode_request,
 )
+from worker.correlation import Arrival, ReplyMatcher
 from worker.errors import ConfigError, DecodeError, ReplyTimeoutError
 from worker.kafka import assign_all, check_connection, make_consumer, make_producer
 from worker.settings import KafkaSettings
 
 __all__ = ["InferenceClient"]
-
-log = structlog.get_logger(__name__)
 
 
 class InferenceClient:
@@ -54,7 +53,7 @@ class InferenceClient:
         self._consumer = make_consumer(
             settings, group_id=None, auto_offset_reset="latest", client_id=settings.client_id
         )
-        self._waiting: dict[str, asyncio.Future[InferenceResponse]] = {}
+        self._matcher = ReplyMatcher()
         self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> Self:
@@ -79,9 +78,7 @@ class InferenceClient:
         tb: TracebackType | None,
     ) -> None:
         await self._stack.aclose()
-        for fut in self._waiting.values():
-            fut.cancel()
-        self._waiting.clear()
+        self._matcher.cancel_all()
 
     async def _assign_reply_partitions(self) -> None:
         if self.reply_topic not in await self._consumer.topics():
@@ -97,20 +94,7 @@ class InferenceClient:
         while True:
             batches = await self._consumer.getmany(timeout_ms=500)
             for records in batches.values():
-                for record in records:
-                    self._deliver(record.value)
-
-    def _deliver(self, value: bytes | None) -> None:
-        if value is None:
-            return
-        try:
-            response = decode_response(value)
-        except DecodeError as exc:
-            log.warning("skipping undecodable record on the reply topic", error=exc.message)
-            return
-        fut = self._waiting.pop(response.id, None)
-        if fut is not None and not fut.done():
-            fut.set_result(response)
+                self._matcher.deliver((r.value, r.headers) for r in records)
 
     async def send(
         self,
@@ -119,11 +103,14 @@ class InferenceClient:
         headers: Sequence[tuple[str, bytes]] = (),
         key: bytes | None = None,
     ) -> asyncio.Future[InferenceResponse]:
-        """Publish ``request`` (acknowledged); return a future that gets its reply."""
-        if request.id in self._waiting:
-            raise ValueError(f"a request with id {request.id!r} is already waiting")
+        """Publish ``request`` (acknowledged); return a future that gets its decoded reply.
+
+        A reply that carries the request's id but is not a decodable response sets
+        :class:`~worker.errors.DecodeError` on the future.
+        """
+        arrival = self._matcher.expect(request.id)
         fut: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
-        self._waiting[request.id] = fut
+        arrival.add_done_callback(lambda a: _decode_into(a, fut))
         all_headers = [("reply_to", self.reply_topic.encode()), *headers]
         try:
             await self._producer.send_and_wait(
@@ -133,7 +120,8 @@ class InferenceClient:
                 headers=all_headers,
             )
         except BaseException:
-            self._waiting.pop(request.id, None)
+            self._matcher.forget(request.id)
+            arrival.cancel()
             raise
         return fut
 
@@ -178,4 +166,18 @@ class InferenceClient:
                 f"{self.reply_topic!r}); is a worker running?"
             ) from None
         finally:
-            self._waiting.pop(request.id, None)
+            self._matcher.forget(request.id)
+
+
+def _decode_into(
+    arrival: asyncio.Future[Arrival], reply: asyncio.Future[InferenceResponse]
+) -> None:
+    if reply.done():
+        return
+    if arrival.cancelled():
+        reply.cancel()
+        return
+    try:
+        reply.set_result(decode_response(arrival.result().value or b""))
+    except DecodeError as exc:
+        reply.set_exception(exc)

@@ -6,7 +6,13 @@ mix their counts. The HTTP endpoint (:mod:`worker.http`) serves :meth:`Metrics.r
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Sequence
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from worker.outgoing import Outgoing
 
 __all__ = ["Metrics"]
 
@@ -73,6 +79,11 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.fetch_pauses = Counter(
+            "inference_fetch_pauses",
+            "Times fetching paused because max_in_flight requests were in flight",
+            registry=r,
+        )
         self.commits = Counter(
             "inference_commits", "Offset commits, by result", ["result"], registry=r
         )
@@ -88,6 +99,27 @@ class Metrics:
             ["result"],
             registry=r,
         )
+
+    def acknowledged(self, items: Sequence[Outgoing], now_ms: float) -> None:
+        """Count a group of acknowledged messages: replies by outcome, latency, dead letters."""
+        outcomes: Tally[tuple[str, str, str]] = Tally()
+        latency: dict[tuple[str, str], Any] = {}  # labelled children, looked up once per group
+        for item in items:
+            if item.stage is not None:
+                self.dead_lettered.labels(item.stage).inc()
+            meta = item.meta
+            if meta is None:
+                continue
+            outcomes[(meta.model, meta.version, meta.outcome)] += 1
+            labels = (meta.model, meta.version)
+            child = latency.get(labels) or latency.setdefault(labels, self.latency.labels(*labels))
+            child.observe(max(0.0, now_ms - item.source.timestamp_ms) / 1000)
+        for labels_outcome, count in outcomes.items():
+            self.requests.labels(*labels_outcome).inc(count)
+
+    def value(self, name: str, **labels: str) -> float:
+        """The current value of one sample (0 if it was never set): for probes and tests."""
+        return self.registry.get_sample_value(name, labels) or 0.0
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -1,4 +1,4 @@
-"""Publishing replies and dead-letter copies, and marking their records done once acknowledged.
+"""Publishing what :mod:`worker.outgoing` built, and marking records done once acknowledged.
 
 Policy when a reply cannot be published:
 
@@ -25,7 +25,6 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -34,104 +33,12 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 
 from worker.errors import WorkerError
-from worker.kafka import Headers
 from worker.offsets import OffsetTracker
+from worker.outgoing import Destinations, Outgoing, Stage, dead_letter
 
-__all__ = [
-    "DLQ_HEADER_PREFIX",
-    "Outgoing",
-    "Replier",
-    "ReplyMeta",
-    "Source",
-    "Stage",
-    "TopicCache",
-    "dead_letter",
-]
+__all__ = ["Replier", "TopicCache"]
 
 log = structlog.get_logger(__name__)
-
-DLQ_HEADER_PREFIX = "__connect.errors."
-
-
-class Stage:
-    """Values of the ``__connect.errors.stage`` header: where the record failed."""
-
-    DECODE = "DECODE"
-    REPLY_PUBLISH = "REPLY_PUBLISH"
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    """The request record an outgoing message answers (references, no copies)."""
-
-    tp: TopicPartition
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Headers
-    timestamp_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class ReplyMeta:
-    """What metrics and the audit trail need to know about a reply."""
-
-    model: str
-    version: str
-    outcome: str
-    """``ok`` or the reply's error code."""
-    trace_id: str
-    batch_id: str | None
-    queue_s: float | None = None
-    compute_s: float | None = None
-
-
-@dataclass(slots=True)
-class Outgoing:
-    """A message to publish for a request record: its reply, an audit record, a DLQ copy."""
-
-    source: Source
-    correlation_id: str | None
-    topic: str
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
-    timestamp_ms: int | None = None
-    is_dead_letter: bool = False
-    stage: str | None = None
-    """For a dead-letter copy: where the record failed (:class:`Stage`)."""
-    meta: ReplyMeta | None = None
-    """For a reply: what it answered (metrics, audit)."""
-    attempts: int = field(default=0)
-
-
-def dead_letter(
-    source: Source, topic: str, stage: str, error: BaseException, *, group_id: str
-) -> Outgoing:
-    """A copy of the request record for the dead-letter topic, with context headers."""
-    context = {
-        "topic": source.tp.topic,
-        "partition": str(source.tp.partition),
-        "offset": str(source.offset),
-        "timestamp": str(source.timestamp_ms),
-        "stage": stage,
-        "connector.name": group_id,
-        "class.name": "worker.app.Worker",
-        "exception.class.name": f"{type(error).__module__}.{type(error).__qualname__}",
-        "exception.message": str(error),
-    }
-    headers = [*source.headers]
-    headers += [(DLQ_HEADER_PREFIX + k, v.encode()) for k, v in context.items()]
-    return Outgoing(
-        source=source,
-        correlation_id=None,
-        topic=topic,
-        # Kafka refuses a record with neither key nor value: keep an empty value then.
-        value=source.value if source.value is not None or source.key is not None else b"",
-        headers=headers,
-        timestamp_ms=source.timestamp_ms,
-        is_dead_letter=True,
-        stage=stage,
-    )
 
 
 class Replier:
@@ -143,8 +50,7 @@ class Replier:
         tracker: OffsetTracker[TopicPartition],
         on_published: Callable[[Sequence[Outgoing]], None],
         *,
-        dead_letter_topic: str,
-        group_id: str,
+        destinations: Destinations,
         retries: int,
         topic_exists: Callable[[str], Awaitable[bool]],
         retry_backoff_s: float = 0.5,
@@ -152,8 +58,7 @@ class Replier:
         self._producer = producer
         self._tracker = tracker
         self._on_published = on_published
-        self._dead_letter_topic = dead_letter_topic
-        self._group_id = group_id
+        self._destinations = destinations
         self._retries = retries
         self._topic_exists = topic_exists
         self._backoff = retry_backoff_s
@@ -198,9 +103,8 @@ class Replier:
         for item, error in failed:
             if item.is_dead_letter:
                 raise WorkerError(
-                    f"dead-letter copy of {item.source.tp.topic}[{item.source.tp.partition}]@"
-                    f"{item.source.offset} not published to {item.topic!r}: {error!r}; stopping "
-                    "without committing it"
+                    f"dead-letter copy of {item.source.where()} not published to {item.topic!r}: "
+                    f"{error!r}; stopping without committing it"
                 ) from error
             log.error(
                 "reply not published; the request is dead-lettered",
@@ -209,17 +113,9 @@ class Replier:
                 partition=item.source.tp.partition,
                 offset=item.source.offset,
                 error=repr(error),
-                dead_letter_topic=self._dead_letter_topic,
+                dead_letter_topic=self._destinations.dead_letter_topic,
             )
-            copies.append(
-                dead_letter(
-                    item.source,
-                    self._dead_letter_topic,
-                    Stage.REPLY_PUBLISH,
-                    error,
-                    group_id=self._group_id,
-                )
-            )
+            copies.append(dead_letter(self._destinations, item.source, Stage.REPLY_PUBLISH, error))
         if copies:
             lost = await self._send(copies)
             if lost:

@@ -23,15 +23,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.errors import ConfigError, ErrorCode, RequestError
-from worker.models import CONFIG_FILE, MODEL_FILE, LoadedModel, ModelConfig
+from worker.model import LoadedModel
+from worker.model_config import CONFIG_FILE, MODEL_FILE, ModelConfig
 
-__all__ = ["ModelRepository", "ServedModel", "split_bucket"]
+__all__ = ["ModelRepository", "Route", "ServedModel", "split_bucket"]
 
 
 def split_bucket(request_id: str, total: int) -> int:
     """A stable bucket in ``[0, total)`` for a correlation id (same id, same bucket)."""
     digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") % total
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one request goes."""
+
+    primary: LoadedModel
+    """The version that answers it."""
+    shadow: LoadedModel | None = None
+    """A version that also runs it, for comparison only (its result is never sent)."""
 
 
 @dataclass(frozen=True)
@@ -53,8 +64,13 @@ class ServedModel:
         """Where requests naming no version go when there is no split."""
         return self.config.routing.default_version or max(self.versions, key=int)
 
-    def choose(self, version: str | None, request_id: str) -> LoadedModel:
-        """The version a request gets; :class:`RequestError` NOT_FOUND if it is not served."""
+    def route(self, version: str | None, request_id: str) -> Route:
+        """Where a request goes: its version, and the shadow that gets a copy, if any.
+
+        Raises :class:`RequestError` NOT_FOUND if the named version is not served. Only a
+        request naming no version is shadowed (one that names a version asked for exactly it),
+        and never onto the version that answers it.
+        """
         if version:
             model = self.versions.get(version)
             if model is None:
@@ -63,20 +79,18 @@ class ServedModel:
                     f"model {self.name!r} has no version {version!r}; served: "
                     f"{', '.join(sorted(self.versions, key=int))}",
                 )
-            return model
-        split = self.config.routing.split
-        if split:
-            bucket = split_bucket(request_id, sum(w for _, w in split))
-            for name, weight in split:
+            return Route(model)
+        routing = self.config.routing
+        primary = self.versions[self.default_version]
+        if routing.split:
+            bucket = split_bucket(request_id, sum(w for _, w in routing.split))
+            for name, weight in routing.split:
                 if bucket < weight:
-                    return self.versions[name]
+                    primary = self.versions[name]
+                    break
                 bucket -= weight
-        return self.versions[self.default_version]
-
-    def shadow(self) -> LoadedModel | None:
-        """The shadow version, if one is configured."""
-        name = self.config.routing.shadow
-        return None if name is None else self.versions[name]
+        shadow = None if routing.shadow is None else self.versions[routing.shadow]
+        return Route(primary, shadow if shadow is not primary else None)
 
     def check_routing(self) -> None:
         """Raise :class:`ConfigError` if routing names a version that is not served."""
@@ -195,6 +209,9 @@ class ModelRepository:
         """Every served model version."""
         return [m for served in self._models.values() for m in served.versions.values()]
 
-    def resolve(self, name: str, version: str | None, request_id: str = "") -> LoadedModel:
-        """The model version a request gets (see :meth:`ServedModel.choose`)."""
-        return self.get(name).choose(version, request_id)
+    def route(self, name: str, version: str | None, request_id: str) -> Route:
+        """Where a request for ``name`` goes (see :meth:`ServedModel.route`).
+
+        Raises :class:`RequestError` NOT_FOUND for a model or version that is not served.
+        """
+        return self.get(name).route(version, request_id)

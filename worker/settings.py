@@ -134,6 +134,10 @@ class BatchingSettings(BaseModel):
     """A batch closes when it holds this many requests..."""
     max_batch_delay_ms: float = Field(default=5.0, ge=0)
     """...or when its oldest request has waited this long."""
+    start_when_idle: bool = True
+    """A request arriving while its model is idle starts a batch at once (no delay)."""
+    max_batches_per_run: int = Field(default=8, ge=1)
+    """Under a backlog, full batches handed to the inference thread in one go."""
 
 
 class ModelSettings(BaseModel):
@@ -274,7 +278,7 @@ def load_settings() -> Settings:
     """
     unknown = unknown_env_vars(os.environ)
     if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see the README's settings")
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see docs/settings.md")
     secrets_dir = os.environ.get(SECRETS_DIR_VAR)
     try:
         return Settings(_secrets_dir=secrets_dir or None)  # type: ignore[call-arg]

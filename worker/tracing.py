@@ -3,8 +3,8 @@
 A valid ``traceparent`` (``00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>``) is
 continued: the reply carries the same trace id and flags with a new span id (the worker's
 span, child of the caller's). A request without one, or with a malformed one, starts a new
-trace, so every audit record and log line has a trace id. No spans are exported; see the
-README for wiring an OpenTelemetry collector to these ids.
+trace, so every audit record and log line has a trace id. No spans are exported; see
+docs/operations.md for wiring an OpenTelemetry collector to these ids.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from worker.models import export_model
+from worker.model import export_model
 
 HERE = Path(__file__).resolve().parent
 SEED = 20261126

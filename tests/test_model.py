@@ -14,7 +14,7 @@ import pytest
 
 from worker.codec import InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError
-from worker.models import LoadedModel, run_isolated, split_outputs, stack_inputs
+from worker.model import LoadedModel, run_isolated, split_outputs, stack_inputs
 from worker.repository import ModelRepository
 
 from .conftest import MODELS
@@ -30,7 +30,7 @@ def test_digits_accuracy_on_held_out_split(
 ) -> None:
     """The committed digits model reaches >= 0.95 on the held-out split, as metrics.json says."""
     pixels, labels = testset
-    model = repository.resolve("digits", None)
+    model = repository.route("digits", None, "").primary
     out = model.predict({"pixels": pixels})
     accuracy = float((out["label"] == labels).mean())
     recorded = json.loads((MODELS / "digits" / model.version / "metrics.json").read_text())
@@ -49,10 +49,10 @@ def test_model_file_is_a_torch_export_program() -> None:
 def test_resolve_unknown_model_and_version_is_not_found(repository: ModelRepository) -> None:
     """An unknown model or version raises NOT_FOUND naming what is available."""
     with pytest.raises(RequestError, match="serves: digits") as info:
-        repository.resolve("nope", None)
+        repository.route("nope", None, "")
     assert info.value.code is ErrorCode.NOT_FOUND
     with pytest.raises(RequestError, match="no version '99'") as info:
-        repository.resolve("digits", "99")
+        repository.route("digits", "99", "")
     assert info.value.code is ErrorCode.NOT_FOUND
 
 
@@ -78,7 +78,7 @@ def test_invalid_requests_say_what_was_expected(
     repository: ModelRepository, tensors: tuple[Tensor, ...], fragment: str
 ) -> None:
     """Wrong names, dtypes, shapes and byte lengths raise INVALID_ARGUMENT with the expectation."""
-    model = repository.resolve("digits", None)
+    model = repository.route("digits", None, "").primary
     with pytest.raises(RequestError) as info:
         model.validate(request(*tensors))
     assert info.value.code is ErrorCode.INVALID_ARGUMENT
@@ -87,7 +87,7 @@ def test_invalid_requests_say_what_was_expected(
 
 def test_stack_and_split_keep_each_requests_rows(repository: ModelRepository) -> None:
     """Batched outputs are cut back so each request gets exactly its own rows' results."""
-    model = repository.resolve("digits", None)
+    model = repository.route("digits", None, "").primary
     rng = np.random.default_rng(1)
     parts = [rng.integers(0, 17, (n, 64)).astype(np.float32) for n in (1, 3, 2)]
     arrays = [model.validate(request(Tensor.from_numpy("pixels", p))) for p in parts]
@@ -123,7 +123,7 @@ def test_non_finite_inputs_are_refused_unless_allowed(
     repository: ModelRepository, tmp_path: Path
 ) -> None:
     """NaN/inf inputs get INVALID_ARGUMENT naming the index; allow_non_finite lets them through."""
-    model = repository.resolve("digits", None)
+    model = repository.route("digits", None, "").primary
     pixels = np.zeros((2, 64), np.float32)
     pixels[1, 3] = np.nan
     with pytest.raises(
@@ -135,13 +135,13 @@ def test_non_finite_inputs_are_refused_unless_allowed(
     config.write_text(
         config.read_text().replace("shape = [-1, 64]", "shape = [-1, 64]\nallow_non_finite = true")
     )
-    lenient = ModelRepository.load(tmp_path).resolve("digits", None)
+    lenient = ModelRepository.load(tmp_path).route("digits", None, "").primary
     assert len(lenient.validate(request(Tensor.from_numpy("pixels", pixels)))) == 1
 
 
 def test_run_isolated_answers_good_requests_when_some_raise(repository: ModelRepository) -> None:
     """Bisection gives every good request its own result and every bad one its exception."""
-    model = repository.resolve("digits", None)
+    model = repository.route("digits", None, "").primary
     calls: list[int] = []
     original = model.predict
 
@@ -188,8 +188,8 @@ def test_int8_quantisation_keeps_the_digits_accuracy(
     pixels, labels = testset
     quantized = ModelRepository.load(quantized_copy(tmp_path, "int8"))
     for version in ("1", "2"):
-        plain = repository.resolve("digits", version)
-        int8 = quantized.resolve("digits", version)
+        plain = repository.route("digits", version, "").primary
+        int8 = quantized.route("digits", version, "").primary
         assert int8.config.quantize == "int8"
         assert not int8.same_program(plain)
         expected = plain.predict({"pixels": pixels})
@@ -213,7 +213,7 @@ def test_int8_needs_a_linear_layer(tmp_path: Path) -> None:
     """A program without linear layers cannot be quantised: a ConfigError, not a silent no-op."""
     import torch  # noqa: PLC0415 - only this test builds a model
 
-    from worker.models import export_model  # noqa: PLC0415
+    from worker.model import export_model  # noqa: PLC0415
 
     repo = tmp_path / "models"
     export_model(torch.nn.ReLU(), 4, repo / "relu" / "1" / "model.pt2")
@@ -233,6 +233,10 @@ def test_reload_requantises_when_the_setting_changes(tmp_path: Path) -> None:
     config.write_text(config.read_text().replace('quantize = "none"', 'quantize = "int8"'))
     reloaded, errors = repo.reload()
     assert errors == []
-    assert reloaded.resolve("digits", "1").config.quantize == "int8"
-    assert not reloaded.resolve("digits", "1").same_program(repo.resolve("digits", "1"))
-    assert reloaded.resolve("iris", None).same_program(repo.resolve("iris", None))
+    assert reloaded.route("digits", "1", "").primary.config.quantize == "int8"
+    assert not reloaded.route("digits", "1", "").primary.same_program(
+        repo.route("digits", "1", "").primary
+    )
+    assert reloaded.route("iris", None, "").primary.same_program(
+        repo.route("iris", None, "").primary
+    )

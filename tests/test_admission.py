@@ -1,0 +1,224 @@
+"""Unit tests of admission (worker.admission): every record gets an outcome, no broker."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aiokafka import TopicPartition
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from worker.admission import Admitted, Answered, Limits, admit
+from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.outgoing import DLQ_HEADER_PREFIX, Destinations, Outgoing, Source
+from worker.repository import ModelRepository
+
+from .conftest import configure
+
+DEST = Destinations("replies", "dlq", "g")
+LIMITS = Limits(max_request_bytes=4 << 20, max_request_elements=1_000_000)
+ROW = np.arange(64, dtype=np.float32)[None] % 17
+
+
+def record(
+    value: bytes | None, headers: list[tuple[str, bytes]] | None = None, timestamp: int = 1_000
+) -> Source:
+    return Source(TopicPartition("requests", 0), 5, b"key", value, headers or [], timestamp)
+
+
+def request(
+    rid: str = "r-1",
+    model: str = "digits",
+    version: str | None = None,
+    tensors: list[Tensor] | None = None,
+    deadline_ms: int | None = None,
+) -> bytes:
+    inputs = tensors if tensors is not None else [Tensor.from_numpy("pixels", ROW)]
+    return encode_request(InferenceRequest(rid, model, inputs, version, deadline_ms=deadline_ms))
+
+
+def answered(outcome: Admitted | Answered) -> list[Outgoing]:
+    assert isinstance(outcome, Answered), outcome
+    return outcome.outgoing
+
+
+def error_of(outcome: Admitted | Answered) -> tuple[str, str]:
+    [message] = answered(outcome)
+    response = decode_response(message.value or b"")
+    assert response.error is not None
+    return response.error.code, response.error.message
+
+
+def test_a_valid_request_becomes_a_job_for_its_version(repository: ModelRepository) -> None:
+    """Decoded, routed to the default version, validated into arrays, no shadow."""
+    outcome = admit(record(request()), repository, LIMITS, DEST, now=42.0)
+    assert isinstance(outcome, Admitted)
+    job = outcome.job
+    assert outcome.shadow is None
+    assert (job.model.name, job.model.version) == ("digits", "2")
+    assert job.request.id == "r-1"
+    assert job.enqueued == 42.0
+    assert job.deadline_ms is None
+    assert job.comparison is None
+    np.testing.assert_array_equal(job.arrays[0], ROW)
+
+
+def test_a_named_version_is_served(repository: ModelRepository) -> None:
+    """A request naming v1 gets v1."""
+    outcome = admit(record(request(version="1")), repository, LIMITS, DEST, now=0.0)
+    assert isinstance(outcome, Admitted)
+    assert outcome.job.model.version == "1"
+
+
+def test_deadline_from_the_request_or_the_default_timeout(repository: ModelRepository) -> None:
+    """deadline_ms wins; without it, the record timestamp plus default_timeout_ms; else none."""
+    timed = Limits(4 << 20, 1_000_000, default_timeout_ms=250)
+    own = admit(record(request(deadline_ms=9_999)), repository, timed, DEST, now=0.0)
+    default = admit(record(request(), timestamp=1_000), repository, timed, DEST, now=0.0)
+    assert isinstance(own, Admitted)
+    assert isinstance(default, Admitted)
+    assert own.job.deadline_ms == 9_999
+    assert default.job.deadline_ms == 1_250
+
+
+@pytest.mark.parametrize(
+    ("value", "code", "words"),
+    [
+        (request(model="nope"), "NOT_FOUND", "no model named 'nope'"),
+        (request(version="9"), "NOT_FOUND", "has no version '9'"),
+        (request(tensors=[Tensor.from_numpy("pixels", ROW[:, :10])]), "INVALID_ARGUMENT", "shape"),
+        (request(tensors=[Tensor.from_numpy("x", ROW)]), "INVALID_ARGUMENT", "unknown input"),
+        (request(tensors=[]), "INVALID_ARGUMENT", "missing input"),
+        (
+            request(tensors=[Tensor.from_numpy("pixels", ROW * np.float32("nan"))]),
+            "INVALID_ARGUMENT",
+            "NaN",
+        ),
+        (
+            request(tensors=[Tensor("pixels", "FP32", (1, 64), b"\0" * 10)]),
+            "INVALID_ARGUMENT",
+            "needs 256 bytes",
+        ),
+    ],
+)
+def test_requests_that_cannot_be_served_are_answered_with_a_code(
+    repository: ModelRepository, value: bytes, code: str, words: str
+) -> None:
+    """Unknown model or version, wrong tensors: one error reply with its code, no job."""
+    outcome = admit(record(value), repository, LIMITS, DEST, now=0.0)
+    got_code, message = error_of(outcome)
+    assert got_code == code
+    assert words in message
+
+
+def test_limits_answer_resource_exhausted(repository: ModelRepository) -> None:
+    """Over the byte limit or the element limit: RESOURCE_EXHAUSTED naming the setting."""
+    value = request()
+    small = Limits(max_request_bytes=len(value) - 1, max_request_elements=1_000_000)
+    code, message = error_of(admit(record(value), repository, small, DEST, now=0.0))
+    assert code == "RESOURCE_EXHAUSTED"
+    assert "MAX_REQUEST_BYTES" in message
+    few = Limits(max_request_bytes=4 << 20, max_request_elements=63)
+    code, message = error_of(admit(record(value), repository, few, DEST, now=0.0))
+    assert code == "RESOURCE_EXHAUSTED"
+    assert "MAX_REQUEST_ELEMENTS" in message
+
+
+def test_undecodable_record_is_dead_lettered_and_answered_if_it_has_an_id(
+    repository: ModelRepository,
+) -> None:
+    """Garbage goes to the DLQ; with a correlation_id header, the caller gets an error too."""
+    [copy] = answered(admit(record(b"\xc3\x01garbage"), repository, LIMITS, DEST, now=0.0))
+    assert copy.is_dead_letter
+    assert copy.topic == "dlq"
+    assert dict(copy.headers)[DLQ_HEADER_PREFIX + "stage"] == b"DECODE"
+    headers = [("correlation_id", b"c-9")]
+    copy, error = answered(admit(record(b"", headers), repository, LIMITS, DEST, now=0.0))
+    assert copy.is_dead_letter
+    assert error.topic == "replies"
+    response = decode_response(error.value or b"")
+    assert response.id == "c-9"
+    assert response.error is not None
+    assert response.error.code == "INVALID_ARGUMENT"
+
+
+def test_shadow_copy_only_for_requests_naming_no_version(repo_dir: Path) -> None:
+    """With shadow = 2: unnamed requests get a shadow copy sharing one comparison."""
+    configure(repo_dir, "digits", '[routing]\ndefault_version = "1"\nshadow = "2"')
+    repository = ModelRepository.load(repo_dir)
+    outcome = admit(record(request()), repository, LIMITS, DEST, now=0.0)
+    assert isinstance(outcome, Admitted)
+    assert outcome.shadow is not None
+    assert outcome.job.model.version == "1"
+    assert outcome.shadow.model.version == "2"
+    assert outcome.shadow.is_shadow
+    assert not outcome.job.is_shadow
+    comparison = outcome.job.comparison
+    assert comparison is not None
+    assert comparison is outcome.shadow.comparison
+    assert comparison.output == "label"
+    named = admit(record(request(version="1")), repository, LIMITS, DEST, now=0.0)
+    assert isinstance(named, Admitted)
+    assert named.shadow is None
+
+
+def test_no_shadow_onto_the_version_that_answers(repo_dir: Path) -> None:
+    """A split that picks the shadow version itself gets no copy (it would compare with itself)."""
+    configure(repo_dir, "digits", '[routing]\nsplit = { "2" = 1 }\nshadow = "2"')
+    repository = ModelRepository.load(repo_dir)
+    outcome = admit(record(request()), repository, LIMITS, DEST, now=0.0)
+    assert isinstance(outcome, Admitted)
+    assert outcome.job.model.version == "2"
+    assert outcome.shadow is None
+
+
+HYPOTHESIS = settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@HYPOTHESIS
+@given(value=st.one_of(st.none(), st.binary(max_size=512)))
+def test_any_bytes_get_an_outcome(repository: ModelRepository, value: bytes | None) -> None:
+    """Whatever the value, admission returns an outcome and never raises."""
+    outcome = admit(record(value), repository, LIMITS, DEST, now=0.0)
+    if isinstance(outcome, Answered):
+        assert outcome.outgoing
+
+
+DATATYPES = ["FP32", "FP64", "INT64", "INT8", "UINT8", "BOOL", "FP16"]
+
+
+@HYPOTHESIS
+@given(
+    model=st.sampled_from(["digits", "iris", "", "x" * 300]),
+    version=st.one_of(st.none(), st.sampled_from(["", "1", "2", "3", "-1", "01"])),
+    name=st.sampled_from(["pixels", "features", "", "other"]),
+    datatype=st.sampled_from(DATATYPES),
+    shape=st.lists(st.integers(min_value=0, max_value=70), min_size=0, max_size=4),
+    extra=st.integers(min_value=-3, max_value=3),
+)
+def test_structurally_valid_requests_get_an_outcome(  # noqa: PLR0917 - hypothesis passes them
+    repository: ModelRepository,
+    model: str,
+    version: str | None,
+    name: str,
+    datatype: str,
+    shape: list[int],
+    extra: int,
+) -> None:
+    """Random names, versions, datatypes, shapes and byte lengths: a job or a coded answer."""
+    size = {"FP32": 4, "FP64": 8, "INT64": 8, "FP16": 2}.get(datatype, 1)
+    length = max(0, math.prod(shape) * size + extra)
+    tensor = Tensor(name, datatype, tuple(shape), b"\x01" * length)
+    value = encode_request(InferenceRequest("id", model, [tensor], version))
+    outcome = admit(record(value), repository, LIMITS, DEST, now=0.0)
+    if isinstance(outcome, Answered):
+        code, _ = error_of(outcome)
+        assert code in {"NOT_FOUND", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
+    else:
+        assert outcome.job.model.name == model
+        assert outcome.job.arrays[0].shape == tuple(shape)

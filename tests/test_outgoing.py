@@ -1,0 +1,153 @@
+"""Unit tests of reply and dead-letter building (worker.outgoing), without a broker."""
+
+from __future__ import annotations
+
+import json
+
+from aiokafka import TopicPartition
+
+from worker.codec import InferenceRequest, Tensor, Timing, decode_response
+from worker.errors import DecodeError, ErrorCode, RequestError
+from worker.outgoing import (
+    DEAD_LETTER_CLASS_NAME,
+    DLQ_HEADER_PREFIX,
+    Destinations,
+    Source,
+    Stage,
+    dead_letter,
+    error_response,
+    expired_response,
+    model_response,
+    reply,
+)
+
+DEST = Destinations("replies", "dlq", "g")
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+
+
+def source(headers: list[tuple[str, bytes]] | None = None, key: bytes | None = b"k") -> Source:
+    return Source(
+        TopicPartition("requests", 4), 17, key, b"value", headers or [], 1_700_000_000_000
+    )
+
+
+def request(rid: str = "r-1") -> InferenceRequest:
+    return InferenceRequest(rid, "digits", [], model_version="2")
+
+
+def test_dead_letter_copy_keeps_the_record_and_adds_connect_headers() -> None:
+    """The DLQ copy keeps key, value, headers and timestamp, plus __connect.errors.* context."""
+    copy = dead_letter(DEST, source([("h", b"1")]), Stage.DECODE, DecodeError("bad bytes"))
+    headers = dict(copy.headers)
+    assert copy.topic == "dlq"
+    assert (copy.source.key, copy.value) == (b"k", b"value")
+    assert copy.timestamp_ms == 1_700_000_000_000
+    assert copy.is_dead_letter
+    assert copy.meta is None
+    assert headers["h"] == b"1"
+    assert headers[DLQ_HEADER_PREFIX + "topic"] == b"requests"
+    assert headers[DLQ_HEADER_PREFIX + "partition"] == b"4"
+    assert headers[DLQ_HEADER_PREFIX + "offset"] == b"17"
+    assert headers[DLQ_HEADER_PREFIX + "timestamp"] == b"1700000000000"
+    assert headers[DLQ_HEADER_PREFIX + "stage"] == b"DECODE"
+    assert headers[DLQ_HEADER_PREFIX + "connector.name"] == b"g"
+    assert headers[DLQ_HEADER_PREFIX + "class.name"] == DEAD_LETTER_CLASS_NAME.encode()
+    assert headers[DLQ_HEADER_PREFIX + "exception.class.name"] == b"worker.errors.DecodeError"
+    assert b"bad bytes" in headers[DLQ_HEADER_PREFIX + "exception.message"]
+
+
+def test_dead_letter_of_an_empty_record_still_has_a_value() -> None:
+    """A record with neither key nor value is copied with an empty value (Kafka needs one)."""
+    empty = Source(TopicPartition("t", 0), 0, None, None, [], 0)
+    assert dead_letter(DEST, empty, Stage.DECODE, DecodeError("empty")).value == b""
+    keyed = Source(TopicPartition("t", 0), 0, b"k", None, [], 0)
+    assert dead_letter(DEST, keyed, Stage.DECODE, DecodeError("empty")).value is None
+
+
+def test_reply_goes_to_the_default_topic_with_correlation_and_trace_headers() -> None:
+    """Without reply_to: the default topic, correlation_id, a new traceparent, the response."""
+    response = error_response(request(), RequestError(ErrorCode.NOT_FOUND, "no such model"))
+    [message] = reply(DEST, source(), response)
+    headers = dict(message.headers)
+    assert message.topic == "replies"
+    assert message.correlation_id == "r-1"
+    assert headers["correlation_id"] == b"r-1"
+    assert headers["traceparent"].startswith(b"00-")
+    assert not message.is_dead_letter
+    decoded = decode_response(message.value or b"")
+    assert decoded.error is not None
+    assert (decoded.error.code, decoded.error.message) == ("NOT_FOUND", "no such model")
+    assert message.meta is not None
+    assert (message.meta.model, message.meta.version, message.meta.outcome) == (
+        "digits", "2", "NOT_FOUND",
+    )  # fmt: skip
+
+
+def test_reply_topic_headers_in_order_of_preference() -> None:
+    """reply_to beats kafka_replyTopic; an empty reply_to falls through to the next."""
+    response = error_response(request(), RequestError(ErrorCode.NOT_FOUND, "x"))
+    both = [("kafka_replyTopic", b"spring"), ("reply_to", b"ours")]
+    assert reply(DEST, source(both), response)[0].topic == "ours"
+    spring = [("reply_to", b""), ("kafka_replyTopic", b"spring")]
+    assert reply(DEST, source(spring), response)[0].topic == "spring"
+
+
+def test_reply_continues_the_trace_and_echoes_headers() -> None:
+    """Traceparent is continued (same trace id), tracestate and kafka_correlationId copied."""
+    headers = [
+        ("traceparent", f"00-{TRACE}-b7ad6b7169203331-01".encode()),
+        ("tracestate", b"vendor=1"),
+        ("kafka_correlationId", b"\x00\x01"),
+        ("other", b"not echoed"),
+    ]
+    response = error_response(request(), RequestError(ErrorCode.NOT_FOUND, "x"))
+    [message] = reply(DEST, source(headers), response)
+    out = dict(message.headers)
+    assert out["traceparent"].startswith(f"00-{TRACE}-".encode())
+    assert out["traceparent"] != headers[0][1]
+    assert out["tracestate"] == b"vendor=1"
+    assert out["kafka_correlationId"] == b"\x00\x01"
+    assert "other" not in out
+    assert message.meta is not None
+    assert message.meta.trace_id == TRACE
+
+
+def test_reply_with_an_audit_topic_adds_its_audit_record() -> None:
+    """With an audit topic, each reply brings a JSON audit record for the same source."""
+    destinations = Destinations("replies", "dlq", "g", audit_topic="audit")
+    timing = Timing(queue_us=2000, compute_us=1000, batch_size=3)
+    response = model_response(request(), "digits", "2", [], timing)
+    message, audit = reply(destinations, source(), response, batch_id="b-9")
+    record = json.loads(audit.value or b"")
+    assert audit.topic == "audit"
+    assert audit.source is message.source
+    assert record["correlation_id"] == "r-1"
+    assert record["batch_id"] == "b-9"
+    assert record["outcome"] == "ok"
+    assert record["queue_ms"] == 2.0
+    assert record["reply_topic"] == "replies"
+
+
+def test_model_response_is_outputs_or_internal() -> None:
+    """A result becomes outputs with timing; an exception becomes INTERNAL naming the model."""
+    timing = Timing(1, 2, 3)
+    tensors = [Tensor.from_numpy("label", [7])]
+    ok = model_response(request(), "digits", "2", tensors, timing)
+    assert ok.error is None
+    assert ok.outputs == tensors
+    assert ok.timing == timing
+    failed = model_response(request(), "digits", "2", ValueError("poisoned row"), timing)
+    assert failed.error is not None
+    assert failed.error.code == "INTERNAL"
+    assert "digits v2" in failed.error.message
+    assert "ValueError: poisoned row" in failed.error.message
+    assert failed.outputs == []
+
+
+def test_expired_response_says_by_how_much() -> None:
+    """DEADLINE_EXCEEDED names the deadline and how long ago it passed."""
+    response = expired_response(request(), 1_000, 1_250.0)
+    assert response.error is not None
+    assert response.error.code == "DEADLINE_EXCEEDED"
+    assert "deadline 1000" in response.error.message
+    assert "250 ms" in response.error.message

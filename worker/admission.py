@@ -1,0 +1,157 @@
+"""Admission: from a fetched record to a job for a lane, or the messages that answer it now.
+
+One plain function, :func:`admit`, no Kafka client and no event loop::
+
+    record bytes ─> decode ─> limits ─> route (primary + optional shadow) ─> validate
+        ─> Admitted(job, shadow job)            for the lanes (worker.lanes)
+        ─> Answered([error reply])              over a limit, unknown model, bad tensor
+        ─> Answered([dead-letter copy, reply?]) not a request at all (reply if the record
+                                                has a correlation_id header)
+
+The worker calls it once per fetched record and acts on the outcome; tests call it by the
+hundred without a broker.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy.typing as npt
+import structlog
+
+from worker.codec import InferenceRequest, decode_request
+from worker.errors import DecodeError, ErrorCode, RequestError
+from worker.kafka import header
+from worker.model import LoadedModel
+from worker.outgoing import (
+    Destinations,
+    Outgoing,
+    Source,
+    Stage,
+    dead_letter,
+    error_response,
+    reply,
+)
+from worker.repository import ModelRepository
+from worker.shadow import Comparison
+
+__all__ = ["Admitted", "Answered", "Job", "Limits", "admit", "check_limits"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request may ask for (``WORKER_RUNTIME__*``)."""
+
+    max_request_bytes: int
+    max_request_elements: int
+    default_timeout_ms: int = 0
+    """Deadline for requests without ``deadline_ms``, from the record's timestamp (0: none)."""
+
+
+@dataclass(slots=True)
+class Job:
+    """A decoded, validated request waiting for its batch (or a shadow copy of one)."""
+
+    source: Source
+    request: InferenceRequest
+    model: LoadedModel
+    arrays: list[npt.NDArray[Any]]
+    enqueued: float
+    """When it was admitted (``time.monotonic()``): queue wait is measured from here."""
+    deadline_ms: int | None
+    comparison: Comparison | None = None
+    is_shadow: bool = False
+
+
+@dataclass(slots=True)
+class Admitted:
+    """A job for its version's lane, and a copy for the shadow's lane if it has one."""
+
+    job: Job
+    shadow: Job | None = None
+
+
+@dataclass(slots=True)
+class Answered:
+    """The record is answered without running a model: publish these."""
+
+    outgoing: list[Outgoing]
+
+
+def admit(
+    source: Source,
+    repository: ModelRepository,
+    limits: Limits,
+    destinations: Destinations,
+    *,
+    now: float,
+) -> Admitted | Answered:
+    """Decide what happens to one fetched record (``now``: ``time.monotonic()``)."""
+    try:
+        request = decode_request(source.value)
+    except DecodeError as exc:
+        return Answered(_undecodable(source, exc, destinations))
+    try:
+        check_limits(limits, source, request)
+        route = repository.route(request.model_name, request.model_version, request.id)
+        arrays = route.primary.validate(request)
+    except RequestError as exc:
+        log.info(
+            "request answered with an error",
+            correlation_id=request.id,
+            model=request.model_name,
+            code=str(exc.code),
+            error=exc.message,
+        )
+        return Answered(reply(destinations, source, error_response(request, exc)))
+    deadline = request.deadline_ms
+    if deadline is None and limits.default_timeout_ms:
+        deadline = source.timestamp_ms + limits.default_timeout_ms
+    model = route.primary
+    job = Job(source, request, model, arrays, now, deadline)
+    shadow = route.shadow
+    if shadow is None:
+        return Admitted(job)
+    output = shadow.config.routing.shadow_compare or shadow.config.outputs[-1].name
+    job.comparison = Comparison(model.name, model.version, shadow.version, output)
+    copy = Job(source, request, shadow, arrays, now, deadline, job.comparison, is_shadow=True)
+    return Admitted(job, copy)
+
+
+def check_limits(limits: Limits, source: Source, request: InferenceRequest) -> None:
+    """Raise RESOURCE_EXHAUSTED for a request over the size limits, before any allocation."""
+    size = len(source.value or b"")
+    if size > limits.max_request_bytes:
+        raise RequestError(
+            ErrorCode.RESOURCE_EXHAUSTED,
+            f"request is {size} bytes; this worker serves at most "
+            f"{limits.max_request_bytes} (WORKER_RUNTIME__MAX_REQUEST_BYTES)",
+        )
+    elements = sum(math.prod(t.shape) for t in request.inputs)
+    if elements > limits.max_request_elements:
+        raise RequestError(
+            ErrorCode.RESOURCE_EXHAUSTED,
+            f"inputs declare {elements} elements in all; this worker serves at most "
+            f"{limits.max_request_elements} (WORKER_RUNTIME__MAX_REQUEST_ELEMENTS)",
+        )
+
+
+def _undecodable(source: Source, exc: DecodeError, destinations: Destinations) -> list[Outgoing]:
+    """A dead-letter copy; and an error reply too if the record names a correlation id."""
+    raw_id = header(source.headers, "correlation_id")
+    log.warning(
+        "undecodable record dead-lettered",
+        partition=source.tp.partition,
+        offset=source.offset,
+        error=exc.message,
+        correlation_id=raw_id.decode(errors="replace") if raw_id else None,
+    )
+    outgoing = [dead_letter(destinations, source, Stage.DECODE, exc)]
+    if raw_id is not None:
+        request = InferenceRequest(id=raw_id.decode(errors="replace"), model_name="", inputs=[])
+        outgoing += reply(destinations, source, error_response(request, exc))
+    return outgoing

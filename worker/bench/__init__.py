@@ -1,0 +1,12 @@
+"""The benchmark (``python -m worker bench``): not part of the worker's runtime.
+
+- :mod:`worker.bench.suite`: the command's options, single runs, sweeps and the reference suite;
+- :mod:`worker.bench.load`: driving load (closed and open loop) and collecting replies;
+- :mod:`worker.bench.targets`: the bench's model repository and the processes it starts;
+- :mod:`worker.bench.references`: the echo and plain-loop references;
+- :mod:`worker.bench.report`: the table and the plot.
+"""
+
+from worker.bench.suite import add_arguments, run
+
+__all__ = ["add_arguments", "run"]

@@ -1,0 +1,231 @@
+"""Driving load through Kafka, closed or open loop, and collecting the replies.
+
+Closed loop: a fixed number of requests awaiting replies; open loop: a fixed rate. Replies are
+matched by :class:`~worker.correlation.ReplyMatcher`.
+
+Replies are kept raw while the clock runs and decoded after it stops: decoding would take CPU
+from the worker being measured on the same machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaProducer
+
+from worker.bench.targets import input_of
+from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.correlation import Arrival, ReplyMatcher
+from worker.errors import DecodeError, WorkerError
+from worker.kafka import assign_all, make_consumer, make_producer
+from worker.settings import KafkaSettings
+
+__all__ = ["BenchResult", "drive"]
+
+
+@dataclass
+class BenchResult:
+    """What one load run measured."""
+
+    label: str
+    mode: str
+    requests: int
+    seconds: float
+    errors: int
+    latencies_ms: list[float] = field(repr=False)
+    batch_sizes: list[int] = field(repr=False)
+    compute_ms: list[float] = field(repr=False)
+    queue_ms: list[float] = field(repr=False, default_factory=list)
+    """Per reply: decode to the start of its batch's forward pass, inside the worker."""
+
+    @property
+    def throughput(self) -> float:
+        """Requests per second, first send to last reply."""
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float:
+        """Latency percentile in milliseconds."""
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The figures, JSON-ready."""
+        return {
+            "label": self.label,
+            "mode": self.mode,
+            "requests": self.requests,
+            "seconds": round(self.seconds, 3),
+            "requests_per_s": round(self.throughput, 1),
+            "p50_ms": round(self.percentile(50), 2),
+            "p95_ms": round(self.percentile(95), 2),
+            "p99_ms": round(self.percentile(99), 2),
+            "max_ms": round(max(self.latencies_ms, default=0.0), 2),
+            "mean_batch": round(statistics.fmean(self.batch_sizes), 2)
+            if self.batch_sizes
+            else None,
+            "max_batch": max(self.batch_sizes, default=None),
+            "mean_compute_ms": round(statistics.fmean(self.compute_ms), 3)
+            if self.compute_ms
+            else None,
+            "p99_compute_ms": _p99(self.compute_ms),
+            "p50_queue_ms": round(float(np.percentile(self.queue_ms, 50)), 2)
+            if self.queue_ms
+            else None,
+            "p99_queue_ms": _p99(self.queue_ms),
+            "errors": self.errors,
+        }
+
+
+def _p99(values: list[float]) -> float | None:
+    return round(float(np.percentile(values, 99)), 2) if values else None
+
+
+class _Load:
+    """Sends requests and collects their replies with arrival times."""
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self.kafka = kafka
+        self.matcher = ReplyMatcher()
+        self.latencies: list[float] = []
+        self.values: list[bytes | None] = []
+        """Reply values, decoded after the clock stops."""
+        self.replied = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def clients(self) -> AsyncIterator[AIOKafkaProducer]:
+        producer = make_producer(self.kafka, linger_ms=5)
+        consumer = make_consumer(self.kafka, group_id=None, auto_offset_reset="latest")
+        await producer.start()
+        await consumer.start()
+        try:
+            topic = self.kafka.replies_topic
+            partitions = await producer.partitions_for(topic)
+            await assign_all(consumer, topic, partitions, from_end=True)
+            async with asyncio.TaskGroup() as group:
+                reader = group.create_task(self._read(consumer))
+                try:
+                    yield producer
+                finally:
+                    reader.cancel()
+                    self.matcher.cancel_all()
+        finally:
+            await consumer.stop()
+            await producer.stop()
+
+    async def _read(self, consumer: Any) -> None:
+        while True:
+            batches = await consumer.getmany(timeout_ms=100)
+            for records in batches.values():
+                self.matcher.deliver((r.value, r.headers) for r in records)
+            if batches:
+                self.replied.set()
+
+    def expect(self, rid: str) -> None:
+        sent = time.perf_counter()
+
+        def arrived(future: asyncio.Future[Arrival]) -> None:
+            if not future.cancelled():
+                arrival = future.result()
+                self.latencies.append((arrival.received - sent) * 1000)
+                self.values.append(arrival.value)
+
+        self.matcher.expect(rid).add_done_callback(arrived)
+
+    def result(self, label: str, mode: str, requests: int, seconds: float) -> BenchResult:
+        """Decode the replies (errors, batch sizes, compute and queue times) into a result."""
+        out = BenchResult(label, mode, requests, seconds, 0, self.latencies, [], [])
+        for value in self.values:
+            try:
+                reply = decode_response(value or b"")
+            except DecodeError:
+                continue  # the echo worker returns the request itself
+            if reply.error is not None:
+                out.errors += 1
+            if reply.timing is not None:
+                out.batch_sizes.append(reply.timing.batch_size)
+                out.compute_ms.append(reply.timing.compute_us / 1000)
+                out.queue_ms.append(reply.timing.queue_us / 1000)
+        return out
+
+
+def _requests(model: str, count: int, rows: int, label: str) -> list[tuple[str, bytes]]:
+    """Encoded requests with unique ids (built before the clock starts)."""
+    rng = np.random.default_rng(1)
+    name, width = input_of(model)
+    pool = [rng.integers(0, 17, (rows, width)).astype(np.float32) for _ in range(64)]
+    out = []
+    for i in range(count):
+        rid = f"{label}-{i}"
+        tensor = Tensor.from_numpy(name, pool[i % len(pool)])
+        out.append((rid, encode_request(InferenceRequest(rid, model, [tensor]))))
+    return out
+
+
+async def drive(
+    kafka: KafkaSettings, *, label: str, mode: str, model: str, requests: int, rows: int,
+    concurrency: int, rate: float, timeout: float, progress: Any = None,
+) -> BenchResult:  # fmt: skip
+    """Send the load and wait for every reply; raises WorkerError if replies are missing."""
+    load = _Load(kafka)
+    payloads = _requests(model, requests, rows, f"{label}-{uuid.uuid4().hex[:6]}")
+    warmup = _requests(model, 1, rows, f"warmup-{uuid.uuid4().hex[:6]}")[0]
+    async with load.clients() as producer:
+
+        async def send(rid: str, value: bytes) -> None:
+            load.expect(rid)
+            await producer.send(
+                kafka.requests_topic, value, headers=[("correlation_id", rid.encode())]
+            )
+
+        # One request first: waits out a worker that is still starting, off the clock.
+        await send(*warmup)
+        await _until(lambda: not load.matcher, timeout, "the warm-up reply")
+        load.latencies.clear()
+        load.values.clear()
+        started = time.perf_counter()
+        if mode == "open":
+            interval = 0.01
+            per_tick = rate * interval
+            due = 0.0
+            for i, (rid, value) in enumerate(payloads):
+                while i >= due:
+                    await asyncio.sleep(max(0.0, started + (due / per_tick) * interval
+                                            - time.perf_counter()))  # fmt: skip
+                    due += per_tick
+                await send(rid, value)
+                if progress:
+                    progress(len(load.latencies))
+        else:
+            for rid, value in payloads:
+                while len(load.matcher) >= concurrency:
+                    load.replied.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await load.replied.wait()
+                await send(rid, value)
+                if progress:
+                    progress(len(load.latencies))
+
+        def done() -> bool:
+            if progress:
+                progress(len(load.latencies))
+            return len(load.latencies) >= requests
+
+        await _until(done, timeout, f"{requests} replies")
+        seconds = time.perf_counter() - started
+    return load.result(label, mode, requests, seconds)
+
+
+async def _until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise WorkerError(f"bench: timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,104 @@
+"""The benchmark's references: plain aiokafka loops the worker is compared with.
+
+Both use the worker's safety settings (group consumer without auto-commit, acks=all
+idempotent producer, commits after the acks) and send a fetch's replies pipelined, then await
+their acks together:
+
+- ``python -m worker echo`` (:func:`run_echo`) publishes every request value unchanged to the
+  reply topic, keeping key and headers: no decoding, no model. The transport limit.
+- ``python -m worker plain`` (:func:`run_plain`) is what a hand-written loop does: decode each
+  request, run the model on it alone (batch size 1, on the event loop), encode the reply.
+  The fixed cost per batch of everything else the worker does shows against it at
+  ``max_batch_size = 1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from worker.codec import InferenceResponse, Tensor, decode_request, encode_response
+from worker.kafka import ensure_topics, header, make_consumer, make_producer
+from worker.repository import ModelRepository
+from worker.settings import Settings
+
+__all__ = ["run_echo", "run_plain"]
+
+
+async def run_echo(settings: Settings, stop: asyncio.Event) -> None:
+    """Echo requests to replies until ``stop`` is set."""
+    kafka = settings.kafka
+    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
+    consumer = make_consumer(kafka)
+    producer = make_producer(kafka)
+    await producer.start()
+    consumer.subscribe([kafka.requests_topic])
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=100, max_records=kafka.fetch_max_records)
+            futures: list[asyncio.Future[Any]] = []
+            positions: dict[TopicPartition, int] = {}
+            for tp, records in batches.items():
+                futures += [
+                    await producer.send(
+                        kafka.replies_topic, r.value, key=r.key, headers=list(r.headers)
+                    )
+                    for r in records
+                ]
+                positions[tp] = records[-1].offset + 1
+            if futures:
+                await asyncio.gather(*futures)
+                await consumer.commit(positions)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def run_plain(settings: Settings, stop: asyncio.Event) -> None:
+    """Serve requests one at a time (batch size 1) in a plain loop until ``stop`` is set."""
+    import torch  # noqa: PLC0415 - only this reference needs it
+
+    torch.set_num_threads(settings.models.threads)
+    repository = await asyncio.to_thread(ModelRepository.load, settings.models.repository)
+    kafka = settings.kafka
+    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
+    consumer = make_consumer(kafka)
+    producer = make_producer(kafka)
+    await producer.start()
+    consumer.subscribe([kafka.requests_topic])
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=100, max_records=kafka.fetch_max_records)
+            futures: list[asyncio.Future[Any]] = []
+            positions: dict[TopicPartition, int] = {}
+            for tp, records in batches.items():
+                for r in records:
+                    request = decode_request(r.value)
+                    model = repository.route(request.model_name, None, request.id).primary
+                    outputs = model.predict(dict(zip(
+                        (s.name for s in model.config.inputs), model.validate(request), strict=True
+                    )))  # fmt: skip
+                    response = InferenceResponse(
+                        request.id, model.name, model.version,
+                        [Tensor.from_numpy(name, value) for name, value in outputs.items()],
+                    )  # fmt: skip
+                    cid = header(r.headers, "correlation_id") or request.id.encode()
+                    futures.append(
+                        await producer.send(
+                            kafka.replies_topic,
+                            encode_response(response),
+                            key=r.key,
+                            headers=[("correlation_id", cid)],
+                        )
+                    )
+                positions[tp] = records[-1].offset + 1
+            if futures:
+                await asyncio.gather(*futures)
+                await consumer.commit(positions)
+    finally:
+        await consumer.stop()
+        await producer.stop()

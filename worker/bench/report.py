@@ -1,0 +1,73 @@
+"""The benchmark's output: a progress bar on stderr, the table on stdout, a PNG plot."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from worker.bench.load import BenchResult
+
+__all__ = ["plot", "print_table", "progress_bar"]
+
+
+@contextlib.contextmanager
+def progress_bar(console: Any, label: str, total: int) -> Iterator[Any]:
+    """A transient progress bar; yields a function taking the number of replies so far."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn  # noqa: PLC0415
+
+    with Progress(
+        f"[bold]{label}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    ) as progress:  # fmt: skip
+        task = progress.add_task(label, total=total)
+        yield lambda done: progress.update(task, completed=done)
+
+
+def print_table(console: Any, report: dict[str, Any]) -> None:
+    """The results table on stdout, then the limits and ratios."""
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(title="python -m worker bench")
+    columns = ["label", "mode", "requests", "requests_per_s", "p50_ms", "p95_ms", "p99_ms",
+               "max_ms", "mean_batch", "max_batch", "errors"]  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("label", "mode") else "right")
+    for row in report["results"]:
+        table.add_row(*("" if row[c] is None else str(row[c]) for c in columns))
+    Console = type(console)  # noqa: N806 - print the table on stdout, progress stays on stderr
+    out = Console(width=max(120, Console().width))
+    out.print(table)
+    for section in ("limits", "ratios"):
+        for key, value in report[section].items():
+            out.print(f"{section[:-1]} {key}: {value}")
+
+
+def plot(results: list[BenchResult], path: Path, *, sweep: bool) -> None:
+    """A PNG: latency histograms, and throughput against max_batch_size for a sweep."""
+    import matplotlib as mpl  # noqa: PLC0415
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    panels = 2 if sweep else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    for result in results:
+        if result.latencies_ms:
+            ax.hist(result.latencies_ms, bins=50, histtype="step", label=result.label)
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("requests")
+    ax.set_title("Latency distribution")
+    ax.legend()
+    if sweep:
+        ax = axes[0][1]
+        sizes = [int(r.label.split("-")[-1]) for r in results]
+        ax.plot(sizes, [r.throughput for r in results], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("max_batch_size")
+        ax.set_ylabel("requests/s")
+        ax.set_title("Throughput vs max_batch_size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,176 @@
+"""``python -m worker bench``: load a worker through Kafka and report throughput and latency.
+
+Two ways to drive it (:mod:`worker.bench.load`):
+
+- ``--mode closed`` sends ``--requests`` requests, at most ``--concurrency`` awaiting their
+  reply at once (default: all), and measures how long the whole set takes;
+- ``--mode open`` sends at a fixed ``--rate`` and measures latency percentiles.
+
+By default the tool starts what it measures itself, on fresh topics of the broker named by
+``WORKER_KAFKA__BOOTSTRAP_SERVERS`` (:mod:`worker.bench.targets`): ``--target worker`` (the
+real worker), ``echo`` (the transport limit), ``plain`` (a hand-written loop at batch size 1:
+:mod:`worker.bench.references`), or ``none`` (a worker you run yourself on the configured
+topics). ``--suite`` runs every reference comparison in one go and prints the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from worker.bench.load import BenchResult, drive
+from worker.bench.report import plot, print_table, progress_bar
+from worker.bench.targets import bench_repository, bench_topics, plain_torch_throughput, spawned
+from worker.kafka import ensure_topics
+from worker.settings import Settings
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``bench`` command's options."""
+    parser.add_argument("--mode", choices=["closed", "open"], default="closed")
+    parser.add_argument("--requests", "-n", type=int, default=10_000)
+    parser.add_argument("--rate", type=float, default=1000.0, help="open loop: requests/s")
+    parser.add_argument("--concurrency", type=int, default=0,
+                        help="closed loop: most requests awaiting a reply (0: all)")  # fmt: skip
+    parser.add_argument("--model", choices=["digits", "mlp", "heavy"], default="digits")
+    parser.add_argument("--rows", type=int, default=1, help="rows per request (payload size)")
+    parser.add_argument("--target", choices=["worker", "echo", "plain", "none"], default="worker")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="models' quantize key (int8: dynamic)")  # fmt: skip
+    parser.add_argument("--sweep", default="", help="comma-separated max_batch_size values")
+    parser.add_argument("--suite", action="store_true", help="run every reference comparison")
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
+
+
+async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Run what the options ask for; print the table; return the JSON document."""
+    from rich.console import Console  # noqa: PLC0415 - the bench extra
+
+    console = Console(stderr=True)
+    results: list[BenchResult] = []
+    report: dict[str, Any] = {"results": [], "ratios": {}, "limits": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+
+        async def one(label: str, target: str, **over: Any) -> BenchResult:
+            opts = {**vars(args), **over}
+            repo = bench_repository(
+                Path(tmp) / label, max_batch_size=opts["max_batch_size"],
+                delay_ms=opts["max_batch_delay_ms"], quantize=opts["quantize"],
+            )  # fmt: skip
+            kafka = bench_topics(settings.kafka, target)
+            await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
+            context = (
+                spawned(target, kafka, repo, Path(tmp) / f"{label}.log")
+                if target != "none"
+                else contextlib.nullcontext()
+            )
+            with context, progress_bar(console, label, opts["requests"]) as progress:
+                result = await drive(
+                    kafka, label=label, mode=opts["mode"], model=opts["model"],
+                    requests=opts["requests"], rows=opts["rows"],
+                    concurrency=opts["concurrency"] or opts["requests"], rate=opts["rate"],
+                    timeout=opts["timeout"], progress=progress,
+                )  # fmt: skip
+            results.append(result)
+            return result
+
+        if args.suite:
+            await _suite(args, one, report, Path(tmp), settings.models.threads)
+        elif args.sweep:
+            for size in [int(s) for s in args.sweep.split(",")]:
+                await one(f"batch-{size}", args.target, max_batch_size=size)
+        else:
+            await one(args.target, args.target)
+    report["results"] = [r.summary() for r in results]
+    print_table(console, report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if args.plot:
+        plot(results, args.plot, sweep=bool(args.sweep))
+    return report
+
+
+async def _suite(
+    args: argparse.Namespace, one: Any, report: dict[str, Any], tmp: Path, torch_threads: int
+) -> None:
+    """Every reference comparison, on one machine in one run; ratios are what to compare."""
+    n = args.requests
+    closed = {"mode": "closed", "model": "mlp"}
+    echo = await one("echo", "echo", **closed)
+    plain = await one("mlp-plain-loop", "plain", **closed)
+    batch1 = await one("mlp-batch-1", "worker", **closed, max_batch_size=1)
+    mlp = await one("mlp", "worker", **closed)
+    digits = await one("digits", "worker", mode="closed", model="digits")
+    heavy_n = max(200, n // 10)
+    heavy = await one("heavy", "worker", mode="closed", model="heavy", requests=heavy_n)
+    heavy_int8 = await one("heavy-int8", "worker", mode="closed", model="heavy",
+                           requests=heavy_n, quantize="int8")  # fmt: skip
+    heavy_batch = round(statistics.fmean(heavy.batch_sizes)) if heavy.batch_sizes else 1
+    plain_torch, plain_torch_int8 = (
+        plain_torch_throughput(
+            bench_repository(tmp / f"plain-{mode}", max_batch_size=args.max_batch_size,
+                             delay_ms=args.max_batch_delay_ms, quantize=mode),
+            "heavy", heavy_batch, torch_threads,
+        )
+        for mode in ("none", "int8")
+    )  # fmt: skip
+    # Low load (10% of capacity): the worker's latency against the transport's own.
+    low = mlp.throughput / 10
+    low_n = max(300, int(low * 5))
+    mlp_low = await one("mlp-open-10pct", "worker", mode="open", model="mlp", rate=low,
+                        requests=low_n)  # fmt: skip
+    echo_low = await one("echo-open-10pct", "echo", mode="open", model="mlp", rate=low,
+                         requests=low_n)  # fmt: skip
+    held = await _highest_rate(one, capacity=mlp.throughput, p99_ms=P99_TARGET_MS)
+    compute = statistics.fmean(mlp_low.compute_ms) if mlp_low.compute_ms else 0.0
+    report["limits"] = {
+        "heavy_plain_torch_rows_per_s": round(plain_torch, 1),
+        "heavy_int8_plain_torch_rows_per_s": round(plain_torch_int8, 1),
+        "heavy_batch_size": heavy_batch,
+        "torch_threads": torch_threads,
+        "low_load_rate": round(low, 1),
+        "low_load_p50_bound_ms": round(echo_low.percentile(50) + compute + 2, 2),
+        "highest_rate_p99_under_100ms": round(held, 1),
+    }
+    report["ratios"] = {
+        "mlp_vs_echo": round(mlp.throughput / echo.throughput, 3),
+        "mlp_batch1_vs_plain_loop": round(batch1.throughput / plain.throughput, 3),
+        "batching_speedup": round(mlp.throughput / batch1.throughput, 2),
+        "highest_open_rate_over_capacity": round(held / mlp.throughput, 3),
+        "low_load_p50_over_bound": round(
+            mlp_low.percentile(50) / (echo_low.percentile(50) + compute + 2), 3
+        ),
+        "digits_cnn_vs_echo": round(digits.throughput / echo.throughput, 3),
+        "heavy_vs_plain_torch": round(heavy.throughput / plain_torch, 3),
+        "heavy_int8_vs_plain_torch_int8": round(heavy_int8.throughput / plain_torch_int8, 3),
+        "heavy_int8_speedup": round(heavy_int8.throughput / heavy.throughput, 2),
+    }
+
+
+P99_TARGET_MS = 100.0
+RATE_STEPS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
+"""Open-loop rates tried, as fractions of the closed-loop capacity, lowest first."""
+
+
+async def _highest_rate(one: Any, *, capacity: float, p99_ms: float) -> float:
+    """The highest open-loop rate (of :data:`RATE_STEPS`) whose p99 stays under ``p99_ms``."""
+    held = 0.0
+    for step in RATE_STEPS:
+        rate = capacity * step
+        result = await one(f"mlp-open-{round(step * 100)}pct", "worker", mode="open",
+                           model="mlp", rate=rate, requests=max(500, int(rate * 4)))  # fmt: skip
+        if result.percentile(99) >= p99_ms or result.errors:
+            break
+        held = rate
+    return held

@@ -1,0 +1,150 @@
+"""What the benchmark measures: its model repository and the processes it starts.
+
+Models come from a temporary repository: ``digits`` (copied from ``models/``), ``mlp`` (an MLP
+64-256-256-10: transport-bound, its forward pass costs little) and ``heavy`` (an MLP
+256-4096-4096-10: compute-bound), the MLPs with seeded random weights (no download).
+Targets are started as subprocesses on fresh topics: the worker (``python -m worker serve``),
+the echo loop and the plain loop (:mod:`worker.bench.references`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from worker.settings import KafkaSettings, env_vars
+
+__all__ = [
+    "MLPS",
+    "bench_repository",
+    "bench_topics",
+    "input_of",
+    "plain_torch_throughput",
+    "spawned",
+]
+
+MLPS = {"mlp": (64, 256), "heavy": (256, 4096)}
+"""Bench MLPs: name -> (inputs, hidden width); 10 outputs each."""
+
+
+def bench_repository(
+    root: Path, *, max_batch_size: int, delay_ms: float, quantize: str = "none"
+) -> Path:
+    """Write a model repository: ``digits`` (copied), ``mlp`` and the compute-heavy ``heavy``.
+
+    ``quantize="int8"`` sets both models' ``quantize`` key (int8 dynamic quantisation).
+    """
+    import torch  # noqa: PLC0415 - torch is only needed when the tool builds models
+
+    from worker.model import export_model  # noqa: PLC0415
+
+    repo = root / "models"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "models" / "digits", repo / "digits",
+                    ignore=shutil.ignore_patterns("*.py", "*.json", "*.npz"))  # fmt: skip
+    batching = f"\n[batching]\nmax_batch_size = {max_batch_size}\nmax_batch_delay_ms = {delay_ms}\n"
+    top = f'quantize = "{quantize}"\n\n'
+    config = repo / "digits" / "config.toml"
+    text = config.read_text()
+    config.write_text(top + text[: text.index("[batching]")] + batching)
+    for name, (inputs, width) in MLPS.items():
+        torch.manual_seed(7)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(inputs, width), torch.nn.ReLU(),
+            torch.nn.Linear(width, width), torch.nn.ReLU(),
+            torch.nn.Linear(width, 10),
+        ).eval()  # fmt: skip
+        export_model(model, inputs, repo / name / "1" / "model.pt2")
+        (repo / name / "config.toml").write_text(
+            top + f'[[inputs]]\nname = "x"\ndatatype = "FP32"\nshape = [-1, {inputs}]\n\n'
+            '[[outputs]]\nname = "logits"\ndatatype = "FP32"\nshape = [-1, 10]\n' + batching
+        )
+    return repo
+
+
+def input_of(model: str) -> tuple[str, int]:
+    """The input name and width of a bench model."""
+    return ("pixels", 64) if model == "digits" else ("x", MLPS[model][0])
+
+
+def plain_torch_throughput(
+    repo: Path, model: str, batch: int, threads: int, seconds: float = 3.0
+) -> float:
+    """Rows per second of the model's own forward pass at ``batch`` rows (the compute limit).
+
+    Runs with ``threads`` intra-op threads: the same number the worker gives torch.
+    """
+    import torch  # noqa: PLC0415
+
+    from worker.repository import ModelRepository  # noqa: PLC0415
+
+    torch.set_num_threads(threads)
+    loaded = ModelRepository.load(repo).route(model, None, "").primary
+    spec = loaded.config.inputs[0]
+    inputs = {spec.name: np.random.default_rng(0).random((batch, spec.shape[1]), np.float32)}
+    loaded.predict(inputs)
+    rows, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        loaded.predict(inputs)
+        rows += batch
+    return rows / (time.perf_counter() - started)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def spawned(target: str, kafka: KafkaSettings, repo: Path, log: Path) -> Iterator[None]:
+    """Run ``python -m worker serve`` (or ``echo``, ``plain``) on the bench's topics while open.
+
+    The child inherits this process's ``WORKER_*`` settings (tune it that way), except the
+    Kafka topics and group, the model repository and logging, which the bench sets.
+    """
+    env = dict(os.environ)
+    env |= env_vars(kafka, "kafka")
+    env |= {
+        "WORKER_MODELS__REPOSITORY": str(repo),
+        "WORKER_LOG__LEVEL": "WARNING",
+        "WORKER_LOG__FORMAT": "json",
+        "WORKER_AUDIT__LOG": "false",
+        "WORKER_HTTP__PORT": str(_free_port()),
+    }
+    command = {"worker": "serve", "echo": "echo", "plain": "plain"}[target]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed argv
+            [sys.executable, "-m", "worker", command], env=env, stderr=out, stdout=out
+        )
+    try:
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def bench_topics(kafka: KafkaSettings, target: str) -> KafkaSettings:
+    """Fresh topics and group for a target the bench starts; the configured ones for ``none``."""
+    if target == "none":
+        return kafka
+    uid = uuid.uuid4().hex[:8]
+    return KafkaSettings(**{
+        **kafka.model_dump(),
+        "requests_topic": f"bench.{uid}.requests",
+        "replies_topic": f"bench.{uid}.replies",
+        "dead_letter_topic": f"bench.{uid}.dlq",
+        "group_id": f"bench-{uid}",
+    })  # fmt: skip

@@ -1,0 +1,165 @@
+"""Intake: the consumer, its fetch loop with flow control, offset commits and rebalances.
+
+:class:`Intake` owns the group consumer, the :class:`~worker.offsets.OffsetTracker` and the
+assignment. It fetches records, tracks each, and hands it on as a
+:class:`~worker.outgoing.Source` to ``dispatch``; the replier marks records done once their
+replies are acknowledged, and the commit loop commits, per partition, the lowest offset not yet
+answered. At ``max_in_flight`` records between fetch and acknowledged reply it pauses its
+partitions (no background buffering either) until replies catch up.
+
+On a rebalance (eager: every partition is revoked first), it waits, bounded by the shutdown
+timeout, for the revoked partitions' requests to be answered, commits them, and forgets them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from worker.kafka import make_consumer
+from worker.metrics import Metrics
+from worker.offsets import OffsetTracker
+from worker.outgoing import Source
+from worker.settings import KafkaSettings, RuntimeSettings
+from worker.supervision import Progress
+
+__all__ = ["Intake"]
+
+log = structlog.get_logger(__name__)
+
+
+class Intake:
+    """Fetches request records for ``dispatch``; commits what is answered."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        runtime: RuntimeSettings,
+        dispatch: Callable[[Source], None],
+        *,
+        metrics: Metrics,
+        progress: Progress,
+    ) -> None:
+        self._kafka = kafka
+        self._runtime = runtime
+        self._dispatch = dispatch
+        self._metrics = metrics
+        self._progress = progress
+        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self.consumer: AIOKafkaConsumer
+        """The group consumer; made by :meth:`running` (aiokafka needs the running loop)."""
+        self.assigned: set[TopicPartition] = set()
+        """Partitions assigned now."""
+        self.joined = False
+        """True once the consumer has joined its group and received an assignment."""
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Intake]:
+        """Subscribed and started while open; on exit the consumer leaves the group."""
+        self.consumer = make_consumer(self._kafka)
+        self.consumer.subscribe([self._kafka.requests_topic], listener=_Listener(self))
+        try:
+            await self.consumer.start()
+            yield self
+        finally:
+            await self.consumer.stop()
+            self.assigned.clear()
+
+    async def consume(self, stopping: asyncio.Event) -> None:
+        """Fetch and dispatch records until ``stopping`` is set."""
+        consumer = self.consumer
+        max_in_flight = self._runtime.max_in_flight
+        max_records = self._kafka.fetch_max_records
+        paused = False
+        while not stopping.is_set():
+            room = max_in_flight - self.tracker.pending
+            if room <= 0:
+                if not paused:
+                    # Stop the background fetcher too, not just our reads: no buffering.
+                    consumer.pause(*consumer.assignment())
+                    paused = True
+                    self._metrics.fetch_pauses.inc()
+                await self._progress.wait(0.5)
+                continue
+            if paused:
+                consumer.resume(*consumer.paused())
+                paused = False
+            fetched = await consumer.getmany(timeout_ms=100, max_records=min(room, max_records))
+            for tp, records in fetched.items():
+                for record in records:
+                    self.tracker.track(tp, record.offset)
+                    self._dispatch(
+                        Source(tp, record.offset, record.key, record.value, record.headers,
+                               record.timestamp)
+                    )  # fmt: skip
+
+    async def commit_loop(self) -> None:
+        """Commit what is answered, every ``commit_interval_ms``."""
+        interval = self._runtime.commit_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            await self.commit()
+
+    async def commit(self, partitions: Sequence[TopicPartition] | None = None) -> None:
+        """Commit the lowest unanswered offset of each (given) assigned partition that moved."""
+        assigned = self.consumer.assignment()
+        positions = {
+            tp: pos for tp, pos in self.tracker.committable(partitions).items() if tp in assigned
+        }
+        if not positions:
+            return
+        try:
+            await self.consumer.commit(positions)
+        except KafkaError as exc:
+            self._metrics.commits.labels("failed").inc()
+            log.warning("commit failed; will retry", error=repr(exc), positions=_fmt(positions))
+            return
+        self._metrics.commits.labels("ok").inc()
+        self.tracker.mark_committed(positions)
+        log.debug("committed", positions=_fmt(positions))
+
+    async def release(self, revoked: set[TopicPartition]) -> None:
+        """Wait (bounded) for revoked partitions' requests to be answered, then commit them."""
+        deadline = time.monotonic() + self._runtime.shutdown_timeout_s
+        while self.tracker.pending_in(revoked) and time.monotonic() < deadline:
+            await self._progress.wait(0.2)
+        left = self.tracker.pending_in(revoked)
+        if left:
+            log.warning(
+                "partitions revoked with requests in flight; they will be served again",
+                in_flight=left,
+            )
+        await self.commit(sorted(revoked))
+        self.tracker.forget(revoked)
+        self.assigned -= revoked
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Commits finished work of revoked partitions before they move to another worker."""
+
+    def __init__(self, intake: Intake) -> None:
+        self._intake = intake
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked:
+            log.info("partitions revoked", partitions=_fmt_tps(revoked))
+            await self._intake.release(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._intake.assigned |= set(assigned)
+        self._intake.joined = True
+        log.info("partitions assigned", partitions=_fmt_tps(assigned))
+
+
+def _fmt(positions: dict[TopicPartition, int]) -> dict[str, int]:
+    return {f"{tp.topic}[{tp.partition}]": pos for tp, pos in positions.items()}
+
+
+def _fmt_tps(tps: set[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in tps)

@@ -1,0 +1,217 @@
+"""Lanes: one batcher per served model version, running its batches through the model.
+
+A lane takes admitted jobs (:mod:`worker.admission`), forms batches (:mod:`worker.batching`),
+answers the jobs whose deadline passed without running them, runs the rest as one forward
+pass per batch off the event loop (bad requests isolated: :func:`worker.model.run_isolated`),
+and hands the replies (:mod:`worker.outgoing`) to ``submit``. Under a backlog the batcher hands
+over several full batches at once (a run), and the inference thread runs them back to back:
+one hand-off between the event loop and the thread per run, not per batch. Shadow copies run in
+their version's lane like any job; their results are compared (:mod:`worker.shadow`), never sent.
+
+:meth:`Lanes.open` applies a repository (at start and on every reload): a version whose
+program and batching are unchanged keeps its lane; a version no longer served, or changed,
+has its lane retired: it answers everything it holds, then ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy.typing as npt
+import structlog
+
+from worker.admission import Admitted, Job
+from worker.batching import Batcher
+from worker.codec import Timing
+from worker.metrics import Metrics
+from worker.model import LoadedModel, run_isolated
+from worker.outgoing import Destinations, Outgoing, expired_response, model_response, reply
+from worker.repository import ModelRepository
+from worker.settings import BatchingSettings
+from worker.shadow import Comparison, Outcome, Result
+
+__all__ = ["Lanes"]
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Lane:
+    model: LoadedModel
+    batcher: Batcher[Job]
+    task: asyncio.Task[None]
+
+
+class Lanes:
+    """Every served version's lane, started in ``group``; batches run on ``executor``."""
+
+    def __init__(
+        self,
+        group: asyncio.TaskGroup,
+        executor: Executor,
+        *,
+        batching: BatchingSettings,
+        destinations: Destinations,
+        submit: Callable[[Sequence[Outgoing]], None],
+        metrics: Metrics,
+        shadow_queue_limit: int,
+    ) -> None:
+        self._group = group
+        self._executor = executor
+        self._batching = batching
+        self._destinations = destinations
+        self._submit = submit
+        self._metrics = metrics
+        self._shadow_queue_limit = shadow_queue_limit
+        self._lanes: dict[tuple[str, str], _Lane] = {}
+        self._retired: set[asyncio.Task[None]] = set()
+        self._batch_ids = itertools.count(1)
+        self._batch_prefix = secrets.token_hex(4)
+
+    def open(self, repository: ModelRepository) -> None:
+        """Give every served version a lane; retire lanes of versions gone or changed."""
+        wanted = {(m.name, m.version): m for m in repository.all()}
+        for key, lane in list(self._lanes.items()):
+            model = wanted.get(key)
+            if (
+                model is None
+                or not lane.model.same_program(model)
+                or self._max_batch_size(model) != lane.batcher.max_batch_size
+            ):
+                lane.batcher.close()
+                self._retired.add(lane.task)
+                lane.task.add_done_callback(self._retired.discard)
+                del self._lanes[key]
+        for key, model in wanted.items():
+            if key in self._lanes:
+                self._lanes[key].model = model  # same program; the config (routing) may be new
+                continue
+            delay_ms = model.config.max_batch_delay_ms
+            if delay_ms is None:
+                delay_ms = self._batching.max_batch_delay_ms
+            batcher: Batcher[Job] = Batcher(
+                self._run,
+                max_batch_size=self._max_batch_size(model),
+                max_batch_delay=delay_ms / 1000,
+                max_batches_per_run=self._batching.max_batches_per_run,
+                start_when_idle=self._batching.start_when_idle,
+            )
+            self._lanes[key] = _Lane(model, batcher, self._group.create_task(batcher.run()))
+
+    def put(self, admitted: Admitted) -> None:
+        """Queue a job in its version's lane, and its shadow copy (unless the shadow is full)."""
+        job, copy = admitted.job, admitted.shadow
+        if copy is not None:
+            shadow = self._lanes[(copy.model.name, copy.model.version)].batcher
+            if len(shadow) < self._shadow_queue_limit:
+                shadow.put(copy)
+            else:
+                assert job.comparison is not None
+                self._count(job.comparison, Outcome.DROPPED)
+                job.comparison = None
+        self._lanes[(job.model.name, job.model.version)].batcher.put(job)
+
+    async def drain(self) -> None:
+        """Close every lane and wait until each has answered all it holds."""
+        for lane in self._lanes.values():
+            lane.batcher.close()
+        await asyncio.gather(*(lane.task for lane in self._lanes.values()), *self._retired)
+
+    def _max_batch_size(self, model: LoadedModel) -> int:
+        return model.config.max_batch_size or self._batching.max_batch_size
+
+    async def _run(self, batches: list[list[Job]]) -> None:
+        """Answer a run of batches: expired jobs at once, the rest in one hand-off."""
+        now_ms = time.time() * 1000
+        outgoing: list[Outgoing] = []
+        live_batches: list[list[Job]] = []
+        for jobs in batches:
+            live = []
+            for job in jobs:
+                if job.deadline_ms is None or job.deadline_ms >= now_ms:
+                    live.append(job)
+                    continue
+                self._compare(job, None)
+                if not job.is_shadow:
+                    response = expired_response(job.request, job.deadline_ms, now_ms)
+                    outgoing += reply(self._destinations, job.source, response)
+            if live:
+                live_batches.append(live)
+        if live_batches:
+            model = live_batches[0][0].model
+            started = time.monotonic()
+            runs = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _forward_all, model, [[j.arrays for j in b] for b in live_batches]
+            )
+            for live, (offset_s, compute_s, results) in zip(live_batches, runs, strict=True):
+                outgoing += self._answer(model, live, started + offset_s, compute_s, results)
+        self._submit(outgoing)
+
+    def _answer(
+        self,
+        model: LoadedModel,
+        live: list[Job],
+        started: float,
+        compute_s: float,
+        results: list[Result],
+    ) -> list[Outgoing]:
+        """The replies to one batch's (non-shadow) jobs; metrics and shadow comparisons."""
+        batch_id = f"{self._batch_prefix}-{next(self._batch_ids)}"
+        labels = (model.name, model.version)
+        self._metrics.compute.labels(*labels).observe(compute_s)
+        self._metrics.batch_size.labels(*labels).observe(len(live))
+        queue_wait = self._metrics.queue_wait.labels(*labels)
+        outgoing: list[Outgoing] = []
+        for job, result in zip(live, results, strict=True):
+            queue_wait.observe(started - job.enqueued)
+            self._compare(job, result)
+            if job.is_shadow:
+                continue
+            timing = Timing(int((started - job.enqueued) * 1e6), int(compute_s * 1e6), len(live))
+            response = model_response(job.request, model.name, model.version, result, timing)
+            outgoing += reply(self._destinations, job.source, response, batch_id)
+        return outgoing
+
+    def _compare(self, job: Job, result: Result | None) -> None:
+        comparison = job.comparison
+        if comparison is None:
+            return
+        outcome = comparison.record(result, shadow=job.is_shadow)
+        if outcome is None:
+            return
+        self._count(comparison, outcome)
+        if outcome is Outcome.DISAGREED:
+            log.info(
+                "shadow disagrees with primary",
+                correlation_id=job.request.id,
+                model=comparison.model,
+                output=comparison.output,
+            )
+
+    def _count(self, comparison: Comparison, outcome: Outcome) -> None:
+        self._metrics.shadow.labels(
+            comparison.model, comparison.primary_version, comparison.shadow_version, outcome
+        ).inc()
+
+
+def _forward_all(
+    model: LoadedModel, batches: list[list[list[npt.NDArray[Any]]]]
+) -> list[tuple[float, float, list[Result]]]:
+    """Run batches back to back (in the inference thread).
+
+    Per batch: when it began (seconds after the first), its compute time, its results.
+    """
+    first = time.monotonic()
+    out = []
+    for batch in batches:
+        began = time.monotonic()
+        results = run_isolated(model, batch)
+        out.append((began - first, time.monotonic() - began, results))
+    return out

@@ -1,0 +1,279 @@
+"""What the worker publishes for a request record, built as plain data: no Kafka, no asyncio.
+
+Every fetched record ends as one or more :class:`Outgoing` messages, built here:
+
+- a **reply** (:func:`reply`): the response, Avro-encoded, to the reply topic the request names
+  (``reply_to`` or Spring's ``kafka_replyTopic`` header) or the default one, with the
+  ``correlation_id`` header, the continued ``traceparent`` and the echoed headers; plus, when
+  audit records go to a topic, its audit record;
+- a **dead-letter copy** (:func:`dead_letter`): the record itself with Kafka Connect's
+  ``__connect.errors.*`` context headers, when it is not a request at all or its reply cannot
+  be published.
+
+The responses themselves come from :func:`error_response`, :func:`expired_response` and
+:func:`model_response`. :mod:`worker.replies` publishes what is built here.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from aiokafka import TopicPartition  # a plain named tuple: (topic, partition)
+
+from worker.codec import ErrorInfo, InferenceRequest, InferenceResponse, Tensor, Timing
+from worker.codec import encode_response as _encode_response
+from worker.errors import ErrorCode, RequestError
+from worker.kafka import Headers
+from worker.tracing import continue_trace
+
+__all__ = [
+    "DEAD_LETTER_CLASS_NAME",
+    "DLQ_HEADER_PREFIX",
+    "ECHOED_HEADERS",
+    "REPLY_TOPIC_HEADERS",
+    "Destinations",
+    "Outgoing",
+    "ReplyMeta",
+    "Source",
+    "Stage",
+    "audit_record",
+    "dead_letter",
+    "error_response",
+    "expired_response",
+    "model_response",
+    "reply",
+]
+
+log = structlog.get_logger(__name__)
+
+DLQ_HEADER_PREFIX = "__connect.errors."
+"""Prefix of the dead-letter context headers (Kafka Connect's names)."""
+DEAD_LETTER_CLASS_NAME = "kafka-inference-worker"
+"""Value of ``__connect.errors.class.name`` on every dead-letter copy: what wrote it.
+
+A fixed name, not a module path, so that DLQ tooling filtering on it keeps working when the
+code moves."""
+REPLY_TOPIC_HEADERS = ("reply_to", "kafka_replyTopic")
+"""Request headers naming the reply topic (ours, then Spring's), in order of preference."""
+ECHOED_HEADERS = ("tracestate", "kafka_correlationId")
+"""Request headers copied unchanged onto the reply (``traceparent`` is continued, not copied)."""
+
+
+class Stage(enum.StrEnum):
+    """Values of the ``__connect.errors.stage`` header: where the record failed."""
+
+    DECODE = "DECODE"
+    """The value is not a request at all."""
+    REPLY_PUBLISH = "REPLY_PUBLISH"
+    """The reply could not be published."""
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """The request record an outgoing message answers (references, no copies)."""
+
+    tp: TopicPartition
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp_ms: int
+
+    def where(self) -> str:
+        """``topic[partition]@offset``, for messages."""
+        return f"{self.tp.topic}[{self.tp.partition}]@{self.offset}"
+
+
+@dataclass(frozen=True, slots=True)
+class Destinations:
+    """Where the worker writes: built once from the settings."""
+
+    replies_topic: str
+    dead_letter_topic: str
+    group_id: str
+    audit_topic: str = ""
+    """Also publish each reply's audit record here (empty: no audit topic)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyMeta:
+    """What metrics and the audit trail need to know about a reply."""
+
+    model: str
+    version: str
+    outcome: str
+    """``ok`` or the reply's error code."""
+    trace_id: str
+    batch_id: str | None
+    queue_s: float | None = None
+    compute_s: float | None = None
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A message to publish for a request record: its reply, an audit record, a DLQ copy."""
+
+    source: Source
+    correlation_id: str | None
+    topic: str
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp_ms: int | None = None
+    stage: Stage | None = None
+    """For a dead-letter copy: where the record failed; None for anything else."""
+    meta: ReplyMeta | None = None
+    """For a reply: what it answered (metrics, audit)."""
+    attempts: int = field(default=0)
+
+    @property
+    def is_dead_letter(self) -> bool:
+        """True for a dead-letter copy."""
+        return self.stage is not None
+
+
+def reply(
+    destinations: Destinations,
+    source: Source,
+    response: InferenceResponse,
+    batch_id: str | None = None,
+) -> list[Outgoing]:
+    """The reply to a record (and its audit record, if audit records go to a topic)."""
+    headers = dict(source.headers)  # one pass; the last value of a header wins
+    topic = destinations.replies_topic
+    for name in REPLY_TOPIC_HEADERS:
+        value = headers.get(name)
+        if value:
+            topic = value.decode(errors="replace")
+            break
+    trace = continue_trace(headers.get("traceparent"))
+    reply_headers = [
+        ("correlation_id", response.id.encode()),
+        ("traceparent", trace.traceparent),
+    ]
+    for name in ECHOED_HEADERS:
+        value = headers.get(name)
+        if value is not None:
+            reply_headers.append((name, value))
+    timing = response.timing
+    meta = ReplyMeta(
+        model=response.model_name,
+        version=response.model_version or "",
+        outcome=response.error.code if response.error else "ok",
+        trace_id=trace.trace_id,
+        batch_id=batch_id,
+        queue_s=timing.queue_us / 1e6 if timing else None,
+        compute_s=timing.compute_us / 1e6 if timing else None,
+    )
+    message = Outgoing(
+        source, response.id, topic, _encode_response(response), reply_headers, meta=meta
+    )
+    if not destinations.audit_topic:
+        return [message]
+    latency_s = max(0.0, time.time() * 1000 - source.timestamp_ms) / 1000
+    record = json.dumps(audit_record(message, meta, latency_s)).encode()
+    return [message, Outgoing(source, response.id, destinations.audit_topic, record, [])]
+
+
+def dead_letter(
+    destinations: Destinations, source: Source, stage: Stage, error: BaseException
+) -> Outgoing:
+    """A copy of the request record for the dead-letter topic, with context headers."""
+    context = {
+        "topic": source.tp.topic,
+        "partition": str(source.tp.partition),
+        "offset": str(source.offset),
+        "timestamp": str(source.timestamp_ms),
+        "stage": str(stage),
+        "connector.name": destinations.group_id,
+        "class.name": DEAD_LETTER_CLASS_NAME,
+        "exception.class.name": f"{type(error).__module__}.{type(error).__qualname__}",
+        "exception.message": str(error),
+    }
+    headers = [*source.headers]
+    headers += [(DLQ_HEADER_PREFIX + k, v.encode()) for k, v in context.items()]
+    return Outgoing(
+        source=source,
+        correlation_id=None,
+        topic=destinations.dead_letter_topic,
+        # Kafka refuses a record with neither key nor value: keep an empty value then.
+        value=source.value if source.value is not None or source.key is not None else b"",
+        headers=headers,
+        timestamp_ms=source.timestamp_ms,
+        stage=stage,
+    )
+
+
+def audit_record(item: Outgoing, meta: ReplyMeta, latency_s: float) -> dict[str, Any]:
+    """One request's audit record (JSON-ready)."""
+    return {
+        "correlation_id": item.correlation_id,
+        "model": meta.model,
+        "version": meta.version,
+        "outcome": meta.outcome,
+        "latency_ms": round(latency_s * 1000, 3),
+        "queue_ms": None if meta.queue_s is None else round(meta.queue_s * 1000, 3),
+        "compute_ms": None if meta.compute_s is None else round(meta.compute_s * 1000, 3),
+        "batch_id": meta.batch_id,
+        "topic": item.source.tp.topic,
+        "partition": item.source.tp.partition,
+        "offset": item.source.offset,
+        "reply_topic": item.topic,
+        "trace_id": meta.trace_id,
+    }
+
+
+def error_response(request: InferenceRequest, exc: RequestError) -> InferenceResponse:
+    """An error reply to ``request`` carrying the error's code and message."""
+    return InferenceResponse(
+        id=request.id,
+        model_name=request.model_name,
+        model_version=request.model_version,
+        error=ErrorInfo(str(exc.code), exc.message),
+    )
+
+
+def expired_response(
+    request: InferenceRequest, deadline_ms: int, now_ms: float
+) -> InferenceResponse:
+    """DEADLINE_EXCEEDED: the deadline passed before the request's batch ran."""
+    return error_response(
+        request,
+        RequestError(
+            ErrorCode.DEADLINE_EXCEEDED,
+            f"deadline {deadline_ms} (Unix ms) passed {now_ms - deadline_ms:.0f} ms before its "
+            "batch ran; the model was not run",
+        ),
+    )
+
+
+def model_response(
+    request: InferenceRequest,
+    model: str,
+    version: str,
+    result: list[Tensor] | Exception,
+    timing: Timing,
+) -> InferenceResponse:
+    """The reply for a request the model ran on: its outputs, or INTERNAL if its rows raised."""
+    if not isinstance(result, Exception):
+        return InferenceResponse(
+            id=request.id, model_name=model, model_version=version, outputs=result, timing=timing
+        )
+    log.error(
+        "model raised on a request",
+        correlation_id=request.id,
+        model=model,
+        version=version,
+        error=repr(result),
+    )
+    error = ErrorInfo(
+        str(ErrorCode.INTERNAL),
+        f"model {model} v{version} failed on this request: {type(result).__name__}: {result}",
+    )
+    return InferenceResponse(
+        id=request.id, model_name=model, model_version=version, error=error, timing=timing
+    )

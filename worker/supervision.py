@@ -1,0 +1,142 @@
+"""Supervision: progress, the watchdog, liveness and readiness, and the consumer-lag gauge.
+
+- :class:`Progress` is noted each time a group of replies is acknowledged.
+- :meth:`Supervisor.watchdog` raises :class:`~worker.errors.WatchdogError` when there is work
+  (requests in flight, or records waiting in an assigned partition) and no progress for
+  ``WORKER_RUNTIME__WATCHDOG_TIMEOUT_S``: the process exits and its supervisor restarts it.
+- :meth:`Supervisor.healthy` (``/healthz``) turns false in the same condition;
+  :meth:`Supervisor.ready` (``/readyz``) is true once partitions are assigned, until stopping.
+- :meth:`Supervisor.lag_loop` keeps ``inference_consumer_lag`` current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+from aiokafka import TopicPartition
+
+from worker.errors import WatchdogError
+from worker.metrics import Metrics
+
+if TYPE_CHECKING:
+    from worker.intake import Intake
+
+__all__ = ["Progress", "Supervisor"]
+
+log = structlog.get_logger(__name__)
+
+
+class Progress:
+    """Replies being acknowledged: when it last happened, and a way to wait for the next."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self._event = asyncio.Event()
+
+    def note(self) -> None:
+        """Something was acknowledged just now."""
+        self.last = time.monotonic()
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        """Return at the next :meth:`note`, or after ``timeout`` seconds."""
+        self._event.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
+
+
+class Supervisor:
+    """Watches an intake's progress; answers the health and readiness probes."""
+
+    def __init__(
+        self,
+        intake: Intake,
+        progress: Progress,
+        stopping: asyncio.Event,
+        *,
+        metrics: Metrics,
+        watchdog_timeout_s: float,
+    ) -> None:
+        self._intake = intake
+        self._progress = progress
+        self._stopping = stopping
+        self._metrics = metrics
+        self._timeout = watchdog_timeout_s
+
+    def healthy(self) -> tuple[bool, str]:
+        """Liveness: False once there was work and no progress for the watchdog timeout."""
+        pending = self._intake.tracker.pending
+        stalled = time.monotonic() - self._progress.last
+        if self._timeout and pending and stalled > self._timeout:
+            return False, f"no progress for {stalled:.0f}s with {pending} in flight"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: the group joined (an assignment received) and not stopping."""
+        if self._stopping.is_set():
+            return False, "stopping"
+        if not self._intake.joined:
+            return False, "waiting for the consumer group assignment"
+        return True, f"ok: {len(self._intake.assigned)} partition(s)"
+
+    async def watchdog(self) -> None:
+        """Raise :class:`WatchdogError` when there is work but no progress for too long."""
+        timeout = self._timeout
+        if not timeout:
+            return
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            if not await self._has_work():
+                self._progress.last = time.monotonic()
+                continue
+            stalled = time.monotonic() - self._progress.last
+            if stalled > timeout:
+                pending = self._intake.tracker.pending
+                log.critical(
+                    "watchdog: no progress while there is work; exiting so that a supervisor "
+                    "restarts the worker",
+                    stalled_s=round(stalled, 1),
+                    in_flight=pending,
+                )
+                raise WatchdogError(
+                    f"no reply published for {stalled:.0f}s with {pending} request(s) in "
+                    f"flight (WORKER_RUNTIME__WATCHDOG_TIMEOUT_S={timeout:g})"
+                )
+
+    async def _has_work(self) -> bool:
+        if self._intake.tracker.pending:
+            return True
+        consumer = self._intake.consumer
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is not None and highwater > await consumer.position(tp):
+                return True
+        return False
+
+    async def lag_loop(self) -> None:
+        """Keep the consumer-lag gauge current: high watermark minus committed position."""
+        consumer = self._intake.consumer
+        tracker = self._intake.tracker
+        shown: set[TopicPartition] = set()
+        while True:
+            await asyncio.sleep(1.0)
+            assigned = consumer.assignment()
+            for tp in shown - assigned:
+                self._metrics.lag.remove(tp.topic, str(tp.partition))
+            for tp in assigned:
+                highwater = consumer.highwater(tp)
+                if highwater is None:
+                    continue
+                committed = tracker.committed(tp)
+                if committed is None:
+                    committed = await consumer.position(tp)
+                self._metrics.lag.labels(tp.topic, str(tp.partition)).set(
+                    max(0, highwater - committed)
+                )
+            shown = set(assigned)
+            self._metrics.in_flight.set(tracker.pending)
