@@ -55,6 +55,16 @@ def test_closed_loop_against_the_worker_and_the_echo_reference(
     assert 1 <= worker[0]["mean_batch"] <= worker[0]["max_batch"] <= 64
     check_sane(echo[0], 300)
     assert echo[0]["mean_batch"] is None
+    assert (worker[0]["responses"], echo[0]["responses"]) == (300, 0)
+
+
+def test_plain_loop_reference_answers_every_request(settings: Settings, tmp_path: Path) -> None:
+    """The plain-loop reference serves the mlp model at batch size 1: real replies, no batches."""
+    rows = bench(settings, tmp_path, "-n", "200", "--target", "plain", "--model", "mlp")["results"]
+    assert isinstance(rows, list)
+    check_sane(rows[0], 200)
+    assert rows[0]["responses"] == 200, "every reply is a model's response, not an echo"
+    assert rows[0]["mean_batch"] is None, "the plain loop sends no timing"
 
 
 def test_open_loop_sweep_writes_a_plot(settings: Settings, tmp_path: Path) -> None:

@@ -74,9 +74,7 @@ class Worker:
         self._limits = Limits(
             runtime.max_request_bytes, runtime.max_request_elements, runtime.default_timeout_ms
         )
-        self._intake = Intake(
-            kafka, runtime, self._admit, metrics=self.metrics, progress=self._progress
-        )
+        self._intake = Intake(kafka, runtime, metrics=self.metrics, progress=self._progress)
         self._supervisor = Supervisor(
             self._intake,
             self._progress,
@@ -85,8 +83,6 @@ class Worker:
             watchdog_timeout_s=runtime.watchdog_timeout_s,
         )
         self._audit_log = AuditLog()
-        self._lanes: Lanes | None = None
-        self._replier: Replier | None = None
 
     @property
     def assigned(self) -> frozenset[TopicPartition]:
@@ -138,7 +134,7 @@ class Worker:
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
             # wait=False: a model call stuck forever must not keep the worker from exiting.
             stack.callback(executor.shutdown, wait=False, cancel_futures=True)
-            replier = self._replier = self._make_replier(producer)
+            replier = self._make_replier(producer)
             log.info(
                 "worker started",
                 topic=kafka.requests_topic,
@@ -148,7 +144,7 @@ class Worker:
             _freeze_heap()
             stack.callback(gc.unfreeze)  # let exit-time collection see everything again
             async with asyncio.TaskGroup() as group:
-                lanes = self._lanes = Lanes(
+                lanes = Lanes(
                     group,
                     executor,
                     batching=settings.batching,
@@ -170,8 +166,19 @@ class Worker:
             group.create_task(supervisor.lag_loop()),
             group.create_task(self._reload_loop(lanes)),
         ]
+
+        def dispatch(source: Source) -> None:
+            """Admit one record; queue its job, or publish its answer now."""
+            outcome = admit(
+                source, self.repository, self._limits, self._destinations, now=time.monotonic()
+            )
+            if isinstance(outcome, Admitted):
+                lanes.put(outcome)
+            else:
+                replier.submit(outcome.outgoing)
+
+        await intake.consume(self._stopping, dispatch)
         try:
-            await intake.consume(self._stopping)
             async with asyncio.timeout(self.settings.runtime.shutdown_timeout_s):
                 await lanes.drain()
                 replier.close()
@@ -201,18 +208,6 @@ class Worker:
             retries=self.settings.runtime.reply_retries,
             topic_exists=TopicCache(existing_topics).exists,
         )
-
-    def _admit(self, source: Source) -> None:
-        """Intake's hand-off: admit one record; queue its job, or publish its answer now."""
-        outcome = admit(
-            source, self.repository, self._limits, self._destinations, now=time.monotonic()
-        )
-        if isinstance(outcome, Admitted):
-            assert self._lanes is not None
-            self._lanes.put(outcome)
-        else:
-            assert self._replier is not None
-            self._replier.submit(outcome.outgoing)
 
     def _acknowledged(self, items: Sequence[Outgoing]) -> None:
         """Everything for a group of records is acknowledged: count, audit, note progress."""

@@ -2,10 +2,10 @@
 
 :class:`Intake` owns the group consumer, the :class:`~worker.offsets.OffsetTracker` and the
 assignment. It fetches records, tracks each, and hands it on as a
-:class:`~worker.outgoing.Source` to ``dispatch``; the replier marks records done once their
-replies are acknowledged, and the commit loop commits, per partition, the lowest offset not yet
-answered. At ``max_in_flight`` records between fetch and acknowledged reply it pauses its
-partitions (no background buffering either) until replies catch up.
+:class:`~worker.outgoing.Source` to the worker's ``dispatch``; the replier marks records done
+once their replies are acknowledged, and the commit loop commits, per partition, the lowest
+offset not yet answered. At ``max_in_flight`` records between fetch and acknowledged reply it
+pauses its partitions (no background buffering either) until replies catch up.
 
 On a rebalance (eager: every partition is revoked first), it waits, bounded by the shutdown
 timeout, for the revoked partitions' requests to be answered, commits them, and forgets them.
@@ -41,14 +41,12 @@ class Intake:
         self,
         kafka: KafkaSettings,
         runtime: RuntimeSettings,
-        dispatch: Callable[[Source], None],
         *,
         metrics: Metrics,
         progress: Progress,
     ) -> None:
         self._kafka = kafka
         self._runtime = runtime
-        self._dispatch = dispatch
         self._metrics = metrics
         self._progress = progress
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
@@ -71,8 +69,8 @@ class Intake:
             await self.consumer.stop()
             self.assigned.clear()
 
-    async def consume(self, stopping: asyncio.Event) -> None:
-        """Fetch and dispatch records until ``stopping`` is set."""
+    async def consume(self, stopping: asyncio.Event, dispatch: Callable[[Source], None]) -> None:
+        """Fetch records and hand each to ``dispatch`` until ``stopping`` is set."""
         consumer = self.consumer
         max_in_flight = self._runtime.max_in_flight
         max_records = self._kafka.fetch_max_records
@@ -94,7 +92,7 @@ class Intake:
             for tp, records in fetched.items():
                 for record in records:
                     self.tracker.track(tp, record.offset)
-                    self._dispatch(
+                    dispatch(
                         Source(tp, record.offset, record.key, record.value, record.headers,
                                record.timestamp)
                     )  # fmt: skip

@@ -45,6 +45,8 @@ class BenchResult:
     compute_ms: list[float] = field(repr=False)
     queue_ms: list[float] = field(repr=False, default_factory=list)
     """Per reply: decode to the start of its batch's forward pass, inside the worker."""
+    responses: int = 0
+    """Replies that decode as inference responses (the echo loop sends back requests)."""
 
     @property
     def throughput(self) -> float:
@@ -80,6 +82,7 @@ class BenchResult:
             else None,
             "p99_queue_ms": _p99(self.queue_ms),
             "errors": self.errors,
+            "responses": self.responses,
         }
 
 
@@ -146,6 +149,7 @@ class _Load:
                 reply = decode_response(value or b"")
             except DecodeError:
                 continue  # the echo worker returns the request itself
+            out.responses += 1
             if reply.error is not None:
                 out.errors += 1
             if reply.timing is not None:

@@ -15,9 +15,10 @@ their acks together:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 
 from worker.codec import InferenceResponse, Tensor, decode_request, encode_response
 from worker.kafka import ensure_topics, header, make_consumer, make_producer
@@ -27,34 +28,13 @@ from worker.settings import Settings
 __all__ = ["run_echo", "run_plain"]
 
 
+Answer = Callable[[ConsumerRecord[bytes, bytes]], tuple[bytes | None, list[tuple[str, bytes]]]]
+"""What a reference makes of one request record: the reply's value and headers."""
+
+
 async def run_echo(settings: Settings, stop: asyncio.Event) -> None:
     """Echo requests to replies until ``stop`` is set."""
-    kafka = settings.kafka
-    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
-    consumer = make_consumer(kafka)
-    producer = make_producer(kafka)
-    await producer.start()
-    consumer.subscribe([kafka.requests_topic])
-    await consumer.start()
-    try:
-        while not stop.is_set():
-            batches = await consumer.getmany(timeout_ms=100, max_records=kafka.fetch_max_records)
-            futures: list[asyncio.Future[Any]] = []
-            positions: dict[TopicPartition, int] = {}
-            for tp, records in batches.items():
-                futures += [
-                    await producer.send(
-                        kafka.replies_topic, r.value, key=r.key, headers=list(r.headers)
-                    )
-                    for r in records
-                ]
-                positions[tp] = records[-1].offset + 1
-            if futures:
-                await asyncio.gather(*futures)
-                await consumer.commit(positions)
-    finally:
-        await consumer.stop()
-        await producer.stop()
+    await _loop(settings, stop, lambda r: (r.value, list(r.headers)))
 
 
 async def run_plain(settings: Settings, stop: asyncio.Event) -> None:
@@ -63,6 +43,24 @@ async def run_plain(settings: Settings, stop: asyncio.Event) -> None:
 
     torch.set_num_threads(settings.models.threads)
     repository = await asyncio.to_thread(ModelRepository.load, settings.models.repository)
+
+    def answer(r: ConsumerRecord[bytes, bytes]) -> tuple[bytes | None, list[tuple[str, bytes]]]:
+        request = decode_request(r.value)
+        model = repository.route(request.model_name, None, request.id).primary
+        inputs = zip((s.name for s in model.config.inputs), model.validate(request), strict=True)
+        outputs = model.predict(dict(inputs))
+        response = InferenceResponse(
+            request.id, model.name, model.version,
+            [Tensor.from_numpy(name, value) for name, value in outputs.items()],
+        )  # fmt: skip
+        cid = header(r.headers, "correlation_id") or request.id.encode()
+        return encode_response(response), [("correlation_id", cid)]
+
+    await _loop(settings, stop, answer)
+
+
+async def _loop(settings: Settings, stop: asyncio.Event, answer: Answer) -> None:
+    """Consume requests, publish ``answer`` of each (pipelined), commit after the acks."""
     kafka = settings.kafka
     await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
     consumer = make_consumer(kafka)
@@ -77,23 +75,9 @@ async def run_plain(settings: Settings, stop: asyncio.Event) -> None:
             positions: dict[TopicPartition, int] = {}
             for tp, records in batches.items():
                 for r in records:
-                    request = decode_request(r.value)
-                    model = repository.route(request.model_name, None, request.id).primary
-                    outputs = model.predict(dict(zip(
-                        (s.name for s in model.config.inputs), model.validate(request), strict=True
-                    )))  # fmt: skip
-                    response = InferenceResponse(
-                        request.id, model.name, model.version,
-                        [Tensor.from_numpy(name, value) for name, value in outputs.items()],
-                    )  # fmt: skip
-                    cid = header(r.headers, "correlation_id") or request.id.encode()
+                    value, headers = answer(r)
                     futures.append(
-                        await producer.send(
-                            kafka.replies_topic,
-                            encode_response(response),
-                            key=r.key,
-                            headers=[("correlation_id", cid)],
-                        )
+                        await producer.send(kafka.replies_topic, value, key=r.key, headers=headers)
                     )
                 positions[tp] = records[-1].offset + 1
             if futures:

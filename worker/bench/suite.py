@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", default="", help="comma-separated max_batch_size values")
     parser.add_argument("--suite", action="store_true", help="run every reference comparison")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--worker-src", type=Path, default=None,
+                        help="run the worker from this source tree (another commit)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--plot", type=Path, help="write a PNG plot here (needs matplotlib)")
 
@@ -71,7 +73,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             kafka = bench_topics(settings.kafka, target)
             await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
             context = (
-                spawned(target, kafka, repo, Path(tmp) / f"{label}.log")
+                spawned(target, kafka, repo, Path(tmp) / f"{label}.log", worker_src=args.worker_src)
                 if target != "none"
                 else contextlib.nullcontext()
             )
@@ -112,10 +114,10 @@ async def _suite(
     batch1 = await one("mlp-batch-1", "worker", **closed, max_batch_size=1)
     mlp = await one("mlp", "worker", **closed)
     digits = await one("digits", "worker", mode="closed", model="digits")
-    heavy_n = max(200, n // 10)
-    heavy = await one("heavy", "worker", mode="closed", model="heavy", requests=heavy_n)
+    # About a second of load each: shorter runs are at the mercy of one stall.
+    heavy = await one("heavy", "worker", mode="closed", model="heavy", requests=max(200, n // 5))
     heavy_int8 = await one("heavy-int8", "worker", mode="closed", model="heavy",
-                           requests=heavy_n, quantize="int8")  # fmt: skip
+                           requests=max(200, n // 2), quantize="int8")  # fmt: skip
     heavy_batch = round(statistics.fmean(heavy.batch_sizes)) if heavy.batch_sizes else 1
     plain_torch, plain_torch_int8 = (
         plain_torch_throughput(
@@ -164,13 +166,21 @@ RATE_STEPS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
 
 
 async def _highest_rate(one: Any, *, capacity: float, p99_ms: float) -> float:
-    """The highest open-loop rate (of :data:`RATE_STEPS`) whose p99 stays under ``p99_ms``."""
+    """The highest open-loop rate (of :data:`RATE_STEPS`) whose p99 stays under ``p99_ms``.
+
+    A step that misses is run once more before the search stops: on a shared machine one run
+    in a few has a tail from a neighbour's stall, and a miss should be the worker's.
+    """
     held = 0.0
     for step in RATE_STEPS:
         rate = capacity * step
-        result = await one(f"mlp-open-{round(step * 100)}pct", "worker", mode="open",
-                           model="mlp", rate=rate, requests=max(500, int(rate * 4)))  # fmt: skip
-        if result.percentile(99) >= p99_ms or result.errors:
-            break
+        for attempt in ("", "-again"):
+            result = await one(f"mlp-open-{round(step * 100)}pct{attempt}", "worker",
+                               mode="open", model="mlp", rate=rate,
+                               requests=max(500, int(rate * 4)))  # fmt: skip
+            if result.percentile(99) < p99_ms and not result.errors:
+                break
+        else:
+            return held
         held = rate
     return held

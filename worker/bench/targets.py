@@ -106,13 +106,19 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def spawned(target: str, kafka: KafkaSettings, repo: Path, log: Path) -> Iterator[None]:
+def spawned(
+    target: str, kafka: KafkaSettings, repo: Path, log: Path, *, worker_src: Path | None = None
+) -> Iterator[None]:
     """Run ``python -m worker serve`` (or ``echo``, ``plain``) on the bench's topics while open.
 
     The child inherits this process's ``WORKER_*`` settings (tune it that way), except the
     Kafka topics and group, the model repository and logging, which the bench sets.
+    ``worker_src``: run the worker (not the references) from this source tree, for example a
+    checkout of an earlier commit, to measure before and after in one run.
     """
     env = dict(os.environ)
+    if worker_src is not None and target == "worker":
+        env["PYTHONPATH"] = str(worker_src)
     env |= env_vars(kafka, "kafka")
     env |= {
         "WORKER_MODELS__REPOSITORY": str(repo),
