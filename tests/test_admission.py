@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from worker.admission import Admitted, Answered, Limits, admit
 from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
-from worker.outgoing import DLQ_HEADER_PREFIX, Destinations, Outgoing, Source
+from worker.outgoing import DLQ_HEADER_PREFIX, UNSERVED, Destinations, Outgoing, Source
 from worker.repository import ModelRepository
 
 from .conftest import configure
@@ -175,6 +175,87 @@ def test_no_shadow_onto_the_version_that_answers(repo_dir: Path) -> None:
     assert outcome.shadow is None
 
 
+@pytest.mark.parametrize(
+    ("dims", "code"),
+    [
+        ([2**63 - 1] * 230, "INVALID_ARGUMENT"),  # too many dimensions to count (the poison pill)
+        ([2**63 - 1] * 100_000, "INVALID_ARGUMENT"),
+        ([2**63 - 1] * 32, "RESOURCE_EXHAUSTED"),  # as many as allowed, each huge
+        ([2**62, 2**62], "RESOURCE_EXHAUSTED"),
+        ([2**63 - 1, 0], "INVALID_ARGUMENT"),  # no elements: then the data length is wrong
+        ([5, -1], "INVALID_ARGUMENT"),
+    ],
+)
+def test_hostile_shapes_are_answered_quickly_with_a_short_message(
+    repository: ModelRepository, dims: list[int], code: str
+) -> None:
+    """Shapes with huge or many dimensions get a coded reply; counting never blows up."""
+    tensor = Tensor("pixels", "FP32", tuple(dims), b"\0" * 4)
+    got_code, message = error_of(admit(record(request(tensors=[tensor])), repository, LIMITS,
+                                       DEST, now=0.0))  # fmt: skip
+    assert got_code == code
+    assert len(message) < 500
+
+
+def test_an_empty_id_is_invalid_and_the_reply_carries_the_header_id(
+    repository: ModelRepository,
+) -> None:
+    """Five zero bytes decode as a request with no id: INVALID_ARGUMENT, never a NOT_FOUND."""
+    [message] = answered(admit(record(b"\0" * 5), repository, LIMITS, DEST, now=0.0))
+    response = decode_response(message.value or b"")
+    assert response.error is not None
+    assert response.error.code == "INVALID_ARGUMENT"
+    assert "id is empty" in response.error.message
+    headers = [("correlation_id", b"from-header")]
+    [message] = answered(admit(record(b"\0" * 5, headers), repository, LIMITS, DEST, now=0.0))
+    assert decode_response(message.value or b"").id == "from-header"
+    assert dict(message.headers)["correlation_id"] == b"from-header"
+
+
+def test_request_strings_of_any_length_are_cut_in_messages(repository: ModelRepository) -> None:
+    """A megabyte model name or input name is named in the error, cut short."""
+    code, message = error_of(admit(record(request(model="m" * 1_000_000)), repository, LIMITS,
+                                   DEST, now=0.0))  # fmt: skip
+    assert code == "NOT_FOUND"
+    assert len(message) < 500
+    assert "more characters" in message
+    tensor = Tensor.from_numpy("x" * 1_000_000, ROW)
+    code, message = error_of(admit(record(request(tensors=[tensor])), repository, LIMITS,
+                                   DEST, now=0.0))  # fmt: skip
+    assert code == "INVALID_ARGUMENT"
+    assert len(message) < 1000
+
+
+def test_a_reply_topic_not_allowed_is_refused_before_the_model_runs(
+    repository: ModelRepository,
+) -> None:
+    """reply_to naming the requests topic: INVALID_ARGUMENT on the default topic, no job."""
+    policy = Destinations("replies", "dlq", "g", requests_topic="requests")
+    headers = [("reply_to", b"requests")]
+    [message] = answered(admit(record(request(), headers), repository, LIMITS, policy, now=0.0))
+    assert message.topic == "replies"
+    response = decode_response(message.value or b"")
+    assert response.error is not None
+    assert response.error.code == "INVALID_ARGUMENT"
+    assert "'requests' is not allowed" in response.error.message
+    assert message.meta is not None
+    assert message.meta.refused_topic
+
+
+def test_metric_labels_come_from_the_repository_not_the_request(
+    repository: ModelRepository,
+) -> None:
+    """NOT_FOUND is labelled UNSERVED; an invalid request to a served model names its version."""
+    [missing] = answered(admit(record(request(model="x" * 50)), repository, LIMITS, DEST, now=0.0))
+    assert missing.meta is not None
+    assert missing.meta.labels == (UNSERVED, UNSERVED)
+    tensor = Tensor.from_numpy("pixels", ROW[:, :3])
+    [invalid] = answered(admit(record(request(tensors=[tensor])), repository, LIMITS, DEST,
+                               now=0.0))  # fmt: skip
+    assert invalid.meta is not None
+    assert invalid.meta.labels == ("digits", "2")
+
+
 HYPOTHESIS = settings(
     max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -198,7 +279,10 @@ DATATYPES = ["FP32", "FP64", "INT64", "INT8", "UINT8", "BOOL", "FP16"]
     version=st.one_of(st.none(), st.sampled_from(["", "1", "2", "3", "-1", "01"])),
     name=st.sampled_from(["pixels", "features", "", "other"]),
     datatype=st.sampled_from(DATATYPES),
-    shape=st.lists(st.integers(min_value=0, max_value=70), min_size=0, max_size=4),
+    shape=st.one_of(
+        st.lists(st.integers(min_value=0, max_value=70), min_size=0, max_size=4),
+        st.lists(st.integers(min_value=-(2**63), max_value=2**63 - 1), max_size=300),
+    ),
     extra=st.integers(min_value=-3, max_value=3),
 )
 def test_structurally_valid_requests_get_an_outcome(  # noqa: PLR0917 - hypothesis passes them
@@ -212,13 +296,14 @@ def test_structurally_valid_requests_get_an_outcome(  # noqa: PLR0917 - hypothes
 ) -> None:
     """Random names, versions, datatypes, shapes and byte lengths: a job or a coded answer."""
     size = {"FP32": 4, "FP64": 8, "INT64": 8, "FP16": 2}.get(datatype, 1)
-    length = max(0, math.prod(shape) * size + extra)
+    length = min(max(0, math.prod(shape) * size + extra), 1 << 20) if len(shape) < 8 else 4
     tensor = Tensor(name, datatype, tuple(shape), b"\x01" * length)
     value = encode_request(InferenceRequest("id", model, [tensor], version))
     outcome = admit(record(value), repository, LIMITS, DEST, now=0.0)
     if isinstance(outcome, Answered):
-        code, _ = error_of(outcome)
+        code, message = error_of(outcome)
         assert code in {"NOT_FOUND", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
+        assert len(message) < 2000
     else:
         assert outcome.job.model.name == model
         assert outcome.job.arrays[0].shape == tuple(shape)

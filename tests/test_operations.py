@@ -16,6 +16,7 @@ from worker.app import Worker
 from worker.client import InferenceClient
 from worker.codec import Tensor
 from worker.kafka import make_producer
+from worker.outgoing import UNSERVED
 from worker.repository import ModelRepository
 from worker.settings import Settings
 
@@ -44,6 +45,10 @@ async def scrape(worker: Worker) -> dict[tuple[str, tuple[tuple[str, str], ...]]
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def labels_of(version: str) -> dict[str, str]:
+    return {"model": "digits", "version": version}
 
 
 def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
@@ -93,10 +98,12 @@ async def test_metrics_count_what_was_sent_and_lag_returns_to_zero(
     assert {r.error.code for r in invalid if r.error} == {"INVALID_ARGUMENT"}
     requests = "inference_requests_total"
     assert value(samples, requests, model="digits", version=version, outcome="ok") == 50
-    assert value(samples, requests, model="nope", version="", outcome="NOT_FOUND") == 3
-    assert value(samples, requests, model="digits", version="", outcome="INVALID_ARGUMENT") == 2
+    unserved = {"model": UNSERVED, "version": UNSERVED}
+    assert value(samples, requests, **unserved, outcome="NOT_FOUND") == 3
+    assert value(samples, requests, **labels_of(version), outcome="INVALID_ARGUMENT") == 2
     labels = {"model": "digits", "version": version}
-    assert value(samples, "inference_request_latency_seconds_count", **labels) == 50
+    # Replies from the served version, the two it refused included.
+    assert value(samples, "inference_request_latency_seconds_count", **labels) == 52
     assert value(samples, "inference_queue_wait_seconds_count", **labels) == 50
     batches = value(samples, "inference_batch_size_count", **labels)
     assert 1 <= batches <= 50
@@ -104,6 +111,34 @@ async def test_metrics_count_what_was_sent_and_lag_returns_to_zero(
     assert value(samples, "inference_batch_compute_seconds_count", **labels) == batches
     assert value(samples, "inference_requests_in_flight") == 0
     assert value(samples, "inference_commits_total", result="ok") >= 1
+
+
+async def test_unknown_model_names_do_not_grow_the_metrics(
+    settings: Settings, repository: ModelRepository, testset: TestSet
+) -> None:
+    """1,000 distinct unknown model names and versions add no metric series (bounded labels)."""
+    row = {"pixels": testset[0][:1]}
+    async with (
+        running_worker(settings, repository) as worker,
+        InferenceClient(settings.kafka) as client,
+    ):
+        first = await asyncio.gather(*(client.infer(f"first-{i}", row) for i in range(10)))
+        before = await scrape(worker)
+        many = await asyncio.gather(
+            *(client.infer(f"name-{i}", row, version=str(i)) for i in range(1000)),
+            *(client.infer("digits", row, version=f"9{i}") for i in range(100)),
+        )
+        after = await scrape(worker)
+    assert {r.error.code for r in [*first, *many] if r.error} == {"NOT_FOUND"}
+    assert all(r.error for r in many)
+
+    def per_request(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> set[Any]:
+        return {key for key in samples if key[0].startswith("inference_request")}
+
+    assert per_request(after) == per_request(before), "no series per unknown name or version"
+    requests = "inference_requests_total"
+    assert value(after, requests, model=UNSERVED, version=UNSERVED, outcome="NOT_FOUND") == 1110
+    assert not any("name-" in str(labels) for _, labels in after)
 
 
 async def test_readiness_flips_to_ready_only_after_the_assignment(

@@ -86,10 +86,38 @@ def test_reply_goes_to_the_default_topic_with_correlation_and_trace_headers() ->
 def test_reply_topic_headers_in_order_of_preference() -> None:
     """reply_to beats kafka_replyTopic; an empty reply_to falls through to the next."""
     response = error_response(request(), RequestError(ErrorCode.NOT_FOUND, "x"))
+    open_ = Destinations("replies", "dlq", "g", reply_topics=("*",))
     both = [("kafka_replyTopic", b"spring"), ("reply_to", b"ours")]
-    assert reply(DEST, source(both), response)[0].topic == "ours"
+    assert reply(open_, source(both), response)[0].topic == "ours"
     spring = [("reply_to", b""), ("kafka_replyTopic", b"spring")]
-    assert reply(DEST, source(spring), response)[0].topic == "spring"
+    assert reply(open_, source(spring), response)[0].topic == "spring"
+
+
+def test_reply_topic_policy_allows_listed_names_and_prefixes_never_own_topics() -> None:
+    """Listed names and prefixes are allowed; requests, dead-letter, audit topics never are."""
+    policy = Destinations(
+        "replies", "dlq", "g", audit_topic="audit", requests_topic="requests",
+        reply_topics=("exact", "clients.*", "*"),
+    )  # fmt: skip
+    strict = Destinations("replies", "dlq", "g", reply_topics=("exact", "clients.*"))
+    assert strict.allows("replies")
+    assert strict.allows("exact")
+    assert strict.allows("clients.a")
+    assert not strict.allows("exactly")
+    assert not strict.allows("client")
+    assert not strict.allows("other")
+    for own in ("requests", "dlq", "audit"):
+        assert not policy.allows(own), own
+    assert policy.allows("anything-else")
+
+
+def test_a_refused_reply_topic_gets_its_reply_on_the_default_topic() -> None:
+    """A reply to a topic that is not allowed goes to the default topic, marked refused."""
+    response = error_response(request(), RequestError(ErrorCode.NOT_FOUND, "x"))
+    [message] = reply(DEST, source([("reply_to", b"inference.requests")]), response)
+    assert message.topic == "replies"
+    assert message.meta is not None
+    assert message.meta.refused_topic
 
 
 def test_reply_continues_the_trace_and_echoes_headers() -> None:
@@ -146,7 +174,8 @@ def test_model_response_is_outputs_or_internal() -> None:
 
 def test_expired_response_says_by_how_much() -> None:
     """DEADLINE_EXCEEDED names the deadline and how long ago it passed."""
-    response = expired_response(request(), 1_000, 1_250.0)
+    response = expired_response(request(), "3", 1_000, 1_250.0)
+    assert response.model_version == "3"
     assert response.error is not None
     assert response.error.code == "DEADLINE_EXCEEDED"
     assert "deadline 1000" in response.error.message

@@ -144,6 +144,11 @@ async def test_bad_input_corpus_is_answered_or_dead_lettered_and_good_requests_s
                 "INVALID_ARGUMENT", False),
         "wrong-model": (None, request_value("wrong-model", Tensor.from_numpy("pixels", pixels[:1]),
                         model="resnet"), [], "NOT_FOUND", False),
+        "poison-dims": (None, request_value("poison-dims", Tensor("pixels", "FP32",
+                        (2**63 - 1,) * 230, b"\0" * 4)), [], "INVALID_ARGUMENT", False),
+        "empty-id": (None, b"\0" * 5, cid("empty-id"), "INVALID_ARGUMENT", False),
+        "long-name": (None, request_value("long-name", Tensor.from_numpy("pixels", pixels[:1]),
+                      model="m" * 200_000), [], "NOT_FOUND", False),
     }  # fmt: skip
     records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
     bad = list(corpus.items())
@@ -314,6 +319,7 @@ async def serve_one_unpublishable(
     others must all be answered and the group's offsets committed.
     """
     kafka = publisher.kafka
+    worker = changed(worker, "kafka", reply_topics=[reply_to])  # allowed, but unpublishable
     tensor = Tensor.from_numpy("pixels", testset[0][:1])
     records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = [
         (b"lost-key", request_value("lost", tensor), [("reply_to", reply_to.encode())])

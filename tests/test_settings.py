@@ -6,7 +6,7 @@ import pytest
 
 from worker.errors import ConfigError
 from worker.kafka import consumer_config, producer_config
-from worker.settings import KafkaSettings, Settings, env_var_names, load_settings
+from worker.settings import KafkaSettings, Settings, env_var_names, env_vars, load_settings
 
 
 def test_defaults_match_the_documented_topics_and_group() -> None:
@@ -68,3 +68,16 @@ def test_producer_waits_for_all_replicas_idempotently() -> None:
     config = producer_config(KafkaSettings())
     assert config["acks"] == "all"
     assert config["enable_idempotence"] is True
+
+
+def test_reply_topics_are_comma_separated_and_survive_env_vars(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """WORKER_KAFKA__REPLY_TOPICS splits on commas; env_vars() writes it back the same way."""
+    for name in [n for n in env_var_names() if n != "WORKER_KAFKA__BOOTSTRAP_SERVERS"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORKER_KAFKA__REPLY_TOPICS", " a , clients.* ,,b")
+    kafka = load_settings().kafka
+    assert kafka.reply_topics == ["a", "clients.*", "b"]
+    assert env_vars(kafka, "kafka")["WORKER_KAFKA__REPLY_TOPICS"] == "a,clients.*,b"
+    assert KafkaSettings().reply_topics == []

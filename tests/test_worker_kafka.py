@@ -22,7 +22,7 @@ from worker.kafka import ensure_topics, make_producer
 from worker.repository import ModelRepository
 from worker.settings import Settings
 
-from .conftest import changed, group_lag, reply_reader, running_worker, wait_for
+from .conftest import changed, group_lag, reply_reader, running_worker, topic_size, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -62,11 +62,48 @@ async def test_thousand_concurrent_requests_each_get_their_own_correct_reply(
     }
 
 
+async def test_a_reply_topic_outside_the_policy_is_refused_and_nothing_is_written_there(
+    settings: Settings, repository: ModelRepository, testset: TestSet
+) -> None:
+    """reply_to naming our own topics: refused on the default topic, nothing written there."""
+    kafka = settings.kafka
+    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic])
+    tensor = Tensor.from_numpy("pixels", testset[0][:1])
+    targets = {"steer-requests": kafka.requests_topic, "steer-dlq": kafka.dead_letter_topic}
+    async with running_worker(settings, repository) as worker, reply_reader(settings) as replies:
+        producer = make_producer(kafka)
+        await producer.start()
+        try:
+            for rid, topic in targets.items():
+                await producer.send_and_wait(
+                    kafka.requests_topic,
+                    encode_request(InferenceRequest(rid, "digits", [tensor])),
+                    headers=[("reply_to", topic.encode())],
+                )
+        finally:
+            await producer.stop()
+        await wait_for(lambda: len(replies) >= 2, timeout=60, what="two refusals")
+        await wait_for(
+            lambda: worker.metrics.value("inference_reply_topic_refused_total") == 2,
+            timeout=30,
+            what="the refusals counted",
+        )
+    assert await topic_size(settings, kafka.requests_topic) == 2, "only the two requests"
+    assert await topic_size(settings, kafka.dead_letter_topic) == 0
+    for reply in replies:
+        response = decode_response(reply.value)
+        assert response.id in targets
+        assert response.error is not None
+        assert response.error.code == "INVALID_ARGUMENT"
+        assert "is not allowed" in response.error.message
+
+
 async def test_reply_goes_to_reply_to_topic_with_key_and_headers(
     settings: Settings, repository: ModelRepository, testset: TestSet
 ) -> None:
     """reply_to is honoured; the reply keeps key and correlation id, continues the trace."""
     other = f"{settings.kafka.replies_topic}.custom"
+    settings = changed(settings, "kafka", reply_topics=[f"{settings.kafka.replies_topic}.*"])
     request = InferenceRequest(
         id="corr-42",
         model_name="digits",

@@ -14,15 +14,14 @@ hundred without a broker.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy.typing as npt
 import structlog
 
 from worker.codec import InferenceRequest, decode_request
-from worker.errors import DecodeError, ErrorCode, RequestError
+from worker.errors import SHOWN_CHARS, DecodeError, ErrorCode, RequestError, shown
 from worker.kafka import header
 from worker.model import LoadedModel
 from worker.outgoing import (
@@ -37,7 +36,10 @@ from worker.outgoing import (
 from worker.repository import ModelRepository
 from worker.shadow import Comparison
 
-__all__ = ["Admitted", "Answered", "Job", "Limits", "admit", "check_limits"]
+__all__ = ["MAX_DIMENSIONS", "Admitted", "Answered", "Job", "Limits", "admit", "check_limits"]
+
+MAX_DIMENSIONS = 32
+"""Most dimensions an input may declare (models use a handful; the count stays cheap)."""
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +97,24 @@ def admit(
         request = decode_request(source.value)
     except DecodeError as exc:
         return Answered(_undecodable(source, exc, destinations))
+    requested = destinations.requested(dict(source.headers))
+    if requested is not None and not destinations.allows(requested):
+        refused = RequestError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"reply topic {shown(requested)} is not allowed (WORKER_KAFKA__REPLY_TOPICS lists "
+            f"the allowed ones); this reply goes to {destinations.replies_topic!r}",
+        )
+        return Answered(reply(destinations, source, error_response(request, refused)))
+    if not request.id:
+        # Answered under the record's correlation_id header, if any: an empty id matches nothing.
+        raw_id = header(source.headers, "correlation_id")
+        request = replace(request, id=raw_id.decode(errors="replace") if raw_id else "")
+        empty = RequestError(
+            ErrorCode.INVALID_ARGUMENT,
+            "request id is empty; set it to a correlation id (the reply carries it)",
+        )
+        return Answered(reply(destinations, source, error_response(request, empty)))
+    route = None
     try:
         check_limits(limits, source, request)
         route = repository.route(request.model_name, request.model_version, request.id)
@@ -102,12 +122,16 @@ def admit(
     except RequestError as exc:
         log.info(
             "request answered with an error",
-            correlation_id=request.id,
-            model=request.model_name,
+            correlation_id=request.id[:SHOWN_CHARS],
+            model=request.model_name[:SHOWN_CHARS],
             code=str(exc.code),
             error=exc.message,
         )
-        return Answered(reply(destinations, source, error_response(request, exc)))
+        response = error_response(request, exc)
+        if route is not None:  # the version that refused it
+            response = replace(response, model_version=route.primary.version)
+        served = repository.serves(response.model_name, response.model_version)
+        return Answered(reply(destinations, source, response, served=served))
     deadline = request.deadline_ms
     if deadline is None and limits.default_timeout_ms:
         deadline = source.timestamp_ms + limits.default_timeout_ms
@@ -123,7 +147,13 @@ def admit(
 
 
 def check_limits(limits: Limits, source: Source, request: InferenceRequest) -> None:
-    """Raise RESOURCE_EXHAUSTED for a request over the size limits, before any allocation."""
+    """Raise before any allocation for a request over a size limit or with impossible shapes.
+
+    Over ``max_request_bytes`` or ``max_request_elements``: RESOURCE_EXHAUSTED; a negative
+    dimension or more than :data:`MAX_DIMENSIONS`: INVALID_ARGUMENT. Counting stops as soon as
+    the total passes the limit, so no shape of any size or value makes this slow or makes its
+    message unprintable.
+    """
     size = len(source.value or b"")
     if size > limits.max_request_bytes:
         raise RequestError(
@@ -131,13 +161,31 @@ def check_limits(limits: Limits, source: Source, request: InferenceRequest) -> N
             f"request is {size} bytes; this worker serves at most "
             f"{limits.max_request_bytes} (WORKER_RUNTIME__MAX_REQUEST_BYTES)",
         )
-    elements = sum(math.prod(t.shape) for t in request.inputs)
-    if elements > limits.max_request_elements:
-        raise RequestError(
-            ErrorCode.RESOURCE_EXHAUSTED,
-            f"inputs declare {elements} elements in all; this worker serves at most "
-            f"{limits.max_request_elements} (WORKER_RUNTIME__MAX_REQUEST_ELEMENTS)",
-        )
+    budget = limits.max_request_elements
+    total = 0
+    for tensor in request.inputs:
+        shape = tensor.shape
+        if len(shape) > MAX_DIMENSIONS:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"input {shown(tensor.name)} has {len(shape)} dimensions; at most "
+                f"{MAX_DIMENSIONS} are accepted",
+            )
+        if any(d < 0 for d in shape):
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"input {shown(tensor.name)} has a negative dimension in its shape",
+            )
+        count = 0 if 0 in shape else 1
+        for dim in shape:
+            count *= dim
+            if total + count > budget:
+                raise RequestError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"inputs declare more than {budget} elements in all; this worker serves at "
+                    "most that many (WORKER_RUNTIME__MAX_REQUEST_ELEMENTS)",
+                )
+        total += count
 
 
 def _undecodable(source: Source, exc: DecodeError, destinations: Destinations) -> list[Outgoing]:
@@ -148,7 +196,7 @@ def _undecodable(source: Source, exc: DecodeError, destinations: Destinations) -
         partition=source.tp.partition,
         offset=source.offset,
         error=exc.message,
-        correlation_id=raw_id.decode(errors="replace") if raw_id else None,
+        correlation_id=raw_id[:SHOWN_CHARS].decode(errors="replace") if raw_id else None,
     )
     outgoing = [dead_letter(destinations, source, Stage.DECODE, exc)]
     if raw_id is not None:

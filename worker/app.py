@@ -70,6 +70,8 @@ class Worker:
             dead_letter_topic=kafka.dead_letter_topic,
             group_id=kafka.group_id,
             audit_topic=settings.audit.topic,
+            requests_topic=kafka.requests_topic,
+            reply_topics=tuple(kafka.reply_topics),
         )
         self._limits = Limits(
             runtime.max_request_bytes, runtime.max_request_elements, runtime.default_timeout_ms

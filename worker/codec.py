@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from worker.errors import DecodeError, ErrorCode, ReplyError, RequestError
+from worker.errors import DecodeError, ErrorCode, ReplyError, RequestError, shown
 
 __all__ = [
     "DATATYPES",
@@ -129,7 +129,8 @@ class _Schema:
             record = fastavro.schemaless_reader(buf, writer, self.parsed)
         except Exception as exc:  # fastavro raises many types on garbage
             raise DecodeError(
-                f"value is not an Avro-encoded {self.name} ({type(exc).__name__}: {exc})"
+                f"value is not an Avro-encoded {self.name} ({type(exc).__name__}: "
+                f"{shown(str(exc), 200)})"
             ) from exc
         if buf.tell() != len(body):
             raise DecodeError(
@@ -175,19 +176,20 @@ class Tensor:
         if dtype is None:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"input {self.name!r}: unknown datatype {self.datatype!r}; "
+                f"input {shown(self.name)}: unknown datatype {shown(self.datatype)}; "
                 f"expected one of {', '.join(DATATYPES)}",
             )
         if any(d < 0 for d in self.shape):
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"input {self.name!r}: shape {list(self.shape)} has a negative dimension",
+                f"input {shown(self.name)}: shape {shown(str(list(self.shape)))} has a negative "
+                "dimension",
             )
         count = math.prod(self.shape)
         if count * dtype.itemsize != len(self.data):
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"input {self.name!r}: shape {list(self.shape)} of {self.datatype} needs "
+                f"input {shown(self.name)}: shape {list(self.shape)} of {self.datatype} needs "
                 f"{count * dtype.itemsize} bytes, data has {len(self.data)}",
             )
         return np.frombuffer(self.data, dtype=dtype).reshape(self.shape)

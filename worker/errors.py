@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "SHOWN_CHARS",
     "ClientError",
     "ConfigError",
     "ConnectError",
@@ -32,7 +33,22 @@ __all__ = [
     "RequestError",
     "WatchdogError",
     "WorkerError",
+    "shown",
 ]
+
+SHOWN_CHARS = 80
+"""Longest request-supplied string repeated in an error message or a log line."""
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` of at most ``limit`` characters of a request-supplied string.
+
+    Strings of any length are safe in messages and logs this way; a cut says how much was
+    left out.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}...({len(value) - limit} more characters)"
 
 
 class ErrorCode(enum.StrEnum):

@@ -30,6 +30,7 @@ import structlog
 from worker.admission import Admitted, Job
 from worker.batching import Batcher
 from worker.codec import Timing
+from worker.errors import SHOWN_CHARS
 from worker.metrics import Metrics
 from worker.model import LoadedModel, run_isolated
 from worker.outgoing import Destinations, Outgoing, expired_response, model_response, reply
@@ -140,8 +141,10 @@ class Lanes:
                     continue
                 self._compare(job, None)
                 if not job.is_shadow:
-                    response = expired_response(job.request, job.deadline_ms, now_ms)
-                    outgoing += reply(self._destinations, job.source, response)
+                    response = expired_response(
+                        job.request, job.model.version, job.deadline_ms, now_ms
+                    )
+                    outgoing += reply(self._destinations, job.source, response, served=True)
             if live:
                 live_batches.append(live)
         if live_batches:
@@ -176,7 +179,7 @@ class Lanes:
                 continue
             timing = Timing(int((started - job.enqueued) * 1e6), int(compute_s * 1e6), len(live))
             response = model_response(job.request, model.name, model.version, result, timing)
-            outgoing += reply(self._destinations, job.source, response, batch_id)
+            outgoing += reply(self._destinations, job.source, response, batch_id, served=True)
         return outgoing
 
     def _compare(self, job: Job, result: Result | None) -> None:
@@ -190,7 +193,7 @@ class Lanes:
         if outcome is Outcome.DISAGREED:
             log.info(
                 "shadow disagrees with primary",
-                correlation_id=job.request.id,
+                correlation_id=job.request.id[:SHOWN_CHARS],
                 model=comparison.model,
                 output=comparison.output,
             )

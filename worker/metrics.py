@@ -79,6 +79,11 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.reply_topic_refused = Counter(
+            "inference_reply_topic_refused",
+            "Requests that named a reply topic they may not use (answered on the default one)",
+            registry=r,
+        )
         self.fetch_pauses = Counter(
             "inference_fetch_pauses",
             "Times fetching paused because max_in_flight requests were in flight",
@@ -110,8 +115,10 @@ class Metrics:
             meta = item.meta
             if meta is None:
                 continue
-            outcomes[(meta.model, meta.version, meta.outcome)] += 1
-            labels = (meta.model, meta.version)
+            if meta.refused_topic:
+                self.reply_topic_refused.inc()
+            labels = meta.labels
+            outcomes[(*labels, meta.outcome)] += 1
             child = latency.get(labels) or latency.setdefault(labels, self.latency.labels(*labels))
             child.observe(max(0.0, now_ms - item.source.timestamp_ms) / 1000)
         for labels_outcome, count in outcomes.items():

@@ -19,7 +19,7 @@ import numpy.typing as npt
 import torch
 
 from worker.codec import DATATYPES, InferenceRequest, Tensor
-from worker.errors import ConfigError, ErrorCode, RequestError
+from worker.errors import ConfigError, ErrorCode, RequestError, shown
 from worker.model_config import CONFIG_FILE, MODEL_FILE, ModelConfig, TensorSpec
 
 __all__ = [
@@ -88,7 +88,7 @@ class LoadedModel:
             if given.name not in expected:
                 raise RequestError(
                     ErrorCode.INVALID_ARGUMENT,
-                    f"unknown input {given.name!r} for model {self.name!r}; expected inputs: "
+                    f"unknown input {shown(given.name)} for model {self.name!r}; expected inputs: "
                     + ", ".join(s.describe() for s in self.config.inputs),
                 )
         arrays = []

@@ -4,8 +4,9 @@ Every fetched record ends as one or more :class:`Outgoing` messages, built here:
 
 - a **reply** (:func:`reply`): the response, Avro-encoded, to the reply topic the request names
   (``reply_to`` or Spring's ``kafka_replyTopic`` header) or the default one, with the
-  ``correlation_id`` header, the continued ``traceparent`` and the echoed headers; plus, when
-  audit records go to a topic, its audit record;
+  ``correlation_id`` header (the request record's own, else the response's id), the
+  continued ``traceparent`` and the echoed headers; plus, when audit records go to a topic,
+  its audit record;
 - a **dead-letter copy** (:func:`dead_letter`): the record itself with Kafka Connect's
   ``__connect.errors.*`` context headers, when it is not a request at all or its reply cannot
   be published.
@@ -19,7 +20,8 @@ from __future__ import annotations
 import enum
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -27,7 +29,7 @@ from aiokafka import TopicPartition  # a plain named tuple: (topic, partition)
 
 from worker.codec import ErrorInfo, InferenceRequest, InferenceResponse, Tensor, Timing
 from worker.codec import encode_response as _encode_response
-from worker.errors import ErrorCode, RequestError
+from worker.errors import SHOWN_CHARS, ErrorCode, RequestError
 from worker.kafka import Headers
 from worker.tracing import continue_trace
 
@@ -36,6 +38,7 @@ __all__ = [
     "DLQ_HEADER_PREFIX",
     "ECHOED_HEADERS",
     "REPLY_TOPIC_HEADERS",
+    "UNSERVED",
     "Destinations",
     "Outgoing",
     "ReplyMeta",
@@ -58,6 +61,9 @@ DEAD_LETTER_CLASS_NAME = "kafka-inference-worker"
 
 A fixed name, not a module path, so that DLQ tooling filtering on it keeps working when the
 code moves."""
+UNSERVED = "_unserved"
+"""The ``model`` and ``version`` metric label of replies about a model or version not served:
+labels come only from the repository, never from what a request names."""
 REPLY_TOPIC_HEADERS = ("reply_to", "kafka_replyTopic")
 """Request headers naming the reply topic (ours, then Spring's), in order of preference."""
 ECHOED_HEADERS = ("tracestate", "kafka_correlationId")
@@ -91,13 +97,35 @@ class Source:
 
 @dataclass(frozen=True, slots=True)
 class Destinations:
-    """Where the worker writes: built once from the settings."""
+    """Where the worker writes, and where requests may steer its replies: from the settings."""
 
     replies_topic: str
     dead_letter_topic: str
     group_id: str
     audit_topic: str = ""
     """Also publish each reply's audit record here (empty: no audit topic)."""
+    requests_topic: str = ""
+    reply_topics: tuple[str, ...] = ()
+    """Allowed ``reply_to`` topics besides ``replies_topic``: names, or prefixes ending in ``*``."""
+
+    def allows(self, topic: str) -> bool:
+        """May a request have its reply written to ``topic``? Never to the worker's own topics."""
+        if topic in (self.requests_topic, self.dead_letter_topic, self.audit_topic):
+            return False
+        if topic == self.replies_topic:
+            return True
+        return any(
+            topic.startswith(allowed[:-1]) if allowed.endswith("*") else topic == allowed
+            for allowed in self.reply_topics
+        )
+
+    def requested(self, headers: Mapping[str, bytes]) -> str | None:
+        """The reply topic a request's headers name (``reply_to``, then Spring's), if any."""
+        for name in REPLY_TOPIC_HEADERS:
+            value = headers.get(name)
+            if value:
+                return value.decode(errors="replace")
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +133,7 @@ class ReplyMeta:
     """What metrics and the audit trail need to know about a reply."""
 
     model: str
+    """The model the request named (cut to a bounded length), for the audit trail."""
     version: str
     outcome: str
     """``ok`` or the reply's error code."""
@@ -112,6 +141,10 @@ class ReplyMeta:
     batch_id: str | None
     queue_s: float | None = None
     compute_s: float | None = None
+    labels: tuple[str, str] = (UNSERVED, UNSERVED)
+    """Metric labels (model, version): a served version's, or :data:`UNSERVED`."""
+    refused_topic: bool = False
+    """The request named a reply topic it may not use; this reply went to the default one."""
 
 
 @dataclass(slots=True)
@@ -141,18 +174,21 @@ def reply(
     source: Source,
     response: InferenceResponse,
     batch_id: str | None = None,
+    *,
+    served: bool = False,
 ) -> list[Outgoing]:
-    """The reply to a record (and its audit record, if audit records go to a topic)."""
+    """The reply to a record (and its audit record, if audit records go to a topic).
+
+    ``served``: the response's model and version are served here, so they may label metrics;
+    otherwise the labels are :data:`UNSERVED`.
+    """
     headers = dict(source.headers)  # one pass; the last value of a header wins
-    topic = destinations.replies_topic
-    for name in REPLY_TOPIC_HEADERS:
-        value = headers.get(name)
-        if value:
-            topic = value.decode(errors="replace")
-            break
+    requested = destinations.requested(headers)
+    refused = requested is not None and not destinations.allows(requested)
+    topic = destinations.replies_topic if requested is None or refused else requested
     trace = continue_trace(headers.get("traceparent"))
     reply_headers = [
-        ("correlation_id", response.id.encode()),
+        ("correlation_id", headers.get("correlation_id") or response.id.encode()),
         ("traceparent", trace.traceparent),
     ]
     for name in ECHOED_HEADERS:
@@ -160,14 +196,17 @@ def reply(
         if value is not None:
             reply_headers.append((name, value))
     timing = response.timing
+    model, version = response.model_name[:SHOWN_CHARS], (response.model_version or "")[:SHOWN_CHARS]
     meta = ReplyMeta(
-        model=response.model_name,
-        version=response.model_version or "",
+        model=model,
+        version=version,
         outcome=response.error.code if response.error else "ok",
         trace_id=trace.trace_id,
         batch_id=batch_id,
         queue_s=timing.queue_us / 1e6 if timing else None,
         compute_s=timing.compute_us / 1e6 if timing else None,
+        labels=(model, version) if served else (UNSERVED, UNSERVED),
+        refused_topic=refused,
     )
     message = Outgoing(
         source, response.id, topic, _encode_response(response), reply_headers, meta=meta
@@ -238,10 +277,10 @@ def error_response(request: InferenceRequest, exc: RequestError) -> InferenceRes
 
 
 def expired_response(
-    request: InferenceRequest, deadline_ms: int, now_ms: float
+    request: InferenceRequest, version: str, deadline_ms: int, now_ms: float
 ) -> InferenceResponse:
-    """DEADLINE_EXCEEDED: the deadline passed before the request's batch ran."""
-    return error_response(
+    """DEADLINE_EXCEEDED from ``version``: the deadline passed before the batch ran."""
+    response = error_response(
         request,
         RequestError(
             ErrorCode.DEADLINE_EXCEEDED,
@@ -249,6 +288,7 @@ def expired_response(
             "batch ran; the model was not run",
         ),
     )
+    return replace(response, model_version=version)
 
 
 def model_response(
@@ -265,7 +305,7 @@ def model_response(
         )
     log.error(
         "model raised on a request",
-        correlation_id=request.id,
+        correlation_id=request.id[:SHOWN_CHARS],
         model=model,
         version=version,
         error=repr(result),

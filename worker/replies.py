@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 
-from worker.errors import WorkerError
+from worker.errors import SHOWN_CHARS, WorkerError
 from worker.offsets import OffsetTracker
 from worker.outgoing import Destinations, Outgoing, Stage, dead_letter
 
@@ -108,7 +108,7 @@ class Replier:
                 ) from error
             log.error(
                 "reply not published; the request is dead-lettered",
-                correlation_id=item.correlation_id,
+                correlation_id=(item.correlation_id or "")[:SHOWN_CHARS],
                 reply_topic=item.topic,
                 partition=item.source.tp.partition,
                 offset=item.source.offset,

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.errors import ConfigError, ErrorCode, RequestError
+from worker.errors import ConfigError, ErrorCode, RequestError, shown
 from worker.model import LoadedModel
 from worker.model_config import CONFIG_FILE, MODEL_FILE, ModelConfig
 
@@ -76,7 +76,7 @@ class ServedModel:
             if model is None:
                 raise RequestError(
                     ErrorCode.NOT_FOUND,
-                    f"model {self.name!r} has no version {version!r}; served: "
+                    f"model {self.name!r} has no version {shown(version)}; served: "
                     f"{', '.join(sorted(self.versions, key=int))}",
                 )
             return Route(model)
@@ -197,7 +197,7 @@ class ModelRepository:
         if model is None:
             raise RequestError(
                 ErrorCode.NOT_FOUND,
-                f"no model named {name!r}; this worker serves: {', '.join(self.names)}",
+                f"no model named {shown(name)}; this worker serves: {', '.join(self.names)}",
             )
         return model
 
@@ -208,6 +208,11 @@ class ModelRepository:
     def all(self) -> list[LoadedModel]:
         """Every served model version."""
         return [m for served in self._models.values() for m in served.versions.values()]
+
+    def serves(self, name: str, version: str | None) -> bool:
+        """True if ``name`` (and ``version``, when given) is served here."""
+        model = self._models.get(name)
+        return model is not None and (not version or version in model.versions)
 
     def route(self, name: str, version: str | None, request_id: str) -> Route:
         """Where a request for ``name`` goes (see :meth:`ServedModel.route`).

@@ -10,12 +10,21 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, FilePath, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     NestedSecretsSettingsSource,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -59,6 +68,10 @@ class KafkaSettings(BaseModel):
     """Default reply topic; a request's ``reply_to`` header overrides it."""
     dead_letter_topic: str = "inference.dlq"
     """Where records that cannot be decoded, or whose reply cannot be published, are copied."""
+    reply_topics: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Topics a request may name in ``reply_to`` besides ``replies_topic``: names, or prefixes
+    ending in ``*``; comma-separated in the environment. The requests, dead-letter and audit
+    topics are never allowed."""
     manage_topics: bool = True
     """Create missing topics at start; false: managed elsewhere, a missing topic is an error."""
     topic_partitions: int = Field(default=6, ge=1)
@@ -91,6 +104,13 @@ class KafkaSettings(BaseModel):
     sasl_username: SecretStr | None = None
     sasl_password: SecretStr | None = None
     """Never logged or shown; best set through a file in ``WORKER_SECRETS_DIR``."""
+
+    @field_validator("reply_topics", mode="before")
+    @classmethod
+    def _split_reply_topics(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @model_validator(mode="after")
     def _check_security(self) -> KafkaSettings:
@@ -260,7 +280,8 @@ def env_vars(section: BaseModel, name: str) -> dict[str, str]:
     for field, value in section.model_dump().items():
         if value is not None:
             plain = value.get_secret_value() if isinstance(value, SecretStr) else value
-            out[f"{ENV_PREFIX}{name}__{field}".upper()] = str(plain)
+            text = ",".join(plain) if isinstance(plain, list) else str(plain)
+            out[f"{ENV_PREFIX}{name}__{field}".upper()] = text
     return out
 
 
