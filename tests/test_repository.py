@@ -86,6 +86,74 @@ def test_bad_routing_and_policy_name_the_file(repo_dir: Path, extra: str, fragme
     assert fragment in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "fragment"),
+    [
+        ("shape = [-1, 64]", 'shape = [-1, "4x"]', "shape = [-1, '4x']"),
+        ("shape = [-1, 64]", "shape = [-1, -5]", "each -1 (any size) or at least 1"),
+        ("shape = [-1, 64]", "shape = [-1, true]", "shape = [-1, True]"),
+        ("shape = [-1, 64]", "shape = " + str([-1] * 40), "1 to 32 whole numbers"),
+        ("shape = [-1, 64]", 'shape = "wide"', "shape = 'wide'"),
+        ("max_batch_size = 64", "max_batch_size = -1", "max_batch_size = -1"),
+        ("max_batch_size = 64", "max_batch_size = 0", "from 1 to 65536"),
+        ("max_batch_size = 64", "max_batch_size = 10000000", "from 1 to 65536"),
+        ("max_batch_size = 64", "max_batch_size = true", "max_batch_size = True"),
+        ("max_batch_size = 64", "max_batch_size = 2.5", "max_batch_size = 2.5"),
+        ("max_batch_delay_ms = 5.0", "max_batch_delay_ms = -1", "max_batch_delay_ms = -1"),
+        ("max_batch_delay_ms = 5.0", "max_batch_delay_ms = nan", "max_batch_delay_ms = nan"),
+        ("max_batch_delay_ms = 5.0", 'max_batch_delay_ms = "5"', "max_batch_delay_ms = '5'"),
+        ("max_batch_delay_ms = 5.0", "max_batch_delay_ms = 5.0\nmax_batch = 1", "unknown [batch"),
+    ],
+)
+def test_malformed_config_values_are_config_errors(
+    repo_dir: Path, old: str, new: str, fragment: str
+) -> None:
+    """Wrong types and out-of-range values in config.toml fail as ConfigError naming them."""
+    config = repo_dir / "digits" / "config.toml"
+    text = config.read_text()
+    assert old in text
+    config.write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=r"config\.toml") as info:
+        ModelRepository.load(repo_dir)
+    assert fragment in str(info.value)
+
+
+TENSORS = (
+    '[[inputs]]\nname = "x"\ndatatype = "FP32"\nshape = [-1]\n'
+    '[[outputs]]\nname = "y"\ndatatype = "FP32"\nshape = [-1]\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("inputs = 3\noutputs = 4\n", "inputs must be an array of tables"),
+        (f"batching = 3\n{TENSORS}", "[batching] must be a table"),
+        (f"{TENSORS}[routing]\nsplit = 5\n", "routing.split must be a table"),
+    ],
+)
+def test_sections_of_the_wrong_kind_are_config_errors(
+    tmp_path: Path, text: str, fragment: str
+) -> None:
+    """A section given as a number (or a table as a scalar) is a ConfigError, not a crash."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.toml").write_text(text)
+    with pytest.raises(ConfigError, match=r"config\.toml") as info:
+        ModelRepository.load(tmp_path)
+    assert fragment in str(info.value)
+
+
+def test_a_malformed_config_on_reload_keeps_the_model_serving(repo_dir: Path) -> None:
+    """A reload of a broken config.toml returns the error and keeps the current versions."""
+    repo = ModelRepository.load(repo_dir)
+    config = repo_dir / "digits" / "config.toml"
+    config.write_text(config.read_text().replace("max_batch_size = 64", "max_batch_size = -1"))
+    reloaded, errors = repo.reload()
+    assert len(errors) == 1
+    assert "max_batch_size" in str(errors[0])
+    assert reloaded.route("digits", None, "").primary is repo.route("digits", None, "").primary
+
+
 def test_reload_reuses_unchanged_versions_and_adds_new_ones(repo_dir: Path) -> None:
     """A reload keeps loaded programs that did not change and serves a new version folder."""
     shutil.move(repo_dir / "digits" / "2", repo_dir.parent / "v2")

@@ -199,6 +199,30 @@ async def test_broken_new_version_is_rejected_while_the_old_keeps_serving(
     assert three.error.code == "NOT_FOUND"
 
 
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("max_batch_size = 64", "max_batch_size = -1"), ("shape = [-1, 64]", 'shape = [-1, "4x"]')],
+)
+async def test_a_malformed_config_on_reload_keeps_the_worker_serving(
+    settings: Settings, repo_dir: Path, testset: TestSet, old: str, new: str
+) -> None:
+    """A config.toml broken while serving: the reload fails and counts; requests still served."""
+    settings = served_from(settings, repo_dir)
+    repository = ModelRepository.load(repo_dir)
+    async with (
+        running_worker(settings, repository) as worker,
+        InferenceClient(settings.kafka) as client,
+    ):
+        config = repo_dir / "digits" / "config.toml"
+        config.write_text(config.read_text().replace(old, new, 1))
+        worker.request_reload()
+        await wait_for(lambda: reloads(worker, "failed") >= 1, timeout=30, what="the reload")
+        after = await ask(client, testset[0][:20])
+    assert reloads(worker, "ok") == 0
+    assert all(r.error is None for r in after)
+    assert {r.model_version for r in after} == {"2"}
+
+
 async def test_sighup_applies_a_rollback_in_a_running_worker_process(
     settings: Settings,
     repo_dir: Path,

@@ -24,6 +24,7 @@ from worker.codec import InferenceRequest, decode_request
 from worker.errors import SHOWN_CHARS, DecodeError, ErrorCode, RequestError, shown
 from worker.kafka import header
 from worker.model import LoadedModel
+from worker.model_config import MAX_SHAPE_DIMENSIONS
 from worker.outgoing import (
     Destinations,
     Outgoing,
@@ -36,10 +37,7 @@ from worker.outgoing import (
 from worker.repository import ModelRepository
 from worker.shadow import Comparison
 
-__all__ = ["MAX_DIMENSIONS", "Admitted", "Answered", "Job", "Limits", "admit", "check_limits"]
-
-MAX_DIMENSIONS = 32
-"""Most dimensions an input may declare (models use a handful; the count stays cheap)."""
+__all__ = ["Admitted", "Answered", "Job", "Limits", "admit", "check_limits"]
 
 log = structlog.get_logger(__name__)
 
@@ -150,7 +148,7 @@ def check_limits(limits: Limits, source: Source, request: InferenceRequest) -> N
     """Raise before any allocation for a request over a size limit or with impossible shapes.
 
     Over ``max_request_bytes`` or ``max_request_elements``: RESOURCE_EXHAUSTED; a negative
-    dimension or more than :data:`MAX_DIMENSIONS`: INVALID_ARGUMENT. Counting stops as soon as
+    dimension or more than :data:`MAX_SHAPE_DIMENSIONS`: INVALID_ARGUMENT. Counting stops as soon as
     the total passes the limit, so no shape of any size or value makes this slow or makes its
     message unprintable.
     """
@@ -165,11 +163,11 @@ def check_limits(limits: Limits, source: Source, request: InferenceRequest) -> N
     total = 0
     for tensor in request.inputs:
         shape = tensor.shape
-        if len(shape) > MAX_DIMENSIONS:
+        if len(shape) > MAX_SHAPE_DIMENSIONS:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
                 f"input {shown(tensor.name)} has {len(shape)} dimensions; at most "
-                f"{MAX_DIMENSIONS} are accepted",
+                f"{MAX_SHAPE_DIMENSIONS} are accepted",
             )
         if any(d < 0 for d in shape):
             raise RequestError(

@@ -221,7 +221,11 @@ class Worker:
         self._progress.note()
 
     async def _reload_loop(self, lanes: Lanes) -> None:
-        """Apply repository changes on request (SIGHUP) or, if enabled, when files change."""
+        """Apply repository changes on request (SIGHUP) or, if enabled, when files change.
+
+        A reload never stops the worker: whatever fails, the current state keeps serving and
+        the reload counts as ``failed``.
+        """
         interval = self.settings.models.poll_interval_s
         seen = await asyncio.to_thread(self.repository.fingerprint)
         while True:
@@ -234,15 +238,21 @@ class Worker:
             if current == seen and not requested:
                 continue
             seen = current
-            repository, errors = await asyncio.to_thread(self.repository.reload)
+            errors: list[Exception]
+            try:
+                repository, config_errors = await asyncio.to_thread(self.repository.reload)
+                lanes.open(repository)  # builds every new lane before it changes any
+                errors = list(config_errors)
+            except Exception as exc:
+                log.exception("model reload failed; the current models keep serving")
+                errors, repository = [exc], self.repository
             for error in errors:
                 log.error(
-                    "model reload failed; the model keeps its current versions", error=str(error)
+                    "model reload failed; the model keeps its current versions",
+                    error=str(error)[:500],
                 )
-                self.metrics.reloads.labels("failed").inc()
-            self.metrics.reloads.labels("ok").inc()
+            self.metrics.reloads.labels("failed" if errors else "ok").inc()
             self.repository = repository
-            lanes.open(repository)
             _freeze_heap()
             log.info("model repository reloaded", models=_names(repository), failed=len(errors))
 

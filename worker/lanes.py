@@ -77,34 +77,47 @@ class Lanes:
         self._batch_prefix = secrets.token_hex(4)
 
     def open(self, repository: ModelRepository) -> None:
-        """Give every served version a lane; retire lanes of versions gone or changed."""
+        """Give every served version a lane; retire lanes of versions gone or changed.
+
+        All new batchers are built before anything changes, so a batcher that cannot be built
+        (it raises) leaves every lane as it was.
+        """
         wanted = {(m.name, m.version): m for m in repository.all()}
-        for key, lane in list(self._lanes.items()):
-            model = wanted.get(key)
-            if (
-                model is None
-                or not lane.model.same_program(model)
-                or self._max_batch_size(model) != lane.batcher.max_batch_size
-            ):
-                lane.batcher.close()
-                self._retired.add(lane.task)
-                lane.task.add_done_callback(self._retired.discard)
-                del self._lanes[key]
+        stale = {
+            key
+            for key, lane in self._lanes.items()
+            if key not in wanted
+            or not lane.model.same_program(wanted[key])
+            or self._max_batch_size(wanted[key]) != lane.batcher.max_batch_size
+        }
+        fresh = {
+            key: self._batcher(model)
+            for key, model in wanted.items()
+            if key not in self._lanes or key in stale
+        }
+        for key in stale:
+            lane = self._lanes.pop(key)
+            lane.batcher.close()
+            self._retired.add(lane.task)
+            lane.task.add_done_callback(self._retired.discard)
         for key, model in wanted.items():
-            if key in self._lanes:
+            if key in fresh:
+                batcher = fresh[key]
+                self._lanes[key] = _Lane(model, batcher, self._group.create_task(batcher.run()))
+            else:
                 self._lanes[key].model = model  # same program; the config (routing) may be new
-                continue
-            delay_ms = model.config.max_batch_delay_ms
-            if delay_ms is None:
-                delay_ms = self._batching.max_batch_delay_ms
-            batcher: Batcher[Job] = Batcher(
-                self._run,
-                max_batch_size=self._max_batch_size(model),
-                max_batch_delay=delay_ms / 1000,
-                max_batches_per_run=self._batching.max_batches_per_run,
-                start_when_idle=self._batching.start_when_idle,
-            )
-            self._lanes[key] = _Lane(model, batcher, self._group.create_task(batcher.run()))
+
+    def _batcher(self, model: LoadedModel) -> Batcher[Job]:
+        delay_ms = model.config.max_batch_delay_ms
+        if delay_ms is None:
+            delay_ms = self._batching.max_batch_delay_ms
+        return Batcher(
+            self._run,
+            max_batch_size=self._max_batch_size(model),
+            max_batch_delay=delay_ms / 1000,
+            max_batches_per_run=self._batching.max_batches_per_run,
+            start_when_idle=self._batching.start_when_idle,
+        )
 
     def put(self, admitted: Admitted) -> None:
         """Queue a job in its version's lane, and its shadow copy (unless the shadow is full)."""

@@ -120,25 +120,71 @@ class ModelConfig:
                 f"{path}: quantize = {quantize!r}; expected one of {', '.join(QUANTIZE_MODES)}"
             )
         try:
-            batching = raw.get("batching", {})
+            max_batch_size, max_batch_delay_ms = _batching(_table(raw, "batching", path), path)
             config = cls(
                 name=folder.name,
-                inputs=tuple(_spec(s, path) for s in raw["inputs"]),
-                outputs=tuple(_spec(s, path) for s in raw["outputs"]),
-                max_batch_size=batching.get("max_batch_size"),
-                max_batch_delay_ms=batching.get("max_batch_delay_ms"),
-                version_policy=_policy(raw.get("version_policy", {}), path),
-                routing=_routing(raw.get("routing", {}), path),
+                inputs=tuple(_spec(s, path) for s in _tables(raw, "inputs", path)),
+                outputs=tuple(_spec(s, path) for s in _tables(raw, "outputs", path)),
+                max_batch_size=max_batch_size,
+                max_batch_delay_ms=max_batch_delay_ms,
+                version_policy=_policy(_table(raw, "version_policy", path), path),
+                routing=_routing(_table(raw, "routing", path), path),
                 quantize=quantize,
             )
         except KeyError as exc:
             raise ConfigError(f"{path}: missing key {exc}") from exc
+        except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong kind
+            raise ConfigError(f"{path}: invalid value: {type(exc).__name__}: {exc}") from exc
         if not config.inputs or not config.outputs:
             raise ConfigError(f"{path}: needs at least one [[inputs]] and one [[outputs]]")
         compare = config.routing.shadow_compare
         if compare is not None and compare not in {s.name for s in config.outputs}:
             raise ConfigError(f"{path}: routing.shadow_compare {compare!r} is not an output")
         return config
+
+
+MAX_BATCH_SIZE = 65_536
+"""The largest ``max_batch_size`` a config may ask for (the exported programs' batch bound)."""
+MAX_BATCH_DELAY_MS = 60_000.0
+
+
+def _table(raw: Mapping[str, Any], key: str, path: Path) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}: [{key}] must be a table, not {type(value).__name__}")
+    return value
+
+
+def _tables(raw: Mapping[str, Any], key: str, path: Path) -> list[Mapping[str, Any]]:
+    value = raw[key]
+    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+        raise ConfigError(f"{path}: {key} must be an array of tables ([[{key}]])")
+    return value
+
+
+def _batching(raw: Mapping[str, Any], path: Path) -> tuple[int | None, float | None]:
+    unknown = set(raw) - {"max_batch_size", "max_batch_delay_ms"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown [batching] key(s) {sorted(unknown)}")
+    size = raw.get("max_batch_size")
+    if size is not None and (
+        isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BATCH_SIZE
+    ):
+        raise ConfigError(
+            f"{path}: batching.max_batch_size = {size!r}; expected a whole number from 1 to "
+            f"{MAX_BATCH_SIZE}"
+        )
+    delay = raw.get("max_batch_delay_ms")
+    if delay is not None and (
+        isinstance(delay, bool)
+        or not isinstance(delay, int | float)
+        or not 0 <= delay <= MAX_BATCH_DELAY_MS  # NaN fails this too
+    ):
+        raise ConfigError(
+            f"{path}: batching.max_batch_delay_ms = {delay!r}; expected a number of "
+            f"milliseconds from 0 to {MAX_BATCH_DELAY_MS:g}"
+        )
+    return size, None if delay is None else float(delay)
 
 
 def _policy(raw: Mapping[str, Any], path: Path) -> VersionPolicy:
@@ -161,7 +207,10 @@ def _routing(raw: Mapping[str, Any], path: Path) -> Routing:
     unknown = set(raw) - {"default_version", "split", "shadow", "shadow_compare"}
     if unknown:
         raise ConfigError(f"{path}: unknown [routing] key(s) {sorted(unknown)}")
-    split = tuple((str(v), w) for v, w in raw.get("split", {}).items())
+    weights = raw.get("split", {})
+    if not isinstance(weights, Mapping):
+        raise ConfigError(f'{path}: routing.split must be a table like {{ "1" = 90, "2" = 10 }}')
+    split = tuple((str(v), w) for v, w in weights.items())
     if any(not isinstance(w, int) or w < 0 for _, w in split) or (
         split and sum(w for _, w in split) == 0
     ):
@@ -174,6 +223,10 @@ def _routing(raw: Mapping[str, Any], path: Path) -> Routing:
     return Routing(version("default_version"), split, version("shadow"), raw.get("shadow_compare"))
 
 
+MAX_SHAPE_DIMENSIONS = 32
+"""Most dimensions a model input or output may declare (requests are held to the same)."""
+
+
 def _spec(raw: Mapping[str, Any], path: Path) -> TensorSpec:
     datatype = raw["datatype"]
     if datatype not in DATATYPES:
@@ -181,7 +234,17 @@ def _spec(raw: Mapping[str, Any], path: Path) -> TensorSpec:
             f"{path}: tensor {raw.get('name')!r} has datatype {datatype!r}; "
             f"expected one of {', '.join(DATATYPES)}"
         )
-    shape = tuple(int(d) for d in raw["shape"])
-    if not shape or shape[0] != -1:
+    dims = raw["shape"]
+    if (
+        not isinstance(dims, list)
+        or not 1 <= len(dims) <= MAX_SHAPE_DIMENSIONS
+        or any(isinstance(d, bool) or not isinstance(d, int) or (d < 1 and d != -1) for d in dims)
+    ):
+        raise ConfigError(
+            f"{path}: tensor {raw.get('name')!r} shape = {dims!r}; expected 1 to "
+            f"{MAX_SHAPE_DIMENSIONS} whole numbers, each -1 (any size) or at least 1"
+        )
+    shape = tuple(dims)
+    if shape[0] != -1:
         raise ConfigError(f"{path}: tensor {raw['name']!r} shape {list(shape)} must start with -1")
     return TensorSpec(str(raw["name"]), datatype, shape, bool(raw.get("allow_non_finite", False)))
