@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from worker.offsets import OffsetTracker
 
 
@@ -68,9 +66,28 @@ def test_partitions_are_independent_and_forgettable() -> None:
     assert tracker.committable() == {"a": 1}
 
 
-def test_offsets_must_increase_within_a_partition() -> None:
-    """Tracking an offset lower than one already tracked is a bug and raises."""
+def test_an_offset_going_backwards_starts_the_partition_afresh() -> None:
+    """A position reset (lower offset) does not raise; old in-flight acks cannot finish new ones."""
     tracker: OffsetTracker[str] = OffsetTracker()
-    tracker.track("a", 5)
-    with pytest.raises(ValueError, match="forget"):
-        tracker.track("a", 3)
+    for offset in range(100, 105):
+        tracker.track("p0", offset)
+    tracker.done("p0", 100)
+    tracker.track("p0", 50)  # the log was truncated / the position reset
+    assert tracker.pending == 1
+    assert tracker.committed("p0") == 50
+    tracker.done("p0", 103)  # a reply of the old epoch: not tracked now, ignored
+    for offset in range(51, 104):
+        tracker.track("p0", offset)
+    tracker.done("p0", 50)
+    assert tracker.committable() == {"p0": 51}, "103 was never answered in this epoch"
+    assert tracker.pending == 53
+
+
+def test_done_ignores_offsets_not_tracked_yet() -> None:
+    """Marking an offset beyond the last tracked one does nothing (it is not fetched yet)."""
+    tracker: OffsetTracker[str] = OffsetTracker()
+    tracker.track("p0", 0)
+    tracker.done("p0", 1)
+    tracker.track("p0", 1)
+    tracker.done("p0", 0)
+    assert tracker.committable() == {"p0": 1}

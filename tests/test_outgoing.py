@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from aiokafka import TopicPartition
+from aiokafka.errors import MessageSizeTooLargeError
 
 from worker.codec import InferenceRequest, Tensor, Timing, decode_response
 from worker.errors import DecodeError, ErrorCode, RequestError
@@ -19,6 +20,7 @@ from worker.outgoing import (
     expired_response,
     model_response,
     reply,
+    without_value,
 )
 
 DEST = Destinations("replies", "dlq", "g")
@@ -180,3 +182,27 @@ def test_expired_response_says_by_how_much() -> None:
     assert response.error.code == "DEADLINE_EXCEEDED"
     assert "deadline 1000" in response.error.message
     assert "250 ms" in response.error.message
+
+
+def test_a_reduced_dead_letter_copy_keeps_context_and_says_what_was_dropped() -> None:
+    """Without value and original headers; context kept; sizes and reason in headers."""
+    big = Source(TopicPartition("requests", 1), 9, b"k" * 5000, b"v" * 9000, [("h", b"x" * 7)], 5)
+    copy = dead_letter(DEST, big, Stage.DECODE, DecodeError("bad"))
+    reduced = without_value(copy, MessageSizeTooLargeError("too big"))
+    headers = dict(reduced.headers)
+    assert reduced.value == b""
+    assert reduced.value_dropped
+    assert reduced.key is None, "a long key is dropped too"
+    assert "h" not in headers
+    assert headers[DLQ_HEADER_PREFIX + "offset"] == b"9"
+    assert headers[DLQ_HEADER_PREFIX + "stage"] == b"DECODE"
+    assert headers[DLQ_HEADER_PREFIX + "value.size"] == b"9000"
+    assert headers[DLQ_HEADER_PREFIX + "headers.size"] == b"8"
+    assert b"too large" in headers[DLQ_HEADER_PREFIX + "value.dropped"]
+    assert sum(len(k) + len(v) for k, v in reduced.headers) < 2000
+    short = without_value(dead_letter(DEST, source(), Stage.DECODE, DecodeError("x")), copy_error())
+    assert short.key == b"k", "a short key is kept"
+
+
+def copy_error() -> MessageSizeTooLargeError:
+    return MessageSizeTooLargeError("too big")

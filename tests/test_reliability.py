@@ -14,6 +14,7 @@ import fastavro
 import numpy as np
 import numpy.typing as npt
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from worker.app import Worker
 from worker.client import InferenceClient
@@ -383,3 +384,49 @@ async def test_watchdog_ends_a_worker_whose_model_hangs(
         release.set()
     assert info.group_contains(WatchdogError)
     assert time.monotonic() - started < 45
+
+
+async def test_a_dead_letter_copy_too_large_for_its_topic_goes_without_the_value(
+    settings: Settings, repository: ModelRepository, testset: TestSet
+) -> None:
+    """DLQ topic with max.message.bytes 2048: a 6 KB bad record is dead-lettered reduced."""
+    kafka = settings.kafka
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        small = {"max.message.bytes": "2048"}
+        await admin.create_topics([NewTopic(kafka.dead_letter_topic, 3, 1, topic_configs=small)])
+    finally:
+        await admin.close()
+    tensor = Tensor.from_numpy("pixels", testset[0][:1])
+    garbage = b"\x13" + bytes(range(256)) * 24
+    records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = [
+        (b"big-key", garbage, [("correlation_id", b"too-big"), ("note", b"n" * 500)])
+    ]
+    records += [(None, request_value(f"ok-{i}", tensor), []) for i in range(10)]
+    await publish(settings, records)
+    async with (
+        reply_reader(settings) as replies,
+        reply_reader(settings, kafka.dead_letter_topic) as dlq,
+        running_worker(settings, repository) as worker,
+    ):
+        await wait_for(
+            lambda: len(replies) >= 11 and len(dlq) >= 1, timeout=60, what="replies and copy"
+        )
+
+        async def committed() -> bool:
+            return await group_lag(settings) == 0
+
+        await wait_for(committed, timeout=30, what="offsets committed past the big record")
+        assert worker.metrics.value("inference_dead_lettered_total", stage="DECODE") == 1
+    (copy,) = dlq
+    assert copy.key == b"big-key"
+    assert not copy.value
+    assert "note" not in copy.headers
+    assert copy.headers[DLQ_HEADER_PREFIX + "value.size"] == str(len(garbage)).encode()
+    assert b"too large" in copy.headers[DLQ_HEADER_PREFIX + "value.dropped"]
+    assert copy.headers[DLQ_HEADER_PREFIX + "stage"] == b"DECODE"
+    got = by_id(replies)
+    assert got["too-big"].error is not None
+    assert got["too-big"].error.code == "INVALID_ARGUMENT"
+    assert all(got[f"ok-{i}"].error is None for i in range(10))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, cast
 
 import pytest
 from aiokafka import TopicPartition
+from aiokafka.errors import IllegalStateError
 
 from worker.errors import WatchdogError
 from worker.metrics import Metrics
@@ -25,9 +26,10 @@ TP = TopicPartition("requests", 0)
 class FakeConsumer:
     """The three consumer calls supervision makes, over fixed positions."""
 
-    def __init__(self, highwater: int, position: int) -> None:
+    def __init__(self, highwater: int, position: int, *, revoked: bool = False) -> None:
         self._highwater = highwater
         self._position = position
+        self._revoked = revoked
         self.polls = 0
 
     def assignment(self) -> set[TopicPartition]:
@@ -38,17 +40,19 @@ class FakeConsumer:
 
     async def position(self, _tp: TopicPartition) -> int:
         self.polls += 1
+        if self._revoked:  # what aiokafka raises for a partition revoked meanwhile
+            raise IllegalStateError("No current assignment for partition")
         return self._position
 
 
 class FakeIntake:
     """What supervision reads of an intake."""
 
-    def __init__(self, *, highwater: int = 0, position: int = 0) -> None:
+    def __init__(self, *, highwater: int = 0, position: int = 0, revoked: bool = False) -> None:
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self.assigned: set[TopicPartition] = set()
         self.joined = False
-        self.consumer = FakeConsumer(highwater, position)
+        self.consumer = FakeConsumer(highwater, position, revoked=revoked)
 
 
 def supervisor(
@@ -105,6 +109,16 @@ async def test_watchdog_stays_quiet_without_work() -> None:
     # 16 polls, 0.05 s apart: four timeouts' worth.
     await wait_for(lambda: intake.consumer.polls >= 16, timeout=10, what="16 watchdog polls")
     assert not task.done()
+    task.cancel()
+
+
+async def test_watchdog_survives_a_partition_revoked_while_it_asks() -> None:
+    """position() raising IllegalStateError (a rebalance race) is skipped, not fatal."""
+    intake = FakeIntake(highwater=10, revoked=True)
+    sup, _ = supervisor(intake, timeout=0.2)
+    task = asyncio.create_task(sup.watchdog())
+    await wait_for(lambda: intake.consumer.polls >= 16 or task.done(), timeout=10, what="polls")
+    assert not task.done(), "the watchdog must keep running"
     task.cancel()
 
 

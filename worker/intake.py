@@ -29,7 +29,10 @@ from worker.outgoing import Source
 from worker.settings import KafkaSettings, RuntimeSettings
 from worker.supervision import Progress
 
-__all__ = ["Intake"]
+__all__ = ["FETCH_RETRY_S", "Intake"]
+
+FETCH_RETRY_S = 0.5
+"""Pause after a failed fetch before the next one."""
 
 log = structlog.get_logger(__name__)
 
@@ -88,7 +91,13 @@ class Intake:
             if paused:
                 consumer.resume(*consumer.paused())
                 paused = False
-            fetched = await consumer.getmany(timeout_ms=100, max_records=min(room, max_records))
+            try:
+                fetched = await consumer.getmany(timeout_ms=100, max_records=min(room, max_records))
+            except KafkaError as exc:  # transient (a rebalance, a reset); the watchdog bounds it
+                self._metrics.fetch_errors.inc()
+                log.warning("fetch failed; retrying", error=repr(exc)[:500])
+                await asyncio.sleep(FETCH_RETRY_S)
+                continue
             for tp, records in fetched.items():
                 for record in records:
                     self.tracker.track(tp, record.offset)

@@ -84,6 +84,11 @@ class Metrics:
             "Requests that named a reply topic they may not use (answered on the default one)",
             registry=r,
         )
+        self.fetch_errors = Counter(
+            "inference_fetch_errors",
+            "Fetches that failed with a Kafka error (retried)",
+            registry=r,
+        )
         self.fetch_pauses = Counter(
             "inference_fetch_pauses",
             "Times fetching paused because max_in_flight requests were in flight",

@@ -14,7 +14,11 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+import structlog
+
 __all__ = ["OffsetTracker"]
+
+log = structlog.get_logger(__name__)
 
 P = TypeVar("P", bound=Hashable)
 
@@ -47,16 +51,26 @@ class OffsetTracker(Generic[P]):
         return sum(len(p.outstanding) for tp in partitions if (p := self._partitions.get(tp)))
 
     def track(self, partition: P, offset: int) -> None:
-        """Note a fetched record; offsets of one partition must be tracked in increasing order."""
+        """Note a fetched record.
+
+        Offsets of a partition normally increase; one lower than the last (the log was
+        truncated, the position reset) starts the partition afresh.
+        """
         part = self._partitions.get(partition)
+        if part is not None and offset < part.next_offset:
+            # The position moved back (log truncation, an offset reset): start the partition
+            # afresh; records still in flight from before are served again from here.
+            log.warning(
+                "offsets went backwards; tracking the partition afresh",
+                partition=str(partition),
+                offset=offset,
+                previous=part.next_offset - 1,
+            )
+            self.forget([partition])
+            part = None
         if part is None:
             # The group's position is already at (or before) the first record fetched.
             part = self._partitions[partition] = _Partition(committed=offset)
-        elif offset < part.next_offset:
-            raise ValueError(
-                f"{partition}: offset {offset} tracked after {part.next_offset - 1}; "
-                "forget the partition before it is fetched again from an earlier offset"
-            )
         part.outstanding.append(offset)
         part.next_offset = offset + 1
         self._pending += 1
@@ -64,7 +78,11 @@ class OffsetTracker(Generic[P]):
     def done(self, partition: P, offset: int) -> None:
         """Note that a record's reply is acknowledged; unknown partitions are ignored."""
         part = self._partitions.get(partition)
-        if part is None or not part.outstanding or offset < part.outstanding[0]:
+        if (
+            part is None
+            or not part.outstanding
+            or not part.outstanding[0] <= offset < part.next_offset  # not tracked (now)
+        ):
             return
         if offset in part.finished:
             return

@@ -37,6 +37,7 @@ __all__ = [
     "DEAD_LETTER_CLASS_NAME",
     "DLQ_HEADER_PREFIX",
     "ECHOED_HEADERS",
+    "MAX_KEPT_KEY",
     "REPLY_TOPIC_HEADERS",
     "UNSERVED",
     "Destinations",
@@ -50,6 +51,7 @@ __all__ = [
     "expired_response",
     "model_response",
     "reply",
+    "without_value",
 ]
 
 log = structlog.get_logger(__name__)
@@ -61,6 +63,8 @@ DEAD_LETTER_CLASS_NAME = "kafka-inference-worker"
 
 A fixed name, not a module path, so that DLQ tooling filtering on it keeps working when the
 code moves."""
+MAX_KEPT_KEY = 1024
+"""Longest record key a reduced dead-letter copy keeps (:func:`without_value`)."""
 UNSERVED = "_unserved"
 """The ``model`` and ``version`` metric label of replies about a model or version not served:
 labels come only from the repository, never from what a request names."""
@@ -162,6 +166,16 @@ class Outgoing:
     meta: ReplyMeta | None = None
     """For a reply: what it answered (metrics, audit)."""
     attempts: int = field(default=0)
+    value_dropped: bool = False
+    """A dead-letter copy sent without the record's value and headers (too large)."""
+
+    @property
+    def key(self) -> bytes | None:
+        """The record key to publish with: the request's, but not a long one on a reduced copy."""
+        key = self.source.key
+        if self.value_dropped and key is not None and len(key) > MAX_KEPT_KEY:
+            return None
+        return key
 
     @property
     def is_dead_letter(self) -> bool:
@@ -244,6 +258,33 @@ def dead_letter(
         headers=headers,
         timestamp_ms=source.timestamp_ms,
         stage=stage,
+    )
+
+
+def without_value(copy: Outgoing, error: BaseException) -> Outgoing:
+    """A dead-letter copy without the record's value and headers, for when it is too large.
+
+    It keeps the key (up to :data:`MAX_KEPT_KEY` bytes) and the context headers, and says what
+    was dropped:
+    ``__connect.errors.value.dropped`` (why), ``.value.size`` and ``.headers.size`` (bytes).
+    """
+    source = copy.source
+    context = [(k, v) for k, v in copy.headers if k.startswith(DLQ_HEADER_PREFIX)]
+    header_bytes = sum(len(k) + len(v) for k, v in source.headers)
+    dropped = {
+        "value.dropped": f"the copy was too large for {copy.topic!r}: {error!r}"[:500],
+        "value.size": str(len(source.value or b"")),
+        "headers.size": str(header_bytes),
+    }
+    return Outgoing(
+        source=source,
+        correlation_id=None,
+        topic=copy.topic,
+        value=b"",
+        headers=context + [(DLQ_HEADER_PREFIX + k, v.encode()) for k, v in dropped.items()],
+        timestamp_ms=copy.timestamp_ms,
+        stage=copy.stage,
+        value_dropped=True,
     )
 
 

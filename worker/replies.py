@@ -10,8 +10,10 @@ Policy when a reply cannot be published:
    correlation id.
 
 A record is marked done only when everything published for it in a group (reply, dead-letter
-copy) is acknowledged. If a dead-letter copy itself cannot be published, :class:`Replier.run`
-raises: the worker stops, nothing of that record is committed, and it is served again later.
+copy) is acknowledged. A dead-letter copy too large for the dead-letter topic goes again
+without the record's value and headers (headers say their sizes and why). If a dead-letter
+copy cannot be published otherwise, :class:`Replier.run` raises: the worker stops, nothing of
+that record is committed, and it is served again later.
 
 Dead-letter headers follow Kafka Connect's names (``__connect.errors.*``, UTF-8 strings), so
 existing DLQ tooling reads them; the dead-letter record keeps the original key, value, headers
@@ -29,14 +31,17 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 
 from worker.errors import SHOWN_CHARS, WorkerError
 from worker.offsets import OffsetTracker
-from worker.outgoing import Destinations, Outgoing, Stage, dead_letter
+from worker.outgoing import Destinations, Outgoing, Stage, dead_letter, without_value
 
-__all__ = ["Replier", "TopicCache"]
+__all__ = ["TOO_LARGE", "Replier", "TopicCache"]
+
+TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
+"""Errors that say a record is too large for the producer or the topic."""
 
 log = structlog.get_logger(__name__)
 
@@ -101,11 +106,9 @@ class Replier:
         failed += await self._send(ready)
         copies = []
         for item, error in failed:
-            if item.is_dead_letter:
-                raise WorkerError(
-                    f"dead-letter copy of {item.source.where()} not published to {item.topic!r}: "
-                    f"{error!r}; stopping without committing it"
-                ) from error
+            if item.is_dead_letter:  # a DECODE-stage copy: only a smaller copy can still go
+                copies.append(self._smaller(item, error))
+                continue
             log.error(
                 "reply not published; the request is dead-lettered",
                 correlation_id=(item.correlation_id or "")[:SHOWN_CHARS],
@@ -119,15 +122,40 @@ class Replier:
         if copies:
             lost = await self._send(copies)
             if lost:
-                item, error = lost[0]
-                raise WorkerError(
-                    f"dead-letter copy not published to {item.topic!r}: {error!r}; stopping "
-                    "without committing it"
-                ) from error
+                smaller = [self._smaller(item, error) for item, error in lost]
+                unsent = await self._send(smaller)
+                if unsent:
+                    item, error = unsent[0]
+                    raise WorkerError(
+                        f"dead-letter copy of {item.source.where()} not published to "
+                        f"{item.topic!r}: {error!r}; stopping without committing it"
+                    ) from error
+                lost_ids = {id(item) for item, _ in lost}
+                copies = [c for c in copies if id(c) not in lost_ids] + smaller
         for item in group:
             self._tracker.done(item.source.tp, item.source.offset)
         not_published = {id(item) for item, _ in failed}
         self._on_published([o for o in group if id(o) not in not_published] + copies)
+
+    @staticmethod
+    def _smaller(copy: Outgoing, error: BaseException) -> Outgoing:
+        """A dead-letter copy that failed because it is too large, without the record's bytes.
+
+        Raises :class:`WorkerError` for any other failure, or a copy already reduced: the
+        worker then stops without committing the record, which is served again later.
+        """
+        if copy.value_dropped or not isinstance(error, TOO_LARGE):
+            raise WorkerError(
+                f"dead-letter copy of {copy.source.where()} not published to {copy.topic!r}: "
+                f"{error!r}; stopping without committing it"
+            ) from error
+        log.error(
+            "dead-letter copy too large; publishing it without the record's value and headers",
+            partition=copy.source.tp.partition,
+            offset=copy.source.offset,
+            error=repr(error)[:500],
+        )
+        return without_value(copy, error)
 
     async def _send(self, items: list[Outgoing]) -> list[tuple[Outgoing, BaseException]]:
         """Send with retries of retriable errors; return what finally failed."""
@@ -198,7 +226,7 @@ class Replier:
             except KafkaError as exc:
                 errors[index] = exc
                 continue
-            key = item.source.key
+            key = item.key
             if key is None:
                 partition = sticky.setdefault(item.topic, random.choice(partitions))  # noqa: S311
             else:
@@ -209,7 +237,7 @@ class Replier:
     @staticmethod
     def _append(batch: Any, item: Outgoing) -> Any:
         return batch.append(
-            key=item.source.key, value=item.value, timestamp=item.timestamp_ms,
+            key=item.key, value=item.value, timestamp=item.timestamp_ms,
             headers=item.headers,
         )  # fmt: skip
 
@@ -232,26 +260,37 @@ class Replier:
 
 
 class TopicCache:
-    """Answers "does this topic exist?" from metadata, caching hits and briefly misses."""
+    """Answers "does this topic exist?" from metadata fetched at most once per ``refresh_s``.
+
+    However many unknown names requests bring, the broker is asked at most once per interval
+    and nothing is kept per name: the only state is the cluster's own topic list. A failed
+    fetch answers "unknown" for now (the reply is dead-lettered, the worker goes on).
+    """
 
     def __init__(
-        self, fetch_topics: Callable[[], Awaitable[set[str]]], *, miss_ttl_s: float = 5.0
+        self,
+        fetch_topics: Callable[[], Awaitable[set[str]]],
+        *,
+        refresh_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._fetch = fetch_topics
         self._known: set[str] = set()
-        self._missing: dict[str, float] = {}
-        self._miss_ttl = miss_ttl_s
+        self._refresh = refresh_s
+        self._clock = clock
+        self._fetched_at: float | None = None
 
     async def exists(self, topic: str) -> bool:
-        """True if the topic exists (per fresh metadata when not known yet)."""
+        """True if the topic exists (per metadata no older than ``refresh_s`` when unknown)."""
         if topic in self._known:
             return True
-        checked = self._missing.get(topic)
-        if checked is not None and time.monotonic() - checked < self._miss_ttl:
+        now = self._clock()
+        if self._fetched_at is not None and now - self._fetched_at < self._refresh:
             return False
-        self._known |= await self._fetch()
-        if topic in self._known:
-            self._missing.pop(topic, None)
-            return True
-        self._missing[topic] = time.monotonic()
-        return False
+        self._fetched_at = now
+        try:
+            self._known = set(await self._fetch())
+        except KafkaError as exc:
+            log.warning("topic metadata fetch failed", error=repr(exc)[:500])
+            return False
+        return topic in self._known

@@ -17,7 +17,8 @@ import time
 from typing import TYPE_CHECKING
 
 import structlog
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from worker.errors import WatchdogError
 from worker.metrics import Metrics
@@ -114,7 +115,8 @@ class Supervisor:
         consumer = self._intake.consumer
         for tp in consumer.assignment():
             highwater = consumer.highwater(tp)
-            if highwater is not None and highwater > await consumer.position(tp):
+            position = await _position(consumer, tp)
+            if highwater is not None and position is not None and highwater > position:
                 return True
         return False
 
@@ -134,9 +136,24 @@ class Supervisor:
                     continue
                 committed = tracker.committed(tp)
                 if committed is None:
-                    committed = await consumer.position(tp)
+                    committed = await _position(consumer, tp)
+                if committed is None:
+                    continue
                 self._metrics.lag.labels(tp.topic, str(tp.partition)).set(
                     max(0, highwater - committed)
                 )
             shown = set(assigned)
             self._metrics.in_flight.set(tracker.pending)
+
+
+async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
+    """The consumer's position in ``tp``, or None if it has none now.
+
+    A partition revoked while this waits raises ``IllegalStateError``; a position being reset
+    raises other Kafka errors. Both are transient: the loops asking simply skip the partition.
+    """
+    try:
+        return int(await consumer.position(tp))
+    except KafkaError as exc:
+        log.debug("no position for partition now", partition=tp.partition, error=repr(exc))
+        return None
