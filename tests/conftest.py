@@ -300,12 +300,14 @@ def worker_env(settings: Settings) -> dict[str, str]:
 class WorkerProcess:
     """``python -m worker serve`` as a child process, for signal tests."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(
+        self, settings: Settings, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self._log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "serve"],
-            env=worker_env(settings),
+            env=worker_env(settings) | (env or {}),
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -342,12 +344,12 @@ class WorkerProcess:
 
 
 @pytest.fixture
-def worker_processes(tmp_path: Path) -> Iterator[Callable[[Settings], WorkerProcess]]:
-    """Factory of worker subprocesses, all killed at the end of the test."""
+def worker_processes(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Factory of worker subprocesses (settings, extra environment), killed at the end."""
     started: list[WorkerProcess] = []
 
-    def start(settings: Settings) -> WorkerProcess:
-        proc = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log")
+    def start(settings: Settings, env: dict[str, str] | None = None) -> WorkerProcess:
+        proc = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log", env)
         started.append(proc)
         return proc
 

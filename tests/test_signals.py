@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -12,7 +15,9 @@ import pytest
 from worker.settings import Settings
 
 from .conftest import (
+    ROOT,
     WorkerProcess,
+    changed,
     group_lag,
     publish_digits,
     reply_counts,
@@ -80,3 +85,52 @@ async def test_sigterm_mid_stream_drains_and_restart_has_no_duplicates(
     duplicates = {k: v for k, v in counts.items() if v > 1}
     assert set(counts) == set(ids)
     assert duplicates == {}
+
+
+HANGING_MODEL = """
+import os
+import threading
+from pathlib import Path
+
+import worker.model
+
+_predict = worker.model.LoadedModel.predict
+
+
+def predict(self, inputs):
+    if any((array == -7.0).any() for array in inputs.values()):
+        Path(os.environ["TEST_HANG_MARKER"]).touch()
+        threading.Event().wait()  # stuck forever, as a deadlocked model would be
+    return _predict(self, inputs)
+
+
+worker.model.LoadedModel.predict = predict
+"""
+
+
+async def test_sigterm_with_a_stuck_model_exits_after_the_shutdown_timeout(
+    settings: Settings,
+    testset: TestSet,
+    tmp_path: Path,
+    worker_processes: Callable[..., WorkerProcess],
+) -> None:
+    """A model call that never returns: SIGTERM ends the process soon after the drain timeout."""
+    (tmp_path / "sitecustomize.py").write_text(HANGING_MODEL)
+    marker = tmp_path / "stuck"
+    settings = changed(settings, "runtime", shutdown_timeout_s=2.0, watchdog_timeout_s=0)
+    ids = await publish_digits(settings, testset[0], 20, prefix="before")
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "TEST_HANG_MARKER": str(marker)}
+    async with reply_reader(settings) as replies:
+        process = worker_processes(settings, env)
+        await wait_for(lambda: len(replies) >= len(ids), timeout=90, what="the first replies")
+        stuck = testset[0][:1].copy()
+        stuck[0, 0] = -7.0
+        await publish_digits(settings, stuck, 1, prefix="stuck")
+        await wait_for(marker.exists, timeout=30, what="the model call to hang")
+        process.signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = await process.wait(timeout=30)
+        took = time.monotonic() - started
+    assert code == 1
+    assert took < 2.0 + 10, f"exited {took:.1f}s after SIGTERM"
+    assert await group_lag(settings) == 1, "what was answered is committed; the stuck one is not"

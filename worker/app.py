@@ -35,7 +35,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from worker.admission import Admitted, Limits, admit
 from worker.audit import AuditLog
-from worker.errors import WorkerError
+from worker.errors import DrainTimeoutError
 from worker.http import Probes, serve_http
 from worker.intake import Intake
 from worker.kafka import ensure_topics, make_producer
@@ -192,7 +192,9 @@ class Worker:
                 pending=intake.tracker.pending,
                 timeout_s=self.settings.runtime.shutdown_timeout_s,
             )
-            raise WorkerError("drain did not finish within shutdown_timeout_s") from None
+            raise DrainTimeoutError(
+                "drain did not finish within shutdown_timeout_s; what was done is committed"
+            ) from None
         finally:
             for task in background:
                 task.cancel()

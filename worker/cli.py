@@ -207,9 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "WORKER_KAFKA__BOOTSTRAP_SERVERS names it; `make kafka` starts a local one)"
                 )
             print(f"error: {error}{hint}", file=sys.stderr)
-        if any(getattr(e, "hard_exit", False) for e in errors):
+        hard = [e for e in errors if isinstance(e, WorkerError) and e.hard_exit]
+        if hard:
             sys.stderr.flush()
-            os._exit(3)  # a model call may be stuck in a thread; an orderly exit would wait on it
+            # A model call may be stuck in a thread; an orderly exit would wait on it forever.
+            os._exit(max(e.exit_code for e in hard))
         return 1
 
 

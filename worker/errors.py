@@ -6,6 +6,7 @@ The tree::
     ├── ConfigError             settings, model repository or topics unusable at start-up
     ├── ConnectError            no broker reached, TLS refused or authentication failed
     ├── WatchdogError           no progress while there was work: exit so a supervisor restarts
+    ├── DrainTimeoutError       a stop did not finish within the shutdown timeout
     ├── RequestError            one request cannot be served; ``code`` goes into its reply
     │   └── DecodeError         the record's bytes are not a request at all
     └── ClientError             raised by :mod:`worker.client` to the caller
@@ -14,7 +15,8 @@ The tree::
 
 Behaviour lives in attributes, not in more types: a :class:`RequestError` carries its
 :class:`ErrorCode`, which the reply repeats so that clients can branch on it; a
-:class:`ConnectError` says whether trying again may help (``retriable``).
+:class:`ConnectError` says whether trying again may help (``retriable``); ``hard_exit`` and
+``exit_code`` say how the command line ends the process.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "DecodeError",
+    "DrainTimeoutError",
     "ErrorCode",
     "ReplyError",
     "ReplyTimeoutError",
@@ -71,6 +74,12 @@ class ErrorCode(enum.StrEnum):
 class WorkerError(Exception):
     """Root of every exception raised by the ``worker`` package."""
 
+    hard_exit = False
+    """End the process at once (``os._exit``): a model call may be stuck in a thread that an
+    orderly interpreter exit would wait for forever."""
+    exit_code = 1
+    """The command line's exit status for this error."""
+
 
 class ConfigError(WorkerError):
     """Settings, the model repository or the Kafka topics are not usable; raised at start-up."""
@@ -89,10 +98,16 @@ class ConnectError(WorkerError):
 
 
 class WatchdogError(WorkerError):
-    """The worker made no progress for too long while it had work.
+    """The worker made no progress for too long while it had work; its supervisor restarts it."""
 
-    ``hard_exit``: the process should end at once (a model call may be stuck in a thread that
-    would keep an orderly exit waiting forever); its supervisor restarts it.
+    hard_exit = True
+    exit_code = 3
+
+
+class DrainTimeoutError(WorkerError):
+    """A stop did not finish within ``shutdown_timeout_s``.
+
+    What was done is committed; the rest is served again by the next owner of the partitions.
     """
 
     hard_exit = True
