@@ -307,3 +307,19 @@ def test_structurally_valid_requests_get_an_outcome(  # noqa: PLR0917 - hypothes
     else:
         assert outcome.job.model.name == model
         assert outcome.job.arrays[0].shape == tuple(shape)
+
+
+def test_an_unexpected_exception_becomes_a_dead_letter_copy(
+    repository: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last-resort guard: a bug inside admission dead-letters the record, never raises."""
+
+    def broken(*_: object) -> None:
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(repository, "route", broken)
+    [copy] = answered(admit(record(request()), repository, LIMITS, DEST, now=0.0))
+    headers = dict(copy.headers)
+    assert copy.is_dead_letter
+    assert headers[DLQ_HEADER_PREFIX + "stage"] == b"ADMISSION"
+    assert headers[DLQ_HEADER_PREFIX + "exception.class.name"] == b"builtins.ZeroDivisionError"

@@ -16,6 +16,7 @@ import numpy.typing as npt
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+import worker.lanes as lanes_module
 from worker.app import Worker
 from worker.client import InferenceClient
 from worker.codec import (
@@ -30,7 +31,7 @@ from worker.codec import (
 from worker.errors import ErrorCode, WatchdogError
 from worker.kafka import ensure_topics, make_producer
 from worker.model import LoadedModel
-from worker.outgoing import DLQ_HEADER_PREFIX
+from worker.outgoing import DLQ_HEADER_PREFIX, model_response
 from worker.repository import ModelRepository
 from worker.settings import Settings
 
@@ -430,3 +431,41 @@ async def test_a_dead_letter_copy_too_large_for_its_topic_goes_without_the_value
     assert got["too-big"].error is not None
     assert got["too-big"].error.code == "INVALID_ARGUMENT"
     assert all(got[f"ok-{i}"].error is None for i in range(10))
+
+
+async def test_a_bug_while_answering_a_batch_dead_letters_it_and_the_worker_goes_on(
+    settings: Settings,
+    repository: ModelRepository,
+    testset: TestSet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Last-resort guard: a bug answering a batch dead-letters it (stage BATCH); work goes on."""
+    real = model_response
+
+    def buggy(request: InferenceRequest, *args: Any) -> InferenceResponse:
+        if request.id == "bug":
+            raise ZeroDivisionError("a bug in reply building")
+        return real(request, *args)
+
+    monkeypatch.setattr(lanes_module, "model_response", buggy)
+    tensor = Tensor.from_numpy("pixels", testset[0][:1])
+    kafka = settings.kafka
+    async with (
+        reply_reader(settings) as replies,
+        reply_reader(settings, kafka.dead_letter_topic) as dlq,
+        running_worker(settings, repository),
+    ):
+        await publish(settings, [(b"bug-key", request_value("bug", tensor), [])])
+        await wait_for(lambda: len(dlq) >= 1, timeout=60, what="the dead-letter copy")
+        await publish(settings, [(None, request_value(f"after-{i}", tensor), []) for i in range(5)])
+        await wait_for(lambda: len(replies) >= 5, timeout=60, what="later requests answered")
+
+        async def committed() -> bool:
+            return await group_lag(settings) == 0
+
+        await wait_for(committed, timeout=30, what="offsets committed past the bug")
+    (copy,) = dlq
+    assert copy.key == b"bug-key"
+    assert copy.headers[DLQ_HEADER_PREFIX + "stage"] == b"BATCH"
+    assert copy.headers[DLQ_HEADER_PREFIX + "exception.class.name"] == b"builtins.ZeroDivisionError"
+    assert set(by_id(replies)) == {f"after-{i}" for i in range(5)}

@@ -90,7 +90,26 @@ def admit(
     *,
     now: float,
 ) -> Admitted | Answered:
-    """Decide what happens to one fetched record (``now``: ``time.monotonic()``)."""
+    """Decide what happens to one fetched record (``now``: ``time.monotonic()``).
+
+    Never raises: an unexpected exception (a bug) is the last-resort guard's, which copies the
+    record to the dead-letter topic at stage ``ADMISSION``, naming the exception.
+    """
+    try:
+        return _admit(source, repository, limits, destinations, now=now)
+    except Exception as exc:
+        log.exception("admitting a record raised; it is dead-lettered", offset=source.offset)
+        return Answered([dead_letter(destinations, source, Stage.ADMISSION, exc)])
+
+
+def _admit(
+    source: Source,
+    repository: ModelRepository,
+    limits: Limits,
+    destinations: Destinations,
+    *,
+    now: float,
+) -> Admitted | Answered:
     try:
         request = decode_request(source.value)
     except DecodeError as exc:

@@ -33,7 +33,15 @@ from worker.codec import Timing
 from worker.errors import SHOWN_CHARS
 from worker.metrics import Metrics
 from worker.model import LoadedModel, run_isolated
-from worker.outgoing import Destinations, Outgoing, expired_response, model_response, reply
+from worker.outgoing import (
+    Destinations,
+    Outgoing,
+    Stage,
+    dead_letter,
+    expired_response,
+    model_response,
+    reply,
+)
 from worker.repository import ModelRepository
 from worker.settings import BatchingSettings
 from worker.shadow import Comparison, Outcome, Result
@@ -167,7 +175,15 @@ class Lanes:
                 self._executor, _forward_all, model, [[j.arrays for j in b] for b in live_batches]
             )
             for live, (offset_s, compute_s, results) in zip(live_batches, runs, strict=True):
-                outgoing += self._answer(model, live, started + offset_s, compute_s, results)
+                try:
+                    outgoing += self._answer(model, live, started + offset_s, compute_s, results)
+                except Exception as exc:  # the last-resort guard: a bug must not stop the lane
+                    log.exception("answering a batch raised; its requests are dead-lettered")
+                    outgoing += [
+                        dead_letter(self._destinations, job.source, Stage.BATCH, exc)
+                        for job in live
+                        if not job.is_shadow
+                    ]
         self._submit(outgoing)
 
     def _answer(

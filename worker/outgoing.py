@@ -81,6 +81,10 @@ class Stage(enum.StrEnum):
     """The value is not a request at all."""
     REPLY_PUBLISH = "REPLY_PUBLISH"
     """The reply could not be published."""
+    ADMISSION = "ADMISSION"
+    """Admitting the record raised unexpectedly (a bug): the last-resort guard copied it."""
+    BATCH = "BATCH"
+    """Answering its batch raised unexpectedly (a bug): the last-resort guard copied it."""
 
 
 @dataclass(frozen=True, slots=True)
