@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -15,6 +17,7 @@ import pytest
 from worker.app import Worker
 from worker.client import InferenceClient
 from worker.codec import InferenceResponse
+from worker.model import LoadedModel
 from worker.repository import ModelRepository
 from worker.settings import Settings
 
@@ -145,6 +148,49 @@ async def test_shadow_is_compared_and_counted_but_never_sent(
     assert shadow("disagreed") == len(pixels) - int((v1 == v2).sum())
     assert shadow("failed") == 0
     assert shadow("dropped") == 0
+
+
+async def test_a_stuck_shadow_never_delays_the_primary(
+    settings: Settings, repo_dir: Path, testset: TestSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shadow copies run in their own thread: with the shadow's model stuck, v1 still answers."""
+    configure(repo_dir, "digits", '[routing]\ndefault_version = "1"\nshadow = "2"')
+    settings = served_from(settings, repo_dir)
+    repository = ModelRepository.load(repo_dir)
+    release = threading.Event()
+    real = LoadedModel.predict
+
+    def predict(self: LoadedModel, inputs: Any) -> Any:
+        if self.version == "2":
+            release.wait(120)  # the shadow's model hangs until the test lets it go
+        return real(self, inputs)
+
+    monkeypatch.setattr(LoadedModel, "predict", predict)
+    pixels = testset[0][:30]
+    async with (
+        running_worker(settings, repository) as worker,
+        InferenceClient(settings.kafka) as client,
+    ):
+        try:
+            replies = await asyncio.gather(
+                *(client.infer("digits", {"pixels": pixels[i : i + 1]}, timeout=20)
+                  for i in range(len(pixels)))
+            )  # fmt: skip
+            compared = [
+                worker.metrics.value(
+                    "inference_shadow_comparisons_total",
+                    model="digits",
+                    primary="1",
+                    shadow="2",
+                    result=result,
+                )
+                for result in ("agreed", "disagreed")
+            ]
+            assert sum(compared) == 0, "the shadow is still stuck"
+        finally:
+            release.set()
+    assert [r.model_version for r in replies] == ["1"] * len(pixels)
+    assert all(r.error is None for r in replies)
 
 
 async def test_reload_under_load_adds_a_version_and_changes_the_split_without_loss(

@@ -134,8 +134,10 @@ class Worker:
             await producer.start()
             await stack.enter_async_context(self._intake.running())
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-            # wait=False: a model call stuck forever must not keep the worker from exiting.
-            stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+            shadow_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
+            for pool in (executor, shadow_executor):
+                # wait=False: a model call stuck forever must not keep the worker from exiting.
+                stack.callback(pool.shutdown, wait=False, cancel_futures=True)
             replier = self._make_replier(producer)
             log.info(
                 "worker started",
@@ -149,6 +151,7 @@ class Worker:
                 lanes = Lanes(
                     group,
                     executor,
+                    shadow_executor=shadow_executor,
                     batching=settings.batching,
                     destinations=self._destinations,
                     submit=replier.submit,

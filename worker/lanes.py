@@ -59,13 +59,19 @@ class _Lane:
 
 
 class Lanes:
-    """Every served version's lane, started in ``group``; batches run on ``executor``."""
+    """Every served version's lane, started in ``group``; batches run on ``executor``.
+
+    A version that shadows another has a second lane for the shadow copies, running on
+    ``shadow_executor``: shadow batches never queue ahead of primary ones, and the shadow's
+    queue is bounded (``shadow_queue_limit``; beyond it copies are dropped and counted).
+    """
 
     def __init__(
         self,
         group: asyncio.TaskGroup,
         executor: Executor,
         *,
+        shadow_executor: Executor,
         batching: BatchingSettings,
         destinations: Destinations,
         submit: Callable[[Sequence[Outgoing]], None],
@@ -74,12 +80,14 @@ class Lanes:
     ) -> None:
         self._group = group
         self._executor = executor
+        self._shadow_executor = shadow_executor
         self._batching = batching
         self._destinations = destinations
         self._submit = submit
         self._metrics = metrics
         self._shadow_queue_limit = shadow_queue_limit
-        self._lanes: dict[tuple[str, str], _Lane] = {}
+        self._lanes: dict[tuple[str, str, bool], _Lane] = {}
+        """By (model, version, shadow copies?)."""
         self._retired: set[asyncio.Task[None]] = set()
         self._batch_ids = itertools.count(1)
         self._batch_prefix = secrets.token_hex(4)
@@ -90,7 +98,12 @@ class Lanes:
         All new batchers are built before anything changes, so a batcher that cannot be built
         (it raises) leaves every lane as it was.
         """
-        wanted = {(m.name, m.version): m for m in repository.all()}
+        wanted = {(m.name, m.version, False): m for m in repository.all()}
+        wanted |= {
+            (m.name, m.version, True): m
+            for m in repository.all()
+            if m.config.routing.shadow == m.version
+        }
         stale = {
             key
             for key, lane in self._lanes.items()
@@ -131,14 +144,14 @@ class Lanes:
         """Queue a job in its version's lane, and its shadow copy (unless the shadow is full)."""
         job, copy = admitted.job, admitted.shadow
         if copy is not None:
-            shadow = self._lanes[(copy.model.name, copy.model.version)].batcher
-            if len(shadow) < self._shadow_queue_limit:
-                shadow.put(copy)
+            lane = self._lanes.get((copy.model.name, copy.model.version, True))
+            if lane is not None and len(lane.batcher) < self._shadow_queue_limit:
+                lane.batcher.put(copy)
             else:
                 assert job.comparison is not None
                 self._count(job.comparison, Outcome.DROPPED)
                 job.comparison = None
-        self._lanes[(job.model.name, job.model.version)].batcher.put(job)
+        self._lanes[(job.model.name, job.model.version, False)].batcher.put(job)
 
     async def drain(self) -> None:
         """Close every lane and wait until each has answered all it holds."""
@@ -169,10 +182,12 @@ class Lanes:
             if live:
                 live_batches.append(live)
         if live_batches:
-            model = live_batches[0][0].model
+            first = live_batches[0][0]
+            model = first.model
+            executor = self._shadow_executor if first.is_shadow else self._executor
             started = time.monotonic()
             runs = await asyncio.get_running_loop().run_in_executor(
-                self._executor, _forward_all, model, [[j.arrays for j in b] for b in live_batches]
+                executor, _forward_all, model, [[j.arrays for j in b] for b in live_batches]
             )
             for live, (offset_s, compute_s, results) in zip(live_batches, runs, strict=True):
                 try:
