@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+import torch
 
 from worker.codec import InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError
@@ -41,9 +42,13 @@ def test_digits_accuracy_on_held_out_split(
 
 
 def test_model_file_is_a_torch_export_program() -> None:
-    """Artifacts are torch.export archives (a zip), never a pickled module."""
-    for artifact in MODELS.glob("*/*/model.pt2"):
-        assert artifact.read_bytes()[:2] == b"PK"
+    """Artifacts load as torch.export programs (not pickled modules), with their inputs."""
+    artifacts = sorted(MODELS.glob("*/*/model.pt2"))
+    assert artifacts
+    for artifact in artifacts:
+        program = torch.export.load(artifact)
+        assert isinstance(program, torch.export.ExportedProgram), artifact
+        assert program.graph_signature.user_inputs, artifact
 
 
 def test_resolve_unknown_model_and_version_is_not_found(repository: ModelRepository) -> None:

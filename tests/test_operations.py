@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
 
 import aiohttp
@@ -16,9 +17,11 @@ from worker.app import Worker
 from worker.client import InferenceClient
 from worker.codec import Tensor
 from worker.kafka import make_producer
+from worker.model import LoadedModel
 from worker.outgoing import UNSERVED
 from worker.repository import ModelRepository
 from worker.settings import Settings
+from worker.supervision import Supervisor
 
 from .conftest import changed, reply_reader, running_worker, wait_for
 
@@ -160,6 +163,55 @@ async def test_readiness_flips_to_ready_only_after_the_assignment(
     assert first == (503, "waiting for the consumer group assignment\n")
     assert last == (200, f"ok: {settings.kafka.topic_partitions} partition(s)\n")
     assert health == (200, "ok\n")
+
+
+async def test_probes_while_stalled_and_while_stopping(
+    settings: Settings,
+    repository: ModelRepository,
+    testset: TestSet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hung model: /healthz turns 503 after the watchdog timeout; stopping: /readyz 503."""
+    settings = changed(settings, "runtime", watchdog_timeout_s=1.0, shutdown_timeout_s=30.0)
+    release = threading.Event()
+    real = LoadedModel.predict
+
+    def predict(self: LoadedModel, inputs: Any) -> Any:
+        release.wait(60)
+        return real(self, inputs)
+
+    async def no_watchdog(self: Supervisor) -> None:
+        """The watchdog would end the worker as /healthz turns; its exit is tested elsewhere."""
+
+    monkeypatch.setattr(LoadedModel, "predict", predict)
+    monkeypatch.setattr(Supervisor, "watchdog", no_watchdog)
+    worker = Worker(settings, repository)
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(worker.run())
+        await wait_for(lambda: bool(worker.assigned), timeout=60, what="the assignment")
+        async with InferenceClient(settings.kafka) as client:
+            try:
+                pending = group.create_task(
+                    client.infer("digits", {"pixels": testset[0][:1]}, timeout=60)
+                )
+                await wait_for(lambda: worker.in_flight == 1, timeout=30, what="one in flight")
+
+                async def unhealthy() -> bool:
+                    return (await get(worker, "/healthz"))[0] == 503
+
+                await wait_for(unhealthy, timeout=30, what="/healthz 503 while stalled")
+                health = await get(worker, "/healthz")
+                worker.stop()
+                ready = await get(worker, "/readyz")
+            finally:
+                release.set()
+            reply = await pending
+        await task
+    assert health[0] == 503
+    assert "no progress for" in health[1]
+    assert "1 in flight" in health[1]
+    assert ready == (503, "stopping\n")
+    assert reply.error is None, "the drain answered the request once the model returned"
 
 
 async def test_audit_topic_holds_one_record_per_request_with_the_trace_id(

@@ -311,6 +311,32 @@ def test_secrets_come_from_a_folder_and_never_show(
         load_settings()
 
 
+def test_the_environment_wins_over_secret_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A setting in both the environment and the secrets folder takes the environment's value."""
+    (tmp_path / "WORKER_KAFKA__SASL_USERNAME").write_text("from-file")
+    (tmp_path / "WORKER_KAFKA__SASL_PASSWORD").write_text("file-password")
+    monkeypatch.setenv("WORKER_SECRETS_DIR", str(tmp_path))
+    monkeypatch.setenv("WORKER_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("WORKER_KAFKA__SASL_MECHANISM", "PLAIN")
+    monkeypatch.setenv("WORKER_KAFKA__SASL_USERNAME", "from-env")
+    kafka = load_settings().kafka
+    assert kafka.sasl_username is not None
+    assert kafka.sasl_username.get_secret_value() == "from-env"
+    assert kafka.sasl_password is not None
+    assert kafka.sasl_password.get_secret_value() == "file-password", "files fill the rest"
+
+
+def test_a_key_without_its_certificate_is_refused(tmp_path: Path) -> None:
+    """ssl_keyfile alone (mutual TLS half set up) is a settings error naming ssl_certfile."""
+    key = tmp_path / "client.key"
+    key.write_text("not read")
+    with pytest.raises(ValueError, match="ssl_keyfile needs ssl_certfile"):
+        KafkaSettings(security_protocol="SSL", ssl_keyfile=key)
+    assert KafkaSettings(security_protocol="SSL", ssl_keyfile=key, ssl_certfile=key).ssl_keyfile
+
+
 def test_a_kubernetes_secret_volume_is_a_secrets_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

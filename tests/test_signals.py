@@ -134,3 +134,26 @@ async def test_sigterm_with_a_stuck_model_exits_after_the_shutdown_timeout(
     assert code == 1
     assert took < 2.0 + 10, f"exited {took:.1f}s after SIGTERM"
     assert await group_lag(settings) == 1, "what was answered is committed; the stuck one is not"
+
+
+async def test_a_stuck_model_makes_the_watchdog_exit_with_status_3(
+    settings: Settings,
+    testset: TestSet,
+    tmp_path: Path,
+    worker_processes: Callable[..., WorkerProcess],
+) -> None:
+    """With a model call that never returns, the process exits 3 after the watchdog timeout."""
+    (tmp_path / "sitecustomize.py").write_text(HANGING_MODEL)
+    marker = tmp_path / "stuck"
+    settings = changed(settings, "runtime", watchdog_timeout_s=2.0)
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "TEST_HANG_MARKER": str(marker)}
+    process = worker_processes(settings, env)
+    await wait_for(process.serving, timeout=90, what="the worker to join")
+    stuck = testset[0][:1].copy()
+    stuck[0, 0] = -7.0
+    await publish_digits(settings, stuck, 1, prefix="stuck")
+    await wait_for(marker.exists, timeout=30, what="the model call to hang")
+    started = time.monotonic()
+    assert await process.wait(timeout=30) == 3
+    assert time.monotonic() - started >= 1.0, "not before the watchdog timeout"
+    assert await group_lag(settings) == 1, "the unanswered request is not committed"

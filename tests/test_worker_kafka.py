@@ -8,6 +8,7 @@ import uuid
 import numpy as np
 import numpy.typing as npt
 import pytest
+from aiokafka.partitioner import murmur2
 
 from worker.app import Worker
 from worker.client import InferenceClient
@@ -133,6 +134,8 @@ async def test_reply_goes_to_reply_to_topic_with_key_and_headers(
         await wait_for(lambda: len(custom) == 1, timeout=60, what="a reply on the reply_to topic")
     reply = custom[0]
     assert reply.key == b"user-7"
+    # Java's partitioner: murmur2 of the key, positive, modulo the partition count.
+    assert reply.partition == (murmur2(b"user-7") & 0x7FFFFFFF) % settings.kafka.topic_partitions
     assert reply.headers["correlation_id"] == b"corr-42"
     version, trace_id, span_id, flags = reply.headers["traceparent"].decode().split("-")
     assert (version, trace_id, flags) == ("00", "0af7651916cd43dd8448eb211c80319c", "01")
