@@ -258,23 +258,28 @@ async def publish_digits(
     *,
     prefix: str = "req",
     per_second: float | None = None,
+    until: asyncio.Event | None = None,
 ) -> list[str]:
-    """Publish ``total`` digits requests (keyed by id), all at once or at about ``per_second``.
+    """Publish digits requests (keyed by id), all at once or at about ``per_second``.
 
-    Returns their ids once every one is acknowledged.
+    ``total`` of them; with ``until``, at least ``total`` and then on until the event is set
+    (load that is still running whenever the test acts). Returns their ids once every one is
+    acknowledged.
     """
     kafka = settings.kafka
     await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
     producer = make_producer(kafka, linger_ms=5)
     await producer.start()
-    ids = [f"{prefix}-{i}" for i in range(total)]
+    ids: list[str] = []
     tick = 0.05
     per_tick = max(1, int(per_second * tick)) if per_second else total
     try:
         futures = []
-        for start in range(0, total, per_tick):
+        while len(ids) < total or (until is not None and not until.is_set()):
             began = time.monotonic()
-            for i in range(start, min(start + per_tick, total)):
+            for _ in range(per_tick if until is not None else min(per_tick, total - len(ids))):
+                i = len(ids)
+                ids.append(f"{prefix}-{i}")
                 tensor = Tensor.from_numpy("pixels", pixels[i % len(pixels)][None])
                 value = encode_request(InferenceRequest(ids[i], "digits", [tensor]))
                 futures.append(

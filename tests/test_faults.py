@@ -42,10 +42,13 @@ async def test_workers_joining_and_leaving_under_load_lose_nothing(
     """Three workers join and two leave (SIGTERM) under load: none lost, no duplicates."""
     kafka = settings.kafka
     await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic])
-    total = 9000
+    total = 6000
+    load_done = asyncio.Event()
     async with reply_reader(settings) as replies, asyncio.TaskGroup() as group:
         publisher = group.create_task(
-            publish_digits(settings, testset[0], total, prefix="load", per_second=600)
+            publish_digits(
+                settings, testset[0], total, prefix="load", per_second=600, until=load_done
+            )
         )
         first = worker_processes(settings)
         await wait_for(lambda: len(replies) >= 500, timeout=90, what="first worker's replies")
@@ -58,8 +61,10 @@ async def test_workers_joining_and_leaving_under_load_lose_nothing(
         second.signal(signal.SIGTERM)
         assert await second.wait(timeout=60) == 0
         await wait_for(lambda: len(replies) >= 6000, timeout=90, what="replies after a leave")
+        assert not publisher.done(), "the load runs until the last leave"
         third.signal(signal.SIGTERM)
         assert await third.wait(timeout=60) == 0
+        load_done.set()
         ids = await publisher
         answered = await settle(settings, replies, ids)
         assert first.proc.poll() is None, "the first worker served throughout"

@@ -223,7 +223,7 @@ async def test_deadlines_are_enforced_without_running_the_model(
         return original(inputs)
 
     monkeypatch.setattr(model, "predict", counting)
-    settings = with_runtime(settings, default_timeout_ms=5_000)
+    settings = with_runtime(settings, default_timeout_ms=30_000)
     now_ms = int(time.time() * 1000)
     tensor = Tensor.from_numpy("pixels", testset[0][:1])
 
@@ -232,22 +232,22 @@ async def test_deadlines_are_enforced_without_running_the_model(
         return encode_request(request)
 
     kafka = settings.kafka
-    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic])
-    producer = make_producer(kafka)
-    await producer.start()
-    try:
-        for request_id, deadline, timestamp in (
-            ("expired", now_ms - 1_000, None),
-            ("in-time", now_ms + 600_000, None),
-            ("old-record", None, now_ms - 60_000),
-            ("fresh-record", None, None),
-        ):
-            await producer.send_and_wait(
-                kafka.requests_topic, value(request_id, deadline), timestamp_ms=timestamp
-            )
-    finally:
-        await producer.stop()
+    # The worker first, then the requests: a slow start must not expire the fresh ones.
     async with reply_reader(settings) as replies, running_worker(settings, repository):
+        producer = make_producer(kafka)
+        await producer.start()
+        try:
+            for request_id, deadline, timestamp in (
+                ("expired", now_ms - 1_000, None),
+                ("in-time", now_ms + 600_000, None),
+                ("old-record", None, now_ms - 60_000),
+                ("fresh-record", None, None),
+            ):
+                await producer.send_and_wait(
+                    kafka.requests_topic, value(request_id, deadline), timestamp_ms=timestamp
+                )
+        finally:
+            await producer.stop()
         await wait_for(lambda: len(replies) >= 4, timeout=60, what="four replies")
     got = by_id(replies)
     for name in ("expired", "old-record"):
