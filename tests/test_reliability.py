@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import fastavro
@@ -469,3 +473,76 @@ async def test_a_bug_while_answering_a_batch_dead_letters_it_and_the_worker_goes
     assert copy.headers[DLQ_HEADER_PREFIX + "stage"] == b"BATCH"
     assert copy.headers[DLQ_HEADER_PREFIX + "exception.class.name"] == b"builtins.ZeroDivisionError"
     assert set(by_id(replies)) == {f"after-{i}" for i in range(5)}
+
+
+BAD_HEADER_PRODUCER = """
+import asyncio
+import sys
+
+from aiokafka import AIOKafkaProducer
+
+
+class RawKey(str):
+    def encode(self, *args, **kwargs):  # the pure-Python record builder writes these bytes
+        return b"\\xff\\xfe-not-utf8"
+
+
+async def main(bootstrap, topic):
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        sent = await producer.send_and_wait(
+            topic, b"unreadable", key=b"bad-key", headers=[(RawKey("h"), b"v")]
+        )
+        print(sent.partition, sent.offset)
+    finally:
+        await producer.stop()
+
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_a_record_the_client_cannot_parse_is_stepped_past_and_dead_lettered(
+    settings: Settings, repository: ModelRepository, testset: TestSet, tmp_path: Path
+) -> None:
+    """A non-UTF-8 header key (the broker takes it, aiokafka cannot parse it) is stepped past."""
+    kafka = settings.kafka
+    tensor = Tensor.from_numpy("pixels", testset[0][:1])
+    await publish(
+        settings, [(b"bad-key", request_value(f"before-{i}", tensor), []) for i in range(5)]
+    )
+    script = tmp_path / "bad_header.py"
+    script.write_text(BAD_HEADER_PRODUCER)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(script), kafka.bootstrap_servers, kafka.requests_topic],
+        env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    partition, offset = (int(v) for v in done.stdout.split())
+    await publish(
+        settings, [(b"bad-key", request_value(f"after-{i}", tensor), []) for i in range(5)]
+    )
+    async with (
+        reply_reader(settings) as replies,
+        reply_reader(settings, kafka.dead_letter_topic) as dlq,
+        running_worker(settings, repository) as worker,
+    ):
+        await wait_for(
+            lambda: len(replies) >= 10 and len(dlq) >= 1, timeout=90, what="replies and the copy"
+        )
+
+        async def committed() -> bool:
+            return await group_lag(settings) == 0
+
+        await wait_for(committed, timeout=30, what="offsets committed past the record")
+        assert worker.metrics.value("inference_dead_lettered_total", stage="FETCH") == 1
+    (copy,) = dlq
+    assert copy.headers[DLQ_HEADER_PREFIX + "stage"] == b"FETCH"
+    assert copy.headers[DLQ_HEADER_PREFIX + "partition"] == str(partition).encode()
+    assert copy.headers[DLQ_HEADER_PREFIX + "offset"] == str(offset).encode()
+    assert b"UnicodeDecodeError" in copy.headers[DLQ_HEADER_PREFIX + "exception.class.name"]
+    expected = {f"before-{i}" for i in range(5)} | {f"after-{i}" for i in range(5)}
+    assert set(by_id(replies)) == expected

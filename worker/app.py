@@ -41,7 +41,7 @@ from worker.intake import Intake
 from worker.kafka import ensure_topics, make_producer
 from worker.lanes import Lanes
 from worker.metrics import Metrics
-from worker.outgoing import Destinations, Outgoing, Source
+from worker.outgoing import Destinations, Outgoing, Source, Stage, dead_letter
 from worker.replies import Replier, TopicCache
 from worker.repository import ModelRepository
 from worker.settings import Settings
@@ -182,7 +182,10 @@ class Worker:
             else:
                 replier.submit(outcome.outgoing)
 
-        await intake.consume(self._stopping, dispatch)
+        def unparseable(source: Source, error: Exception) -> None:
+            replier.submit([dead_letter(self._destinations, source, Stage.FETCH, error)])
+
+        await intake.consume(self._stopping, dispatch, unparseable)
         try:
             async with asyncio.timeout(self.settings.runtime.shutdown_timeout_s):
                 await lanes.drain()

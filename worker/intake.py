@@ -72,8 +72,18 @@ class Intake:
             await self.consumer.stop()
             self.assigned.clear()
 
-    async def consume(self, stopping: asyncio.Event, dispatch: Callable[[Source], None]) -> None:
-        """Fetch records and hand each to ``dispatch`` until ``stopping`` is set."""
+    async def consume(
+        self,
+        stopping: asyncio.Event,
+        dispatch: Callable[[Source], None],
+        unparseable: Callable[[Source, Exception], None],
+    ) -> None:
+        """Fetch records and hand each to ``dispatch`` until ``stopping`` is set.
+
+        Records the Kafka client cannot parse (a header key that is not UTF-8, say) are
+        stepped past: each offset skipped goes to ``unparseable`` (bytes unknown) and is
+        committed like an answered record once that is done.
+        """
         consumer = self.consumer
         max_in_flight = self._runtime.max_in_flight
         max_records = self._kafka.fetch_max_records
@@ -98,6 +108,10 @@ class Intake:
                 log.warning("fetch failed; retrying", error=repr(exc)[:500])
                 await asyncio.sleep(FETCH_RETRY_S)
                 continue
+            except Exception as exc:  # noqa: BLE001 - a record the client cannot parse
+                self._metrics.fetch_errors.inc()
+                await self._step_past(exc, dispatch, unparseable)
+                continue
             for tp, records in fetched.items():
                 for record in records:
                     self.tracker.track(tp, record.offset)
@@ -105,6 +119,83 @@ class Intake:
                         Source(tp, record.offset, record.key, record.value, record.headers,
                                record.timestamp)
                     )  # fmt: skip
+
+    async def _step_past(
+        self,
+        error: Exception,
+        dispatch: Callable[[Source], None],
+        unparseable: Callable[[Source, Exception], None],
+    ) -> None:
+        """Find the partitions whose next records cannot be parsed, and step past those records.
+
+        Each partition is fetched on its own; a healthy one is rewound (the main loop fetches
+        it again). In a failing one, the records before the unparseable one are fetched one at
+        a time and dispatched; then offsets are skipped one by one until a fetch parses again.
+        The client parses a whole record batch, so the rest of the failing record's batch is
+        skipped too. Each skipped offset is tracked and handed to ``unparseable``, so it is
+        committed only once that is done.
+        """
+        consumer = self.consumer
+        for tp in sorted(consumer.assignment()):
+            start = await consumer.position(tp)
+            try:
+                await consumer.getmany(
+                    tp, timeout_ms=1000, max_records=self._kafka.fetch_max_records
+                )
+            except KafkaError:
+                raise
+            except Exception:  # noqa: BLE001 - this partition holds it
+                consumer.seek(tp, start)
+                await self._skip_unparseable(tp, error, dispatch, unparseable)
+            else:
+                consumer.seek(tp, start)
+
+    async def _skip_unparseable(
+        self,
+        tp: TopicPartition,
+        error: Exception,
+        dispatch: Callable[[Source], None],
+        unparseable: Callable[[Source, Exception], None],
+    ) -> None:
+        consumer = self.consumer
+        while True:  # the good records before it, one at a time (at most one fetch's worth)
+            try:
+                fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=1)
+            except KafkaError:
+                raise
+            except Exception:  # noqa: BLE001 - reached it
+                break
+            if not fetched:
+                return
+            for record in fetched.get(tp, []):
+                self.tracker.track(tp, record.offset)
+                dispatch(
+                    Source(tp, record.offset, record.key, record.value, record.headers,
+                           record.timestamp)
+                )  # fmt: skip
+        start = await consumer.position(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        offset = start
+        while offset < end:
+            offset += 1
+            consumer.seek(tp, offset)
+            try:
+                await consumer.getmany(tp, timeout_ms=1000, max_records=1)
+            except KafkaError:
+                raise
+            except Exception:  # noqa: BLE001, S112 - still inside the unparseable batch
+                continue
+            consumer.seek(tp, offset)  # parses again from here: the main loop goes on
+            break
+        log.error(
+            "records the Kafka client cannot parse were skipped and dead-lettered",
+            partition=f"{tp.topic}[{tp.partition}]",
+            offsets=f"{start}..{offset - 1}",
+            error=repr(error)[:500],
+        )
+        for skipped in range(start, offset):
+            self.tracker.track(tp, skipped)
+            unparseable(Source(tp, skipped, None, None, [], 0), error)
 
     async def commit_loop(self) -> None:
         """Commit what is answered, every ``commit_interval_ms``."""

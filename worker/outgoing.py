@@ -77,6 +77,8 @@ ECHOED_HEADERS = ("tracestate", "kafka_correlationId")
 class Stage(enum.StrEnum):
     """Values of the ``__connect.errors.stage`` header: where the record failed."""
 
+    FETCH = "FETCH"
+    """The Kafka client could not parse the record (its bytes are unknown: only its place)."""
     DECODE = "DECODE"
     """The value is not a request at all."""
     REPLY_PUBLISH = "REPLY_PUBLISH"
