@@ -32,7 +32,7 @@ from worker.codec import (
     encode_response,
     schema_dir,
 )
-from worker.errors import ErrorCode, WatchdogError
+from worker.errors import ErrorCode, WatchdogError, WorkerError
 from worker.kafka import ensure_topics, make_producer
 from worker.model import LoadedModel
 from worker.outgoing import DLQ_HEADER_PREFIX, model_response
@@ -546,3 +546,23 @@ async def test_a_record_the_client_cannot_parse_is_stepped_past_and_dead_lettere
     assert b"UnicodeDecodeError" in copy.headers[DLQ_HEADER_PREFIX + "exception.class.name"]
     expected = {f"before-{i}" for i in range(5)} | {f"after-{i}" for i in range(5)}
     assert set(by_id(replies)) == expected
+
+
+async def test_a_dead_letter_copy_that_cannot_be_published_stops_the_worker_uncommitted(
+    settings: Settings, repository: ModelRepository
+) -> None:
+    """Even the reduced copy does not fit the DLQ topic: the worker stops, the record stays."""
+    kafka = settings.kafka
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        tiny = {"max.message.bytes": "64"}
+        await admin.create_topics([NewTopic(kafka.dead_letter_topic, 3, 1, topic_configs=tiny)])
+    finally:
+        await admin.close()
+    await publish(settings, [(b"k", b"\x13garbage" * 100, [])])
+    worker = Worker(settings, repository)
+    with pytest.raises(BaseExceptionGroup) as info:
+        await asyncio.wait_for(worker.run(), timeout=90)
+    assert info.group_contains(WorkerError, match="stopping without committing it")
+    assert await group_lag(settings) == 1, "the record is served again by the next worker"
