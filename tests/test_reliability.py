@@ -109,6 +109,31 @@ def by_id(replies: list[Reply]) -> dict[str, InferenceResponse]:
     return {r.id: r for r in decoded}
 
 
+async def serve_until_settled(
+    settings: Settings, repository: ModelRepository, *, replies: int, copies: int
+) -> tuple[list[Reply], list[Reply], Worker]:
+    """Serve until ``replies`` replies and ``copies`` dead-letter copies are read, all committed.
+
+    Returns them and the (stopped) worker, whose metrics stay readable.
+    """
+    async with (
+        reply_reader(settings) as answered,
+        reply_reader(settings, settings.kafka.dead_letter_topic) as dlq,
+        running_worker(settings, repository) as worker,
+    ):
+        await wait_for(
+            lambda: len(answered) >= replies and len(dlq) >= copies,
+            timeout=90,
+            what=f"{replies} replies and {copies} dead-letter copies",
+        )
+
+        async def committed() -> bool:
+            return await group_lag(settings) == 0
+
+        await wait_for(committed, timeout=30, what="every offset committed")
+    return answered, dlq, worker
+
+
 async def test_bad_input_corpus_is_answered_or_dead_lettered_and_good_requests_still_served(
     settings: Settings, repository: ModelRepository, testset: TestSet
 ) -> None:
@@ -410,20 +435,8 @@ async def test_a_dead_letter_copy_too_large_for_its_topic_goes_without_the_value
     ]
     records += [(None, request_value(f"ok-{i}", tensor), []) for i in range(10)]
     await publish(settings, records)
-    async with (
-        reply_reader(settings) as replies,
-        reply_reader(settings, kafka.dead_letter_topic) as dlq,
-        running_worker(settings, repository) as worker,
-    ):
-        await wait_for(
-            lambda: len(replies) >= 11 and len(dlq) >= 1, timeout=60, what="replies and copy"
-        )
-
-        async def committed() -> bool:
-            return await group_lag(settings) == 0
-
-        await wait_for(committed, timeout=30, what="offsets committed past the big record")
-        assert worker.metrics.value("inference_dead_lettered_total", stage="DECODE") == 1
+    replies, dlq, worker = await serve_until_settled(settings, repository, replies=11, copies=1)
+    assert worker.metrics.value("inference_dead_lettered_total", stage="DECODE") == 1
     (copy,) = dlq
     assert copy.key == b"big-key"
     assert not copy.value
@@ -525,20 +538,8 @@ async def test_a_record_the_client_cannot_parse_is_stepped_past_and_dead_lettere
     await publish(
         settings, [(b"bad-key", request_value(f"after-{i}", tensor), []) for i in range(5)]
     )
-    async with (
-        reply_reader(settings) as replies,
-        reply_reader(settings, kafka.dead_letter_topic) as dlq,
-        running_worker(settings, repository) as worker,
-    ):
-        await wait_for(
-            lambda: len(replies) >= 10 and len(dlq) >= 1, timeout=90, what="replies and the copy"
-        )
-
-        async def committed() -> bool:
-            return await group_lag(settings) == 0
-
-        await wait_for(committed, timeout=30, what="offsets committed past the record")
-        assert worker.metrics.value("inference_dead_lettered_total", stage="FETCH") == 1
+    replies, dlq, worker = await serve_until_settled(settings, repository, replies=10, copies=1)
+    assert worker.metrics.value("inference_dead_lettered_total", stage="FETCH") == 1
     (copy,) = dlq
     assert copy.headers[DLQ_HEADER_PREFIX + "stage"] == b"FETCH"
     assert copy.headers[DLQ_HEADER_PREFIX + "partition"] == str(partition).encode()

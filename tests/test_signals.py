@@ -108,6 +108,23 @@ worker.model.LoadedModel.predict = predict
 """
 
 
+def hanging_model_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for a worker process whose model hangs on a pixel of -7 (HANGING_MODEL)."""
+    (tmp_path / "sitecustomize.py").write_text(HANGING_MODEL)
+    return {
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+        "TEST_HANG_MARKER": str(tmp_path / "stuck"),
+    }
+
+
+async def hang_one_request(settings: Settings, testset: TestSet, tmp_path: Path) -> None:
+    """Publish a request with the hanging pixel; return once the model call hangs on it."""
+    stuck = testset[0][:1].copy()
+    stuck[0, 0] = -7.0
+    await publish_digits(settings, stuck, 1, prefix="stuck")
+    await wait_for((tmp_path / "stuck").exists, timeout=30, what="the model call to hang")
+
+
 async def test_sigterm_with_a_stuck_model_exits_after_the_shutdown_timeout(
     settings: Settings,
     testset: TestSet,
@@ -115,18 +132,12 @@ async def test_sigterm_with_a_stuck_model_exits_after_the_shutdown_timeout(
     worker_processes: Callable[..., WorkerProcess],
 ) -> None:
     """A model call that never returns: SIGTERM ends the process soon after the drain timeout."""
-    (tmp_path / "sitecustomize.py").write_text(HANGING_MODEL)
-    marker = tmp_path / "stuck"
     settings = changed(settings, "runtime", shutdown_timeout_s=2.0, watchdog_timeout_s=0)
     ids = await publish_digits(settings, testset[0], 20, prefix="before")
-    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "TEST_HANG_MARKER": str(marker)}
     async with reply_reader(settings) as replies:
-        process = worker_processes(settings, env)
+        process = worker_processes(settings, hanging_model_env(tmp_path))
         await wait_for(lambda: len(replies) >= len(ids), timeout=90, what="the first replies")
-        stuck = testset[0][:1].copy()
-        stuck[0, 0] = -7.0
-        await publish_digits(settings, stuck, 1, prefix="stuck")
-        await wait_for(marker.exists, timeout=30, what="the model call to hang")
+        await hang_one_request(settings, testset, tmp_path)
         process.signal(signal.SIGTERM)
         started = time.monotonic()
         code = await process.wait(timeout=30)
@@ -143,16 +154,10 @@ async def test_a_stuck_model_makes_the_watchdog_exit_with_status_3(
     worker_processes: Callable[..., WorkerProcess],
 ) -> None:
     """With a model call that never returns, the process exits 3 after the watchdog timeout."""
-    (tmp_path / "sitecustomize.py").write_text(HANGING_MODEL)
-    marker = tmp_path / "stuck"
     settings = changed(settings, "runtime", watchdog_timeout_s=2.0)
-    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "TEST_HANG_MARKER": str(marker)}
-    process = worker_processes(settings, env)
+    process = worker_processes(settings, hanging_model_env(tmp_path))
     await wait_for(process.serving, timeout=90, what="the worker to join")
-    stuck = testset[0][:1].copy()
-    stuck[0, 0] = -7.0
-    await publish_digits(settings, stuck, 1, prefix="stuck")
-    await wait_for(marker.exists, timeout=30, what="the model call to hang")
+    await hang_one_request(settings, testset, tmp_path)
     started = time.monotonic()
     assert await process.wait(timeout=30) == 3
     assert time.monotonic() - started >= 1.0, "not before the watchdog timeout"
