@@ -36,6 +36,7 @@ async def test_batch_closes_at_max_size() -> None:
     batcher.close()
     await asyncio.wait_for(batcher.run(), 5)
     assert rec.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert rec.runs == [1, 1, 1], "one batch per call unless runs are asked for"
 
 
 async def test_batch_closes_when_oldest_waited_the_delay() -> None:
@@ -75,7 +76,8 @@ async def test_next_batch_gathers_while_model_is_busy() -> None:
         await asyncio.wait_for(rec.started.wait(), 5)
         for i in range(1, 13):
             batcher.put(i)
-        assert len(batcher) == 12
+        await spin()
+        assert len(batcher) == 12, "nothing is taken while the only slot is busy"
         rec.gate.set()
         batcher.close()
     assert rec.batches == [[0], [1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12]]
@@ -165,6 +167,8 @@ async def test_a_partial_batch_waits_for_the_delay() -> None:
         await spin()
         assert not rec.started.is_set(), "a partial batch must wait for its delay"
         batcher.put(2)
+        await spin()
+        assert not rec.started.is_set(), "a new item does not close a partial batch"
         batcher.put(3)
         await asyncio.wait_for(rec.started.wait(), 5)
         batcher.close()
@@ -192,6 +196,39 @@ async def test_start_when_idle_runs_a_lone_request_at_once() -> None:
     assert rec.batches == [[1], [2]]
 
 
+async def test_start_when_idle_again_once_the_model_is_free() -> None:
+    """After a batch finishes and nothing waits, the next lone item starts at once too."""
+    rec = Recorder()
+    batcher: Batcher[int] = Batcher(
+        rec, max_batch_size=3, max_batch_delay=3600, start_when_idle=True
+    )
+    async with asyncio.TaskGroup() as group:
+        group.create_task(batcher.run())
+        batcher.put(1)
+        await asyncio.wait_for(rec.started.wait(), 5)
+        await spin()  # the first batch is done: the model is idle again
+        assert rec.batches == [[1]]
+        rec.started.clear()
+        batcher.put(2)
+        await asyncio.wait_for(rec.started.wait(), 5)
+        await spin()
+        assert rec.batches == [[1], [2]]
+        batcher.close()
+
+
+async def test_the_delay_counts_from_the_oldest_item_on_the_batchers_clock() -> None:
+    """With an injected clock that does not move, a partial batch with a short delay waits."""
+    rec = Recorder()
+    batcher: Batcher[int] = Batcher(rec, max_batch_size=3, max_batch_delay=0.5, clock=lambda: 0.0)
+    async with asyncio.TaskGroup() as group:
+        group.create_task(batcher.run())
+        batcher.put(1)
+        await spin()
+        assert not rec.started.is_set(), "0.5 s of delay left on the batcher's clock"
+        batcher.close()
+    assert rec.batches == [[1]]
+
+
 async def test_a_backlog_is_handed_over_in_runs_of_full_batches() -> None:
     """Ten queued items, batches of 2, runs of up to 3 batches: two calls, order kept."""
     rec = Recorder()
@@ -204,3 +241,10 @@ async def test_a_backlog_is_handed_over_in_runs_of_full_batches() -> None:
     await asyncio.wait_for(batcher.run(), 5)
     assert rec.batches == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10]]
     assert rec.runs == [3, 2, 1]
+    exact = Recorder()
+    batcher = Batcher(exact, max_batch_size=2, max_batch_delay=3600, max_batches_per_run=3)
+    for i in range(6):
+        batcher.put(i)
+    batcher.close()
+    await asyncio.wait_for(batcher.run(), 5)
+    assert exact.runs == [3], "a last full batch joins the run"

@@ -77,11 +77,6 @@ class Batcher(Generic[T]):
         """Items waiting for a batch (not counting batches being processed)."""
         return len(self._queue)
 
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._closed
-
     def put(self, item: T) -> None:
         """Queue one item; it will be part of exactly one batch."""
         if self._closed:

@@ -25,10 +25,12 @@ P = TypeVar("P", bound=Hashable)
 
 @dataclass(slots=True)
 class _Partition:
+    committed: int
+    """The last position marked committed (at first: the first offset tracked)."""
+    next_offset: int
+    """One past the last offset tracked."""
     outstanding: deque[int] = field(default_factory=deque)
     finished: set[int] = field(default_factory=set)
-    next_offset: int = -1
-    committed: int = -1
 
     def position(self) -> int:
         return self.outstanding[0] if self.outstanding else self.next_offset
@@ -70,7 +72,7 @@ class OffsetTracker(Generic[P]):
             part = None
         if part is None:
             # The group's position is already at (or before) the first record fetched.
-            part = self._partitions[partition] = _Partition(committed=offset)
+            part = self._partitions[partition] = _Partition(offset, offset)
         part.outstanding.append(offset)
         part.next_offset = offset + 1
         self._pending += 1
