@@ -11,8 +11,9 @@ from aiokafka import TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.admission import Admitted, Answered, Limits, admit
+from worker.admission import Admitted, Answered, Limits, admit, check_limits
 from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.errors import RequestError
 from worker.outgoing import DLQ_HEADER_PREFIX, UNSERVED, Destinations, Outgoing, Source
 from worker.repository import ModelRepository
 
@@ -323,3 +324,37 @@ def test_an_unexpected_exception_becomes_a_dead_letter_copy(
     assert copy.is_dead_letter
     assert headers[DLQ_HEADER_PREFIX + "stage"] == b"ADMISSION"
     assert headers[DLQ_HEADER_PREFIX + "exception.class.name"] == b"builtins.ZeroDivisionError"
+
+
+def test_limits_are_inclusive_and_count_every_input() -> None:
+    """Exactly at the byte and element limits passes; the count spans all inputs; 0 is 0."""
+    five = Tensor("a", "FP32", (1, 5), b"")
+    six = Tensor("b", "FP32", (2, 3), b"")
+    value = encode_request(InferenceRequest("id", "m", [five, five]))
+    exact = Limits(max_request_bytes=len(value), max_request_elements=10)
+    check_limits(exact, record(value), InferenceRequest("id", "m", [five, five]))
+    check_limits(
+        exact, record(value), InferenceRequest("id", "m", [Tensor("z", "FP32", (0, 99), b"")])
+    )
+    with pytest.raises(RequestError) as info:
+        check_limits(exact, record(value), InferenceRequest("id", "m", [five, six]))
+    assert info.value.code == "RESOURCE_EXHAUSTED"
+    with pytest.raises(RequestError) as info:
+        check_limits(exact, record(value + b"x"), InferenceRequest("id", "m", [five]))
+    assert info.value.code == "RESOURCE_EXHAUSTED"
+    one = Tensor("c", "FP32", (1,), b"")
+    with pytest.raises(RequestError, match="more than 10 elements"):
+        check_limits(exact, record(value), InferenceRequest("id", "m", [five, five, one]))
+
+
+@pytest.mark.parametrize("value", [b"\xc3\x01garbage", b"\0" * 5])
+def test_a_correlation_id_header_that_is_not_utf8_is_still_answered(
+    repository: ModelRepository, value: bytes
+) -> None:
+    """Undecodable or id-less records with a non-UTF-8 correlation_id header get a reply."""
+    outgoing = answered(admit(record(value, [("correlation_id", b"\xff\xfe1")]), repository,
+                              LIMITS, DEST, now=0.0))  # fmt: skip
+    replies = [o for o in outgoing if not o.is_dead_letter]
+    assert len(replies) == 1
+    assert decode_response(replies[0].value or b"").id == "\ufffd\ufffd1"
+    assert dict(replies[0].headers)["correlation_id"] == b"\xff\xfe1"
