@@ -207,6 +207,7 @@ def test_an_empty_id_is_invalid_and_the_reply_carries_the_header_id(
     assert response.error is not None
     assert response.error.code == "INVALID_ARGUMENT"
     assert "id is empty" in response.error.message
+    assert response.id == "", "no header: the reply keeps the (empty) id it was given"
     headers = [("correlation_id", b"from-header")]
     [message] = answered(admit(record(b"\0" * 5, headers), repository, LIMITS, DEST, now=0.0))
     assert decode_response(message.value or b"").id == "from-header"
