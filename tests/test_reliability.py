@@ -416,18 +416,23 @@ async def test_watchdog_ends_a_worker_whose_model_hangs(
     assert time.monotonic() - started < 45
 
 
-async def test_a_dead_letter_copy_too_large_for_its_topic_goes_without_the_value(
-    settings: Settings, repository: ModelRepository, testset: TestSet
-) -> None:
-    """DLQ topic with max.message.bytes 2048: a 6 KB bad record is dead-lettered reduced."""
+async def small_dead_letter_topic(settings: Settings, *, max_bytes: int) -> None:
+    """Create the test's dead-letter topic with ``max.message.bytes`` set to ``max_bytes``."""
     kafka = settings.kafka
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
     await admin.start()
     try:
-        small = {"max.message.bytes": "2048"}
-        await admin.create_topics([NewTopic(kafka.dead_letter_topic, 3, 1, topic_configs=small)])
+        limit = {"max.message.bytes": str(max_bytes)}
+        await admin.create_topics([NewTopic(kafka.dead_letter_topic, 3, 1, topic_configs=limit)])
     finally:
         await admin.close()
+
+
+async def test_a_dead_letter_copy_too_large_for_its_topic_goes_without_the_value(
+    settings: Settings, repository: ModelRepository, testset: TestSet
+) -> None:
+    """DLQ topic with max.message.bytes 2048: a 6 KB bad record is dead-lettered reduced."""
+    await small_dead_letter_topic(settings, max_bytes=2048)
     tensor = Tensor.from_numpy("pixels", testset[0][:1])
     garbage = b"\x13" + bytes(range(256)) * 24
     records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = [
@@ -553,14 +558,7 @@ async def test_a_dead_letter_copy_that_cannot_be_published_stops_the_worker_unco
     settings: Settings, repository: ModelRepository
 ) -> None:
     """Even the reduced copy does not fit the DLQ topic: the worker stops, the record stays."""
-    kafka = settings.kafka
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
-    await admin.start()
-    try:
-        tiny = {"max.message.bytes": "64"}
-        await admin.create_topics([NewTopic(kafka.dead_letter_topic, 3, 1, topic_configs=tiny)])
-    finally:
-        await admin.close()
+    await small_dead_letter_topic(settings, max_bytes=64)
     await publish(settings, [(b"k", b"\x13garbage" * 100, [])])
     worker = Worker(settings, repository)
     with pytest.raises(BaseExceptionGroup) as info:
