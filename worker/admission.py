@@ -114,7 +114,7 @@ def _admit(
         request = decode_request(source.value)
     except DecodeError as exc:
         return Answered(_undecodable(source, exc, destinations))
-    requested = destinations.requested(dict(source.headers))
+    requested = destinations.requested(source.headers)
     if requested is not None and not destinations.allows(requested):
         refused = RequestError(
             ErrorCode.INVALID_ARGUMENT,

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -113,12 +114,18 @@ class Intake:
                 await self._step_past(exc, dispatch, unparseable)
                 continue
             for tp, records in fetched.items():
-                for record in records:
-                    self.tracker.track(tp, record.offset)
-                    dispatch(
-                        Source(tp, record.offset, record.key, record.value, record.headers,
-                               record.timestamp)
-                    )  # fmt: skip
+                self._hand_on(tp, records, dispatch)
+
+    def _hand_on(
+        self, tp: TopicPartition, records: Sequence[Any], dispatch: Callable[[Source], None]
+    ) -> None:
+        """Track fetched records and hand each on as a :class:`Source`."""
+        for record in records:
+            self.tracker.track(tp, record.offset)
+            dispatch(
+                Source(tp, record.offset, record.key, record.value, record.headers,
+                       record.timestamp)
+            )  # fmt: skip
 
     async def _step_past(
         self,
@@ -167,12 +174,7 @@ class Intake:
                 break
             if not fetched:
                 return
-            for record in fetched.get(tp, []):
-                self.tracker.track(tp, record.offset)
-                dispatch(
-                    Source(tp, record.offset, record.key, record.value, record.headers,
-                           record.timestamp)
-                )  # fmt: skip
+            self._hand_on(tp, fetched.get(tp, []), dispatch)
         start = await consumer.position(tp)
         end = (await consumer.end_offsets([tp]))[tp]
         offset = start

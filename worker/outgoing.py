@@ -20,7 +20,6 @@ from __future__ import annotations
 import enum
 import json
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,7 +29,7 @@ from aiokafka import TopicPartition  # a plain named tuple: (topic, partition)
 from worker.codec import ErrorInfo, InferenceRequest, InferenceResponse, Tensor, Timing
 from worker.codec import encode_response as _encode_response
 from worker.errors import SHOWN_CHARS, ErrorCode, RequestError
-from worker.kafka import Headers
+from worker.kafka import Headers, header
 from worker.tracing import continue_trace
 
 __all__ = [
@@ -129,10 +128,10 @@ class Destinations:
             for allowed in self.reply_topics
         )
 
-    def requested(self, headers: Mapping[str, bytes]) -> str | None:
+    def requested(self, headers: Headers) -> str | None:
         """The reply topic a request's headers name (``reply_to``, then Spring's), if any."""
         for name in REPLY_TOPIC_HEADERS:
-            value = headers.get(name)
+            value = header(headers, name)
             if value:
                 return value.decode(errors="replace")
         return None
@@ -203,7 +202,7 @@ def reply(
     otherwise the labels are :data:`UNSERVED`.
     """
     headers = dict(source.headers)  # one pass; the last value of a header wins
-    requested = destinations.requested(headers)
+    requested = destinations.requested(source.headers)
     refused = requested is not None and not destinations.allows(requested)
     topic = destinations.replies_topic if requested is None or refused else requested
     trace = continue_trace(headers.get("traceparent"))
