@@ -1,10 +1,24 @@
-"""Unit tests of the replier's helpers that need no broker: the topic cache."""
+"""Unit tests of the replier without a broker: publish retries, dead-lettering, topic cache."""
 
 from __future__ import annotations
 
-from aiokafka.errors import KafkaConnectionError
+import asyncio
+from typing import Any
 
-from worker.replies import TopicCache
+import pytest
+from aiokafka import TopicPartition
+from aiokafka.errors import (
+    KafkaConnectionError,
+    NotLeaderForPartitionError,
+    RequestTimedOutError,
+    TopicAuthorizationFailedError,
+)
+
+from worker.codec import InferenceResponse
+from worker.errors import WorkerError
+from worker.offsets import OffsetTracker
+from worker.outgoing import Destinations, Outgoing, Source, Stage, reply
+from worker.replies import Replier, TopicCache
 
 
 async def test_topic_cache_fetches_at_most_once_per_interval() -> None:
@@ -46,3 +60,109 @@ async def test_topic_cache_survives_a_failing_fetch() -> None:
     assert not await cache.exists("a")
     fail, now = False, 1.0
     assert await cache.exists("a")
+
+
+class FakeBatch:
+    """A record batch that holds whatever is appended."""
+
+    def __init__(self) -> None:
+        self.records: list[bytes | None] = []
+
+    def append(self, *, key: Any, value: bytes | None, timestamp: Any, headers: Any) -> object:  # noqa: ARG002 - aiokafka's signature
+        self.records.append(value)
+        return object()
+
+
+class FakeProducer:
+    """Answers each ``send_batch`` with the next error of a script (None: acknowledged)."""
+
+    def __init__(self, script: list[BaseException | None]) -> None:
+        self.script = script
+        self.sent: list[tuple[str, list[bytes | None]]] = []
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch()
+
+    async def partitions_for(self, _topic: str) -> set[int]:
+        return {0}
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
+        assert partition == 0
+        self.sent.append((topic, batch.records))
+        error = self.script.pop(0) if self.script else None
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+        return done
+
+
+DEST = Destinations("replies", "dlq", "g", requests_topic="requests")
+TP = TopicPartition("requests", 0)
+
+
+async def publish_one(
+    script: list[BaseException | None],
+    retries: int = 2,
+    tracker: OffsetTracker[TopicPartition] | None = None,
+) -> tuple[FakeProducer, OffsetTracker[TopicPartition], list[Outgoing]]:
+    """Publish one reply through a Replier over a scripted producer."""
+    producer = FakeProducer(script)
+    tracker = tracker or OffsetTracker()
+    tracker.track(TP, 5)
+    published: list[Outgoing] = []
+
+    async def exists(_topic: str) -> bool:
+        return True
+
+    replier = Replier(
+        producer,
+        tracker,
+        published.extend,
+        destinations=DEST,
+        retries=retries,
+        topic_exists=exists,
+        retry_backoff_s=0.001,
+    )
+    source = Source(TP, 5, b"k", b"request", [], 0)
+    replier.submit(reply(DEST, source, InferenceResponse("r-1", "m")))
+    replier.close()
+    await replier.run()
+    return producer, tracker, published
+
+
+async def test_a_retriable_publish_error_is_retried_until_acknowledged() -> None:
+    """Retriable send errors are retried; the reply then goes out once, and the record is done."""
+    producer, tracker, published = await publish_one(
+        [NotLeaderForPartitionError(), RequestTimedOutError()], retries=2
+    )
+    assert [topic for topic, _ in producer.sent] == ["replies"] * 3
+    assert [o.topic for o in published] == ["replies"]
+    assert tracker.pending == 0
+
+
+async def test_spent_retries_dead_letter_the_request() -> None:
+    """When the retries are spent, the request record goes to the dead-letter topic instead."""
+    producer, tracker, published = await publish_one([NotLeaderForPartitionError()] * 3, retries=2)
+    assert [topic for topic, _ in producer.sent] == ["replies"] * 3 + ["dlq"]
+    assert producer.sent[-1][1] == [b"request"]
+    assert [(o.topic, o.stage) for o in published] == [("dlq", Stage.REPLY_PUBLISH)]
+    assert tracker.pending == 0
+
+
+async def test_a_non_retriable_publish_error_is_not_retried() -> None:
+    """A non-retriable error dead-letters the request at once."""
+    producer, _, published = await publish_one([TopicAuthorizationFailedError()], retries=5)
+    assert [topic for topic, _ in producer.sent] == ["replies", "dlq"]
+    assert [o.topic for o in published] == ["dlq"]
+
+
+async def test_an_unpublishable_dead_letter_copy_stops_without_marking_done() -> None:
+    """If the dead-letter copy fails too, the replier raises and the record stays pending."""
+    tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+    denied = [TopicAuthorizationFailedError(), TopicAuthorizationFailedError()]
+    with pytest.raises(WorkerError, match="not published"):
+        await publish_one(denied, tracker=tracker)
+    assert tracker.pending == 1
+    assert tracker.committable() == {}

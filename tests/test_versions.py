@@ -162,9 +162,12 @@ async def test_shadow_is_compared_and_counted_but_never_sent(
 async def test_a_stuck_shadow_never_delays_the_primary(
     settings: Settings, repo_dir: Path, testset: TestSet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Shadow copies run in their own thread: with the shadow's model stuck, v1 still answers."""
+    """Shadow copies run in their own thread: with the shadow's model stuck, v1 still answers.
+
+    The stuck shadow's queue is bounded by max_in_flight: copies beyond it are dropped, counted.
+    """
     configure(repo_dir, "digits", '[routing]\ndefault_version = "1"\nshadow = "2"')
-    settings = served_from(settings, repo_dir)
+    settings = changed(served_from(settings, repo_dir), "runtime", max_in_flight=10)
     repository = ModelRepository.load(repo_dir)
     release = threading.Event()
     real = LoadedModel.predict
@@ -196,6 +199,14 @@ async def test_a_stuck_shadow_never_delays_the_primary(
                 for result in ("agreed", "disagreed")
             ]
             assert sum(compared) == 0, "the shadow is still stuck"
+            dropped = worker.metrics.value(
+                "inference_shadow_comparisons_total",
+                model="digits", primary="1", shadow="2", result="dropped",
+            )  # fmt: skip
+            queued = worker.metrics.value("inference_shadow_queued")
+            # The stuck run holds at most 10 copies (the queue's bound when it began).
+            assert queued == 10
+            assert dropped >= len(pixels) - 10 - 10
         finally:
             release.set()
     assert [r.model_version for r in replies] == ["1"] * len(pixels)

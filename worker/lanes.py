@@ -91,6 +91,7 @@ class Lanes:
         self._retired: set[asyncio.Task[None]] = set()
         self._batch_ids = itertools.count(1)
         self._batch_prefix = secrets.token_hex(4)
+        metrics.shadow_queued.set_function(self._shadow_queued)
 
     def open(self, repository: ModelRepository) -> None:
         """Give every served version a lane; retire lanes of versions gone or changed.
@@ -158,6 +159,10 @@ class Lanes:
         for lane in self._lanes.values():
             lane.batcher.close()
         await asyncio.gather(*(lane.task for lane in self._lanes.values()), *self._retired)
+
+    def _shadow_queued(self) -> int:
+        """Shadow copies waiting in their lanes (each holds its record's bytes)."""
+        return sum(len(lane.batcher) for (_, _, shadow), lane in self._lanes.items() if shadow)
 
     def _max_batch_size(self, model: LoadedModel) -> int:
         return model.config.max_batch_size or self._batching.max_batch_size

@@ -67,6 +67,11 @@ class Metrics:
             "Requests fetched and not yet answered (reply or dead-letter copy acknowledged)",
             registry=r,
         )
+        self.shadow_queued = Gauge(
+            "inference_shadow_queued",
+            "Shadow copies waiting for their lane (bounded by max_in_flight; beyond it dropped)",
+            registry=r,
+        )
         self.lag = Gauge(
             "inference_consumer_lag",
             "Records of an assigned partition not yet committed (high watermark - committed)",

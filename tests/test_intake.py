@@ -1,0 +1,119 @@
+"""Unit tests of intake flow control (worker.intake): pause at the bound, resume; no broker."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from worker.intake import Intake
+from worker.metrics import Metrics
+from worker.outgoing import Source
+from worker.settings import KafkaSettings, RuntimeSettings
+from worker.supervision import Progress
+
+from .conftest import wait_for
+
+PARTITIONS = [TopicPartition("requests", 0), TopicPartition("requests", 1)]
+
+
+@dataclass
+class Record:
+    """The fields of a consumer record that intake reads."""
+
+    offset: int
+    key: bytes | None = None
+    value: bytes | None = b"v"
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp: int = 0
+
+
+@dataclass
+class FakeConsumer:
+    """An endless backlog on two partitions that logs every fetch, pause and resume.
+
+    Like aiokafka, a paused partition yields nothing; unlike aiokafka, a fetch while a
+    partition is paused is logged as an error, so the test sees the loop never asks.
+    """
+
+    next_offset: dict[TopicPartition, int] = field(
+        default_factory=lambda: dict.fromkeys(PARTITIONS, 0)
+    )
+    paused_now: set[TopicPartition] = field(default_factory=set)
+    log: list[tuple[str, Any]] = field(default_factory=list)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(PARTITIONS)
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self.paused_now)
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused_now |= set(tps)
+        self.log.append(("pause", set(tps)))
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused_now -= set(tps)
+        self.log.append(("resume", set(tps)))
+
+    async def getmany(
+        self,
+        *,
+        timeout_ms: int,  # noqa: ARG002 - aiokafka's signature
+        max_records: int,
+    ) -> dict[Any, list[Record]]:
+        self.log.append(("fetch while paused" if self.paused_now else "fetch", max_records))
+        await asyncio.sleep(0)
+        out: dict[Any, list[Record]] = {}
+        budget = max_records
+        for tp in PARTITIONS:
+            take = min(budget, 3)
+            if take and tp not in self.paused_now:
+                first = self.next_offset[tp]
+                out[tp] = [Record(first + i) for i in range(take)]
+                self.next_offset[tp] = first + take
+                budget -= take
+        return out
+
+
+def intake_over(consumer: FakeConsumer, max_in_flight: int) -> tuple[Intake, Progress, Metrics]:
+    """An Intake reading from ``consumer`` with the given in-flight bound."""
+    progress, metrics = Progress(), Metrics()
+    intake = Intake(
+        KafkaSettings(fetch_max_records=4),
+        RuntimeSettings(max_in_flight=max_in_flight),
+        metrics=metrics,
+        progress=progress,
+    )
+    intake.consumer = consumer
+    return intake, progress, metrics
+
+
+async def test_fetching_pauses_every_partition_at_the_bound_and_resumes_when_answered() -> None:
+    """At max_in_flight the loop pauses all partitions and stops fetching until replies land."""
+    consumer = FakeConsumer()
+    intake, progress, metrics = intake_over(consumer, max_in_flight=10)
+    stopping = asyncio.Event()
+    handed: list[Source] = []
+    async with asyncio.TaskGroup() as group:
+        group.create_task(intake.consume(stopping, handed.append, lambda _s, _e: None))
+        await wait_for(lambda: bool(consumer.paused_now), timeout=5, what="a pause")
+        assert len(handed) == 10, "never more than max_in_flight records handed out"
+        assert consumer.paused_now == set(PARTITIONS)
+        assert all(max_records <= 4 for kind, max_records in consumer.log if "fetch" in kind)
+        # Answer three: the loop resumes and fetches at most the room there is.
+        for source in handed[:3]:
+            intake.tracker.done(source.tp, source.offset)
+        progress.note()
+        await wait_for(lambda: len(handed) == 13, timeout=5, what="three more records")
+        await wait_for(lambda: bool(consumer.paused_now), timeout=5, what="the second pause")
+        stopping.set()
+        progress.note()
+    kinds = [kind for kind, _ in consumer.log]
+    assert "fetch while paused" not in kinds
+    assert kinds.count("pause") == 2
+    assert kinds.count("resume") == 1
+    assert metrics.value("inference_fetch_pauses_total") == 2
+    assert intake.tracker.pending == 10
