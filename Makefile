@@ -10,12 +10,13 @@ PY := $(VENV)/bin/python
 # every target puts this checkout first, so it always runs its own code.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install kafka kafka-stop test lint typecheck check demo train clean help
+.PHONY: install kafka kafka-stop minilm test lint typecheck check demo train clean help
 
 help:
 	@echo "install     create $(VENV) and install the package with dev and train extras"
 	@echo "kafka       start (or reuse) the local Apache Kafka broker on 127.0.0.1:9092"
 	@echo "kafka-stop  stop it"
+	@echo "minilm      fetch all-MiniLM-L6-v2 (pinned, sha256-checked) and export it to models/minilm"
 	@echo "test        run the test suite (starts the broker if WORKER_KAFKA__BOOTSTRAP_SERVERS is unset)"
 	@echo "check       ruff + mypy --strict + test"
 	@echo "demo        broker + worker + digits demo client; prints accuracy and requests/s"
@@ -34,7 +35,10 @@ kafka: install
 kafka-stop:
 	$(PYTHON) dev/local_kafka.py stop
 
-test: install
+minilm: install
+	$(PY) dev/minilm.py --repository models
+
+test: install minilm
 	$(PY) -m pytest
 
 lint: install

@@ -16,9 +16,11 @@ tests=${2:-tests/test_offsets.py tests/test_batching.py}
 [ -x "$tool/bin/mutmut" ] || { python3 -m venv "$tool" && "$tool/bin/pip" install -q "mutmut==2.5.1"; }
 work=$(mktemp -d)
 (cd "$root" && git ls-files | tar cf - -T - | tar xf - -C "$work")
+# mutmut 2 counts only exit status 1 as "killed": a mutant that breaks the import (pytest exits
+# 2) would be counted as surviving, so every failure is reported as 1.
 cat > "$work/run-tests.sh" <<RUN
 #!/bin/sh
-cd "$work" && PYTHONPATH="$work" exec "$venv/bin/python" -m pytest -x -q -p no:cacheprovider $tests
+cd "$work" && PYTHONPATH="$work" "$venv/bin/python" -m pytest -x -q -p no:cacheprovider $tests || exit 1
 RUN
 chmod +x "$work/run-tests.sh"
 printf '[mutmut]\npaths_to_mutate=%s\nrunner=%s\ntests_dir=tests/\n' "$sources" "$work/run-tests.sh" \

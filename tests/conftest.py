@@ -46,7 +46,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "dev"))
 import local_kafka  # noqa: E402
 
-MODELS = ROOT / "models"
+MODELS = ROOT / "tests" / "models"
+"""The numeric models (links into models/): what most tests serve, quick to load."""
+TEXT_MODELS = ROOT / "models"
+"""The project's repository with all-MiniLM-L6-v2, which ``make minilm`` exports into it."""
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +70,14 @@ def bootstrap() -> Iterator[str]:
 def repository() -> ModelRepository:
     """The project's model repository, loaded once."""
     return ModelRepository.load(MODELS)
+
+
+@pytest.fixture(scope="session")
+def text_repository() -> ModelRepository:
+    """The project's repository with the MiniLM text model (fails loudly if not exported)."""
+    if not (TEXT_MODELS / "minilm" / "1" / "model.pt2").is_file():
+        pytest.fail("models/minilm is not exported: run `make minilm` (the CI does)")
+    return ModelRepository.load(TEXT_MODELS)
 
 
 @pytest.fixture

@@ -64,7 +64,7 @@ def test_a_valid_request_becomes_a_job_for_its_version(repository: ModelReposito
     assert job.enqueued == 42.0
     assert job.deadline_ms is None
     assert job.comparison is None
-    np.testing.assert_array_equal(job.arrays[0], ROW)
+    np.testing.assert_array_equal(job.prepared.arrays[0], ROW)
 
 
 def test_a_named_version_is_served(repository: ModelRepository) -> None:
@@ -308,7 +308,7 @@ def test_structurally_valid_requests_get_an_outcome(  # noqa: PLR0917 - hypothes
         assert len(message) < 2000
     else:
         assert outcome.job.model.name == model
-        assert outcome.job.arrays[0].shape == tuple(shape)
+        assert outcome.job.prepared.arrays[0].shape == tuple(shape)
 
 
 def test_an_unexpected_exception_becomes_a_dead_letter_copy(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker.batching import Batcher, BatcherClosedError
 
@@ -248,3 +251,120 @@ async def test_a_backlog_is_handed_over_in_runs_of_full_batches() -> None:
     batcher.close()
     await asyncio.wait_for(batcher.run(), 5)
     assert exact.runs == [3], "a last full batch joins the run"
+
+
+def length_of(item: int) -> tuple[int, int]:
+    """Items are their own lengths, one row each."""
+    return 1, item
+
+
+async def batches_of(lengths: list[int], **options: Any) -> Recorder:
+    """Put items (lengths) at once into a measured batcher, close, and record its batches."""
+    rec = Recorder()
+    batcher: Batcher[int] = Batcher(rec, max_batch_delay=10.0, measure=length_of, **options)
+    for length in lengths:
+        batcher.put(length)
+    batcher.close()
+    await asyncio.wait_for(batcher.run(), 5)
+    return rec
+
+
+def padding_efficiency(batches: list[list[int]]) -> float:
+    """Real tokens / padded tokens over all batches."""
+    real = sum(sum(b) for b in batches)
+    return real / sum(len(b) * max(b) for b in batches)
+
+
+async def test_the_token_budget_bounds_each_padded_batch() -> None:
+    """Rows x longest length never passes max_batch_tokens; an item over it runs alone."""
+    rec = await batches_of([10, 30, 5, 100, 20, 20, 20], max_batch_size=8, max_batch_tokens=60)
+    assert rec.batches == [[10, 30], [5], [100], [20, 20, 20]]
+    assert sorted(x for b in rec.batches for x in b) == sorted([10, 30, 5, 100, 20, 20, 20])
+
+
+async def test_length_aware_batches_pad_less_than_arrival_order() -> None:
+    """With a sort window, mixed lengths are grouped by length: far less padding than FIFO."""
+    lengths = [5, 200, 7, 180, 6, 190, 8, 210] * 4
+    fifo = await batches_of(lengths, max_batch_size=4, max_batches_per_run=8)
+    grouped = await batches_of(lengths, max_batch_size=4, max_batches_per_run=8, sort_window=8)
+    assert padding_efficiency(grouped.batches) > 0.9
+    assert padding_efficiency(fifo.batches) < 0.6
+    assert grouped.batches[0][0] == 5, "the oldest item's batch goes first"
+    assert all(max(b) - min(b) <= 12 or min(b) > 100 for b in grouped.batches)
+
+
+async def test_batches_are_cut_where_padding_would_pass_the_bound() -> None:
+    """min_padding_efficiency splits a mixed group: short and long ones go in separate batches."""
+    rec = await batches_of([10, 12, 100, 11, 95], max_batch_size=8, min_padding_efficiency=0.8)
+    assert rec.batches == [[10, 12], [100], [11], [95]]
+    sorted_rec = await batches_of(
+        [10, 12, 100, 11, 95], max_batch_size=8, min_padding_efficiency=0.8, sort_window=2
+    )
+    assert sorted_rec.batches == [[10, 12, 11], [100, 95]]
+    assert padding_efficiency(sorted_rec.batches) >= 0.8
+
+
+async def test_waiting_stops_once_a_budget_of_tokens_is_queued() -> None:
+    """A batcher with a long delay starts as soon as queued tokens reach max_batch_tokens."""
+    rec = Recorder()
+    batcher: Batcher[int] = Batcher(
+        rec, max_batch_size=100, max_batch_delay=3600, measure=length_of, max_batch_tokens=50
+    )
+    async with asyncio.TaskGroup() as group:
+        group.create_task(batcher.run())
+        batcher.put(30)
+        batcher.put(30)
+        await asyncio.wait_for(rec.started.wait(), 5)
+        batcher.close()
+    assert rec.batches == [[30], [30]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(1, 300), min_size=1, max_size=120),
+    st.integers(1, 16),
+    st.sampled_from([None, 64, 512, 4096]),
+    st.integers(1, 8),
+    st.integers(1, 4),
+    st.sampled_from([0.0, 0.5, 0.8]),
+)
+def test_measured_batching_loses_nothing_and_never_starves(  # noqa: PLR0917 - hypothesis
+    lengths: list[int], size: int, tokens: int | None, window: int, per_run: int, fill: float
+) -> None:
+    """Any lengths and bounds: every item once, bounds kept, each run starts with the oldest."""
+    seen_runs: list[list[list[int]]] = []
+    pending = list(enumerate(lengths))
+
+    async def process(run: list[list[tuple[int, int]]]) -> None:
+        oldest = min(pending)
+        assert oldest in run[0], "the oldest waiting item is in the run's first batch"
+        for batch in run:
+            assert len(batch) <= size
+            padded = len(batch) * max(length for _, length in batch)
+            if len(batch) > 1:
+                assert tokens is None or padded <= tokens
+                assert sum(length for _, length in batch) >= fill * padded
+            assert batch == sorted(batch), "a batch keeps arrival order"
+            for entry in batch:
+                pending.remove(entry)
+        seen_runs.append([[length for _, length in b] for b in run])
+
+    async def scenario() -> None:
+        batcher: Batcher[tuple[int, int]] = Batcher(
+            process,
+            max_batch_size=size,
+            max_batch_delay=10.0,
+            max_batches_per_run=per_run,
+            measure=lambda entry: (1, entry[1]),
+            max_batch_tokens=tokens,
+            sort_window=window,
+            min_padding_efficiency=fill,
+        )
+        for entry in enumerate(lengths):
+            batcher.put(entry)
+        batcher.close()
+        await asyncio.wait_for(batcher.run(), 5)
+
+    asyncio.run(scenario())
+    assert pending == []
+    assert all(len(run) <= per_run for run in seen_runs)

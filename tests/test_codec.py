@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import re
+from pathlib import Path
 
 import fastavro
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker.codec import (
     DATATYPES,
@@ -71,14 +75,106 @@ def test_response_round_trip_with_error_and_timing() -> None:
     assert decode_response(encode_response(response)) == response
 
 
-def test_single_object_header_matches_the_avro_spec() -> None:
-    """Messages start with C3 01 and the little-endian CRC-64-AVRO of the canonical schema."""
-    value = encode_request(sample_request())
-    raw = json.loads((schema_dir() / "inference_request.avsc").read_text())
-    schema = fastavro.parse_schema(raw)
+def spec_header(path: Path) -> bytes:
+    """The single-object header of messages written with the schema at ``path``."""
+    schema = fastavro.parse_schema(json.loads(path.read_text()))
     canonical = fastavro.schema.to_parsing_canonical_form(schema).encode()
-    assert value[:2] == SOE_MARKER
-    assert value[2:10] == crc64_avro(canonical).to_bytes(8, "little")
+    return SOE_MARKER + crc64_avro(canonical).to_bytes(8, "little")
+
+
+def test_single_object_header_matches_the_avro_spec() -> None:
+    """Messages start with C3 01 and the little-endian CRC-64-AVRO of the canonical schema.
+
+    A message with a BYTES tensor names the current schema; one without names the previous
+    version (the same bytes), so readers of that version keep reading it.
+    """
+    strings = InferenceRequest("s", "m", [Tensor.from_strings("text", ["hi"])])
+    assert encode_request(strings)[:10] == spec_header(schema_dir() / "inference_request.avsc")
+    history = schema_dir() / "history"
+    assert encode_request(sample_request())[:10] == spec_header(
+        history / "inference_request.v2.avsc"
+    )
+    words = InferenceResponse("r", "m", outputs=[Tensor.from_strings("tag", ["B-PER"])])
+    assert encode_response(words)[:10] == spec_header(schema_dir() / "inference_response.avsc")
+    numbers = InferenceResponse("r", "m", outputs=[Tensor.from_numpy("x", np.zeros(1))])
+    assert encode_response(numbers)[:10] == spec_header(history / "inference_response.v1.avsc")
+
+
+def test_messages_without_strings_read_with_the_previous_schemas() -> None:
+    """A reader of the previous schema version decodes a reply or request with no BYTES."""
+    history = schema_dir() / "history"
+    old_reply = fastavro.parse_schema(
+        json.loads((history / "inference_response.v1.avsc").read_text())
+    )
+    value = encode_response(
+        InferenceResponse("r", "m", outputs=[Tensor.from_numpy("x", np.ones(2, np.float32))])
+    )
+    record = fastavro.schemaless_reader(io.BytesIO(value[10:]), old_reply, None)
+    assert isinstance(record, dict)
+    assert record["outputs"][0]["datatype"] == "FP32"
+    old_request = fastavro.parse_schema(
+        json.loads((history / "inference_request.v2.avsc").read_text())
+    )
+    record = fastavro.schemaless_reader(
+        io.BytesIO(encode_request(sample_request())[10:]), old_request, None
+    )
+    assert isinstance(record, dict)
+    assert record["inputs"][0]["datatype"] == "FP32"
+
+
+def test_strings_round_trip_through_the_wire_format() -> None:
+    """BYTES tensors: 4-byte little-endian lengths then bytes; str arrays become UTF-8."""
+    tensor = Tensor.from_numpy("text", np.array([["a", "héllo"], ["", "x" * 300]]))
+    assert tensor.datatype == "BYTES"
+    assert tensor.shape == (2, 2)
+    assert tensor.data[:5] == b"\x01\x00\x00\x00a"
+    assert tensor.data[5:9] == len("héllo".encode()).to_bytes(4, "little")
+    array = tensor.to_numpy()
+    assert array.shape == (2, 2)
+    assert array.tolist() == [[b"a", "héllo".encode()], [b"", b"x" * 300]]
+    request = InferenceRequest("s", "m", [tensor])
+    assert decode_request(encode_request(request)) == request
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=30))
+def test_any_list_of_byte_strings_round_trips(items: list[bytes]) -> None:
+    """from_strings then to_numpy gives back exactly the items, in order."""
+    assert Tensor.from_strings("t", items).to_numpy().tolist() == items
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64), st.lists(st.integers(-2, 2**40), max_size=4))
+def test_malformed_strings_are_invalid_argument_never_a_crash(
+    data: bytes, shape: list[int]
+) -> None:
+    """Any bytes under any shape: a BYTES tensor decodes or raises INVALID_ARGUMENT."""
+    try:
+        array = Tensor("t", "BYTES", tuple(shape), data).to_numpy()
+    except RequestError as exc:
+        code = exc.code
+        assert code == ErrorCode.INVALID_ARGUMENT
+    else:
+        assert array.size == int(np.prod(shape))
+        assert sum(4 + len(item) for item in array.ravel()) == len(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "shape", "fragment"),
+    [
+        (b"\x05\x00\x00\x00abc", (1,), "declares 5 bytes; 3 are left"),
+        (b"\x01\x00\x00\x00ab", (1,), "1 bytes after its 1 elements"),
+        (b"\x00\x00\x00\x00\x00\x00", (2,), "needs at least 8 bytes"),
+        (b"", (70_000,), "more than 65536 elements"),
+        (b"", (-1,), "negative dimension"),
+    ],
+)
+def test_bad_string_tensors_say_what_is_wrong(
+    data: bytes, shape: tuple[int, ...], fragment: str
+) -> None:
+    """Each malformed BYTES tensor's error names the problem."""
+    with pytest.raises(RequestError, match=re.escape(fragment)):
+        Tensor("t", "BYTES", shape, data).to_numpy()
 
 
 def test_reply_body_decodes_with_a_plain_avro_reader() -> None:

@@ -15,7 +15,7 @@ import torch
 
 from worker.codec import InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError
-from worker.model import LoadedModel, run_isolated, split_outputs, stack_inputs
+from worker.model import LoadedModel, Prepared, run_isolated, split_outputs, stack_inputs
 from worker.repository import ModelRepository
 
 from .conftest import MODELS
@@ -97,7 +97,7 @@ def test_stack_and_split_keep_each_requests_rows(repository: ModelRepository) ->
     parts = [rng.integers(0, 17, (n, 64)).astype(np.float32) for n in (1, 3, 2)]
     arrays = [model.validate(request(Tensor.from_numpy("pixels", p))) for p in parts]
     outputs = model.predict(stack_inputs(model, arrays))
-    per_request = split_outputs(model, outputs, [1, 3, 2])
+    per_request = split_outputs(model, outputs, arrays)
     for part, tensors in zip(parts, per_request, strict=True):
         alone = model.predict({"pixels": part})
         by_name = {t.name: t.to_numpy() for t in tensors}
@@ -141,7 +141,7 @@ def test_non_finite_inputs_are_refused_unless_allowed(
         config.read_text().replace("shape = [-1, 64]", "shape = [-1, 64]\nallow_non_finite = true")
     )
     lenient = ModelRepository.load(tmp_path).route("digits", None, "").primary
-    assert len(lenient.validate(request(Tensor.from_numpy("pixels", pixels)))) == 1
+    assert len(lenient.validate(request(Tensor.from_numpy("pixels", pixels))).arrays) == 1
 
 
 def test_run_isolated_answers_good_requests_when_some_raise(repository: ModelRepository) -> None:
@@ -162,7 +162,7 @@ def test_run_isolated_answers_good_requests_when_some_raise(repository: ModelRep
     parts = [rng.integers(0, 17, (1, 64)).astype(np.float32) for _ in range(16)]
     parts[5][0, 0] = -1
     parts[12][0, 0] = -1
-    results = run_isolated(poisoned, [[p] for p in parts])
+    results = run_isolated(poisoned, [Prepared([p], rows=1) for p in parts])
     for i, (part, result) in enumerate(zip(parts, results, strict=True)):
         if i in (5, 12):
             assert isinstance(result, ValueError)

@@ -15,15 +15,13 @@ hundred without a broker.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
-import numpy.typing as npt
 import structlog
 
 from worker.codec import InferenceRequest, decode_request
 from worker.errors import SHOWN_CHARS, DecodeError, ErrorCode, RequestError, shown
 from worker.kafka import header
-from worker.model import LoadedModel
+from worker.model import LoadedModel, Prepared
 from worker.model_config import MAX_SHAPE_DIMENSIONS
 from worker.outgoing import (
     Destinations,
@@ -59,7 +57,8 @@ class Job:
     source: Source
     request: InferenceRequest
     model: LoadedModel
-    arrays: list[npt.NDArray[Any]]
+    prepared: Prepared
+    """Its inputs as the program takes them (tokenised, checked), and their length."""
     enqueued: float
     """When it was admitted (``time.monotonic()``): queue wait is measured from here."""
     deadline_ms: int | None
@@ -135,7 +134,7 @@ def _admit(
     try:
         check_limits(limits, source, request)
         route = repository.route(request.model_name, request.model_version, request.id)
-        arrays = route.primary.validate(request)
+        prepared = route.primary.validate(request)
     except RequestError as exc:
         log.info(
             "request answered with an error",
@@ -153,14 +152,24 @@ def _admit(
     if deadline is None and limits.default_timeout_ms:
         deadline = source.timestamp_ms + limits.default_timeout_ms
     model = route.primary
-    job = Job(source, request, model, arrays, now, deadline)
-    shadow = route.shadow
+    job = Job(source, request, model, prepared, now, deadline)
+    return Admitted(job, _shadow_copy(job, route.shadow))
+
+
+def _shadow_copy(job: Job, shadow: LoadedModel | None) -> Job | None:
+    """The shadow's copy of a job (None: no shadow, or the shadow's tokenizer refused it)."""
     if shadow is None:
-        return Admitted(job)
+        return None
+    prepared = job.prepared
+    if shadow.text is not None:  # the shadow may tokenise differently
+        try:
+            prepared = shadow.validate(job.request)
+        except RequestError:
+            return None
+    model = job.model
     output = shadow.config.routing.shadow_compare or shadow.config.outputs[-1].name
     job.comparison = Comparison(model.name, model.version, shadow.version, output)
-    copy = Job(source, request, shadow, arrays, now, deadline, job.comparison, is_shadow=True)
-    return Admitted(job, copy)
+    return replace(job, model=shadow, prepared=prepared, is_shadow=True)
 
 
 def check_limits(limits: Limits, source: Source, request: InferenceRequest) -> None:

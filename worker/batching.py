@@ -16,6 +16,20 @@ Two ways to pay less per batch:
   pays that hand-off once per run instead of once per batch. Each batch of a run still holds
   at most ``max_batch_size`` items, in arrival order.
 
+Variable-length items (text) are measured by ``measure(item) -> (rows, length)``; then
+
+- ``max_batch_tokens`` bounds a batch's *padded* size, rows x longest length (an item over the
+  budget on its own still runs, alone); waiting stops early once that many tokens are queued;
+- ``sort_window`` > 1 groups what is waiting by length: the first ``max_batch_size`` x
+  ``max(sort_window, max_batches_per_run)`` waiting items are sorted by length and cut into
+  batches under both bounds, and a batch is also cut where the next item would bring its
+  padding efficiency (real / padded tokens) below ``min_padding_efficiency``, so each batch
+  pads little (a few well-packed batches cost less than one padded one). The batch holding
+  the *oldest* waiting item always goes first (then other full batches), so nothing starves:
+  a request is overtaken only by requests inside the window, and goes within as many runs as
+  there are requests ahead of it there. Under a backlog the window is full and sorting pays;
+  with fresh traffic only a batch or less waits, and length-aware cutting alone applies.
+
 Every item put before :meth:`Batcher.close` is passed to ``process`` exactly once: ``run``
 returns only when the queue is empty and every run it started has finished. ``process`` must
 answer every item of its run; an exception it lets escape ends ``run``.
@@ -27,7 +41,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 __all__ = ["Batcher", "BatcherClosedError"]
 
@@ -36,6 +50,13 @@ T = TypeVar("T")
 
 class BatcherClosedError(RuntimeError):
     """``put`` was called after ``close``."""
+
+
+class _Entry(NamedTuple, Generic[T]):
+    at: float
+    item: T
+    rows: int
+    length: int
 
 
 class Batcher(Generic[T]):
@@ -50,6 +71,10 @@ class Batcher(Generic[T]):
         max_concurrent_batches: int = 1,
         max_batches_per_run: int = 1,
         start_when_idle: bool = False,
+        measure: Callable[[T], tuple[int, int]] | None = None,
+        max_batch_tokens: int | None = None,
+        sort_window: int = 1,
+        min_padding_efficiency: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1:
@@ -60,6 +85,12 @@ class Batcher(Generic[T]):
             raise ValueError("max_concurrent_batches must be at least 1")
         if max_batches_per_run < 1:
             raise ValueError("max_batches_per_run must be at least 1")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError("max_batch_tokens must be at least 1")
+        if sort_window < 1:
+            raise ValueError("sort_window must be at least 1")
+        if not 0 <= min_padding_efficiency <= 1:
+            raise ValueError("min_padding_efficiency must be from 0 to 1")
         self._process = process
         self.max_batch_size = max_batch_size
         self.max_batch_delay = max_batch_delay
@@ -69,7 +100,12 @@ class Batcher(Generic[T]):
         self._running = 0
         self._idle_start = False
         self._clock = clock
-        self._queue: deque[tuple[float, T]] = deque()
+        self._measure = measure
+        self.max_batch_tokens = max_batch_tokens
+        self.sort_window = sort_window
+        self.min_padding_efficiency = min_padding_efficiency
+        self._queued_tokens = 0
+        self._queue: deque[_Entry[T]] = deque()
         self._wakeup = asyncio.Event()
         self._closed = False
 
@@ -83,7 +119,9 @@ class Batcher(Generic[T]):
             raise BatcherClosedError("batcher is closed; no more items are accepted")
         if not self._queue and not self._running:
             self._idle_start = True  # the model is idle and nothing waits: no reason to delay
-        self._queue.append((self._clock(), item))
+        rows, length = self._measure(item) if self._measure else (1, 1)
+        self._queue.append(_Entry(self._clock(), item, rows, length))
+        self._queued_tokens += rows * length
         self._wakeup.set()
 
     def close(self) -> None:
@@ -126,17 +164,65 @@ class Batcher(Generic[T]):
                 return []
             await self._wait(None)
         if not (self._idle_start and self.start_when_idle):
-            oldest = self._queue[0][0]
-            while len(self._queue) < self.max_batch_size and not self._closed:
+            oldest = self._queue[0].at
+            while not self._full() and not self._closed:
                 remaining = oldest + self.max_batch_delay - self._clock()
                 if remaining <= 0 or not await self._wait(remaining):
                     break
         self._idle_start = False
-        batches = [self._take()]
-        while len(batches) < self.max_batches_per_run and len(self._queue) >= self.max_batch_size:
-            batches.append(self._take())
-        return batches
+        if self._measure is None:
+            batches = [self._take()]
+            while (
+                len(batches) < self.max_batches_per_run and len(self._queue) >= self.max_batch_size
+            ):
+                batches.append(self._take())
+            return batches
+        return self._take_measured()
+
+    def _full(self) -> bool:
+        """Enough is waiting for a full batch: stop waiting for more."""
+        budget = self.max_batch_tokens
+        return len(self._queue) >= self.max_batch_size or (
+            budget is not None and self._queued_tokens >= budget
+        )
 
     def _take(self) -> list[T]:
         size = min(self.max_batch_size, len(self._queue))
-        return [self._queue.popleft()[1] for _ in range(size)]
+        self._queued_tokens -= size
+        return [self._queue.popleft().item for _ in range(size)]
+
+    def _take_measured(self) -> list[list[T]]:
+        """A run of batches cut from the window under both bounds; the oldest item's first."""
+        queue = self._queue
+        size = self.max_batch_size * max(self.sort_window, self.max_batches_per_run)
+        window = [queue.popleft() for _ in range(min(size, len(queue)))]
+        order = list(range(len(window)))
+        if self.sort_window > 1:
+            order.sort(key=lambda i: window[i].length)  # stable: ties keep arrival order
+        groups: list[tuple[list[int], bool]] = []  # (window indices, closed by a bound)
+        members: list[int] = []
+        rows = longest = real = 0
+        budget = self.max_batch_tokens
+        for i in order:
+            entry = window[i]
+            grown = max(longest, entry.length)
+            padded = (rows + entry.rows) * grown
+            if members and (
+                len(members) >= self.max_batch_size
+                or (budget is not None and padded > budget)
+                or real + entry.rows * entry.length < self.min_padding_efficiency * padded
+            ):
+                groups.append((members, True))
+                members, rows, real, grown = [], 0, 0, entry.length
+            members.append(i)
+            rows += entry.rows
+            real += entry.rows * entry.length
+            longest = grown
+        groups.append((members, len(members) >= self.max_batch_size))
+        first = next(g for g, _ in groups if 0 in g)
+        others = sorted((min(g), g) for g, closed in groups if closed and g is not first)
+        chosen = [first] + [g for _, g in others[: self.max_batches_per_run - 1]]
+        taken = {i for g in chosen for i in g}
+        queue.extendleft(reversed([e for i, e in enumerate(window) if i not in taken]))
+        self._queued_tokens -= sum(window[i].rows * window[i].length for i in taken)
+        return [[window[i].item for i in sorted(g)] for g in chosen]

@@ -20,7 +20,7 @@ import numpy as np
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from worker.client import InferenceClient
-from worker.codec import DATATYPES, InferenceResponse, Tensor
+from worker.codec import BYTES, DATATYPES, InferenceResponse, Tensor
 from worker.errors import ConnectError, WorkerError
 from worker.logs import configure_logging
 from worker.settings import Settings, load_settings
@@ -28,7 +28,7 @@ from worker.settings import Settings, load_settings
 if TYPE_CHECKING:
     from worker.app import Worker
 
-__all__ = ["main", "response_to_json", "tensors_from_json"]
+__all__ = ["main", "response_to_json", "summary", "tensors_from_json"]
 
 
 def tensors_from_json(doc: dict[str, Any]) -> list[Tensor]:
@@ -36,8 +36,14 @@ def tensors_from_json(doc: dict[str, Any]) -> list[Tensor]:
     tensors = []
     for item in doc["inputs"]:
         datatype = item["datatype"]
+        if datatype == BYTES:
+            strings = np.asarray(item["data"], dtype=object).reshape(item["shape"])
+            tensors.append(Tensor.from_numpy(item["name"], strings))
+            continue
         if datatype not in DATATYPES:
-            raise ValueError(f"input {item['name']!r}: datatype must be one of {list(DATATYPES)}")
+            raise ValueError(
+                f"input {item['name']!r}: datatype must be one of {[*DATATYPES, BYTES]}"
+            )
         array = np.asarray(item["data"], dtype=DATATYPES[datatype]).reshape(item["shape"])
         tensors.append(Tensor.from_numpy(item["name"], array))
     return tensors
@@ -54,7 +60,7 @@ def response_to_json(response: InferenceResponse) -> dict[str, Any]:
                 "name": t.name,
                 "datatype": t.datatype,
                 "shape": list(t.shape),
-                "data": t.to_numpy().ravel().tolist(),
+                "data": _json_data(t),
             }
             for t in response.outputs
         ],
@@ -69,6 +75,34 @@ def response_to_json(response: InferenceResponse) -> dict[str, Any]:
             "batch_size": response.timing.batch_size,
         },
     }
+
+
+def _json_data(tensor: Tensor) -> list[Any]:
+    """A tensor's elements as a flat JSON list (BYTES as text, undecodable bytes replaced)."""
+    values = tensor.to_numpy().ravel().tolist()
+    if tensor.datatype == BYTES:
+        return [v.decode(errors="replace") for v in values]
+    return values
+
+
+def summary(response: InferenceResponse, *, first: int = 5) -> list[str]:
+    """One line per output row: its size, its L2 norm (numbers) and its first values."""
+    if response.error is not None:
+        return [f"error {response.error.code}: {response.error.message}"]
+    lines = []
+    for tensor in response.outputs:
+        array = tensor.to_numpy()
+        rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(-1, 1)
+        for i, row in enumerate(rows):
+            norm = ""
+            if row.dtype.kind in "fiu":
+                norm = f", norm {float(np.linalg.norm(row.astype(np.float64))):.4f}"
+            values = ", ".join(f"{v:.4f}" if isinstance(v, float) else repr(v)
+                               for v in row[:first].tolist())  # fmt: skip
+            lines.append(f"{tensor.name}[{i}]: {row.size} values{norm}, first [{values}]")
+    if response.parameters:
+        lines.append(f"parameters: {json.dumps(response.parameters)}")
+    return lines
 
 
 def _build_worker(settings: Settings) -> Worker:
@@ -114,10 +148,16 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _predict(settings: Settings, args: argparse.Namespace) -> int:
-    tensors = tensors_from_json(json.loads(await asyncio.to_thread(Path(args.input).read_text)))
+    if args.text:
+        tensors = [Tensor.from_strings(args.text_input, args.text)]
+    else:
+        tensors = tensors_from_json(json.loads(await asyncio.to_thread(Path(args.input).read_text)))
     async with InferenceClient(settings.kafka, timeout=args.timeout) as client:
         reply = await client.infer(args.model, tensors, version=args.version)
-    print(json.dumps(response_to_json(reply), indent=2))
+    if args.text and not args.json:
+        print("\n".join(summary(reply)))
+    else:
+        print(json.dumps(response_to_json(reply), indent=2))
     return 0 if reply.error is None else 1
 
 
@@ -154,7 +194,17 @@ def _parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="send one request and print its reply as JSON")
     predict.add_argument("--model", required=True)
     predict.add_argument("--version", default=None)
-    predict.add_argument("--input", required=True, help="KServe V2 JSON file with 'inputs'")
+    given = predict.add_mutually_exclusive_group(required=True)
+    given.add_argument("--input", help="KServe V2 JSON file with 'inputs'")
+    given.add_argument(
+        "--text", action="append", help="a string for a text model (repeat for several rows)"
+    )
+    predict.add_argument(
+        "--text-input", default="text", help="the text model's input name (default: text)"
+    )
+    predict.add_argument(
+        "--json", action="store_true", help="with --text: print the whole reply as JSON"
+    )
     predict.add_argument("--timeout", type=float, default=30.0)
     demo = sub.add_parser("demo", help="send the digits test split; print accuracy and requests/s")
     demo.add_argument("--limit", type=int, default=None, help="send only the first N images")

@@ -7,9 +7,15 @@ parsing canonical form, then the Avro binary body. Java's ``BinaryMessageEncoder
 10 bytes. Bare Avro binary (no header) is accepted too, tried against the current schema first
 and then against each earlier one.
 
-Schema evolution: earlier request schemas live in ``schemas/history/``. A message written with
-one of them is read through Avro schema resolution, so fields added since take their defaults
-and old writers keep working. Schemas are read and parsed once, at import.
+Schema evolution: earlier schemas live in ``schemas/history/``. A message written with one of
+them is read through Avro schema resolution, so fields added since take their defaults and old
+writers keep working. A message with no ``BYTES`` tensor is written with the previous schema's
+fingerprint (its bytes are the same: ``BYTES`` is the last enum symbol), so readers that know
+only that version keep reading it. Schemas are read and parsed once, at import.
+
+Strings (``BYTES``): each element is a 4-byte little-endian length, then its bytes, as the Open
+Inference Protocol's binary tensor format lays them out; :meth:`Tensor.to_numpy` gives a numpy
+object array of ``bytes``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -30,7 +36,9 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 from worker.errors import DecodeError, ErrorCode, ReplyError, RequestError, shown
 
 __all__ = [
+    "BYTES",
     "DATATYPES",
+    "MAX_STRINGS",
     "SOE_MARKER",
     "ErrorInfo",
     "InferenceRequest",
@@ -62,6 +70,14 @@ DATATYPES: Mapping[str, np.dtype[Any]] = {
     "FP64": np.dtype("<f8"),
 }
 """Open Inference Protocol datatype -> little-endian numpy dtype."""
+
+BYTES = "BYTES"
+"""The Open Inference Protocol's datatype for strings and byte strings."""
+
+MAX_STRINGS = 65_536
+"""Most elements a ``BYTES`` tensor may hold (each is parsed on its own)."""
+
+_LENGTH = np.dtype("<u4")
 
 _DATATYPE_OF_KIND: dict[tuple[str, int], str] = {
     (dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()
@@ -96,10 +112,13 @@ class _Schema:
         for path in history:
             parsed, header = _parse(path)
             self.writers[header] = parsed
+        self.previous_header = _parse(history[0])[1] if history else self.header
+        """The header of the newest earlier version: same bytes for messages without BYTES."""
 
-    def encode(self, record: Mapping[str, Any]) -> bytes:
+    def encode(self, record: Mapping[str, Any], *, uses_new: bool = True) -> bytes:
+        """Encode ``record``; ``uses_new=False`` writes the previous version's fingerprint."""
         buf = io.BytesIO()
-        buf.write(self.header)
+        buf.write(self.header if uses_new else self.previous_header)
         fastavro.schemaless_writer(buf, self.parsed, record)
         return buf.getvalue()
 
@@ -157,8 +176,14 @@ class Tensor:
 
     @classmethod
     def from_numpy(cls, name: str, array: npt.ArrayLike) -> Tensor:
-        """Wrap an array; its dtype picks the datatype (little-endian, row-major bytes)."""
+        """Wrap an array; its dtype picks the datatype (little-endian, row-major bytes).
+
+        Arrays of ``str`` or ``bytes`` (numpy ``U``, ``S`` or object dtype) become ``BYTES``
+        tensors, ``str`` encoded as UTF-8.
+        """
         arr = np.asarray(array)
+        if arr.dtype.kind in "OUS":
+            return cls.from_strings(name, arr.ravel().tolist(), shape=arr.shape)
         key = ("b", 1) if arr.dtype == np.bool_ else (arr.dtype.kind, arr.dtype.itemsize)
         datatype = _DATATYPE_OF_KIND.get(key)
         if datatype is None:
@@ -166,12 +191,27 @@ class Tensor:
         wire = arr.astype(DATATYPES[datatype], copy=False)
         return cls(name, datatype, tuple(int(d) for d in arr.shape), wire.tobytes(order="C"))
 
+    @classmethod
+    def from_strings(
+        cls, name: str, items: Sequence[str | bytes], shape: Sequence[int] | None = None
+    ) -> Tensor:
+        """A ``BYTES`` tensor of ``items`` (``str`` as UTF-8); shape ``[len(items)]`` by default."""
+        parts: list[bytes] = []
+        for item in items:
+            raw = item.encode() if isinstance(item, str) else bytes(item)
+            parts += (len(raw).to_bytes(4, "little"), raw)
+        dims = (len(items),) if shape is None else tuple(int(d) for d in shape)
+        return cls(name, BYTES, dims, b"".join(parts))
+
     def to_numpy(self) -> npt.NDArray[Any]:
         """A read-only view of ``data`` with the declared dtype and shape (no copy).
 
-        Raises :class:`RequestError` (INVALID_ARGUMENT) if the datatype is unknown, a
-        dimension is negative, or the byte length does not match the shape.
+        ``BYTES``: a new object array of ``bytes``, one per element. Raises
+        :class:`RequestError` (INVALID_ARGUMENT) if the datatype is unknown, a dimension is
+        negative, or the byte length does not match the shape.
         """
+        if self.datatype == BYTES:
+            return self._strings()
         dtype = DATATYPES.get(self.datatype)
         if dtype is None:
             raise RequestError(
@@ -193,6 +233,37 @@ class Tensor:
                 f"{count * dtype.itemsize} bytes, data has {len(self.data)}",
             )
         return np.frombuffer(self.data, dtype=dtype).reshape(self.shape)
+
+    def _strings(self) -> npt.NDArray[Any]:
+        def invalid(why: str) -> RequestError:
+            return RequestError(
+                ErrorCode.INVALID_ARGUMENT, f"input {shown(self.name)}: BYTES tensor {why}"
+            )
+
+        if any(d < 0 for d in self.shape):
+            raise invalid("shape has a negative dimension")
+        count = 1
+        for dim in self.shape:  # stops early: no huge products from hostile shapes
+            count *= dim
+            if count > MAX_STRINGS:
+                raise invalid(f"holds more than {MAX_STRINGS} elements")
+        data = self.data
+        if count * 4 > len(data):
+            raise invalid(f"of {count} elements needs at least {count * 4} bytes, has {len(data)}")
+        out = np.empty(count, dtype=object)
+        at = 0
+        for i in range(count):
+            if at + 4 > len(data):
+                raise invalid(f"ends inside the length of element {i}")
+            size = int.from_bytes(data[at : at + 4], "little")
+            at += 4
+            if at + size > len(data):
+                raise invalid(f"element {i} declares {size} bytes; {len(data) - at} are left")
+            out[i] = data[at : at + size]
+            at += size
+        if at != len(data):
+            raise invalid(f"has {len(data) - at} bytes after its {count} elements")
+        return out.reshape(self.shape)
 
 
 def _tensor_to_avro(t: Tensor) -> dict[str, Any]:
@@ -266,6 +337,10 @@ class InferenceResponse:
             raise ReplyError(self.id, self.error.code, self.error.message)
 
 
+def _uses_bytes(tensors: Sequence[Tensor]) -> bool:
+    return any(t.datatype == BYTES for t in tensors)
+
+
 def encode_request(request: InferenceRequest) -> bytes:
     """Encode a request as an Avro single-object message."""
     return _REQUEST.encode(
@@ -276,7 +351,8 @@ def encode_request(request: InferenceRequest) -> bytes:
             "inputs": [_tensor_to_avro(t) for t in request.inputs],
             "parameters": request.parameters,
             "deadline_ms": request.deadline_ms,
-        }
+        },
+        uses_new=_uses_bytes(request.inputs),
     )
 
 
@@ -324,7 +400,8 @@ def encode_response(response: InferenceResponse) -> bytes:
                 },
             ),
             "parameters": response.parameters,
-        }
+        },
+        uses_new=_uses_bytes(response.outputs),
     )
 
 

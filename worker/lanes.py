@@ -24,7 +24,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-import numpy.typing as npt
 import structlog
 
 from worker.admission import Admitted, Job
@@ -32,7 +31,7 @@ from worker.batching import Batcher
 from worker.codec import Timing
 from worker.errors import SHOWN_CHARS
 from worker.metrics import Metrics
-from worker.model import LoadedModel, run_isolated
+from worker.model import LoadedModel, Prepared, run_isolated
 from worker.outgoing import (
     Destinations,
     Outgoing,
@@ -111,6 +110,8 @@ class Lanes:
             if key not in wanted
             or not lane.model.same_program(wanted[key])
             or self._max_batch_size(wanted[key]) != lane.batcher.max_batch_size
+            or self._length_aware(wanted[key]).get("max_batch_tokens")
+            != lane.batcher.max_batch_tokens
         }
         fresh = {
             key: self._batcher(model)
@@ -139,7 +140,19 @@ class Lanes:
             max_batch_delay=delay_ms / 1000,
             max_batches_per_run=self._batching.max_batches_per_run,
             start_when_idle=self._batching.start_when_idle,
+            **self._length_aware(model),
         )
+
+    def _length_aware(self, model: LoadedModel) -> dict[str, Any]:
+        """Batcher options of a sequence model: measure, token budget, sort window."""
+        if not model.config.is_sequence:
+            return {}
+        return {
+            "measure": _measure,
+            "max_batch_tokens": model.config.max_batch_tokens or self._batching.max_batch_tokens,
+            "sort_window": self._batching.sort_window,
+            "min_padding_efficiency": self._batching.min_padding_efficiency,
+        }
 
     def put(self, admitted: Admitted) -> None:
         """Queue a job in its version's lane, and its shadow copy (unless the shadow is full)."""
@@ -192,7 +205,7 @@ class Lanes:
             executor = self._shadow_executor if first.is_shadow else self._executor
             started = time.monotonic()
             runs = await asyncio.get_running_loop().run_in_executor(
-                executor, _forward_all, model, [[j.arrays for j in b] for b in live_batches]
+                executor, _forward_all, model, [[j.prepared for j in b] for b in live_batches]
             )
             for live, (offset_s, compute_s, results) in zip(live_batches, runs, strict=True):
                 try:
@@ -219,6 +232,13 @@ class Lanes:
         labels = (model.name, model.version)
         self._metrics.compute.labels(*labels).observe(compute_s)
         self._metrics.batch_size.labels(*labels).observe(len(live))
+        if model.config.is_sequence:
+            longest = max(job.prepared.length for job in live)
+            padded = sum(job.prepared.rows for job in live) * longest
+            self._metrics.tokens.labels(*labels, "padded").inc(padded)
+            self._metrics.tokens.labels(*labels, "real").inc(
+                sum(job.prepared.tokens for job in live)
+            )
         queue_wait = self._metrics.queue_wait.labels(*labels)
         outgoing: list[Outgoing] = []
         for job, result in zip(live, results, strict=True):
@@ -227,7 +247,10 @@ class Lanes:
             if job.is_shadow:
                 continue
             timing = Timing(int((started - job.enqueued) * 1e6), int(compute_s * 1e6), len(live))
-            response = model_response(job.request, model.name, model.version, result, timing)
+            response = model_response(
+                job.request, model.name, model.version, result, timing,
+                truncated=job.prepared.truncated,
+            )  # fmt: skip
             outgoing += reply(self._destinations, job.source, response, batch_id, served=True)
         return outgoing
 
@@ -253,8 +276,12 @@ class Lanes:
         ).inc()
 
 
+def _measure(job: Job) -> tuple[int, int]:
+    return job.prepared.rows, job.prepared.length
+
+
 def _forward_all(
-    model: LoadedModel, batches: list[list[list[npt.NDArray[Any]]]]
+    model: LoadedModel, batches: list[list[Prepared]]
 ) -> list[tuple[float, float, list[Result]]]:
     """Run batches back to back (in the inference thread).
 

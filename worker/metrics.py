@@ -62,6 +62,12 @@ class Metrics:
             buckets=_BATCH,
             registry=r,
         )
+        self.tokens = Counter(
+            "inference_batch_tokens",
+            "Sequence models: tokens in batches, real or padded (efficiency: real / padded)",
+            ["model", "version", "kind"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "inference_requests_in_flight",
             "Requests fetched and not yet answered (reply or dead-letter copy acknowledged)",

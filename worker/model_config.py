@@ -6,10 +6,18 @@ running a version: :mod:`worker.model`)::
     models/
       <name>/
         config.toml          inputs, outputs (name, datatype, shape; -1 = any), batching,
-                             version_policy, routing, quantize ("none" or "int8")
+                             version_policy, routing, quantize ("none" or "int8"),
+                             tokenizer, padding
         <version>/           a folder per version, named by an integer ("1", "2", ...)
           model.pt2          a torch.export program (loaded without unpickling code)
+          tokenizer.json     with a [tokenizer] table: the Hugging Face tokenizer
           metrics.json       optional: how the version was trained and evaluated
+
+Variable lengths: an input or output whose second dimension is -1 is a *sequence*: requests of
+different lengths share a batch, padded to the longest with the input's ``pad_value``; the
+model can be given an ``attention_mask`` or the ``lengths`` as an extra last argument
+(``[padding] extra_input``), and sequence outputs are cut back to each request's length. A
+``[tokenizer]`` model takes one BYTES input of strings and feeds the program token ids.
 
 Parsing only: no torch, no Kafka. Every problem is a :class:`~worker.errors.ConfigError` naming
 the file and what is wrong.
@@ -23,21 +31,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.codec import DATATYPES
+from worker.codec import BYTES, DATATYPES
 from worker.errors import ConfigError
 
 __all__ = [
     "CONFIG_FILE",
+    "EXTRA_INPUTS",
     "MODEL_FILE",
     "QUANTIZE_MODES",
     "ModelConfig",
     "Routing",
     "TensorSpec",
+    "TokenizerConfig",
     "VersionPolicy",
 ]
 
 MODEL_FILE = "model.pt2"
 CONFIG_FILE = "config.toml"
+EXTRA_INPUTS = ("none", "attention_mask", "lengths")
+"""Values of ``[padding] extra_input``: what a sequence model gets after its inputs."""
 QUANTIZE_MODES = ("none", "int8")
 """Values of a model's ``quantize`` key: float as exported, or int8 dynamic quantisation."""
 
@@ -51,6 +63,13 @@ class TensorSpec:
     shape: tuple[int, ...]
     allow_non_finite: bool = False
     """Inputs only: accept NaN and infinity in a floating-point input."""
+    pad_value: float = 0.0
+    """Sequence inputs only: what the batch is padded with beyond a request's length."""
+
+    @property
+    def is_sequence(self) -> bool:
+        """True when the second dimension is -1: a variable length, padded per batch."""
+        return len(self.shape) > 1 and self.shape[1] == -1
 
     def describe(self) -> str:
         """E.g. ``pixels FP32 [-1, 64]``."""
@@ -89,6 +108,18 @@ class Routing:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenizerConfig:
+    """``[tokenizer]``: strings in the model's one BYTES input become token ids."""
+
+    file: str = "tokenizer.json"
+    """In the version folder."""
+    max_length: int = 512
+    """Strings are cut to this many tokens (special tokens included)."""
+    feeds: tuple[str, ...] = ("input_ids", "attention_mask")
+    """The program's arguments, in order: ``input_ids``, ``attention_mask``, ``token_type_ids``."""
+
+
+@dataclass(frozen=True, slots=True)
 class ModelConfig:
     """What ``<name>/config.toml`` declares."""
 
@@ -101,6 +132,16 @@ class ModelConfig:
     routing: Routing = Routing()
     quantize: str = "none"
     """``"int8"``: the program's linear layers run with int8 dynamic quantisation."""
+    max_batch_tokens: int | None = None
+    """Sequence models: most padded tokens (rows x longest length) in one batch."""
+    extra_input: str = "none"
+    """Sequence models: ``attention_mask`` or ``lengths`` passed after the inputs."""
+    tokenizer: TokenizerConfig | None = None
+
+    @property
+    def is_sequence(self) -> bool:
+        """True for a model whose inputs vary in length (padded per batch)."""
+        return self.tokenizer is not None or any(s.is_sequence for s in self.inputs)
 
     @classmethod
     def load(cls, folder: Path) -> ModelConfig:
@@ -110,7 +151,10 @@ class ModelConfig:
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read model config: {exc}") from exc
-        known = {"inputs", "outputs", "batching", "version_policy", "routing", "quantize"}
+        known = {
+            "inputs", "outputs", "batching", "version_policy", "routing", "quantize",
+            "tokenizer", "padding",
+        }  # fmt: skip
         unknown = set(raw) - known
         if unknown:
             raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
@@ -120,7 +164,8 @@ class ModelConfig:
                 f"{path}: quantize = {quantize!r}; expected one of {', '.join(QUANTIZE_MODES)}"
             )
         try:
-            max_batch_size, max_batch_delay_ms = _batching(_table(raw, "batching", path), path)
+            batching = _table(raw, "batching", path)
+            max_batch_size, max_batch_delay_ms = _batching(batching, path)
             config = cls(
                 name=folder.name,
                 inputs=tuple(_spec(s, path) for s in _tables(raw, "inputs", path)),
@@ -130,6 +175,9 @@ class ModelConfig:
                 version_policy=_policy(_table(raw, "version_policy", path), path),
                 routing=_routing(_table(raw, "routing", path), path),
                 quantize=quantize,
+                max_batch_tokens=_max_batch_tokens(batching, path),
+                extra_input=_extra_input(_table(raw, "padding", path), path),
+                tokenizer=_tokenizer(raw, path),
             )
         except KeyError as exc:
             raise ConfigError(f"{path}: missing key {exc}") from exc
@@ -137,6 +185,7 @@ class ModelConfig:
             raise ConfigError(f"{path}: invalid value: {type(exc).__name__}: {exc}") from exc
         if not config.inputs or not config.outputs:
             raise ConfigError(f"{path}: needs at least one [[inputs]] and one [[outputs]]")
+        _check_sequences(config, path)
         compare = config.routing.shadow_compare
         if compare is not None and compare not in {s.name for s in config.outputs}:
             raise ConfigError(f"{path}: routing.shadow_compare {compare!r} is not an output")
@@ -162,8 +211,105 @@ def _tables(raw: Mapping[str, Any], key: str, path: Path) -> list[Mapping[str, A
     return value
 
 
+MAX_BATCH_TOKENS = 16 * 1024 * 1024
+MAX_TOKENIZER_LENGTH = 65_536
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _max_batch_tokens(raw: Mapping[str, Any], path: Path) -> int | None:
+    tokens = raw.get("max_batch_tokens")
+    if tokens is not None and not _whole(tokens, 1, MAX_BATCH_TOKENS):
+        raise ConfigError(
+            f"{path}: batching.max_batch_tokens = {tokens!r}; expected a whole number from 1 to "
+            f"{MAX_BATCH_TOKENS}"
+        )
+    return tokens
+
+
+def _extra_input(raw: Mapping[str, Any], path: Path) -> str:
+    unknown = set(raw) - {"extra_input"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown [padding] key(s) {sorted(unknown)}")
+    extra = raw.get("extra_input", "none")
+    if extra not in EXTRA_INPUTS:
+        raise ConfigError(
+            f"{path}: padding.extra_input = {extra!r}; expected one of {', '.join(EXTRA_INPUTS)}"
+        )
+    return str(extra)
+
+
+def _tokenizer(raw: Mapping[str, Any], path: Path) -> TokenizerConfig | None:
+    if "tokenizer" not in raw:
+        return None
+    table = _table(raw, "tokenizer", path)
+    unknown = set(table) - {"file", "max_length", "feeds"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown [tokenizer] key(s) {sorted(unknown)}")
+    default = TokenizerConfig()
+    file = table.get("file", default.file)
+    if not isinstance(file, str) or not file or "/" in file or "\\" in file or file[0] == ".":
+        raise ConfigError(
+            f"{path}: tokenizer.file = {file!r}; expected a file name in the version folder"
+        )
+    max_length = table.get("max_length", default.max_length)
+    if not _whole(max_length, 2, MAX_TOKENIZER_LENGTH):
+        raise ConfigError(
+            f"{path}: tokenizer.max_length = {max_length!r}; expected a whole number from 2 to "
+            f"{MAX_TOKENIZER_LENGTH}"
+        )
+    feeds = table.get("feeds", list(default.feeds))
+    allowed = ("input_ids", "attention_mask", "token_type_ids")
+    if (
+        not isinstance(feeds, list)
+        or not feeds
+        or any(f not in allowed for f in feeds)
+        or len(set(feeds)) != len(feeds)
+    ):
+        raise ConfigError(
+            f"{path}: tokenizer.feeds = {feeds!r}; expected distinct names among "
+            f"{', '.join(allowed)}"
+        )
+    return TokenizerConfig(file, max_length, tuple(feeds))
+
+
+def _check_sequences(config: ModelConfig, path: Path) -> None:
+    """Where strings, variable lengths and token budgets may appear."""
+    strings = [s for s in config.inputs if s.datatype == "BYTES"]
+    if config.tokenizer is not None:
+        if len(config.inputs) != 1 or not strings or strings[0].shape != (-1,):
+            raise ConfigError(
+                f"{path}: a [tokenizer] model takes exactly one input, of datatype BYTES and "
+                "shape [-1] (one string per row)"
+            )
+        if config.extra_input != "none":
+            raise ConfigError(
+                f"{path}: padding.extra_input is for models without a tokenizer; list "
+                '"attention_mask" in tokenizer.feeds instead'
+            )
+    elif strings:
+        raise ConfigError(
+            f"{path}: input {strings[0].name!r} is BYTES; strings need a [tokenizer] table"
+        )
+    if any(s.datatype == "BYTES" for s in config.outputs):
+        raise ConfigError(f"{path}: outputs cannot be BYTES (a program returns tensors)")
+    for spec in (*config.inputs, *config.outputs):
+        if any(d == -1 for d in spec.shape[2:]):
+            raise ConfigError(
+                f"{path}: tensor {spec.name!r} shape {list(spec.shape)}: only the second "
+                "dimension may be -1 (the sequence length, padded per batch)"
+            )
+    if not config.is_sequence and (config.extra_input != "none" or config.max_batch_tokens):
+        raise ConfigError(
+            f"{path}: padding.extra_input and batching.max_batch_tokens need a sequence input "
+            "(second dimension -1) or a [tokenizer]"
+        )
+
+
 def _batching(raw: Mapping[str, Any], path: Path) -> tuple[int | None, float | None]:
-    unknown = set(raw) - {"max_batch_size", "max_batch_delay_ms"}
+    unknown = set(raw) - {"max_batch_size", "max_batch_delay_ms", "max_batch_tokens"}
     if unknown:
         raise ConfigError(f"{path}: unknown [batching] key(s) {sorted(unknown)}")
     size = raw.get("max_batch_size")
@@ -229,10 +375,10 @@ MAX_SHAPE_DIMENSIONS = 32
 
 def _spec(raw: Mapping[str, Any], path: Path) -> TensorSpec:
     datatype = raw["datatype"]
-    if datatype not in DATATYPES:
+    if datatype not in DATATYPES and datatype != BYTES:
         raise ConfigError(
             f"{path}: tensor {raw.get('name')!r} has datatype {datatype!r}; "
-            f"expected one of {', '.join(DATATYPES)}"
+            f"expected one of {', '.join(DATATYPES)}, {BYTES}"
         )
     dims = raw["shape"]
     if (
@@ -247,4 +393,9 @@ def _spec(raw: Mapping[str, Any], path: Path) -> TensorSpec:
     shape = tuple(dims)
     if shape[0] != -1:
         raise ConfigError(f"{path}: tensor {raw['name']!r} shape {list(shape)} must start with -1")
-    return TensorSpec(str(raw["name"]), datatype, shape, bool(raw.get("allow_non_finite", False)))
+    pad = raw.get("pad_value", 0)
+    if isinstance(pad, bool) or not isinstance(pad, int | float) or pad != pad:  # noqa: PLR0124 - NaN
+        raise ConfigError(f"{path}: tensor {raw['name']!r} pad_value = {pad!r}; expected a number")
+    return TensorSpec(
+        str(raw["name"]), datatype, shape, bool(raw.get("allow_non_finite", False)), float(pad)
+    )

@@ -343,11 +343,22 @@ def model_response(
     version: str,
     result: list[Tensor] | Exception,
     timing: Timing,
+    *,
+    truncated: int = 0,
 ) -> InferenceResponse:
-    """The reply for a request the model ran on: its outputs, or INTERNAL if its rows raised."""
+    """The reply for a request the model ran on: its outputs, or INTERNAL if its rows raised.
+
+    ``truncated``: strings the tokenizer cut to its maximum length, said in the reply's
+    parameters (``truncated``) when there were any.
+    """
     if not isinstance(result, Exception):
         return InferenceResponse(
-            id=request.id, model_name=model, model_version=version, outputs=result, timing=timing
+            id=request.id,
+            model_name=model,
+            model_version=version,
+            outputs=result,
+            timing=timing,
+            parameters={"truncated": truncated} if truncated else None,
         )
     log.error(
         "model raised on a request",

@@ -131,8 +131,7 @@ def _load_model(folder: Path, previous: ServedModel | None) -> ServedModel:
             old is not None
             and previous is not None
             and previous.artifacts.get(version) == artifacts[version]
-            and (old.config.inputs, old.config.outputs, old.config.quantize)
-            == (config.inputs, config.outputs, config.quantize)
+            and _program_keys(old.config) == _program_keys(config)
         ):
             versions[version] = old.with_config(config)
         else:
@@ -140,6 +139,11 @@ def _load_model(folder: Path, previous: ServedModel | None) -> ServedModel:
     model = ServedModel(config, versions, artifacts)
     model.check_routing()
     return model
+
+
+def _program_keys(config: ModelConfig) -> tuple[object, ...]:
+    """What a loaded version depends on besides its files: a change reloads it."""
+    return (config.inputs, config.outputs, config.quantize, config.tokenizer, config.extra_input)
 
 
 class ModelRepository:

@@ -158,6 +158,13 @@ class BatchingSettings(BaseModel):
     """A request arriving while its model is idle starts a batch at once (no delay)."""
     max_batches_per_run: int = Field(default=8, ge=1)
     """Under a backlog, full batches handed to the inference thread in one go."""
+    max_batch_tokens: int | None = Field(default=None, ge=1)
+    """Sequence models: most padded tokens (rows x longest length) per batch (none: no bound)."""
+    sort_window: int = Field(default=8, ge=1)
+    """Sequence models: batches' worth of waiting requests grouped by length (1: arrival order)."""
+    min_padding_efficiency: float = Field(default=0.8, ge=0, le=1)
+    """Sequence models: a batch is cut where the next request would bring real / padded tokens
+    below this (0: cut by size and token budget only)."""
 
 
 class ModelSettings(BaseModel):

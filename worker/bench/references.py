@@ -22,6 +22,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 
 from worker.codec import InferenceResponse, Tensor, decode_request, encode_response
 from worker.kafka import ensure_topics, header, make_consumer, make_producer
+from worker.model import stack_inputs
 from worker.repository import ModelRepository
 from worker.settings import Settings
 
@@ -47,8 +48,7 @@ async def run_plain(settings: Settings, stop: asyncio.Event) -> None:
     def answer(r: ConsumerRecord[bytes, bytes]) -> tuple[bytes | None, list[tuple[str, bytes]]]:
         request = decode_request(r.value)
         model = repository.route(request.model_name, None, request.id).primary
-        inputs = zip((s.name for s in model.config.inputs), model.validate(request), strict=True)
-        outputs = model.predict(dict(inputs))
+        outputs = model.predict(stack_inputs(model, [model.validate(request)]))
         response = InferenceResponse(
             request.id, model.name, model.version,
             [Tensor.from_numpy(name, value) for name, value in outputs.items()],
