@@ -245,3 +245,48 @@ def test_reload_requantises_when_the_setting_changes(tmp_path: Path) -> None:
     assert reloaded.route("iris", None, "").primary.same_program(
         repo.route("iris", None, "").primary
     )
+
+
+HANDLER = """
+import numpy as np
+
+def preprocess(inputs):
+    return {"pixels": np.clip(inputs["pixels"], 0, 16)}
+
+def postprocess(outputs):
+    probabilities, label = outputs
+    return {"probabilities": probabilities, "label": label + 100}
+"""
+
+
+def test_a_handler_runs_only_when_code_is_allowed(tmp_path: Path) -> None:
+    """handler.py: refused unless allowed; when allowed, pre/post-processing wrap each batch."""
+    shutil.copytree(MODELS / "digits", tmp_path / "digits")
+    (tmp_path / "digits" / "1" / "handler.py").write_text(HANDLER)
+    with pytest.raises(ConfigError, match="WORKER_MODELS__ALLOW_CODE=true"):
+        ModelRepository.load(tmp_path)
+    plain = ModelRepository.load(MODELS).route("digits", "1", "").primary
+    handled = ModelRepository.load(tmp_path, allow_code=True).route("digits", "1", "").primary
+    pixels = np.random.default_rng(2).integers(0, 17, (5, 64)).astype(np.float32)
+    wild = pixels.copy()
+    wild[:, 0] = 1000.0  # clipped back to 16 by preprocess
+    clipped = pixels.copy()
+    clipped[:, 0] = 16.0
+    expected = plain.predict({"pixels": clipped})["label"] + 100
+    np.testing.assert_array_equal(handled.predict({"pixels": wild})["label"], expected)
+
+
+@pytest.mark.parametrize(
+    ("code", "fragment"),
+    [
+        ("raise RuntimeError('boom')", "importing it raised RuntimeError: boom"),
+        ("x = 1", "defines neither preprocess nor postprocess"),
+        ("preprocess = 3", "preprocess must be a function"),
+    ],
+)
+def test_a_broken_handler_is_a_config_error(tmp_path: Path, code: str, fragment: str) -> None:
+    """A handler that raises on import, defines nothing, or is not callable fails the load."""
+    shutil.copytree(MODELS / "digits", tmp_path / "digits")
+    (tmp_path / "digits" / "1" / "handler.py").write_text(code)
+    with pytest.raises(ConfigError, match=fragment):
+        ModelRepository.load(tmp_path, allow_code=True)

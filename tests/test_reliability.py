@@ -464,10 +464,10 @@ async def test_a_bug_while_answering_a_batch_dead_letters_it_and_the_worker_goes
     """Last-resort guard: a bug answering a batch dead-letters it (stage BATCH); work goes on."""
     real = model_response
 
-    def buggy(request: InferenceRequest, *args: Any) -> InferenceResponse:
+    def buggy(request: InferenceRequest, *args: Any, **kwargs: Any) -> InferenceResponse:
         if request.id == "bug":
             raise ZeroDivisionError("a bug in reply building")
-        return real(request, *args)
+        return real(request, *args, **kwargs)
 
     monkeypatch.setattr(lanes_module, "model_response", buggy)
     tensor = Tensor.from_numpy("pixels", testset[0][:1])

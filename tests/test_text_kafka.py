@@ -1,4 +1,7 @@
-"""Text models through the real broker: strings in, embeddings out, mixed lengths batched."""
+"""Text models and code around models, through the real broker.
+
+Strings in, embeddings out, mixed lengths batched; a handler.py post-processing replies.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,10 @@ import asyncio
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from worker.bench.corpus import paragraphs
 from worker.client import InferenceClient
@@ -16,7 +21,9 @@ from worker.model import run_isolated
 from worker.repository import ModelRepository
 from worker.settings import Settings, env_vars
 
-from .conftest import ROOT, TEXT_MODELS, changed, running_worker
+from .conftest import MODELS, ROOT, TEXT_MODELS, changed, running_worker
+
+TestSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 
 
 def text_settings(settings: Settings) -> Settings:
@@ -111,3 +118,28 @@ async def test_predict_text_prints_size_norm_and_first_values(
     assert lines[0].startswith("embedding[0]: 384 values, norm 1.0000, first [")
     first = alone(text_repository, "Kafka absorbs the load.")[0]
     assert f"{first:.4f}" in lines[0]
+
+
+async def test_a_handler_wraps_batches_when_code_is_allowed(
+    settings: Settings, repo_dir: Path, testset: TestSet
+) -> None:
+    """With WORKER_MODELS__ALLOW_CODE, a version's handler.py post-processes every reply."""
+    (repo_dir / "digits" / "1" / "handler.py").write_text(
+        "def postprocess(outputs):\n"
+        "    probabilities, label = outputs\n"
+        '    return {"probabilities": probabilities, "label": label + 100}\n'
+    )
+    settings = changed(settings, "models", repository=repo_dir, allow_code=True)
+    repository = ModelRepository.load(repo_dir, allow_code=True)
+    plain = ModelRepository.load(MODELS).route("digits", "1", "").primary
+    pixels = testset[0][:20]
+    expected = plain.predict({"pixels": pixels})["label"] + 100
+    async with (
+        running_worker(settings, repository),
+        InferenceClient(settings.kafka) as client,
+    ):
+        replies = await asyncio.gather(
+            *(client.infer("digits", {"pixels": pixels[i : i + 1]}, version="1", timeout=60)
+              for i in range(len(pixels)))
+        )  # fmt: skip
+    assert [int(r.output("label")[0]) for r in replies] == expected.tolist()

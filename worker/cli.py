@@ -110,7 +110,8 @@ def _build_worker(settings: Settings) -> Worker:
     from worker.app import Worker  # noqa: PLC0415 - keeps `predict` free of torch start-up
     from worker.repository import ModelRepository  # noqa: PLC0415
 
-    return Worker(settings, ModelRepository.load(settings.models.repository))
+    models = settings.models
+    return Worker(settings, ModelRepository.load(models.repository, allow_code=models.allow_code))
 
 
 async def _serve(settings: Settings) -> None:

@@ -14,6 +14,7 @@ are blocking calls that the worker runs off the event loop.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import warnings
 from collections.abc import Mapping, Sequence
@@ -31,7 +32,9 @@ from worker.model_config import CONFIG_FILE, MODEL_FILE, ModelConfig, TensorSpec
 from worker.text import TextEncoder
 
 __all__ = [
+    "HANDLER_FILE",
     "Argument",
+    "Handler",
     "LoadedModel",
     "Prepared",
     "export_model",
@@ -39,6 +42,55 @@ __all__ = [
     "split_outputs",
     "stack_inputs",
 ]
+
+
+HANDLER_FILE = "handler.py"
+"""Optional pre/post-processing code in a version folder (run only when allowed)."""
+
+Arrays = dict[str, npt.NDArray[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """A version's ``handler.py``: functions run around each batch's forward pass.
+
+    ``preprocess(inputs)`` gets the batch's inputs by name (padded and concatenated) and
+    returns the program's arguments (a dict by the same names, or a tuple in order);
+    ``postprocess(outputs)`` gets the program's outputs as a tuple and returns a dict of the
+    config's outputs (checked at load like any output). Both run in the inference thread,
+    once per batch, before the outputs are cut back per request.
+    """
+
+    preprocess: Any = None
+    postprocess: Any = None
+
+    @classmethod
+    def load(cls, path: Path, *, allowed: bool) -> Handler | None:
+        """Import ``path`` if it exists and code is allowed; ConfigError if not allowed."""
+        if not path.is_file():
+            return None
+        if not allowed:
+            raise ConfigError(
+                f"{path}: a version with pre/post-processing code is served only when "
+                "WORKER_MODELS__ALLOW_CODE=true (loading it runs it)"
+            )
+        name = f"worker_handler_{abs(hash(str(path.resolve())))}"
+        try:
+            spec = importlib.util.spec_from_file_location(name, path)
+            assert spec is not None
+            assert spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ConfigError(f"{path}: importing it raised {type(exc).__name__}: {exc}") from exc
+        handler = cls(getattr(module, "preprocess", None), getattr(module, "postprocess", None))
+        for hook in ("preprocess", "postprocess"):
+            value = getattr(handler, hook)
+            if value is not None and not callable(value):
+                raise ConfigError(f"{path}: {hook} must be a function")
+        if handler.preprocess is None and handler.postprocess is None:
+            raise ConfigError(f"{path}: defines neither preprocess nor postprocess")
+        return handler
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,19 +129,24 @@ class LoadedModel:
         version: str,
         module: torch.nn.Module,
         text: TextEncoder | None = None,
+        handler: Handler | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.version = version
         self._module = module
+        self.handler = handler
         self.text = text
         """The tokenizer step of a ``[tokenizer]`` model."""
         self.arguments = _arguments(config, text)
         """The program's positional arguments, in order (the names :meth:`predict` takes)."""
 
     @classmethod
-    def load(cls, config: ModelConfig, folder: Path) -> LoadedModel:
-        """Load ``folder/model.pt2`` and check it against the config with one dummy batch."""
+    def load(cls, config: ModelConfig, folder: Path, *, allow_code: bool = False) -> LoadedModel:
+        """Load ``folder/model.pt2`` and check it against the config with one dummy batch.
+
+        ``allow_code``: import the folder's ``handler.py`` if there is one (else refuse it).
+        """
         path = folder / MODEL_FILE
         try:
             program = torch.export.load(path)
@@ -104,7 +161,8 @@ class LoadedModel:
             text = TextEncoder(
                 folder / tokenizer.file, max_length=tokenizer.max_length, feeds=tokenizer.feeds
             )
-        model = cls(config, folder.name, module, text)
+        handler = Handler.load(folder / HANDLER_FILE, allowed=allow_code)
+        model = cls(config, folder.name, module, text, handler)
         try:
             outputs = model.predict(stack_inputs(model, [model.dummy()]))
         except Exception as exc:
@@ -124,7 +182,7 @@ class LoadedModel:
 
     def with_config(self, config: ModelConfig) -> LoadedModel:
         """The same loaded program under a new config (same inputs and outputs; new routing)."""
-        return LoadedModel(config, self.version, self._module, self.text)
+        return LoadedModel(config, self.version, self._module, self.text, self.handler)
 
     def dummy(self) -> Prepared:
         """A request of one row of zeros (or one short string): the load-time check."""
@@ -206,20 +264,29 @@ class LoadedModel:
         return lengths.pop()
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        """Run one forward pass on a batch (blocking), inputs keyed by :attr:`arguments` name."""
-        args = [torch.from_numpy(_writable(inputs[a.name])) for a in self.arguments]
+        """Run one forward pass on a batch (blocking), inputs keyed by :attr:`arguments` name.
+
+        A version's handler, if any, runs its ``preprocess`` before and ``postprocess`` after.
+        """
+        handler = self.handler
+        values: Sequence[Any] = [inputs[a.name] for a in self.arguments]
+        if handler is not None and handler.preprocess is not None:
+            given = handler.preprocess(dict(inputs))
+            values = [given[a.name] for a in self.arguments] if isinstance(given, dict) else given
+        args = [torch.from_numpy(_writable(np.asarray(v))) for v in values]
         with torch.inference_mode():
             result = self._module(*args)
         tensors = (result,) if isinstance(result, torch.Tensor) else tuple(result)
-        if len(tensors) != len(self.config.outputs):
+        arrays = tuple(t.detach().cpu().numpy() for t in tensors)
+        if handler is not None and handler.postprocess is not None:
+            made = handler.postprocess(arrays)
+            return {s.name: np.asarray(made[s.name]) for s in self.config.outputs}
+        if len(arrays) != len(self.config.outputs):
             raise RuntimeError(
-                f"model {self.name} v{self.version} returned {len(tensors)} tensors; "
+                f"model {self.name} v{self.version} returned {len(arrays)} tensors; "
                 f"config declares {len(self.config.outputs)}"
             )
-        return {
-            spec.name: t.detach().cpu().numpy()
-            for spec, t in zip(self.config.outputs, tensors, strict=True)
-        }
+        return {spec.name: a for spec, a in zip(self.config.outputs, arrays, strict=True)}
 
 
 def _arguments(config: ModelConfig, text: TextEncoder | None) -> tuple[Argument, ...]:

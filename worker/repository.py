@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.errors import ConfigError, ErrorCode, RequestError, shown
-from worker.model import LoadedModel
+from worker.model import HANDLER_FILE, LoadedModel
 from worker.model_config import CONFIG_FILE, MODEL_FILE, ModelConfig
 
 __all__ = ["ModelRepository", "Route", "ServedModel", "split_bucket"]
@@ -51,8 +51,8 @@ class ServedModel:
 
     config: ModelConfig
     versions: Mapping[str, LoadedModel]
-    artifacts: Mapping[str, tuple[int, int]] = field(default_factory=dict)
-    """Per version, (mtime_ns, size) of its model file when loaded: unchanged ones are reused."""
+    artifacts: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    """Per version, (mtime_ns, size) of its files when loaded: unchanged ones are reused."""
 
     @property
     def name(self) -> str:
@@ -108,7 +108,24 @@ class ServedModel:
                 )
 
 
-def _load_model(folder: Path, previous: ServedModel | None) -> ServedModel:
+VERSION_FILES = (MODEL_FILE, "tokenizer.json", HANDLER_FILE)
+"""A version's files whose change reloads it (those present)."""
+
+
+def _artifacts(folder: Path) -> tuple[int, ...]:
+    """(mtime_ns, size) of each of a version's files (0, -1 for one that is absent)."""
+    out: list[int] = []
+    for name in VERSION_FILES:
+        try:
+            stat = (folder / name).stat()
+        except FileNotFoundError:
+            out += (0, -1)
+            continue
+        out += (stat.st_mtime_ns, stat.st_size)
+    return tuple(out)
+
+
+def _load_model(folder: Path, previous: ServedModel | None, *, allow_code: bool) -> ServedModel:
     config = ModelConfig.load(folder)
     on_disk = [p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
     served = config.version_policy.select(on_disk)
@@ -118,14 +135,14 @@ def _load_model(folder: Path, previous: ServedModel | None) -> ServedModel:
             f"policy: {config.version_policy}); add e.g. {folder}/1/{MODEL_FILE}"
         )
     versions: dict[str, LoadedModel] = {}
-    artifacts: dict[str, tuple[int, int]] = {}
+    artifacts: dict[str, tuple[int, ...]] = {}
     for version in served:
         path = folder / version / MODEL_FILE
         try:
-            stat = path.stat()
+            path.stat()
+            artifacts[version] = _artifacts(folder / version)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read model file: {exc}") from exc
-        artifacts[version] = (stat.st_mtime_ns, stat.st_size)
         old = previous.versions.get(version) if previous else None
         if (
             old is not None
@@ -135,7 +152,7 @@ def _load_model(folder: Path, previous: ServedModel | None) -> ServedModel:
         ):
             versions[version] = old.with_config(config)
         else:
-            versions[version] = LoadedModel.load(config, folder / version)
+            versions[version] = LoadedModel.load(config, folder / version, allow_code=allow_code)
     model = ServedModel(config, versions, artifacts)
     model.check_routing()
     return model
@@ -149,19 +166,24 @@ def _program_keys(config: ModelConfig) -> tuple[object, ...]:
 class ModelRepository:
     """Every model served, by name; immutable (a reload builds a new one)."""
 
-    def __init__(self, root: Path, models: Mapping[str, ServedModel]) -> None:
+    def __init__(
+        self, root: Path, models: Mapping[str, ServedModel], *, allow_code: bool = False
+    ) -> None:
         self.root = root
         self._models = dict(models)
+        self.allow_code = allow_code
+        """Run a version's ``handler.py`` (``WORKER_MODELS__ALLOW_CODE``); refuse it otherwise."""
 
     @classmethod
-    def load(cls, root: Path) -> ModelRepository:
+    def load(cls, root: Path, *, allow_code: bool = False) -> ModelRepository:
         """Load every model under ``root``; any problem is a :class:`ConfigError`."""
         if not root.is_dir():
             raise ConfigError(f"model repository {root} is not a folder")
         folders = sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file())
         if not folders:
             raise ConfigError(f"model repository {root} holds no model (<name>/{CONFIG_FILE})")
-        return cls(root, {f.name: _load_model(f, None) for f in folders})
+        models = {f.name: _load_model(f, None, allow_code=allow_code) for f in folders}
+        return cls(root, models, allow_code=allow_code)
 
     def reload(self) -> tuple[ModelRepository, list[ConfigError]]:
         """Re-read the folder. A model that fails keeps its current state; errors are returned."""
@@ -171,16 +193,19 @@ class ModelRepository:
         for folder in folders:
             current = self._models.get(folder.name)
             try:
-                models[folder.name] = _load_model(folder, current)
+                models[folder.name] = _load_model(folder, current, allow_code=self.allow_code)
             except ConfigError as exc:
                 errors.append(exc)
                 if current is not None:
                     models[folder.name] = current
-        return ModelRepository(self.root, models), errors
+        return ModelRepository(self.root, models, allow_code=self.allow_code), errors
 
     def fingerprint(self) -> tuple[tuple[str, int, int], ...]:
         """What a file watch compares: every config and model file's path, mtime and size."""
-        files = [*self.root.glob(f"*/{CONFIG_FILE}"), *self.root.glob(f"*/*/{MODEL_FILE}")]
+        files = [
+            *self.root.glob(f"*/{CONFIG_FILE}"),
+            *(p for name in VERSION_FILES for p in self.root.glob(f"*/*/{name}")),
+        ]
         stats = []
         for path in sorted(files):
             try:

@@ -180,6 +180,9 @@ class ModelSettings(BaseModel):
         """The intra-op thread count to use: ``torch_threads``, or cores minus one (at least 1)."""
         return self.torch_threads or max(1, (os.cpu_count() or 2) - 1)
 
+    allow_code: bool = False
+    """Run a version folder's ``handler.py`` (pre/post-processing code from the repository).
+    Off: a version with one fails to load. Whoever can write the repository then runs code."""
     poll_interval_s: float = Field(default=0.0, ge=0)
     """Watch the repository: reload when a config or model file changes, checked this often.
     0: reload only on SIGHUP."""

