@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from worker.codec import (
     DATATYPES,
+    MAX_STRINGS,
     SOE_MARKER,
     ErrorInfo,
     InferenceRequest,
@@ -71,8 +72,24 @@ def test_response_round_trip_with_error_and_timing() -> None:
         outputs=[Tensor.from_numpy("label", np.array([3, 4], dtype=np.int64))],
         error=ErrorInfo("INTERNAL", "boom"),
         timing=Timing(queue_us=10, compute_us=20, batch_size=2),
+        parameters={"truncated": 2, "note": "x"},
     )
     assert decode_response(encode_response(response)) == response
+
+
+def test_tensors_are_found_by_name_among_several() -> None:
+    """request.input and response.output pick the tensor of that name, not the first."""
+    a, b = np.zeros(2, np.float32), np.arange(3, dtype=np.int64)
+    request = InferenceRequest("r", "m", [Tensor.from_numpy("a", a), Tensor.from_numpy("b", b)])
+    found = request.input("b")
+    assert found is not None
+    assert found.name == "b"
+    assert request.input("c") is None
+    response = InferenceResponse("r", "m", outputs=request.inputs)
+    np.testing.assert_array_equal(response.output("b"), b)
+    np.testing.assert_array_equal(response.output("a"), a)
+    with pytest.raises(KeyError, match="no output 'c'"):
+        response.output("c")
 
 
 def spec_header(path: Path) -> bytes:
@@ -136,6 +153,29 @@ def test_strings_round_trip_through_the_wire_format() -> None:
     assert decode_request(encode_request(request)) == request
 
 
+def test_datatype_names_and_layouts_are_the_open_inference_protocols() -> None:
+    """Each OIP datatype name maps to its little-endian numpy layout (the spec's table)."""
+    spec = {
+        "BOOL": "|b1", "UINT8": "|u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
+        "INT8": "|i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
+        "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
+    }  # fmt: skip
+    assert {name: dtype.str for name, dtype in DATATYPES.items()} == spec
+
+
+def test_zero_sized_tensors_are_accepted() -> None:
+    """A dimension of 0 is a valid empty tensor, numeric or strings (only negatives are not)."""
+    assert Tensor("x", "FP32", (0, 64), b"").to_numpy().shape == (0, 64)
+    assert Tensor("t", "BYTES", (2, 0), b"").to_numpy().shape == (2, 0)
+
+
+def test_the_largest_string_tensor_allowed_decodes() -> None:
+    """Exactly MAX_STRINGS elements decode; one more is refused."""
+    assert Tensor.from_strings("t", [b""] * MAX_STRINGS).to_numpy().size == MAX_STRINGS
+    with pytest.raises(RequestError, match="more than 65536 elements"):
+        Tensor.from_strings("t", [b""] * (MAX_STRINGS + 1)).to_numpy()
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=40), max_size=30))
 def test_any_list_of_byte_strings_round_trips(items: list[bytes]) -> None:
@@ -163,6 +203,7 @@ def test_malformed_strings_are_invalid_argument_never_a_crash(
     ("data", "shape", "fragment"),
     [
         (b"\x05\x00\x00\x00abc", (1,), "declares 5 bytes; 3 are left"),
+        (b"\x01\x00\x00\x00a\x00\x00\x00", (2,), "ends inside the length of element 1"),
         (b"\x01\x00\x00\x00ab", (1,), "1 bytes after its 1 elements"),
         (b"\x00\x00\x00\x00\x00\x00", (2,), "needs at least 8 bytes"),
         (b"", (70_000,), "more than 65536 elements"),

@@ -77,8 +77,6 @@ BYTES = "BYTES"
 MAX_STRINGS = 65_536
 """Most elements a ``BYTES`` tensor may hold (each is parsed on its own)."""
 
-_LENGTH = np.dtype("<u4")
-
 _DATATYPE_OF_KIND: dict[tuple[str, int], str] = {
     (dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()
 }

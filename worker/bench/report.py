@@ -32,6 +32,8 @@ def print_table(console: Any, report: dict[str, Any]) -> None:
     table = Table(title="python -m worker bench")
     columns = ["label", "mode", "requests", "requests_per_s", "p50_ms", "p95_ms", "p99_ms",
                "max_ms", "mean_batch", "max_batch", "errors"]  # fmt: skip
+    if any(row.get("tokens_per_s") for row in report["results"]):  # a text model's run
+        columns[4:4] = ["tokens_per_s", "padding_efficiency"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("label", "mode") else "right")
     for row in report["results"]:
