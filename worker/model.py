@@ -14,13 +14,11 @@ are blocking calls that the worker runs off the event loop.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,13 +26,13 @@ import torch
 
 from worker.codec import BYTES, DATATYPES, InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError, shown
+from worker.handler import HANDLER_FILE, Handler
 from worker.model_config import CONFIG_FILE, MODEL_FILE, ModelConfig, TensorSpec
+from worker.quantize import quantize_int8
 from worker.text import TextEncoder
 
 __all__ = [
-    "HANDLER_FILE",
     "Argument",
-    "Handler",
     "LoadedModel",
     "Prepared",
     "export_model",
@@ -42,55 +40,6 @@ __all__ = [
     "split_outputs",
     "stack_inputs",
 ]
-
-
-HANDLER_FILE = "handler.py"
-"""Optional pre/post-processing code in a version folder (run only when allowed)."""
-
-Arrays = dict[str, npt.NDArray[Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class Handler:
-    """A version's ``handler.py``: functions run around each batch's forward pass.
-
-    ``preprocess(inputs)`` gets the batch's inputs by name (padded and concatenated) and
-    returns the program's arguments (a dict by the same names, or a tuple in order);
-    ``postprocess(outputs)`` gets the program's outputs as a tuple and returns a dict of the
-    config's outputs (checked at load like any output). Both run in the inference thread,
-    once per batch, before the outputs are cut back per request.
-    """
-
-    preprocess: Any = None
-    postprocess: Any = None
-
-    @classmethod
-    def load(cls, path: Path, *, allowed: bool) -> Handler | None:
-        """Import ``path`` if it exists and code is allowed; ConfigError if not allowed."""
-        if not path.is_file():
-            return None
-        if not allowed:
-            raise ConfigError(
-                f"{path}: a version with pre/post-processing code is served only when "
-                "WORKER_MODELS__ALLOW_CODE=true (loading it runs it)"
-            )
-        name = f"worker_handler_{abs(hash(str(path.resolve())))}"
-        try:
-            spec = importlib.util.spec_from_file_location(name, path)
-            assert spec is not None
-            assert spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        except Exception as exc:
-            raise ConfigError(f"{path}: importing it raised {type(exc).__name__}: {exc}") from exc
-        handler = cls(getattr(module, "preprocess", None), getattr(module, "postprocess", None))
-        for hook in ("preprocess", "postprocess"):
-            value = getattr(handler, hook)
-            if value is not None and not callable(value):
-                raise ConfigError(f"{path}: {hook} must be a function")
-        if handler.preprocess is None and handler.postprocess is None:
-            raise ConfigError(f"{path}: defines neither preprocess nor postprocess")
-        return handler
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +103,7 @@ class LoadedModel:
             raise ConfigError(f"{path}: cannot load torch.export program: {exc}") from exc
         module: torch.nn.Module = program.module()
         if config.quantize == "int8":
-            module = _quantize_int8(module, path)
+            module = quantize_int8(module, path)
         text = None
         if config.tokenizer is not None:
             tokenizer = config.tokenizer
@@ -309,61 +258,6 @@ def export_model(module: torch.nn.Module, features: int, path: Path) -> None:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, path)
-
-
-def _quantize_int8(module: torch.nn.Module, path: Path) -> torch.nn.Module:
-    """Run the program's linear layers with int8 weights (dynamic quantisation, CPU).
-
-    A torch.export program calls ``aten.linear`` on weight attributes; each such call becomes
-    an ``nn.Linear`` submodule, which ``quantize_dynamic`` then swaps for its int8 version
-    (weights quantised once, activations per batch). Other layers are left in float.
-    """
-    if not isinstance(module, torch.fx.GraphModule):
-        raise ConfigError(f"{path}: quantize = int8 needs a torch.export program")
-    graph = module.graph
-    count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
-            continue
-        x, weight_node, *rest = node.args
-        bias_node = rest[0] if rest else None
-        if not isinstance(weight_node, torch.fx.Node) or weight_node.op != "get_attr":
-            continue
-        if bias_node is not None and (
-            not isinstance(bias_node, torch.fx.Node) or bias_node.op != "get_attr"
-        ):
-            continue
-        weight = _attribute(module, str(weight_node.target))
-        bias = _attribute(module, str(bias_node.target)) if bias_node is not None else None
-        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        name = f"int8_linear_{count}"
-        count += 1
-        module.add_submodule(name, linear)
-        with graph.inserting_before(node):
-            replacement = graph.call_module(name, (x,))
-        node.replace_all_uses_with(replacement)
-        graph.erase_node(node)
-    if not count:
-        raise ConfigError(f"{path}: quantize = int8, but the program has no linear layer")
-    graph.eliminate_dead_code()
-    module.recompile()
-    with warnings.catch_warnings():  # torch points eager quantisation users to torchao
-        warnings.simplefilter("ignore")
-        quantized: torch.nn.Module = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
-            module, {torch.nn.Linear}, dtype=torch.qint8
-        )
-    return quantized
-
-
-def _attribute(module: torch.nn.Module, target: str) -> torch.Tensor:
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return cast(torch.Tensor, value)
 
 
 def _writable(array: npt.NDArray[Any]) -> npt.NDArray[Any]:

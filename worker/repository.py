@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.errors import ConfigError, ErrorCode, RequestError, shown
-from worker.model import HANDLER_FILE, LoadedModel
+from worker.handler import HANDLER_FILE
+from worker.model import LoadedModel
 from worker.model_config import CONFIG_FILE, MODEL_FILE, ModelConfig
 
 __all__ = ["ModelRepository", "Route", "ServedModel", "split_bucket"]
