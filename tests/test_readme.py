@@ -33,6 +33,37 @@ def test_every_setting_is_in_the_readme_table() -> None:
     assert documented == env_var_names() | {SECRETS_DIR_VAR}
 
 
+def rendered(value: object) -> str | None:
+    """A default as the settings table writes it; None for "not set" values."""
+    if value is None or value in ("", [], ()):
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def test_every_documented_default_is_the_real_one() -> None:
+    """The settings table's default column says what the settings object really defaults to."""
+    rows = re.findall(r"^\| `(WORKER_[A-Z_]+)` \| ([^|]+) \|", SETTINGS, flags=re.MULTILINE)
+    checked = 0
+    for name, cell in rows:
+        if name == SECRETS_DIR_VAR:
+            continue
+        section, field = name.removeprefix("WORKER_").lower().split("__")
+        model = Settings.model_fields[section].annotation
+        assert model is not None
+        default = model.model_fields[field].get_default(call_default_factory=True)
+        text = cell.strip()
+        if text.startswith("`"):
+            assert rendered(default) == text.strip("`"), name
+        else:
+            assert rendered(default) is None, f"{name}: documented as {text}, is {default!r}"
+        checked += 1
+    assert checked == len(env_var_names())
+
+
 def test_wire_format_snippet_interoperates_with_the_worker_codec() -> None:
     """The README's plain-fastavro snippet writes requests we accept and reads our replies."""
     namespace: dict[str, Any] = {}
