@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from worker.bench.corpus import paragraphs
 from worker.bench.targets import reference_folder
@@ -211,3 +213,34 @@ def test_a_broken_tokenizer_file_is_a_config_error(tmp_path: Path) -> None:
     (folder / "1" / "tokenizer.json").write_text('{"not": "a tokenizer"}')
     with pytest.raises(ConfigError, match=r"tokenizer\.json: cannot load tokenizer"):
         ModelRepository.load(tmp_path)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.one_of(
+        st.lists(st.binary(max_size=300), max_size=6).map(lambda s: Tensor.from_strings("text", s)),
+        st.builds(
+            Tensor,
+            st.sampled_from(["text", "other"]),
+            st.sampled_from(["BYTES", "FP32", "INT64"]),
+            st.lists(st.integers(-1, 8), max_size=3).map(tuple),
+            st.binary(max_size=64),
+        ),
+    )
+)
+def test_any_tensor_for_a_text_model_is_prepared_or_refused(
+    minilm: LoadedModel, tensor: Tensor
+) -> None:
+    """Arbitrary strings or tensors: tokenised and counted, or INVALID_ARGUMENT; nothing else."""
+    try:
+        prepared = minilm.validate(InferenceRequest("r", "minilm", [tensor]))
+    except RequestError as exc:
+        code = exc.code
+        assert code == ErrorCode.INVALID_ARGUMENT
+    else:
+        assert prepared.rows == tensor.shape[0] >= 1
+        assert 2 <= prepared.length <= 256
+        assert prepared.tokens <= prepared.rows * prepared.length
+        assert [a.shape for a in prepared.arrays] == [(prepared.rows, prepared.length)] * 2
