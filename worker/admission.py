@@ -88,14 +88,18 @@ def admit(
     destinations: Destinations,
     *,
     now: float,
+    tokenize: bool = True,
 ) -> Admitted | Answered:
     """Decide what happens to one fetched record (``now``: ``time.monotonic()``).
+
+    ``tokenize=False``: a text model's strings are checked but left pending (the worker
+    tokenises them batch-wise in :mod:`worker.tokenizing`); see ``Job.prepared.pending``.
 
     Never raises: an unexpected exception (a bug) is the last-resort guard's, which copies the
     record to the dead-letter topic at stage ``ADMISSION``, naming the exception.
     """
     try:
-        return _admit(source, repository, limits, destinations, now=now)
+        return _admit(source, repository, limits, destinations, now=now, tokenize=tokenize)
     except Exception as exc:
         log.exception("admitting a record raised; it is dead-lettered", offset=source.offset)
         return Answered([dead_letter(destinations, source, Stage.ADMISSION, exc)])
@@ -108,6 +112,7 @@ def _admit(
     destinations: Destinations,
     *,
     now: float,
+    tokenize: bool,
 ) -> Admitted | Answered:
     try:
         request = decode_request(source.value)
@@ -134,7 +139,7 @@ def _admit(
     try:
         check_limits(limits, source, request)
         route = repository.route(request.model_name, request.model_version, request.id)
-        prepared = route.primary.validate(request)
+        prepared = route.primary.validate(request, tokenize=tokenize)
     except RequestError as exc:
         log.info(
             "request answered with an error",
@@ -153,17 +158,17 @@ def _admit(
         deadline = source.timestamp_ms + limits.default_timeout_ms
     model = route.primary
     job = Job(source, request, model, prepared, now, deadline)
-    return Admitted(job, _shadow_copy(job, route.shadow))
+    return Admitted(job, _shadow_copy(job, route.shadow, tokenize=tokenize))
 
 
-def _shadow_copy(job: Job, shadow: LoadedModel | None) -> Job | None:
+def _shadow_copy(job: Job, shadow: LoadedModel | None, *, tokenize: bool) -> Job | None:
     """The shadow's copy of a job (None: no shadow, or the shadow's tokenizer refused it)."""
     if shadow is None:
         return None
     prepared = job.prepared
     if shadow.text is not None:  # the shadow may tokenise differently
         try:
-            prepared = shadow.validate(job.request)
+            prepared = shadow.validate(job.request, tokenize=tokenize)
         except RequestError:
             return None
     model = job.model

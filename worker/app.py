@@ -5,6 +5,7 @@ One request's path, a module a step::
     intake       consumer.getmany ─> OffsetTracker.track ─> Source
     admission    decode ─> limits ─> route (primary + shadow) ─> validate ─> Job
                      (or the error reply / dead-letter copy that answers it now)
+    tokenizing   text jobs only: what has arrived, tokenised in one call, in its own thread
     lanes        Batcher (size, delay) ─> deadline check ─> executor thread: forward pass
                      (bad rows isolated) ─> replies built by outgoing
     replies      record batches per partition (acks=all, idempotent) ─> OffsetTracker.done
@@ -46,6 +47,7 @@ from worker.replies import Replier, TopicCache
 from worker.repository import ModelRepository
 from worker.settings import Settings
 from worker.supervision import Progress, Supervisor
+from worker.tokenizing import Tokenizing
 
 __all__ = ["Worker"]
 
@@ -135,7 +137,8 @@ class Worker:
             await stack.enter_async_context(self._intake.running())
             executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
             shadow_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
-            for pool in (executor, shadow_executor):
+            tokenizer_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+            for pool in (executor, shadow_executor, tokenizer_executor):
                 # wait=False: a model call stuck forever must not keep the worker from exiting.
                 stack.callback(pool.shutdown, wait=False, cancel_futures=True)
             replier = self._make_replier(producer)
@@ -159,12 +162,21 @@ class Worker:
                     shadow_queue_limit=settings.runtime.max_in_flight,
                 )
                 lanes.open(self.repository)
-                await self._serve(group, lanes, replier)
+                tokenizing = Tokenizing(
+                    tokenizer_executor,
+                    forward=lanes.put,
+                    answer=replier.submit,
+                    destinations=self._destinations,
+                )
+                await self._serve(group, lanes, tokenizing, replier)
         log.info("worker stopped cleanly")
 
-    async def _serve(self, group: asyncio.TaskGroup, lanes: Lanes, replier: Replier) -> None:
+    async def _serve(
+        self, group: asyncio.TaskGroup, lanes: Lanes, tokenizing: Tokenizing, replier: Replier
+    ) -> None:
         intake, supervisor = self._intake, self._supervisor
         replying = group.create_task(replier.run())
+        tokenizer = group.create_task(tokenizing.run())
         background = [
             group.create_task(intake.commit_loop()),
             group.create_task(supervisor.watchdog()),
@@ -175,10 +187,14 @@ class Worker:
         def dispatch(source: Source) -> None:
             """Admit one record; queue its job, or publish its answer now."""
             outcome = admit(
-                source, self.repository, self._limits, self._destinations, now=time.monotonic()
-            )
+                source, self.repository, self._limits, self._destinations,
+                now=time.monotonic(), tokenize=False,
+            )  # fmt: skip
             if isinstance(outcome, Admitted):
-                lanes.put(outcome)
+                if outcome.job.prepared.pending:  # a text model's strings: tokenised batch-wise
+                    tokenizing.put(outcome)
+                else:
+                    lanes.put(outcome)
             else:
                 replier.submit(outcome.outgoing)
 
@@ -188,6 +204,8 @@ class Worker:
         await intake.consume(self._stopping, dispatch, unparseable)
         try:
             async with asyncio.timeout(self.settings.runtime.shutdown_timeout_s):
+                tokenizing.close()
+                await tokenizer
                 await lanes.drain()
                 replier.close()
                 await replying

@@ -29,7 +29,7 @@ from worker.errors import ConfigError, ErrorCode, RequestError, shown
 from worker.handler import HANDLER_FILE, Handler
 from worker.model_config import CONFIG_FILE, MODEL_FILE, ModelConfig, TensorSpec
 from worker.quantize import quantize_int8
-from worker.text import TextEncoder
+from worker.text import TextEncoder, Tokenized
 
 __all__ = [
     "Argument",
@@ -55,6 +55,8 @@ class Prepared:
     """Real tokens (rows x length; for strings, their token counts): padding efficiency."""
     truncated: int = 0
     """Strings cut to the tokenizer's ``max_length``."""
+    pending: bool = False
+    """Strings not tokenised yet (``arrays`` holds them): :meth:`LoadedModel.tokenize` does it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,10 +146,12 @@ class LoadedModel:
         ]
         return Prepared(arrays, rows=1)
 
-    def validate(self, request: InferenceRequest) -> Prepared:
+    def validate(self, request: InferenceRequest, *, tokenize: bool = True) -> Prepared:
         """Check a request against the config; return its inputs as the program takes them.
 
-        Strings are tokenised here (a ``[tokenizer]`` model). Raises :class:`RequestError`
+        Strings are tokenised here (a ``[tokenizer]`` model), unless ``tokenize`` is False:
+        then they are checked and returned ``pending``, for :meth:`tokenize` (or
+        :mod:`worker.tokenizing`, batch-wise) to finish. Raises :class:`RequestError`
         (INVALID_ARGUMENT) saying what was wrong and what the model expects.
         """
         expected = {s.name for s in self.config.inputs}
@@ -170,7 +174,9 @@ class LoadedModel:
             _check_spec(tensor, spec)
             array = tensor.to_numpy()
             if self.text is not None:
-                return self._tokenize(spec, array)
+                if tokenize:
+                    return self._tokenize(spec, array)
+                return Prepared([array], rows=len(array), length=0, tokens=0, pending=True)
             if array.dtype.kind == "f" and not spec.allow_non_finite:
                 _check_finite(spec, array)
             if rows is not None and array.shape[0] != rows:
@@ -184,16 +190,18 @@ class LoadedModel:
         length = self._length(arrays)
         return Prepared(arrays, rows, length, rows * length)
 
+    def tokenize_many(self, pending: Sequence[Prepared]) -> list[Prepared | RequestError]:
+        """Tokenise several pending requests' strings in one call (blocking; off the loop)."""
+        assert self.text is not None
+        name = self.config.inputs[0].name
+        return [
+            r if isinstance(r, RequestError) else _prepared(r)
+            for r in self.text.encode_many([(name, p.arrays[0]) for p in pending])
+        ]
+
     def _tokenize(self, spec: TensorSpec, strings: npt.NDArray[Any]) -> Prepared:
         assert self.text is not None
-        tokenized = self.text.encode(spec.name, strings)
-        return Prepared(
-            tokenized.arrays,
-            rows=len(tokenized.lengths),
-            length=max(tokenized.lengths),
-            tokens=sum(tokenized.lengths),
-            truncated=tokenized.truncated,
-        )
+        return _prepared(self.text.encode(spec.name, strings))
 
     def _length(self, arrays: Sequence[npt.NDArray[Any]]) -> int:
         """The one length all sequence inputs of a request share (1 for fixed shapes)."""
@@ -236,6 +244,16 @@ class LoadedModel:
                 f"config declares {len(self.config.outputs)}"
             )
         return {spec.name: a for spec, a in zip(self.config.outputs, arrays, strict=True)}
+
+
+def _prepared(tokenized: Tokenized) -> Prepared:
+    return Prepared(
+        tokenized.arrays,
+        rows=len(tokenized.lengths),
+        length=max(tokenized.lengths),
+        tokens=sum(tokenized.lengths),
+        truncated=tokenized.truncated,
+    )
 
 
 def _arguments(config: ModelConfig, text: TextEncoder | None) -> tuple[Argument, ...]:

@@ -2,9 +2,11 @@
 
 A model whose ``config.toml`` has a ``[tokenizer]`` table takes one ``BYTES`` input (UTF-8
 strings) and its version folder holds a Hugging Face ``tokenizer.json``. Each request's strings
-are tokenised once, at admission, with the ``tokenizers`` library (Rust; ``encode_batch``
-releases the GIL): the exact token counts then steer batching (:mod:`worker.batching`).
-Strings longer than ``max_length`` tokens are cut, and the reply says how many were.
+are tokenised once, before batching, with the ``tokenizers`` library (Rust; ``encode_batch``
+releases the GIL): the exact token counts then steer batching (:mod:`worker.batching`). The
+worker tokenises what has arrived in one call, in a thread of its own
+(:mod:`worker.tokenizing`). Strings longer than ``max_length`` tokens are cut, and the reply
+says how many were.
 
 Nothing here touches Kafka, asyncio or torch.
 """
@@ -74,26 +76,59 @@ class TextEncoder:
         Raises :class:`RequestError` (INVALID_ARGUMENT) for a string that is not UTF-8, or for
         no strings at all.
         """
-        texts = []
-        for i, raw in enumerate(strings.tolist()):
+        result = self.encode_many([(name, strings)])[0]
+        if isinstance(result, RequestError):
+            raise result
+        return result
+
+    def encode_many(
+        self, requests: Sequence[tuple[str, npt.NDArray[Any]]]
+    ) -> list[Tokenized | RequestError]:
+        """Tokenise several requests' strings in one ``encode_batch`` call.
+
+        Per request (input name, strings): its :class:`Tokenized`, or the
+        :class:`RequestError` that refuses it (the others are not affected).
+        """
+        texts: list[str] = []
+        spans: list[tuple[int, int] | RequestError] = []
+        for name, strings in requests:
             try:
-                texts.append(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise RequestError(
-                    ErrorCode.INVALID_ARGUMENT,
-                    f"input {shown(name)}: element {i} is not UTF-8 text (byte {exc.start})",
-                ) from exc
-        if not texts:
-            raise RequestError(ErrorCode.INVALID_ARGUMENT, f"input {shown(name)} has no strings")
-        encodings = self._tokenizer.encode_batch(texts)
+                decoded = _decoded(name, strings)
+            except RequestError as exc:
+                spans.append(exc)
+                continue
+            spans.append((len(texts), len(texts) + len(decoded)))
+            texts += decoded
+        encodings = self._tokenizer.encode_batch(texts) if texts else []
+        return [
+            span if isinstance(span, RequestError) else self._pack(encodings[span[0] : span[1]])
+            for span in spans
+        ]
+
+    def _pack(self, encodings: Sequence[Any]) -> Tokenized:
         lengths = [len(e.ids) for e in encodings]
         width = max(lengths)
         arrays = []
         for feed in self.feeds:
-            out = np.full((len(texts), width), self.pad_value(feed), dtype=np.int64)
+            out = np.full((len(encodings), width), self.pad_value(feed), dtype=np.int64)
             for row, encoding in enumerate(encodings):
                 values = getattr(encoding, FEEDS[feed])
                 out[row, : len(values)] = values
             arrays.append(out)
         truncated = sum(1 for e in encodings if e.overflowing)
         return Tokenized(arrays, lengths, truncated)
+
+
+def _decoded(name: str, strings: npt.NDArray[Any]) -> list[str]:
+    texts = []
+    for i, raw in enumerate(strings.tolist()):
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"input {shown(name)}: element {i} is not UTF-8 text (byte {exc.start})",
+            ) from exc
+    if not texts:
+        raise RequestError(ErrorCode.INVALID_ARGUMENT, f"input {shown(name)} has no strings")
+    return texts

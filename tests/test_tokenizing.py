@@ -1,0 +1,80 @@
+"""Unit tests of the tokenizer stage (worker.tokenizing): batch-wise, off the loop; no broker."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from aiokafka import TopicPartition
+
+from worker.admission import Admitted, Limits, admit
+from worker.bench.corpus import paragraphs
+from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.errors import RequestError
+from worker.model import LoadedModel, Prepared
+from worker.outgoing import Destinations, Outgoing, Source
+from worker.repository import ModelRepository
+from worker.tokenizing import Tokenizing
+
+DEST = Destinations("replies", "dlq", "g")
+LIMITS = Limits(max_request_bytes=4 << 20, max_request_elements=1_000_000)
+
+
+def admitted(repository: ModelRepository, offset: int, strings: list[bytes]) -> Admitted:
+    """A text request admitted as the worker admits it: strings checked, left pending."""
+    value = encode_request(
+        InferenceRequest(f"r-{offset}", "minilm", [Tensor.from_strings("text", strings)])
+    )
+    source = Source(TopicPartition("requests", 0), offset, None, value, [], 1_000)
+    outcome = admit(source, repository, LIMITS, DEST, now=0.0, tokenize=False)
+    assert isinstance(outcome, Admitted), outcome
+    assert outcome.job.prepared.pending
+    return outcome
+
+
+async def test_pending_jobs_are_tokenised_in_one_call_off_the_event_loop(
+    text_repository: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What has arrived is tokenised in one call per model, in the stage's own thread."""
+    calls: list[tuple[str, int]] = []
+    real = LoadedModel.tokenize_many
+
+    def counted(self: LoadedModel, pending: Sequence[Prepared]) -> list[Prepared | RequestError]:
+        calls.append((threading.current_thread().name, len(pending)))
+        return real(self, pending)
+
+    monkeypatch.setattr(LoadedModel, "tokenize_many", counted)
+    texts = paragraphs(12, seed=5)
+    forwarded: list[Admitted] = []
+    answered: list[Outgoing] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
+        stage = Tokenizing(pool, forward=forwarded.append, answer=answered.extend,
+                           destinations=DEST)  # fmt: skip
+        for i, text in enumerate(texts):
+            stage.put(admitted(text_repository, i, [text.encode()]))
+        stage.put(admitted(text_repository, 99, [b"fine", b"\xff bad"]))
+        stage.close()
+        await asyncio.wait_for(stage.run(), 30)
+    assert len(calls) == 1, "one call for everything that had arrived"
+    assert calls[0][0].startswith("tokenize")
+    assert calls[0][1] == 13
+    model = text_repository.route("minilm", None, "").primary
+    for i, outcome in enumerate(forwarded):
+        prepared = outcome.job.prepared
+        assert not prepared.pending
+        alone = model.validate(
+            InferenceRequest("r", "minilm", [Tensor.from_strings("text", [texts[i]])])
+        )
+        assert (prepared.rows, prepared.length, prepared.tokens) == (1, alone.length, alone.tokens)
+        np.testing.assert_array_equal(prepared.arrays[0], alone.arrays[0])
+    assert [o.job.source.offset for o in forwarded] == list(range(12))
+    [refusal] = answered
+    response = decode_response(refusal.value or b"")
+    assert response.id == "r-99"
+    assert response.error is not None
+    assert response.error.code == "INVALID_ARGUMENT"
+    assert "element 1 is not UTF-8" in response.error.message
