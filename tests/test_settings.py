@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
+import pytest
+from pydantic import ValidationError
+
+from worker import settings as settings_module
 from worker.errors import ConfigError
 from worker.kafka import consumer_config, producer_config
 from worker.settings import KafkaSettings, Settings, env_var_names, env_vars, load_settings
@@ -81,3 +85,66 @@ def test_reply_topics_are_comma_separated_and_survive_env_vars(
     assert kafka.reply_topics == ["a", "clients.*", "b"]
     assert env_vars(kafka, "kafka")["WORKER_KAFKA__REPLY_TOPICS"] == "a,clients.*,b"
     assert KafkaSettings().reply_topics == []
+
+
+BOUNDS = [
+    # (section class, field, lowest accepted, what 0 or the value below it means)
+    ("KafkaSettings", "topic_partitions", 1, None),
+    ("KafkaSettings", "topic_replication_factor", 1, None),
+    ("KafkaSettings", "session_timeout_ms", 1, None),
+    ("KafkaSettings", "heartbeat_interval_ms", 1, None),
+    ("KafkaSettings", "max_poll_interval_ms", 1, None),
+    ("KafkaSettings", "request_timeout_ms", 1, None),
+    ("KafkaSettings", "fetch_max_records", 1, None),
+    ("KafkaSettings", "linger_ms", 0, "send at once"),
+    ("BatchingSettings", "max_batch_size", 1, None),
+    ("BatchingSettings", "max_batch_delay_ms", 0, "no delay"),
+    ("BatchingSettings", "max_batches_per_run", 1, None),
+    ("BatchingSettings", "max_batch_tokens", 1, None),
+    ("BatchingSettings", "sort_window", 1, "1: arrival order"),
+    ("BatchingSettings", "min_padding_efficiency", 0, "cut by size and budget only"),
+    ("ModelSettings", "torch_threads", 0, "one per core but one"),
+    ("ModelSettings", "poll_interval_s", 0, "reload on SIGHUP only"),
+    ("RuntimeSettings", "max_in_flight", 1, None),
+    ("RuntimeSettings", "commit_interval_ms", 1, None),
+    ("RuntimeSettings", "default_timeout_ms", 0, "no deadline"),
+    ("RuntimeSettings", "max_request_bytes", 1, None),
+    ("RuntimeSettings", "max_request_elements", 1, None),
+    ("RuntimeSettings", "reply_retries", 0, "no retries"),
+    ("RuntimeSettings", "watchdog_timeout_s", 0, "no watchdog"),
+    ("HttpSettings", "port", 0, "any free port"),
+]
+
+
+@pytest.mark.parametrize(("section", "field", "lowest", "meaning"), BOUNDS)
+def test_each_numeric_setting_accepts_its_documented_lowest_value_only(
+    section: str, field: str, lowest: int, meaning: str | None
+) -> None:
+    """The lowest value a setting takes (0 where it means something) passes; one below fails."""
+    model = getattr(settings_module, section)
+    assert getattr(model(**{field: lowest}), field) == lowest, meaning
+    below = lowest - 1 if lowest >= 1 else -0.5
+    with pytest.raises(ValidationError):
+        model(**{field: below})
+
+
+def test_shutdown_timeout_must_be_positive_and_efficiency_at_most_one() -> None:
+    """A zero shutdown timeout and a padding efficiency over 1 are refused; their edges pass."""
+    assert settings_module.RuntimeSettings(shutdown_timeout_s=0.001).shutdown_timeout_s == 0.001
+    with pytest.raises(ValidationError):
+        settings_module.RuntimeSettings(shutdown_timeout_s=0)
+    assert settings_module.BatchingSettings(min_padding_efficiency=1).min_padding_efficiency == 1
+    with pytest.raises(ValidationError):
+        settings_module.BatchingSettings(min_padding_efficiency=1.01)
+    with pytest.raises(ValidationError):
+        settings_module.HttpSettings(port=65536)
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(8, 7), (2, 1), (1, 1), (None, 1)])
+def test_torch_threads_default_to_one_per_core_but_one(
+    monkeypatch: pytest.MonkeyPatch, cores: int | None, threads: int
+) -> None:
+    """torch_threads = 0: cores minus one (for the event loop), at least one."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert settings_module.ModelSettings().threads == threads
+    assert settings_module.ModelSettings(torch_threads=3).threads == 3
