@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from worker.model import run_isolated
 from worker.repository import ModelRepository
 from worker.settings import Settings, env_vars
 
-from .conftest import MODELS, ROOT, TEXT_MODELS, changed, running_worker
+from .conftest import MODELS, ROOT, TEXT_MODELS, changed, running_worker, wait_for
 
 TestSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
 
@@ -143,3 +144,32 @@ async def test_a_handler_wraps_batches_when_code_is_allowed(
               for i in range(len(pixels)))
         )  # fmt: skip
     assert [int(r.output("label")[0]) for r in replies] == expected.tolist()
+
+
+async def test_a_text_models_tokenizer_settings_change_on_reload(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Reloading a new max_length for MiniLM applies it live: the same string is now cut."""
+    repo = tmp_path / "models"
+    shutil.copytree(TEXT_MODELS / "minilm", repo / "minilm")
+    settings = changed(text_settings(settings), "models", repository=repo)
+    text = "word " * 50  # 52 tokens with [CLS] and [SEP]
+    async with (
+        running_worker(settings, ModelRepository.load(repo)) as worker,
+        InferenceClient(settings.kafka) as client,
+    ):
+        before = await client.infer("minilm", {"text": [text]}, timeout=60)
+        config = repo / "minilm" / "config.toml"
+        config.write_text(config.read_text().replace("max_length = 256", "max_length = 16"))
+        worker.request_reload()
+        await wait_for(
+            lambda: worker.metrics.value("inference_model_reloads_total", result="ok") >= 1,
+            timeout=60,
+            what="the reload",
+        )
+        after = await client.infer("minilm", {"text": [text]}, timeout=60)
+    assert before.error is None, before.error
+    assert before.parameters is None, "52 tokens fit 256"
+    assert after.error is None, after.error
+    assert after.parameters == {"truncated": 1}
+    assert after.output("embedding").shape == (1, 384)
