@@ -155,14 +155,8 @@ class ModelConfig:
             "inputs", "outputs", "batching", "version_policy", "routing", "quantize",
             "tokenizer", "padding",
         }  # fmt: skip
-        unknown = set(raw) - known
-        if unknown:
-            raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
-        quantize = raw.get("quantize", "none")
-        if quantize not in QUANTIZE_MODES:
-            raise ConfigError(
-                f"{path}: quantize = {quantize!r}; expected one of {', '.join(QUANTIZE_MODES)}"
-            )
+        _only(raw, known, "section(s)", path)
+        quantize = _choice(raw.get("quantize", "none"), QUANTIZE_MODES, "quantize", path)
         try:
             batching = _table(raw, "batching", path)
             max_batch_size, max_batch_delay_ms = _batching(batching, path)
@@ -215,6 +209,19 @@ MAX_BATCH_TOKENS = 16 * 1024 * 1024
 MAX_TOKENIZER_LENGTH = 65_536
 
 
+def _only(raw: Mapping[str, Any], known: set[str], what: str, path: Path) -> None:
+    """Refuse keys outside ``known`` (a typo must not be ignored)."""
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown {what} {sorted(unknown)}")
+
+
+def _choice(value: Any, choices: Sequence[str], key: str, path: Path) -> str:
+    if value not in choices:
+        raise ConfigError(f"{path}: {key} = {value!r}; expected one of {', '.join(choices)}")
+    return str(value)
+
+
 def _whole(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
@@ -230,24 +237,15 @@ def _max_batch_tokens(raw: Mapping[str, Any], path: Path) -> int | None:
 
 
 def _extra_input(raw: Mapping[str, Any], path: Path) -> str:
-    unknown = set(raw) - {"extra_input"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown [padding] key(s) {sorted(unknown)}")
-    extra = raw.get("extra_input", "none")
-    if extra not in EXTRA_INPUTS:
-        raise ConfigError(
-            f"{path}: padding.extra_input = {extra!r}; expected one of {', '.join(EXTRA_INPUTS)}"
-        )
-    return str(extra)
+    _only(raw, {"extra_input"}, "[padding] key(s)", path)
+    return _choice(raw.get("extra_input", "none"), EXTRA_INPUTS, "padding.extra_input", path)
 
 
 def _tokenizer(raw: Mapping[str, Any], path: Path) -> TokenizerConfig | None:
     if "tokenizer" not in raw:
         return None
     table = _table(raw, "tokenizer", path)
-    unknown = set(table) - {"file", "max_length", "feeds"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown [tokenizer] key(s) {sorted(unknown)}")
+    _only(table, {"file", "max_length", "feeds"}, "[tokenizer] key(s)", path)
     default = TokenizerConfig()
     file = table.get("file", default.file)
     if not isinstance(file, str) or not file or "/" in file or "\\" in file or file[0] == ".":
@@ -309,9 +307,9 @@ def _check_sequences(config: ModelConfig, path: Path) -> None:
 
 
 def _batching(raw: Mapping[str, Any], path: Path) -> tuple[int | None, float | None]:
-    unknown = set(raw) - {"max_batch_size", "max_batch_delay_ms", "max_batch_tokens"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown [batching] key(s) {sorted(unknown)}")
+    _only(
+        raw, {"max_batch_size", "max_batch_delay_ms", "max_batch_tokens"}, "[batching] key(s)", path
+    )
     size = raw.get("max_batch_size")
     if size is not None and (
         isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BATCH_SIZE
@@ -350,9 +348,7 @@ def _policy(raw: Mapping[str, Any], path: Path) -> VersionPolicy:
 
 
 def _routing(raw: Mapping[str, Any], path: Path) -> Routing:
-    unknown = set(raw) - {"default_version", "split", "shadow", "shadow_compare"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown [routing] key(s) {sorted(unknown)}")
+    _only(raw, {"default_version", "split", "shadow", "shadow_compare"}, "[routing] key(s)", path)
     weights = raw.get("split", {})
     if not isinstance(weights, Mapping):
         raise ConfigError(f'{path}: routing.split must be a table like {{ "1" = 90, "2" = 10 }}')

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -35,6 +34,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLarge
 from aiokafka.partitioner import DefaultPartitioner
 
 from worker.errors import SHOWN_CHARS, WorkerError
+from worker.inbox import Inbox
 from worker.offsets import OffsetTracker
 from worker.outgoing import Destinations, Outgoing, Stage, dead_letter, without_value
 
@@ -67,32 +67,21 @@ class Replier:
         self._retries = retries
         self._topic_exists = topic_exists
         self._backoff = retry_backoff_s
-        self._queue: deque[Outgoing] = deque()
-        self._wakeup = asyncio.Event()
-        self._closed = False
+        self._inbox: Inbox[Outgoing] = Inbox()
         self._partitions: dict[str, list[int]] = {}
         self._partitioner = DefaultPartitioner()
 
     def submit(self, items: Sequence[Outgoing]) -> None:
         """Queue messages; all messages of one record must be submitted in one call."""
-        self._queue.extend(items)
-        self._wakeup.set()
+        self._inbox.extend(items)
 
     def close(self) -> None:
         """Publish what is queued, then let :meth:`run` return."""
-        self._closed = True
-        self._wakeup.set()
+        self._inbox.close()
 
     async def run(self) -> None:
-        """Publish groups until closed and empty."""
-        while True:
-            while not self._queue:
-                if self._closed:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            group = list(self._queue)
-            self._queue.clear()
+        """Publish what has arrived, a group at a time, until closed and empty."""
+        while group := await self._inbox.take_all():
             await self._publish(group)
 
     async def _publish(self, group: list[Outgoing]) -> None:

@@ -14,13 +14,13 @@ Nothing is lost or reordered for commits: records stay tracked by the intake unt
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
 
 from worker.admission import Admitted, Job
 from worker.errors import RequestError
+from worker.inbox import Inbox
 from worker.model import LoadedModel, Prepared
 from worker.outgoing import Destinations, Outgoing, error_response, reply
 
@@ -42,35 +42,24 @@ class Tokenizing:
         self._forward = forward
         self._answer = answer
         self._destinations = destinations
-        self._queue: deque[Admitted] = deque()
-        self._wakeup = asyncio.Event()
-        self._closed = False
+        self._inbox: Inbox[Admitted] = Inbox()
 
     def __len__(self) -> int:
         """Jobs waiting to be tokenised."""
-        return len(self._queue)
+        return len(self._inbox)
 
     def put(self, admitted: Admitted) -> None:
         """Queue a job whose strings are pending (and its shadow copy, if any)."""
-        self._queue.append(admitted)
-        self._wakeup.set()
+        self._inbox.extend((admitted,))
 
     def close(self) -> None:
         """Tokenise what is queued, then let :meth:`run` return."""
-        self._closed = True
-        self._wakeup.set()
+        self._inbox.close()
 
     async def run(self) -> None:
         """Tokenise everything waiting, one call per model and round, until closed and empty."""
         loop = asyncio.get_running_loop()
-        while True:
-            while not self._queue:
-                if self._closed:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            taken = list(self._queue)
-            self._queue.clear()
+        while taken := await self._inbox.take_all():
             jobs = [j for a in taken for j in (a.job, a.shadow) if j is not None]
             outcomes = await loop.run_in_executor(self._executor, tokenize_jobs, jobs)
             for admitted in taken:
