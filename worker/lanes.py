@@ -29,7 +29,7 @@ import structlog
 from worker.admission import Admitted, Job
 from worker.batching import Batcher
 from worker.codec import Timing
-from worker.errors import SHOWN_CHARS
+from worker.errors import SHOWN_CHARS, ErrorCode, RequestError
 from worker.metrics import Metrics
 from worker.model import LoadedModel, Prepared, run_isolated
 from worker.outgoing import (
@@ -37,6 +37,7 @@ from worker.outgoing import (
     Outgoing,
     Stage,
     dead_letter,
+    error_response,
     expired_response,
     model_response,
     reply,
@@ -155,8 +156,21 @@ class Lanes:
         }
 
     def put(self, admitted: Admitted) -> None:
-        """Queue a job in its version's lane, and its shadow copy (unless the shadow is full)."""
+        """Queue a job in its version's lane, and its shadow copy (unless the shadow is full).
+
+        A job whose version was unloaded since it was admitted (it waited in the tokenizer
+        stage while a reload removed the version) is answered UNAVAILABLE: send it again.
+        """
         job, copy = admitted.job, admitted.shadow
+        primary = self._lanes.get((job.model.name, job.model.version, False))
+        if primary is None:
+            gone = RequestError(
+                ErrorCode.UNAVAILABLE,
+                f"model {job.model.name} v{job.model.version} was unloaded while this request "
+                "waited; send it again",
+            )
+            self._submit(reply(self._destinations, job.source, error_response(job.request, gone)))
+            return
         if copy is not None:
             lane = self._lanes.get((copy.model.name, copy.model.version, True))
             if lane is not None and len(lane.batcher) < self._shadow_queue_limit:
@@ -165,7 +179,7 @@ class Lanes:
                 assert job.comparison is not None
                 self._count(job.comparison, Outcome.DROPPED)
                 job.comparison = None
-        self._lanes[(job.model.name, job.model.version, False)].batcher.put(job)
+        primary.batcher.put(job)
 
     async def drain(self) -> None:
         """Close every lane and wait until each has answered all it holds."""

@@ -1,0 +1,49 @@
+"""Unit tests of the lanes (worker.lanes) that need no broker."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from aiokafka import TopicPartition
+
+from worker.admission import Admitted, Limits, admit
+from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.lanes import Lanes
+from worker.metrics import Metrics
+from worker.outgoing import Destinations, Outgoing, Source
+from worker.repository import ModelRepository
+from worker.settings import BatchingSettings
+
+DEST = Destinations("replies", "dlq", "g")
+
+
+async def test_a_job_whose_version_was_unloaded_meanwhile_is_answered_unavailable(
+    repository: ModelRepository,
+) -> None:
+    """A job for a version no lane serves any more (a reload removed it) gets UNAVAILABLE."""
+    value = encode_request(
+        InferenceRequest(
+            "r-1", "digits", [Tensor.from_numpy("pixels", np.zeros((1, 64), np.float32))]
+        )
+    )
+    source = Source(TopicPartition("requests", 0), 3, None, value, [], 1_000)
+    outcome = admit(source, repository, Limits(4 << 20, 10**6), DEST, now=0.0)
+    assert isinstance(outcome, Admitted)
+    submitted: list[Outgoing] = []
+    with ThreadPoolExecutor(1) as pool:
+        async with asyncio.TaskGroup() as group:
+            lanes = Lanes(
+                group, pool, shadow_executor=pool, batching=BatchingSettings(),
+                destinations=DEST, submit=submitted.extend, metrics=Metrics(),
+                shadow_queue_limit=10,
+            )  # fmt: skip
+            lanes.put(outcome)  # no lane was opened: as if the version had been unloaded
+            await lanes.drain()
+    [answer] = submitted
+    response = decode_response(answer.value or b"")
+    assert response.id == "r-1"
+    assert response.error is not None
+    assert response.error.code == "UNAVAILABLE"
+    assert "was unloaded while this request waited" in response.error.message
