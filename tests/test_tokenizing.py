@@ -16,9 +16,11 @@ from worker.bench.corpus import paragraphs
 from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
 from worker.errors import RequestError
 from worker.model import LoadedModel, Prepared
-from worker.outgoing import Destinations, Outgoing, Source
+from worker.outgoing import Destinations, Outgoing, Source, Stage
 from worker.repository import ModelRepository
 from worker.tokenizing import Tokenizing
+
+from .conftest import wait_for
 
 DEST = Destinations("replies", "dlq", "g")
 LIMITS = Limits(max_request_bytes=4 << 20, max_request_elements=1_000_000)
@@ -78,3 +80,36 @@ async def test_pending_jobs_are_tokenised_in_one_call_off_the_event_loop(
     assert response.error is not None
     assert response.error.code == "INVALID_ARGUMENT"
     assert "element 1 is not UTF-8" in response.error.message
+
+
+async def test_a_bug_while_tokenising_dead_letters_the_round_and_the_stage_goes_on(
+    text_repository: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Last-resort guard: an unexpected exception dead-letters the round (TOKENIZE); then on."""
+    real = LoadedModel.tokenize_many
+    rounds: list[int] = []
+
+    def flaky(self: LoadedModel, pending: Sequence[Prepared]) -> list[Prepared | RequestError]:
+        rounds.append(len(pending))
+        if len(rounds) == 1:
+            raise RuntimeError("a bug in tokenising")
+        return real(self, pending)
+
+    monkeypatch.setattr(LoadedModel, "tokenize_many", flaky)
+    forwarded: list[Admitted] = []
+    answered: list[Outgoing] = []
+    with ThreadPoolExecutor(1) as pool:
+        stage = Tokenizing(pool, forward=forwarded.append, answer=answered.extend,
+                           destinations=DEST)  # fmt: skip
+        running = asyncio.create_task(stage.run())
+        stage.put(admitted(text_repository, 1, [b"first"]))
+        stage.put(admitted(text_repository, 2, [b"second"]))
+        await wait_for(lambda: len(answered) == 2, timeout=30, what="two dead-letter copies")
+        stage.put(admitted(text_repository, 3, [b"third"]))
+        stage.close()
+        await asyncio.wait_for(running, 30)
+    assert [(o.stage, o.source.offset) for o in answered] == [
+        (Stage.TOKENIZE, 1),
+        (Stage.TOKENIZE, 2),
+    ]
+    assert [a.job.source.offset for a in forwarded] == [3]

@@ -84,6 +84,8 @@ class Stage(enum.StrEnum):
     """The reply could not be published."""
     ADMISSION = "ADMISSION"
     """Admitting the record raised unexpectedly (a bug): the last-resort guard copied it."""
+    TOKENIZE = "TOKENIZE"
+    """Tokenising its strings raised unexpectedly (a bug): the last-resort guard copied it."""
     BATCH = "BATCH"
     """Answering its batch raised unexpectedly (a bug): the last-resort guard copied it."""
 

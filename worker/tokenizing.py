@@ -6,7 +6,8 @@ has arrived, tokenises them in one ``encode_batch`` call per model in a thread o
 Rust tokenizer releases the GIL, so this overlaps the inference thread's forward pass), and
 hands each job, now with its exact token counts, to its lane. A request the tokenizer refuses
 (a string that is not UTF-8) is answered with its error reply; a shadow copy it refuses is
-dropped, the primary goes on.
+dropped, the primary goes on. If tokenising raises unexpectedly (a bug), the round's records
+are dead-lettered (stage ``TOKENIZE``) and the stage goes on.
 
 Nothing is lost or reordered for commits: records stay tracked by the intake until answered.
 """
@@ -18,13 +19,17 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
 
+import structlog
+
 from worker.admission import Admitted, Job
 from worker.errors import RequestError
 from worker.inbox import Inbox
 from worker.model import LoadedModel, Prepared
-from worker.outgoing import Destinations, Outgoing, error_response, reply
+from worker.outgoing import Destinations, Outgoing, Stage, dead_letter, error_response, reply
 
 __all__ = ["Tokenizing"]
+
+log = structlog.get_logger(__name__)
 
 
 class Tokenizing:
@@ -61,7 +66,15 @@ class Tokenizing:
         loop = asyncio.get_running_loop()
         while taken := await self._inbox.take_all():
             jobs = [j for a in taken for j in (a.job, a.shadow) if j is not None]
-            outcomes = await loop.run_in_executor(self._executor, tokenize_jobs, jobs)
+            try:
+                outcomes = await loop.run_in_executor(self._executor, tokenize_jobs, jobs)
+            except Exception as exc:  # the last-resort guard: a bug must not stop the worker
+                log.exception("tokenising raised; its requests are dead-lettered")
+                self._answer(
+                    [dead_letter(self._destinations, a.job.source, Stage.TOKENIZE, exc)
+                     for a in taken]
+                )  # fmt: skip
+                continue
             for admitted in taken:
                 self._settle(admitted, outcomes)
 
