@@ -47,3 +47,33 @@ async def test_a_job_whose_version_was_unloaded_meanwhile_is_answered_unavailabl
     assert response.error is not None
     assert response.error.code == "UNAVAILABLE"
     assert "was unloaded while this request waited" in response.error.message
+
+
+async def test_a_request_over_the_token_budget_on_its_own_is_resource_exhausted(
+    text_repository: ModelRepository,
+) -> None:
+    """40 strings cut at 256 tokens need 10,240 padded tokens; MiniLM's budget is 8,192."""
+    strings = [b"word " * 300] * 40
+    value = encode_request(
+        InferenceRequest("big", "minilm", [Tensor.from_strings("text", strings)])
+    )
+    source = Source(TopicPartition("requests", 0), 4, None, value, [], 1_000)
+    outcome = admit(source, text_repository, Limits(4 << 20, 10**6), DEST, now=0.0)
+    assert isinstance(outcome, Admitted)
+    submitted: list[Outgoing] = []
+    with ThreadPoolExecutor(1) as pool:
+        async with asyncio.TaskGroup() as group:
+            lanes = Lanes(
+                group, pool, shadow_executor=pool, batching=BatchingSettings(),
+                destinations=DEST, submit=submitted.extend, metrics=Metrics(),
+                shadow_queue_limit=10,
+            )  # fmt: skip
+            lanes.open(text_repository)
+            lanes.put(outcome)
+            await lanes.drain()
+    [answer] = submitted
+    response = decode_response(answer.value or b"")
+    assert response.error is not None
+    assert response.error.code == "RESOURCE_EXHAUSTED"
+    assert "needs 10240 padded tokens (40 rows x 256)" in response.error.message
+    assert "at most 8192" in response.error.message

@@ -21,7 +21,7 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -159,7 +159,9 @@ class Lanes:
         """Queue a job in its version's lane, and its shadow copy (unless the shadow is full).
 
         A job whose version was unloaded since it was admitted (it waited in the tokenizer
-        stage while a reload removed the version) is answered UNAVAILABLE: send it again.
+        stage while a reload removed the version) is answered UNAVAILABLE: send it again. A
+        job larger than its lane's token budget on its own is answered RESOURCE_EXHAUSTED (it
+        could only run as an unbounded batch).
         """
         job, copy = admitted.job, admitted.shadow
         primary = self._lanes.get((job.model.name, job.model.version, False))
@@ -170,6 +172,17 @@ class Lanes:
                 "waited; send it again",
             )
             self._submit(reply(self._destinations, job.source, error_response(job.request, gone)))
+            return
+        budget, need = primary.batcher.max_batch_tokens, job.prepared.rows * job.prepared.length
+        if budget is not None and need > budget:
+            big = RequestError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"request needs {need} padded tokens ({job.prepared.rows} rows x "
+                f"{job.prepared.length}); model {job.model.name} takes at most {budget} in a "
+                "batch (max_batch_tokens): send fewer or shorter strings per request",
+            )
+            response = replace(error_response(job.request, big), model_version=job.model.version)
+            self._submit(reply(self._destinations, job.source, response, served=True))
             return
         if copy is not None:
             lane = self._lanes.get((copy.model.name, copy.model.version, True))
