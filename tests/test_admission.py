@@ -17,7 +17,7 @@ from worker.errors import RequestError
 from worker.outgoing import DLQ_HEADER_PREFIX, UNSERVED, Destinations, Outgoing, Source
 from worker.repository import ModelRepository
 
-from .conftest import configure
+from .conftest import TEXT_MODELS, configure
 
 DEST = Destinations("replies", "dlq", "g")
 LIMITS = Limits(max_request_bytes=4 << 20, max_request_elements=1_000_000)
@@ -142,8 +142,58 @@ def test_undecodable_record_is_dead_lettered_and_answered_if_it_has_an_id(
     assert error.topic == "replies"
     response = decode_response(error.value or b"")
     assert response.id == "c-9"
+    assert response.model_name == "", "the record named no model that could be read"
     assert response.error is not None
     assert response.error.code == "INVALID_ARGUMENT"
+
+
+def text_shadowed(tmp_path: Path) -> ModelRepository:
+    """MiniLM served as v1 with v2 (the same files) shadowing it."""
+    root = tmp_path / "text"
+    for version in ("1", "2"):
+        (root / "minilm" / version).mkdir(parents=True)
+        for name in ("model.pt2", "tokenizer.json"):
+            (root / "minilm" / version / name).symlink_to(TEXT_MODELS / "minilm" / "1" / name)
+    config = (TEXT_MODELS / "minilm" / "config.toml").read_text()
+    (root / "minilm" / "config.toml").write_text(
+        config + '\n[routing]\ndefault_version = "1"\nshadow = "2"\n'
+    )
+    return ModelRepository.load(root)
+
+
+def test_text_requests_are_tokenised_at_admission_unless_the_worker_defers_it(
+    tmp_path: Path, text_repository: ModelRepository
+) -> None:
+    """admit() tokenises by default; tokenize=False leaves strings pending, the shadow's too."""
+    del text_repository  # fails the test loudly when MiniLM is not exported
+    repository = text_shadowed(tmp_path)
+    value = request("t-1", "minilm", tensors=[Tensor.from_strings("text", ["hello there"])])
+    now = admit(record(value), repository, LIMITS, DEST, now=0.0)
+    later = admit(record(value), repository, LIMITS, DEST, now=0.0, tokenize=False)
+    assert isinstance(now, Admitted)
+    assert isinstance(later, Admitted)
+    assert now.shadow is not None
+    assert later.shadow is not None
+    for job in (now.job, now.shadow):
+        assert not job.prepared.pending
+        assert (job.prepared.rows, job.prepared.length, job.prepared.tokens) == (1, 4, 4)
+    assert now.shadow.model.version == "2"
+    assert now.shadow.prepared is not now.job.prepared, "the shadow tokenises with its own"
+    for job in (later.job, later.shadow):
+        assert job.prepared.pending
+        assert job.prepared.arrays[0].tolist() == [b"hello there"]
+
+
+def test_strings_the_primary_refuses_are_answered_when_a_shadow_is_configured(
+    tmp_path: Path, text_repository: ModelRepository
+) -> None:
+    """Strings the primary refuses are answered with the primary tokenizer's reason."""
+    del text_repository
+    repository = text_shadowed(tmp_path)
+    bad = request("t-2", "minilm", tensors=[Tensor.from_strings("text", [b"\xff"])])
+    code, message = error_of(admit(record(bad), repository, LIMITS, DEST, now=0.0))
+    assert code == "INVALID_ARGUMENT"
+    assert "not UTF-8" in message
 
 
 def test_shadow_copy_only_for_requests_naming_no_version(repo_dir: Path) -> None:
