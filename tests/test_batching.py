@@ -289,6 +289,7 @@ async def test_length_aware_batches_pad_less_than_arrival_order() -> None:
     grouped = await batches_of(lengths, max_batch_size=4, max_batches_per_run=8, sort_window=8)
     assert padding_efficiency(grouped.batches) > 0.9
     assert padding_efficiency(fifo.batches) < 0.6
+    assert grouped.runs == [len(grouped.batches)], "full batches of the window go in one run"
     assert grouped.batches[0][0] == 5, "the oldest item's batch goes first"
     assert all(max(b) - min(b) <= 12 or min(b) > 100 for b in grouped.batches)
 
@@ -302,21 +303,47 @@ async def test_batches_are_cut_where_padding_would_pass_the_bound() -> None:
     )
     assert sorted_rec.batches == [[10, 12, 11], [100, 95]]
     assert padding_efficiency(sorted_rec.batches) >= 0.8
+    exact = await batches_of([6, 10], max_batch_size=8, min_padding_efficiency=0.8)
+    assert exact.batches == [[6, 10]], "16 real of 20 padded is 0.8: not below the bound"
 
 
 async def test_waiting_stops_once_a_budget_of_tokens_is_queued() -> None:
-    """A batcher with a long delay starts as soon as queued tokens reach max_batch_tokens."""
+    """A long delay is cut short as soon as queued tokens reach max_batch_tokens exactly."""
     rec = Recorder()
     batcher: Batcher[int] = Batcher(
-        rec, max_batch_size=100, max_batch_delay=3600, measure=length_of, max_batch_tokens=50
+        rec, max_batch_size=100, max_batch_delay=3600, measure=length_of, max_batch_tokens=60
     )
     async with asyncio.TaskGroup() as group:
         group.create_task(batcher.run())
         batcher.put(30)
+        assert batcher.queued_tokens == 30
         batcher.put(30)
         await asyncio.wait_for(rec.started.wait(), 5)
+        assert batcher.queued_tokens == 0, "taken tokens leave the count"
+        batcher.put(10)
+        assert batcher.queued_tokens == 10
         batcher.close()
-    assert rec.batches == [[30], [30]]
+    assert rec.batches == [[30, 30], [10]]
+
+
+def test_measured_bounds_are_checked_at_their_edges() -> None:
+    """A token budget of 1 and an efficiency of 0 or 1 are valid; 0 tokens or 1.01 are not."""
+
+    async def process(_run: list[list[int]]) -> None:
+        """Never called."""
+
+    for tokens, fill in ((1, 0.0), (1, 1.0)):
+        batcher: Batcher[int] = Batcher(
+            process, max_batch_size=1, max_batch_delay=0, measure=length_of,
+            max_batch_tokens=tokens, min_padding_efficiency=fill,
+        )  # fmt: skip
+        assert (batcher.max_batch_tokens, batcher.min_padding_efficiency) == (tokens, fill)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        Batcher(process, max_batch_size=1, max_batch_delay=0, max_batch_tokens=0)
+    with pytest.raises(ValueError, match="min_padding_efficiency"):
+        Batcher(process, max_batch_size=1, max_batch_delay=0, min_padding_efficiency=1.01)
+    with pytest.raises(ValueError, match="sort_window"):
+        Batcher(process, max_batch_size=1, max_batch_delay=0, sort_window=0)
 
 
 @settings(max_examples=200, deadline=None)

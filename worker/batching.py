@@ -113,6 +113,11 @@ class Batcher(Generic[T]):
         """Items waiting for a batch (not counting batches being processed)."""
         return len(self._queue)
 
+    @property
+    def queued_tokens(self) -> int:
+        """Measured items: rows x length of all waiting (0 for a batcher without ``measure``)."""
+        return self._queued_tokens
+
     def put(self, item: T) -> None:
         """Queue one item; it will be part of exactly one batch."""
         if self._closed:
@@ -121,7 +126,8 @@ class Batcher(Generic[T]):
             self._idle_start = True  # the model is idle and nothing waits: no reason to delay
         rows, length = self._measure(item) if self._measure else (1, 1)
         self._queue.append(_Entry(self._clock(), item, rows, length))
-        self._queued_tokens += rows * length
+        if self._measure:
+            self._queued_tokens += rows * length
         self._wakeup.set()
 
     def close(self) -> None:
@@ -188,7 +194,6 @@ class Batcher(Generic[T]):
 
     def _take(self) -> list[T]:
         size = min(self.max_batch_size, len(self._queue))
-        self._queued_tokens -= size
         return [self._queue.popleft().item for _ in range(size)]
 
     def _take_measured(self) -> list[list[T]]:
