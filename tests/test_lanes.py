@@ -9,7 +9,13 @@ import numpy as np
 from aiokafka import TopicPartition
 
 from worker.admission import Admitted, Limits, admit
-from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.codec import (
+    InferenceRequest,
+    InferenceResponse,
+    Tensor,
+    decode_response,
+    encode_request,
+)
 from worker.lanes import Lanes
 from worker.metrics import Metrics
 from worker.outgoing import Destinations, Outgoing, Source
@@ -19,17 +25,12 @@ from worker.settings import BatchingSettings
 DEST = Destinations("replies", "dlq", "g")
 
 
-async def test_a_job_whose_version_was_unloaded_meanwhile_is_answered_unavailable(
-    repository: ModelRepository,
-) -> None:
-    """A job for a version no lane serves any more (a reload removed it) gets UNAVAILABLE."""
-    value = encode_request(
-        InferenceRequest(
-            "r-1", "digits", [Tensor.from_numpy("pixels", np.zeros((1, 64), np.float32))]
-        )
-    )
-    source = Source(TopicPartition("requests", 0), 3, None, value, [], 1_000)
-    outcome = admit(source, repository, Limits(4 << 20, 10**6), DEST, now=0.0)
+async def answer_of(
+    request: InferenceRequest, admitted_by: ModelRepository, served: ModelRepository | None
+) -> InferenceResponse:
+    """Admit one request, put it into lanes opened for ``served`` (None: no lane), drain."""
+    source = Source(TopicPartition("requests", 0), 3, None, encode_request(request), [], 1_000)
+    outcome = admit(source, admitted_by, Limits(4 << 20, 10**6), DEST, now=0.0)
     assert isinstance(outcome, Admitted)
     submitted: list[Outgoing] = []
     with ThreadPoolExecutor(1) as pool:
@@ -39,10 +40,21 @@ async def test_a_job_whose_version_was_unloaded_meanwhile_is_answered_unavailabl
                 destinations=DEST, submit=submitted.extend, metrics=Metrics(),
                 shadow_queue_limit=10,
             )  # fmt: skip
-            lanes.put(outcome)  # no lane was opened: as if the version had been unloaded
+            if served is not None:
+                lanes.open(served)
+            lanes.put(outcome)
             await lanes.drain()
     [answer] = submitted
-    response = decode_response(answer.value or b"")
+    return decode_response(answer.value or b"")
+
+
+async def test_a_job_whose_version_was_unloaded_meanwhile_is_answered_unavailable(
+    repository: ModelRepository,
+) -> None:
+    """A job for a version no lane serves any more (a reload removed it) gets UNAVAILABLE."""
+    pixels = Tensor.from_numpy("pixels", np.zeros((1, 64), np.float32))
+    # No lane is opened: as if a reload had unloaded the version while the job waited.
+    response = await answer_of(InferenceRequest("r-1", "digits", [pixels]), repository, None)
     assert response.id == "r-1"
     assert response.error is not None
     assert response.error.code == "UNAVAILABLE"
@@ -53,26 +65,9 @@ async def test_a_request_over_the_token_budget_on_its_own_is_resource_exhausted(
     text_repository: ModelRepository,
 ) -> None:
     """40 strings cut at 256 tokens need 10,240 padded tokens; MiniLM's budget is 8,192."""
-    strings = [b"word " * 300] * 40
-    value = encode_request(
-        InferenceRequest("big", "minilm", [Tensor.from_strings("text", strings)])
-    )
-    source = Source(TopicPartition("requests", 0), 4, None, value, [], 1_000)
-    outcome = admit(source, text_repository, Limits(4 << 20, 10**6), DEST, now=0.0)
-    assert isinstance(outcome, Admitted)
-    submitted: list[Outgoing] = []
-    with ThreadPoolExecutor(1) as pool:
-        async with asyncio.TaskGroup() as group:
-            lanes = Lanes(
-                group, pool, shadow_executor=pool, batching=BatchingSettings(),
-                destinations=DEST, submit=submitted.extend, metrics=Metrics(),
-                shadow_queue_limit=10,
-            )  # fmt: skip
-            lanes.open(text_repository)
-            lanes.put(outcome)
-            await lanes.drain()
-    [answer] = submitted
-    response = decode_response(answer.value or b"")
+    strings = Tensor.from_strings("text", [b"word " * 300] * 40)
+    request = InferenceRequest("big", "minilm", [strings])
+    response = await answer_of(request, text_repository, text_repository)
     assert response.error is not None
     assert response.error.code == "RESOURCE_EXHAUSTED"
     assert "needs 10240 padded tokens (40 rows x 256)" in response.error.message
