@@ -39,6 +39,7 @@ __all__ = [
     "EXTRA_INPUTS",
     "MODEL_FILE",
     "QUANTIZE_MODES",
+    "TOKENIZER_FEEDS",
     "ModelConfig",
     "Routing",
     "TensorSpec",
@@ -48,6 +49,8 @@ __all__ = [
 
 MODEL_FILE = "model.pt2"
 CONFIG_FILE = "config.toml"
+TOKENIZER_FEEDS = ("input_ids", "attention_mask", "token_type_ids")
+"""What a ``[tokenizer]`` step can feed the program (``tokenizer.feeds``)."""
 EXTRA_INPUTS = ("none", "attention_mask", "lengths")
 """Values of ``[padding] extra_input``: what a sequence model gets after its inputs."""
 QUANTIZE_MODES = ("none", "int8")
@@ -259,7 +262,7 @@ def _tokenizer(raw: Mapping[str, Any], path: Path) -> TokenizerConfig | None:
             f"{MAX_TOKENIZER_LENGTH}"
         )
     feeds = table.get("feeds", list(default.feeds))
-    allowed = ("input_ids", "attention_mask", "token_type_ids")
+    allowed = TOKENIZER_FEEDS
     if (
         not isinstance(feeds, list)
         or not feeds

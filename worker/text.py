@@ -23,10 +23,11 @@ import numpy.typing as npt
 from tokenizers import Tokenizer
 
 from worker.errors import ConfigError, ErrorCode, RequestError, shown
+from worker.model_config import TOKENIZER_FEEDS
 
 __all__ = ["FEEDS", "MAX_TOKENIZER_BYTES", "TextEncoder", "Tokenized"]
 
-FEEDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+FEEDS = dict(zip(TOKENIZER_FEEDS, ("ids", "attention_mask", "type_ids"), strict=True))
 """What a tokenizer step can feed the model (any of them, in the order the config lists them),
 and the ``tokenizers.Encoding`` attribute each comes from."""
 

@@ -173,15 +173,18 @@ TEXT_POOL = 1500
 
 
 def text_tokens(texts: list[str]) -> int:
-    """Tokens MiniLM's tokenizer makes of ``texts`` (truncated as the worker does)."""
-    from tokenizers import Tokenizer  # noqa: PLC0415
-
+    """Tokens MiniLM's tokenizer step makes of ``texts`` (the worker's own, as configured)."""
     from worker.bench.targets import PROJECT_MODELS  # noqa: PLC0415
+    from worker.model_config import ModelConfig  # noqa: PLC0415
+    from worker.text import TextEncoder  # noqa: PLC0415
 
-    tokenizer = Tokenizer.from_file(str(PROJECT_MODELS / "minilm" / "1" / "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(256)
-    return sum(len(e.ids) for e in tokenizer.encode_batch(texts))
+    folder = PROJECT_MODELS / "minilm"
+    step = ModelConfig.load(folder).tokenizer
+    assert step is not None
+    encoder = TextEncoder(folder / "1" / step.file, max_length=step.max_length, feeds=step.feeds)
+    strings = np.array([t.encode() for t in texts], dtype=object)
+    tokenized = encoder.encode("text", strings)
+    return sum(tokenized.lengths)
 
 
 def bench_texts(count: int) -> list[str]:
