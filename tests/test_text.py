@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,7 @@ from worker.model import LoadedModel, run_isolated
 from worker.model_config import ModelConfig
 from worker.repository import ModelRepository
 
-from .conftest import TEXT_MODELS
+from .conftest import ROOT, TEXT_MODELS
 
 
 def ask(model: LoadedModel, *texts: str | bytes, name: str = "text") -> InferenceRequest:
@@ -244,3 +248,18 @@ def test_any_tensor_for_a_text_model_is_prepared_or_refused(
         assert 2 <= prepared.length <= 256
         assert prepared.tokens <= prepared.rows * prepared.length
         assert [a.shape for a in prepared.arrays] == [(prepared.rows, prepared.length)] * 2
+
+
+def test_the_corpus_does_not_depend_on_what_else_is_imported() -> None:
+    """A fresh interpreter and this one (torch, transformers loaded) build the same corpus."""
+    import sentence_transformers  # noqa: F401, PLC0415 - loads the libraries that patch the stdlib
+
+    code = (
+        "import json; from worker.bench.corpus import paragraphs; "
+        "print(json.dumps(paragraphs(300, seed=2)))"
+    )
+    fresh = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    assert json.loads(fresh.stdout) == paragraphs(300, seed=2)
