@@ -253,6 +253,27 @@ async def test_a_backlog_is_handed_over_in_runs_of_full_batches() -> None:
     assert exact.runs == [3], "a last full batch joins the run"
 
 
+async def test_a_backlog_is_shared_between_concurrent_calls() -> None:
+    """Two calls at once, eight full batches queued: each call takes half, none takes all."""
+    rec = Recorder()
+    rec.gate.clear()  # the first call holds its run until both have started
+    batcher: Batcher[int] = Batcher(
+        rec, max_batch_size=2, max_batch_delay=3600, max_concurrent_batches=2,
+        max_batches_per_run=8,
+    )  # fmt: skip
+    for i in range(16):
+        batcher.put(i)
+    batcher.close()
+    async with asyncio.TaskGroup() as group:
+        running = group.create_task(batcher.run())
+        while len(rec.runs) < 2:
+            assert not running.done()
+            await asyncio.sleep(0)
+        rec.gate.set()
+    assert rec.runs == [4, 4], "each free call took its share of the eight batches"
+    assert sorted(rec.batches) == [[2 * i, 2 * i + 1] for i in range(8)]
+
+
 def length_of(item: int) -> tuple[int, int]:
     """Items are their own lengths, one row each."""
     return 1, item

@@ -20,6 +20,7 @@ from worker.settings import (
     SECRETS_DIR_VAR,
     HttpSettings,
     KafkaSettings,
+    ModelSettings,
     RuntimeSettings,
     env_var_names,
 )
@@ -39,7 +40,9 @@ def worker_services(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
         name: svc
         for name, svc in doc["services"].items()
-        if svc.get("build") == "." or svc.get("image") == image
+        if svc.get("build") == "."
+        or (isinstance(svc.get("build"), dict) and svc["build"]["context"] == ".")
+        or svc.get("image") == image
     }
 
 
@@ -47,7 +50,7 @@ def test_every_worker_variable_in_compose_is_a_real_setting() -> None:
     """Every WORKER_* variable the compose file sets names an existing setting."""
     known = env_var_names()
     services = worker_services(compose())
-    assert set(services) == {"worker", "demo"}
+    assert set(services) == {"worker", "worker-gpu", "demo"}
     for name, svc in services.items():
         env = svc["environment"]
         unknown = [k for k in env if k.startswith("WORKER_") and k not in known]
@@ -274,3 +277,43 @@ def test_dashboard_queries_only_metrics_the_worker_exports() -> None:
         for target in panel["targets"]:
             for name in re.findall(r"inference_[a-z_]+", target["expr"]):
                 assert name in exported, (panel["title"], name)
+
+
+def test_gpu_profile_reserves_a_gpu_and_builds_torch_with_cuda() -> None:
+    """Compose profile gpu: a CUDA torch build, one NVIDIA device reserved, device = cuda."""
+    gpu = compose()["services"]["worker-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert "download.pytorch.org/whl/cpu" not in gpu["build"]["args"]["TORCH_INDEX_URL"]
+    assert "ARG TORCH_INDEX_URL" in (ROOT / "Dockerfile").read_text()
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    env = gpu["environment"]
+    assert env["WORKER_MODELS__DEVICE"] == "cuda"
+    assert (
+        ModelSettings(
+            device=env["WORKER_MODELS__DEVICE"],
+            precision=env["WORKER_MODELS__PRECISION"],
+            instances=int(env["WORKER_MODELS__INSTANCES"]),
+        ).execution.device
+        == "cuda"
+    )
+    assert gpu["read_only"] is True
+    assert gpu["cap_drop"] == ["ALL"]
+
+
+def test_k8s_gpu_overlay_limits_nvidia_gpus_and_sets_real_settings() -> None:
+    """deploy/k8s/gpu: the base plus a patch with an nvidia.com/gpu limit and real settings."""
+    overlay = K8S / "gpu"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../"]
+    [patch] = kustomization["patches"]
+    deployment = yaml.safe_load((overlay / patch["path"]).read_text())
+    assert deployment["metadata"]["name"] == manifests()["Deployment"]["metadata"]["name"]
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert set(env) <= env_var_names()
+    assert env["WORKER_MODELS__DEVICE"] == "cuda"
+    ModelSettings(
+        precision=env["WORKER_MODELS__PRECISION"], instances=env["WORKER_MODELS__INSTANCES"]
+    )

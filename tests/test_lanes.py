@@ -36,7 +36,7 @@ async def answer_of(
     with ThreadPoolExecutor(1) as pool:
         async with asyncio.TaskGroup() as group:
             lanes = Lanes(
-                group, pool, shadow_executor=pool, batching=BatchingSettings(),
+                group, threads=1, shadow_executor=pool, batching=BatchingSettings(),
                 destinations=DEST, submit=submitted.extend, metrics=Metrics(),
                 shadow_queue_limit=10,
             )  # fmt: skip

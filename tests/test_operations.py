@@ -160,8 +160,11 @@ async def test_readiness_flips_to_ready_only_after_the_assignment(
             last = await get(worker, "/readyz")
         health = await get(worker, "/healthz")
         worker.stop()
-    assert first == (503, "waiting for the consumer group assignment\n")
-    assert last == (200, f"ok: {settings.kafka.topic_partitions} partition(s)\n")
+    assert first[0] == 503
+    assert first[1].startswith("waiting for the consumer group assignment; models: ")
+    assert last[0] == 200
+    assert last[1].startswith(f"ok: {settings.kafka.topic_partitions} partition(s); models: ")
+    assert "digits v2 on cpu fp32 x1" in last[1], "where each version runs"
     assert health == (200, "ok\n")
 
 
@@ -174,16 +177,16 @@ async def test_probes_while_stalled_and_while_stopping(
     """A hung model: /healthz turns 503 after the watchdog timeout; stopping: /readyz 503."""
     settings = changed(settings, "runtime", watchdog_timeout_s=1.0, shutdown_timeout_s=30.0)
     release = threading.Event()
-    real = LoadedModel.predict
+    real = LoadedModel.upload
 
-    def predict(self: LoadedModel, inputs: Any) -> Any:
+    def upload(self: LoadedModel, inputs: Any) -> Any:
         release.wait(60)
         return real(self, inputs)
 
     async def no_watchdog(self: Supervisor) -> None:
         """The watchdog would end the worker as /healthz turns; its exit is tested elsewhere."""
 
-    monkeypatch.setattr(LoadedModel, "predict", predict)
+    monkeypatch.setattr(LoadedModel, "upload", upload)
     monkeypatch.setattr(Supervisor, "watchdog", no_watchdog)
     worker = Worker(settings, repository)
     async with asyncio.TaskGroup() as group:
@@ -210,7 +213,8 @@ async def test_probes_while_stalled_and_while_stopping(
     assert health[0] == 503
     assert "no progress for" in health[1]
     assert "1 in flight" in health[1]
-    assert ready == (503, "stopping\n")
+    assert ready[0] == 503
+    assert ready[1].startswith("stopping; models: ")
     assert reply.error is None, "the drain answered the request once the model returned"
 
 

@@ -55,16 +55,16 @@ def request_value(request_id: str, tensor: Tensor, model: str = "digits") -> byt
     return encode_request(InferenceRequest(id=request_id, model_name=model, inputs=[tensor]))
 
 
-def poison(model: LoadedModel, marker: float) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """A predict that raises on any batch holding a pixel equal to ``marker``."""
-    original = model.predict
+def poison(model: LoadedModel, marker: float) -> Callable[[dict[str, Any]], Any]:
+    """An ``upload`` (the first step of a forward pass) that raises on a pixel of ``marker``."""
+    original = model.upload
 
-    def predict(inputs: dict[str, Any]) -> dict[str, Any]:
+    def upload(inputs: dict[str, Any]) -> Any:
         if (inputs["pixels"] == marker).any():
             raise RuntimeError("poisoned row")
         return original(inputs)
 
-    return predict
+    return upload
 
 
 def unknown_datatype_value(request_id: str) -> bytes:
@@ -245,13 +245,13 @@ async def test_deadlines_are_enforced_without_running_the_model(
     repository = ModelRepository.load(MODELS)
     model = repository.route("digits", None, "").primary
     computed_rows: list[int] = []
-    original = model.predict
+    original = model.upload
 
-    def counting(inputs: dict[str, Any]) -> dict[str, Any]:
+    def counting(inputs: dict[str, Any]) -> Any:
         computed_rows.append(len(inputs["pixels"]))
         return original(inputs)
 
-    monkeypatch.setattr(model, "predict", counting)
+    monkeypatch.setattr(model, "upload", counting)
     settings = with_runtime(settings, default_timeout_ms=30_000)
     now_ms = int(time.time() * 1000)
     tensor = Tensor.from_numpy("pixels", testset[0][:1])
@@ -295,7 +295,7 @@ async def test_one_bad_request_does_not_fail_its_batch(
     repository = ModelRepository.load(MODELS)
     model = repository.route("digits", None, "").primary
     marker = 13.5  # digits pixels are integers 0..16: this value appears only where we put it
-    monkeypatch.setattr(model, "predict", poison(model, marker))
+    monkeypatch.setattr(model, "upload", poison(model, marker))
     pixels = testset[0][:60].copy()
     poisoned = {7, 30, 51}
     for i in poisoned:
@@ -396,11 +396,11 @@ async def test_watchdog_ends_a_worker_whose_model_hangs(
     model = repository.route("digits", None, "").primary
     release = threading.Event()
 
-    def hang(inputs: dict[str, Any]) -> dict[str, Any]:
+    def hang(inputs: dict[str, Any]) -> Any:
         release.wait(60)
         raise RuntimeError("released")
 
-    monkeypatch.setattr(model, "predict", hang)
+    monkeypatch.setattr(model, "upload", hang)
     settings = with_runtime(settings, watchdog_timeout_s=2.0)
     await publish(
         settings, [(None, request_value("h", Tensor.from_numpy("pixels", testset[0][:1])), [])]

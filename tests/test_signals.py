@@ -94,17 +94,17 @@ from pathlib import Path
 
 import worker.model
 
-_predict = worker.model.LoadedModel.predict
+_upload = worker.model.LoadedModel.upload
 
 
-def predict(self, inputs):
+def upload(self, inputs):
     if any((array == -7.0).any() for array in inputs.values()):
         Path(os.environ["TEST_HANG_MARKER"]).touch()
         threading.Event().wait()  # stuck forever, as a deadlocked model would be
-    return _predict(self, inputs)
+    return _upload(self, inputs)
 
 
-worker.model.LoadedModel.predict = predict
+worker.model.LoadedModel.upload = upload
 """
 
 

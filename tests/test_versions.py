@@ -170,14 +170,14 @@ async def test_a_stuck_shadow_never_delays_the_primary(
     settings = changed(served_from(settings, repo_dir), "runtime", max_in_flight=10)
     repository = ModelRepository.load(repo_dir)
     release = threading.Event()
-    real = LoadedModel.predict
+    real = LoadedModel.upload
 
-    def predict(self: LoadedModel, inputs: Any) -> Any:
+    def upload(self: LoadedModel, inputs: Any) -> Any:
         if self.version == "2":
             release.wait(120)  # the shadow's model hangs until the test lets it go
         return real(self, inputs)
 
-    monkeypatch.setattr(LoadedModel, "predict", predict)
+    monkeypatch.setattr(LoadedModel, "upload", upload)
     pixels = testset[0][:30]
     async with (
         running_worker(settings, repository) as worker,

@@ -6,8 +6,9 @@ One request's path, a module a step::
     admission    decode ─> limits ─> route (primary + shadow) ─> validate ─> Job
                      (or the error reply / dead-letter copy that answers it now)
     tokenizing   text jobs only: what has arrived, tokenised in one call, in its own thread
-    lanes        Batcher (size, delay) ─> deadline check ─> executor thread: forward pass
-                     (bad rows isolated) ─> replies built by outgoing
+    lanes        Batcher (size, delay) ─> deadline check ─> the version's instances
+                     (threads; device, precision): forward pass, pipelined (bad rows
+                     isolated, out-of-memory batches split) ─> replies built by outgoing
     replies      record batches per partition (acks=all, idempotent) ─> OffsetTracker.done
     intake       commit loop ─> consumer.commit(lowest unanswered offset per partition)
 
@@ -103,8 +104,13 @@ class Worker:
         return self._supervisor.healthy()
 
     def ready(self) -> tuple[bool, str]:
-        """Readiness (``/readyz``): the group joined and not stopping."""
-        return self._supervisor.ready()
+        """Readiness (``/readyz``): the group joined and not stopping; where each model runs."""
+        ok, detail = self._supervisor.ready()
+        placed = ", ".join(
+            f"{m.name} v{m.version} on {m.device} {m.execution.precision} x{m.execution.instances}"
+            for m in self.repository.all()
+        )
+        return ok, f"{detail}; models: {placed}"
 
     def request_reload(self) -> None:
         """Re-read the model repository soon (SIGHUP does this); the current one keeps serving."""
@@ -135,10 +141,9 @@ class Worker:
             stack.push_async_callback(producer.stop)  # before start: closed even if it fails
             await producer.start()
             await stack.enter_async_context(self._intake.running())
-            executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
             shadow_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
             tokenizer_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-            for pool in (executor, shadow_executor, tokenizer_executor):
+            for pool in (shadow_executor, tokenizer_executor):
                 # wait=False: a model call stuck forever must not keep the worker from exiting.
                 stack.callback(pool.shutdown, wait=False, cancel_futures=True)
             replier = self._make_replier(producer)
@@ -153,7 +158,7 @@ class Worker:
             async with asyncio.TaskGroup() as group:
                 lanes = Lanes(
                     group,
-                    executor,
+                    threads=settings.models.threads,
                     shadow_executor=shadow_executor,
                     batching=settings.batching,
                     destinations=self._destinations,
@@ -161,6 +166,7 @@ class Worker:
                     metrics=self.metrics,
                     shadow_queue_limit=settings.runtime.max_in_flight,
                 )
+                stack.callback(lanes.close)  # each version's instances (threads)
                 lanes.open(self.repository)
                 tokenizing = Tokenizing(
                     tokenizer_executor,

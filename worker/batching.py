@@ -14,7 +14,9 @@ Two ways to pay less per batch:
 - ``max_batches_per_run``: when more than a full batch is queued, ``process`` gets up to this
   many full batches in one call (a *run*), so a caller that hands each call to another thread
   pays that hand-off once per run instead of once per batch. Each batch of a run still holds
-  at most ``max_batch_size`` items, in arrival order.
+  at most ``max_batch_size`` items, in arrival order. With several calls allowed at once
+  (``max_concurrent_batches``), the waiting full batches are shared between the free ones: a
+  run takes at most its share, so no instance idles while another has a queue of batches.
 
 Variable-length items (text) are measured by ``measure(item) -> (rows, length)``; then
 
@@ -97,6 +99,7 @@ class Batcher(Generic[T]):
         self.max_batches_per_run = max_batches_per_run
         self.start_when_idle = start_when_idle
         self._slots = asyncio.Semaphore(max_concurrent_batches)
+        self._concurrency = max_concurrent_batches
         self._running = 0
         self._idle_start = False
         self._clock = clock
@@ -176,14 +179,21 @@ class Batcher(Generic[T]):
                 if remaining <= 0 or not await self._wait(remaining):
                     break
         self._idle_start = False
+        share = self._share()
         if self._measure is None:
             batches = [self._take()]
-            while (
-                len(batches) < self.max_batches_per_run and len(self._queue) >= self.max_batch_size
-            ):
+            while len(batches) < share and len(self._queue) >= self.max_batch_size:
                 batches.append(self._take())
             return batches
-        return self._take_measured()
+        return self._take_measured(share)
+
+    def _share(self) -> int:
+        """Most batches this run may take: ``max_batches_per_run``, split among free calls."""
+        if self._concurrency == 1:
+            return self.max_batches_per_run
+        free = self._concurrency - self._running  # this run's slot included
+        full = len(self._queue) // self.max_batch_size
+        return max(1, min(self.max_batches_per_run, full // max(1, free)))
 
     def _full(self) -> bool:
         """Enough is waiting for a full batch: stop waiting for more."""
@@ -196,7 +206,7 @@ class Batcher(Generic[T]):
         size = min(self.max_batch_size, len(self._queue))
         return [self._queue.popleft().item for _ in range(size)]
 
-    def _take_measured(self) -> list[list[T]]:
+    def _take_measured(self, share: int) -> list[list[T]]:
         """A run of batches cut from the window under both bounds; the oldest item's first."""
         queue = self._queue
         size = self.max_batch_size * max(self.sort_window, self.max_batches_per_run)
@@ -226,7 +236,7 @@ class Batcher(Generic[T]):
         groups.append((members, len(members) >= self.max_batch_size))
         first = next(g for g, _ in groups if 0 in g)
         others = sorted((min(g), g) for g, closed in groups if closed and g is not first)
-        chosen = [first] + [g for _, g in others[: self.max_batches_per_run - 1]]
+        chosen = [first] + [g for _, g in others[: share - 1]]
         taken = {i for g in chosen for i in g}
         queue.extendleft(reversed([e for i, e in enumerate(window) if i not in taken]))
         self._queued_tokens -= sum(window[i].rows * window[i].length for i in taken)

@@ -108,10 +108,11 @@ def summary(response: InferenceResponse, *, first: int = 5) -> list[str]:
 def _build_worker(settings: Settings) -> Worker:
     """Import torch and load every model (slow: run in a thread while signals are watched)."""
     from worker.app import Worker  # noqa: PLC0415 - keeps `predict` free of torch start-up
-    from worker.repository import ModelRepository  # noqa: PLC0415
+    from worker.repository import LoadOptions, ModelRepository  # noqa: PLC0415
 
     models = settings.models
-    return Worker(settings, ModelRepository.load(models.repository, allow_code=models.allow_code))
+    options = LoadOptions(models.allow_code, models.execution, settings.batching.max_batch_size)
+    return Worker(settings, ModelRepository.load(models.repository, options=options))
 
 
 async def _serve(settings: Settings) -> None:

@@ -3,10 +3,13 @@
 A lane takes admitted jobs (:mod:`worker.admission`), forms batches (:mod:`worker.batching`),
 answers the jobs whose deadline passed without running them, runs the rest as one forward
 pass per batch off the event loop (bad requests isolated: :func:`worker.model.run_isolated`),
-and hands the replies (:mod:`worker.outgoing`) to ``submit``. Under a backlog the batcher hands
-over several full batches at once (a run), and the inference thread runs them back to back:
-one hand-off between the event loop and the thread per run, not per batch. Shadow copies run in
-their version's lane like any job; their results are compared (:mod:`worker.shadow`), never sent.
+and hands the replies (:mod:`worker.outgoing`) to ``submit``. Each lane runs its batches in its
+version's instances (:mod:`worker.instances`): up to ``instances`` batches at once, so lanes
+of different models never wait behind each other. Under a backlog the batcher hands over
+several full batches at once (a run), and an instance runs them back to back, pipelined
+(:func:`worker.model.run_batches`): one hand-off between the event loop and the thread per
+run, not per batch. Shadow copies run in a lane of their own, in one shadow thread shared by
+all; their results are compared (:mod:`worker.shadow`), never sent.
 
 :meth:`Lanes.open` applies a repository (at start and on every reload): a version whose
 program and batching are unchanged keeps its lane; a version no longer served, or changed,
@@ -19,9 +22,10 @@ import asyncio
 import itertools
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import structlog
@@ -29,9 +33,11 @@ import structlog
 from worker.admission import Admitted, Job
 from worker.batching import Batcher
 from worker.codec import Timing
+from worker.device import memory
 from worker.errors import SHOWN_CHARS, ErrorCode, RequestError
+from worker.instances import Instances
 from worker.metrics import Metrics
-from worker.model import LoadedModel, Prepared, run_isolated
+from worker.model import LoadedModel, Prepared, Run, run_batches
 from worker.outgoing import (
     Destinations,
     Outgoing,
@@ -51,26 +57,33 @@ __all__ = ["Lanes"]
 log = structlog.get_logger(__name__)
 
 
+Runner = Callable[[LoadedModel, list[list[Prepared]]], Awaitable[Run]]
+"""Runs a run of batches off the event loop (:func:`worker.model.run_batches`)."""
+
+
 @dataclass(slots=True)
 class _Lane:
     model: LoadedModel
     batcher: Batcher[Job]
     task: asyncio.Task[None]
+    instances: Instances | None
+    """None for a shadow lane (it runs in the shadow thread)."""
 
 
 class Lanes:
-    """Every served version's lane, started in ``group``; batches run on ``executor``.
+    """Every served version's lane, started in ``group``; batches run in its instances.
 
     A version that shadows another has a second lane for the shadow copies, running on
     ``shadow_executor``: shadow batches never queue ahead of primary ones, and the shadow's
     queue is bounded (``shadow_queue_limit``; beyond it copies are dropped and counted).
+    ``threads``: torch intra-op threads, split between the instances of a version.
     """
 
     def __init__(
         self,
         group: asyncio.TaskGroup,
-        executor: Executor,
         *,
+        threads: int,
         shadow_executor: Executor,
         batching: BatchingSettings,
         destinations: Destinations,
@@ -79,7 +92,7 @@ class Lanes:
         shadow_queue_limit: int,
     ) -> None:
         self._group = group
-        self._executor = executor
+        self._threads = threads
         self._shadow_executor = shadow_executor
         self._batching = batching
         self._destinations = destinations
@@ -89,6 +102,8 @@ class Lanes:
         self._lanes: dict[tuple[str, str, bool], _Lane] = {}
         """By (model, version, shadow copies?)."""
         self._retired: set[asyncio.Task[None]] = set()
+        self._pools: set[Instances] = set()
+        """Every lane's instances not closed yet (retired lanes' included)."""
         self._batch_ids = itertools.count(1)
         self._batch_prefix = secrets.token_hex(4)
         metrics.shadow_queued.set_function(self._shadow_queued)
@@ -113,9 +128,10 @@ class Lanes:
             or self._max_batch_size(wanted[key]) != lane.batcher.max_batch_size
             or self._length_aware(wanted[key]).get("max_batch_tokens")
             != lane.batcher.max_batch_tokens
+            or (lane.instances is not None and lane.instances.count != _count(wanted[key]))
         }
         fresh = {
-            key: self._batcher(model)
+            key: self._batcher(model, shadow=key[2])
             for key, model in wanted.items()
             if key not in self._lanes or key in stale
         }
@@ -123,26 +139,66 @@ class Lanes:
             lane = self._lanes.pop(key)
             lane.batcher.close()
             self._retired.add(lane.task)
-            lane.task.add_done_callback(self._retired.discard)
+            lane.task.add_done_callback(partial(self._retire, lane))
         for key, model in wanted.items():
             if key in fresh:
-                batcher = fresh[key]
-                self._lanes[key] = _Lane(model, batcher, self._group.create_task(batcher.run()))
+                batcher, instances = fresh[key]
+                task = self._group.create_task(batcher.run())
+                self._lanes[key] = _Lane(model, batcher, task, instances)
+                if model.device.type == "cuda":
+                    self._watch_memory(model)
             else:
                 self._lanes[key].model = model  # same program; the config (routing) may be new
 
-    def _batcher(self, model: LoadedModel) -> Batcher[Job]:
+    def _retire(self, lane: _Lane, task: asyncio.Task[None]) -> None:
+        """A retired lane answered all it held: its instances end."""
+        self._retired.discard(task)
+        if lane.instances is not None:
+            lane.instances.close()
+            self._pools.discard(lane.instances)
+
+    def close(self) -> None:
+        """End every lane's instances (a call still running is not waited for)."""
+        for instances in self._pools:
+            instances.close()
+        self._pools.clear()
+
+    def _watch_memory(self, model: LoadedModel) -> None:
+        device = model.device
+        for i, kind in enumerate(("allocated", "reserved")):
+            gauge = self._metrics.device_memory.labels(str(device), kind)
+            gauge.set_function(partial(lambda i, d: memory(d)[i], i, device))
+
+    def _batcher(
+        self, model: LoadedModel, *, shadow: bool
+    ) -> tuple[Batcher[Job], Instances | None]:
         delay_ms = model.config.max_batch_delay_ms
         if delay_ms is None:
             delay_ms = self._batching.max_batch_delay_ms
-        return Batcher(
-            self._run,
+        instances = None
+        if shadow:
+            runner: Runner = self._in_shadow_thread
+        else:
+            instances = Instances(
+                model.name, model.version, _count(model), device=model.device,
+                threads=self._threads, busy=self._metrics.busy,
+            )  # fmt: skip
+            self._pools.add(instances)
+            runner = _in(instances)
+        batcher = Batcher(
+            partial(self._run, runner),
             max_batch_size=self._max_batch_size(model),
             max_batch_delay=delay_ms / 1000,
+            max_concurrent_batches=1 if instances is None else instances.count,
             max_batches_per_run=self._batching.max_batches_per_run,
             start_when_idle=self._batching.start_when_idle,
             **self._length_aware(model),
         )
+        return batcher, instances
+
+    async def _in_shadow_thread(self, model: LoadedModel, batches: list[list[Prepared]]) -> Run:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._shadow_executor, run_batches, model, batches)
 
     def _length_aware(self, model: LoadedModel) -> dict[str, Any]:
         """Batcher options of a sequence model: measure, token budget, sort window."""
@@ -195,10 +251,11 @@ class Lanes:
         primary.batcher.put(job)
 
     async def drain(self) -> None:
-        """Close every lane and wait until each has answered all it holds."""
+        """Close every lane and wait until each has answered all it holds; end the instances."""
         for lane in self._lanes.values():
             lane.batcher.close()
         await asyncio.gather(*(lane.task for lane in self._lanes.values()), *self._retired)
+        self.close()
 
     def _shadow_queued(self) -> int:
         """Shadow copies waiting in their lanes (each holds its record's bytes)."""
@@ -207,7 +264,7 @@ class Lanes:
     def _max_batch_size(self, model: LoadedModel) -> int:
         return model.config.max_batch_size or self._batching.max_batch_size
 
-    async def _run(self, batches: list[list[Job]]) -> None:
+    async def _run(self, runner: Runner, batches: list[list[Job]]) -> None:
         """Answer a run of batches: expired jobs at once, the rest in one hand-off."""
         now_ms = time.time() * 1000
         outgoing: list[Outgoing] = []
@@ -227,13 +284,9 @@ class Lanes:
             if live:
                 live_batches.append(live)
         if live_batches:
-            first = live_batches[0][0]
-            model = first.model
-            executor = self._shadow_executor if first.is_shadow else self._executor
+            model = live_batches[0][0].model
             started = time.monotonic()
-            runs = await asyncio.get_running_loop().run_in_executor(
-                executor, _forward_all, model, [[j.prepared for j in b] for b in live_batches]
-            )
+            runs = await runner(model, [[j.prepared for j in b] for b in live_batches])
             for live, (offset_s, compute_s, results) in zip(live_batches, runs, strict=True):
                 try:
                     outgoing += self._answer(model, live, started + offset_s, compute_s, results)
@@ -307,17 +360,12 @@ def _measure(job: Job) -> tuple[int, int]:
     return job.prepared.rows, job.prepared.length
 
 
-def _forward_all(
-    model: LoadedModel, batches: list[list[Prepared]]
-) -> list[tuple[float, float, list[Result]]]:
-    """Run batches back to back (in the inference thread).
+def _count(model: LoadedModel) -> int:
+    return model.execution.instances
 
-    Per batch: when it began (seconds after the first), its compute time, its results.
-    """
-    first = time.monotonic()
-    out = []
-    for batch in batches:
-        began = time.monotonic()
-        results = run_isolated(model, batch)
-        out.append((began - first, time.monotonic() - began, results))
-    return out
+
+def _in(instances: Instances) -> Runner:
+    async def runner(model: LoadedModel, batches: list[list[Prepared]]) -> Run:
+        return await instances.run(run_batches, model, batches)
+
+    return runner

@@ -68,6 +68,18 @@ class Metrics:
             ["model", "version", "kind"],
             registry=r,
         )
+        self.busy = Counter(
+            "inference_instance_busy_seconds",
+            "Time each instance of a version spent running batches (rate: its utilisation)",
+            ["model", "version", "instance"],
+            registry=r,
+        )
+        self.device_memory = Gauge(
+            "inference_device_memory_bytes",
+            "CUDA memory held by torch on each device in use, allocated or reserved (cached)",
+            ["device", "kind"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "inference_requests_in_flight",
             "Requests fetched and not yet answered (reply or dead-letter copy acknowledged)",

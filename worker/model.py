@@ -8,26 +8,46 @@ or lengths) that :func:`stack_inputs` builds while padding the batch.
 
 :meth:`LoadedModel.validate` turns a request into :class:`Prepared` inputs (tokenised, checked);
 :func:`stack_inputs` pads and concatenates them; :func:`split_outputs` cuts the outputs back.
-Nothing here touches Kafka or asyncio: :meth:`LoadedModel.predict` and :func:`run_isolated`
-are blocking calls that the worker runs off the event loop.
+A version runs on its device and precision (:mod:`worker.device`). A forward pass is three
+steps: :meth:`LoadedModel.upload` (on a GPU: the batch assembled in pinned host memory, copied
+on a copy stream without blocking), :meth:`LoadedModel.launch` (the program, on the thread's
+compute stream), :meth:`LoadedModel.download` (outputs copied back once per batch).
+:func:`run_batches` runs a run of batches with the next batch's assembly and copy overlapping
+the current one's compute; a batch that fails (a bad request, or out of memory) is split in
+halves until the failing requests are alone (:func:`run_isolated`).
+
+Nothing here touches Kafka or asyncio: these are blocking calls that the worker runs off the
+event loop.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from torch.export.passes import move_to_device_pass
 
 from worker.codec import BYTES, DATATYPES, InferenceRequest, Tensor
+from worker.device import is_out_of_memory, release_cache, resolve_device, torch_dtype
 from worker.errors import ConfigError, ErrorCode, RequestError, shown
 from worker.handler import HANDLER_FILE, Handler
-from worker.model_config import CONFIG_FILE, MODEL_FILE, ModelConfig, TensorSpec
+from worker.model_config import (
+    CONFIG_FILE,
+    DEFAULT_EXECUTION,
+    MODEL_FILE,
+    ON_CPU,
+    Execution,
+    ModelConfig,
+    TensorSpec,
+)
 from worker.quantize import quantize_int8
 from worker.text import TextEncoder, Tokenized
 
@@ -35,7 +55,9 @@ __all__ = [
     "Argument",
     "LoadedModel",
     "Prepared",
+    "Staged",
     "export_model",
+    "run_batches",
     "run_isolated",
     "split_outputs",
     "stack_inputs",
@@ -71,6 +93,17 @@ class Argument:
     """Built by :func:`stack_inputs` (attention mask or lengths), not taken from requests."""
 
 
+@dataclass(slots=True)
+class Staged:
+    """A batch's program arguments on its device (the copy may still be under way)."""
+
+    args: list[torch.Tensor]
+    ready: torch.cuda.Event | None = None
+    """CUDA: recorded on the copy stream after the copies; the compute stream waits on it."""
+    host: list[torch.Tensor] = field(default_factory=list)
+    """CUDA: the pinned host buffers, kept alive until the copies are done."""
+
+
 class LoadedModel:
     """One version of one model, loaded and ready to run batches."""
 
@@ -81,6 +114,9 @@ class LoadedModel:
         module: torch.nn.Module,
         text: TextEncoder | None = None,
         handler: Handler | None = None,
+        *,
+        execution: Execution = ON_CPU,
+        device: torch.device | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -91,21 +127,52 @@ class LoadedModel:
         """The tokenizer step of a ``[tokenizer]`` model."""
         self.arguments = _arguments(config, text)
         """The program's positional arguments, in order (the names :meth:`predict` takes)."""
+        self.execution = execution
+        """Device asked for, precision, instances."""
+        self.device = device or torch.device("cpu")
+        """Where it runs (``auto`` resolved)."""
+        self._dtype = torch_dtype(execution.precision)
+        self._out_dtypes = tuple(_torch_dtype_of(DATATYPES[s.datatype]) for s in config.outputs)
 
     @classmethod
-    def load(cls, config: ModelConfig, folder: Path, *, allow_code: bool = False) -> LoadedModel:
+    def load(
+        cls,
+        config: ModelConfig,
+        folder: Path,
+        *,
+        allow_code: bool = False,
+        defaults: Execution = DEFAULT_EXECUTION,
+        warm_up: int = 0,
+    ) -> LoadedModel:
         """Load ``folder/model.pt2`` and check it against the config with one dummy batch.
 
         ``allow_code``: import the folder's ``handler.py`` if there is one (else refuse it).
+        ``defaults``: device, precision and instances where the config leaves them out.
+        ``warm_up``: on a GPU, run dummy batches of 1, 2, 4 ... up to this many rows first,
+        so that the first requests do not pay for kernel selection and allocation.
         """
         path = folder / MODEL_FILE
+        execution = config.execution(defaults)
+        try:
+            device = resolve_device(execution.device)
+        except ConfigError as exc:
+            raise ConfigError(f"{folder.parent / CONFIG_FILE}: {exc}") from exc
+        if config.quantize == "int8" and (device.type != "cpu" or execution.precision != "fp32"):
+            raise ConfigError(
+                f'{folder.parent / CONFIG_FILE}: quantize = "int8" runs on the CPU in fp32; '
+                f"it cannot be combined with device {device} and precision {execution.precision}"
+            )
         try:
             program = torch.export.load(path)
+            if device.type != "cpu":
+                program = move_to_device_pass(program, device)
         except Exception as exc:
             raise ConfigError(f"{path}: cannot load torch.export program: {exc}") from exc
         module: torch.nn.Module = program.module()
         if config.quantize == "int8":
             module = quantize_int8(module, path)
+        if execution.precision != "fp32":
+            module = module.to(torch_dtype(execution.precision))
         text = None
         if config.tokenizer is not None:
             tokenizer = config.tokenizer
@@ -113,11 +180,14 @@ class LoadedModel:
                 folder / tokenizer.file, max_length=tokenizer.max_length, feeds=tokenizer.feeds
             )
         handler = Handler.load(folder / HANDLER_FILE, allowed=allow_code)
-        model = cls(config, folder.name, module, text, handler)
+        model = cls(config, folder.name, module, text, handler, execution=execution, device=device)
         try:
             outputs = model.predict(stack_inputs(model, [model.dummy()]))
         except Exception as exc:
-            raise ConfigError(f"{path}: a batch of one zero input failed: {exc}") from exc
+            raise ConfigError(
+                f"{path}: a batch of one zero input failed on {device} in "
+                f"{execution.precision}: {exc}"
+            ) from exc
         for spec in config.outputs:
             out = outputs[spec.name]
             if out.dtype != DATATYPES[spec.datatype] or out.shape[0] != 1:
@@ -125,15 +195,33 @@ class LoadedModel:
                     f"{path}: output {spec.name!r} came out {out.dtype} {list(out.shape)} for a "
                     f"batch of one; {folder.parent / CONFIG_FILE} declares {spec.describe()}"
                 )
+        if device.type == "cuda" and warm_up:
+            model.warm_up(warm_up)
         return model
+
+    def warm_up(self, largest: int) -> list[int]:
+        """Run dummy batches of 1, 2, 4 ... rows up to ``largest`` (included); their sizes."""
+        sizes = [1 << i for i in range(largest.bit_length()) if 1 << i < largest] + [largest]
+        dummy = self.dummy()
+        for size in sizes:
+            self.predict(stack_inputs(self, [dummy] * size))
+        return sizes
 
     def same_program(self, other: LoadedModel) -> bool:
         """True if both run the very same loaded program (a reload reused it)."""
         return self._module is other._module
 
-    def with_config(self, config: ModelConfig) -> LoadedModel:
-        """The same loaded program under a new config (same inputs and outputs; new routing)."""
-        return LoadedModel(config, self.version, self._module, self.text, self.handler)
+    def with_config(
+        self, config: ModelConfig, defaults: Execution = DEFAULT_EXECUTION
+    ) -> LoadedModel:
+        """The same loaded program under a new config (new routing or instances).
+
+        Inputs, outputs, device and precision are the same (else the version is reloaded).
+        """
+        return LoadedModel(
+            config, self.version, self._module, self.text, self.handler,
+            execution=config.execution(defaults), device=self.device,
+        )  # fmt: skip
 
     def dummy(self) -> Prepared:
         """A request of one row of zeros (or one short string): the load-time check."""
@@ -225,16 +313,57 @@ class LoadedModel:
 
         A version's handler, if any, runs its ``preprocess`` before and ``postprocess`` after.
         """
+        staged = self.upload(inputs)  # held until the outputs are back: its copy is done then
+        return self.download(self.launch(staged))
+
+    def stage(self, per_request: Sequence[Prepared]) -> Staged:
+        """Assemble a batch (in pinned memory on a GPU) and start its copy to the device."""
+        pinned = self.device.type == "cuda"
+        return self.upload(stack_inputs(self, per_request, empty=_pinned if pinned else None))
+
+    def upload(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Staged:
+        """The handler's ``preprocess``, then the arguments to the device (not waiting on a GPU)."""
         handler = self.handler
         values: Sequence[Any] = [inputs[a.name] for a in self.arguments]
         if handler is not None and handler.preprocess is not None:
             given = handler.preprocess(dict(inputs))
             values = [given[a.name] for a in self.arguments] if isinstance(given, dict) else given
-        args = [torch.from_numpy(_writable(np.asarray(v))) for v in values]
+        host = [torch.from_numpy(_writable(np.asarray(v))) for v in values]
+        if self.device.type != "cuda":
+            return Staged(host)
+        with torch.cuda.stream(_copy_stream(self.device)):
+            args = [t.to(self.device, non_blocking=True) for t in host]
+            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            ready.record()
+        return Staged(args, ready, host)
+
+    def launch(self, staged: Staged) -> tuple[torch.Tensor, ...]:
+        """Run the program on a staged batch (on a GPU: queued on the thread's stream)."""
+        args = staged.args
+        if staged.ready is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(staged.ready)
+            for arg in args:
+                arg.record_stream(compute)  # its memory is in use on this stream too
+        if self._dtype != torch.float32:
+            args = [a.to(self._dtype) if a.is_floating_point() else a for a in args]
         with torch.inference_mode():
             result = self._module(*args)
-        tensors = (result,) if isinstance(result, torch.Tensor) else tuple(result)
+        return (result,) if isinstance(result, torch.Tensor) else tuple(result)
+
+    def download(self, tensors: Sequence[torch.Tensor]) -> dict[str, npt.NDArray[Any]]:
+        """Outputs back to the host (one wait per batch on a GPU), then ``postprocess``."""
+        if self._dtype != torch.float32:  # back to what the config declares
+            wants = [*self._out_dtypes, *[None] * len(tensors)]  # a handler may return more
+            tensors = [
+                t.to(want) if t.dtype == self._dtype and want is not None else t
+                for t, want in zip(tensors, wants, strict=False)
+            ]
+        if self.device.type == "cuda":
+            tensors = [t.to("cpu", non_blocking=True) for t in tensors]
+            torch.cuda.current_stream(self.device).synchronize()
         arrays = tuple(t.detach().cpu().numpy() for t in tensors)
+        handler = self.handler
         if handler is not None and handler.postprocess is not None:
             made = handler.postprocess(arrays)
             return {s.name: np.asarray(made[s.name]) for s in self.config.outputs}
@@ -244,6 +373,26 @@ class LoadedModel:
                 f"config declares {len(self.config.outputs)}"
             )
         return {spec.name: a for spec, a in zip(self.config.outputs, arrays, strict=True)}
+
+
+_streams = threading.local()
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The calling thread's stream for host-to-device copies (so they overlap compute)."""
+    stream: torch.cuda.Stream | None = getattr(_streams, "copy", None)
+    if stream is None:
+        stream = _streams.copy = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    return stream
+
+
+def _pinned(shape: tuple[int, ...], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+    """An uninitialised array in page-locked host memory (fast, non-blocking copies)."""
+    return torch.empty(shape, dtype=_torch_dtype_of(dtype), pin_memory=True).numpy()
+
+
+def _torch_dtype_of(dtype: np.dtype[Any]) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
 
 
 def _prepared(tokenized: Tokenized) -> Prepared:
@@ -321,46 +470,69 @@ def _check_spec(tensor: Tensor, spec: TensorSpec) -> None:
         )
 
 
-def stack_inputs(model: LoadedModel, per_request: Sequence[Prepared]) -> dict[str, Any]:
-    """The batch's program inputs by name: concatenated, sequences padded to the longest."""
-    if len(per_request) == 1 and not model.config.is_sequence:
-        return {
-            a.name: array for a, array in zip(model.arguments, per_request[0].arrays, strict=True)
-        }
+Empty = Callable[[tuple[int, ...], "np.dtype[Any]"], npt.NDArray[Any]]
+"""Allocates an uninitialised array (``np.empty``, or pinned host memory for a GPU)."""
+
+
+def stack_inputs(
+    model: LoadedModel, per_request: Sequence[Prepared], *, empty: Empty | None = None
+) -> dict[str, Any]:
+    """The batch's program inputs by name: concatenated, sequences padded to the longest.
+
+    ``empty``: where the batch is assembled (default: ordinary memory; a lone fixed-shape
+    request is then passed as it is, without a copy).
+    """
+    if empty is None:
+        if len(per_request) == 1 and not model.config.is_sequence:
+            return {
+                a.name: array
+                for a, array in zip(model.arguments, per_request[0].arrays, strict=True)
+            }
+        empty = _empty
     longest = max(p.length for p in per_request)
     batch: dict[str, Any] = {}
     for i, argument in enumerate(model.arguments):
         if argument.extra:
-            batch[argument.name] = _extra(argument.name, per_request, longest)
+            batch[argument.name] = _extra(argument.name, per_request, longest, empty)
         elif argument.sequence:
             batch[argument.name] = _pad_concat([p.arrays[i] for p in per_request], longest,
-                                               argument.pad_value)  # fmt: skip
+                                               argument.pad_value, empty)  # fmt: skip
         else:
-            batch[argument.name] = np.concatenate([p.arrays[i] for p in per_request], axis=0)
+            arrays = [p.arrays[i] for p in per_request]
+            first = arrays[0]
+            out = empty((sum(a.shape[0] for a in arrays), *first.shape[1:]), first.dtype)
+            batch[argument.name] = np.concatenate(arrays, axis=0, out=out)
     return batch
 
 
+def _empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+    return np.empty(shape, dtype)
+
+
 def _pad_concat(
-    arrays: Sequence[npt.NDArray[Any]], longest: int, pad_value: float
+    arrays: Sequence[npt.NDArray[Any]], longest: int, pad_value: float, empty: Empty = _empty
 ) -> npt.NDArray[Any]:
     """Arrays of shape [rows, length, ...] as one [sum(rows), longest, ...], padded."""
     first = arrays[0]
-    out = np.full(
-        (sum(a.shape[0] for a in arrays), longest, *first.shape[2:]), pad_value, first.dtype
-    )
+    out = empty((sum(a.shape[0] for a in arrays), longest, *first.shape[2:]), first.dtype)
     row = 0
     for array in arrays:
-        out[row : row + array.shape[0], : array.shape[1]] = array
-        row += array.shape[0]
+        rows, length = array.shape[0], array.shape[1]
+        out[row : row + rows, :length] = array
+        out[row : row + rows, length:] = pad_value
+        row += rows
     return out
 
 
-def _extra(name: str, per_request: Sequence[Prepared], longest: int) -> npt.NDArray[np.int64]:
+def _extra(
+    name: str, per_request: Sequence[Prepared], longest: int, empty: Empty = _empty
+) -> npt.NDArray[np.int64]:
     """``attention_mask`` ([rows, longest]: 1 real, 0 padding) or ``lengths`` ([rows])."""
     if name == "lengths":
-        return np.concatenate([np.full(p.rows, p.length, np.int64) for p in per_request])
+        out = empty((sum(p.rows for p in per_request),), np.dtype(np.int64))
+        return np.concatenate([np.full(p.rows, p.length, np.int64) for p in per_request], out=out)
     masks = [np.ones((p.rows, p.length), np.int64) for p in per_request]
-    return _pad_concat(masks, longest, 0)
+    return _pad_concat(masks, longest, 0, empty)
 
 
 def split_outputs(
@@ -396,13 +568,89 @@ def run_isolated(
 
     Every request gets its outputs, or the exception its own rows raise: one bad request costs
     its batch about log2(batch size) extra forward passes, never the good requests' results.
-    Blocking: call it off the event loop.
+    Out of memory is handled the same way (cached device memory released first): a batch too
+    big is split until its halves fit; a request that alone does not fit gets
+    RESOURCE_EXHAUSTED. Blocking: call it off the event loop.
     """
     try:
         outputs = model.predict(stack_inputs(model, per_request))
         return list(split_outputs(model, outputs, per_request))
     except Exception as exc:  # noqa: BLE001 - a model may raise anything; it is reported per request
+        return _isolate(model, per_request, exc)
+
+
+def _isolate(
+    model: LoadedModel, per_request: Sequence[Prepared], exc: Exception
+) -> list[list[Tensor] | Exception]:
+    """After ``exc`` on the whole batch: each half on its own (a lone request gets the error)."""
+    if is_out_of_memory(exc):
+        release_cache(model.device)
         if len(per_request) == 1:
-            return [exc]
-        middle = len(per_request) // 2
-        return run_isolated(model, per_request[:middle]) + run_isolated(model, per_request[middle:])
+            return [_too_big(model, per_request[0], exc)]
+    if len(per_request) == 1:
+        return [exc]
+    middle = len(per_request) // 2
+    return run_isolated(model, per_request[:middle]) + run_isolated(model, per_request[middle:])
+
+
+def _too_big(model: LoadedModel, alone: Prepared, exc: Exception) -> RequestError:
+    shape = f"{alone.rows} row(s)" + (f" x {alone.length}" if model.config.is_sequence else "")
+    error = RequestError(
+        ErrorCode.RESOURCE_EXHAUSTED,
+        f"model {model.name} v{model.version} ran out of memory on {model.device} with this "
+        f"request alone ({shape}): send fewer or shorter rows per request",
+    )
+    error.__cause__ = exc
+    return error
+
+
+Run = list[tuple[float, float, list[list[Tensor] | Exception]]]
+"""Per batch of a run: when it began (seconds after the first), its compute time, results."""
+
+
+def run_batches(model: LoadedModel, batches: Sequence[Sequence[Prepared]]) -> Run:
+    """Run batches back to back (blocking): each batch's outputs, or its requests' errors.
+
+    Pipelined: once a batch is launched, the next one is assembled and its copy started while
+    the device computes (on a GPU the launch returns at once); then the outputs come back. A
+    batch that fails anywhere goes through :func:`run_isolated`'s halving.
+    """
+    first = time.monotonic()
+    out: Run = []
+    staged = _attempt(model.stage, batches[0]) if batches else None
+    for i, batch in enumerate(batches):
+        began = time.monotonic()
+        current = staged  # its host buffers stay alive until its outputs are back
+        launched = _attempt(model.launch, current) if isinstance(current, Staged) else current
+        following = batches[i + 1] if i + 1 < len(batches) else None
+        staged = _attempt(model.stage, following) if following is not None else None
+        results: list[list[Tensor] | Exception] | Exception
+        if isinstance(launched, tuple):
+            results = _attempt(_finish(model, batch), launched)
+        else:
+            results = launched if launched is not None else RuntimeError("not staged")
+        if isinstance(results, Exception):
+            if is_out_of_memory(results) and isinstance(staged, Staged):
+                staged = None  # the next batch's copy is given up too; it is staged again
+                release_cache(model.device)
+            results = _isolate(model, batch, results)
+        out.append((began - first, time.monotonic() - began, results))
+        del current
+        if staged is None and following is not None:
+            staged = _attempt(model.stage, following)
+    return out
+
+
+def _finish(
+    model: LoadedModel, batch: Sequence[Prepared]
+) -> Callable[[tuple[torch.Tensor, ...]], list[list[Tensor]]]:
+    """Outputs of a launched batch, back on the host and cut per request."""
+    return lambda launched: split_outputs(model, model.download(launched), batch)
+
+
+def _attempt(call: Callable[[Any], Any], value: Any) -> Any:
+    """``call(value)``, or the exception it raised."""
+    try:
+        return call(value)
+    except Exception as exc:  # noqa: BLE001 - reported per request by the caller
+        return exc

@@ -1,4 +1,4 @@
-"""A model's ``config.toml``: inputs, outputs, batching, version policy, routing, quantize.
+"""A model's ``config.toml``: inputs, outputs, batching, routing, where and how it runs.
 
 Layout of the model repository (versions and routing: :mod:`worker.repository`; loading and
 running a version: :mod:`worker.model`)::
@@ -7,7 +7,7 @@ running a version: :mod:`worker.model`)::
       <name>/
         config.toml          inputs, outputs (name, datatype, shape; -1 = any), batching,
                              version_policy, routing, quantize ("none" or "int8"),
-                             tokenizer, padding
+                             tokenizer, padding, device, precision, instances
         <version>/           a folder per version, named by an integer ("1", "2", ...)
           model.pt2          a torch.export program (loaded without unpickling code)
           tokenizer.json     with a [tokenizer] table: the Hugging Face tokenizer
@@ -25,6 +25,7 @@ the file and what is wrong.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,15 +37,22 @@ from worker.errors import ConfigError
 
 __all__ = [
     "CONFIG_FILE",
+    "DEFAULT_EXECUTION",
+    "DEVICE_PATTERN",
     "EXTRA_INPUTS",
+    "MAX_INSTANCES",
     "MODEL_FILE",
+    "ON_CPU",
+    "PRECISIONS",
     "QUANTIZE_MODES",
     "TOKENIZER_FEEDS",
+    "Execution",
     "ModelConfig",
     "Routing",
     "TensorSpec",
     "TokenizerConfig",
     "VersionPolicy",
+    "check_device",
 ]
 
 MODEL_FILE = "model.pt2"
@@ -55,6 +63,33 @@ EXTRA_INPUTS = ("none", "attention_mask", "lengths")
 """Values of ``[padding] extra_input``: what a sequence model gets after its inputs."""
 QUANTIZE_MODES = ("none", "int8")
 """Values of a model's ``quantize`` key: float as exported, or int8 dynamic quantisation."""
+PRECISIONS = ("fp32", "fp16", "bf16")
+"""Values of ``precision``: as exported, or weights and float inputs cast to half precision."""
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]?))?")
+"""Values of ``device`` (a CUDA index below 100)."""
+MAX_INSTANCES = 64
+"""Most instances of one version (each is a thread)."""
+
+
+def check_device(value: object) -> str:
+    """``value`` if it is a device name the worker takes; ValueError saying which otherwise."""
+    if not isinstance(value, str) or DEVICE_PATTERN.fullmatch(value) is None:
+        raise ValueError(f"device {value!r}: expected auto, cpu, cuda or cuda:N (N below 100)")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    """Where a version runs: device, precision and how many batches at once (instances)."""
+
+    device: str = "auto"
+    """``auto`` (the first CUDA device when there is one, else the CPU), ``cpu``, ``cuda[:N]``."""
+    precision: str = "fp32"
+    instances: int = 1
+
+
+DEFAULT_EXECUTION = Execution()
+ON_CPU = Execution(device="cpu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +175,18 @@ class ModelConfig:
     extra_input: str = "none"
     """Sequence models: ``attention_mask`` or ``lengths`` passed after the inputs."""
     tokenizer: TokenizerConfig | None = None
+    device: str | None = None
+    """None: the settings' default (``WORKER_MODELS__DEVICE``); likewise the next two."""
+    precision: str | None = None
+    instances: int | None = None
+
+    def execution(self, defaults: Execution) -> Execution:
+        """Device, precision and instances: this config's, else ``defaults``."""
+        return Execution(
+            self.device or defaults.device,
+            self.precision or defaults.precision,
+            self.instances or defaults.instances,
+        )
 
     @property
     def is_sequence(self) -> bool:
@@ -156,10 +203,11 @@ class ModelConfig:
             raise ConfigError(f"{path}: cannot read model config: {exc}") from exc
         known = {
             "inputs", "outputs", "batching", "version_policy", "routing", "quantize",
-            "tokenizer", "padding",
+            "tokenizer", "padding", "device", "precision", "instances",
         }  # fmt: skip
         _only(raw, known, "section(s)", path)
         quantize = _choice(raw.get("quantize", "none"), QUANTIZE_MODES, "quantize", path)
+        device, precision, instances = _execution(raw, path)
         try:
             batching = _table(raw, "batching", path)
             max_batch_size, max_batch_delay_ms = _batching(batching, path)
@@ -175,6 +223,9 @@ class ModelConfig:
                 max_batch_tokens=_max_batch_tokens(batching, path),
                 extra_input=_extra_input(_table(raw, "padding", path), path),
                 tokenizer=_tokenizer(raw, path),
+                device=device,
+                precision=precision,
+                instances=instances,
             )
         except KeyError as exc:
             raise ConfigError(f"{path}: missing key {exc}") from exc
@@ -227,6 +278,25 @@ def _choice(value: Any, choices: Sequence[str], key: str, path: Path) -> str:
 
 def _whole(value: Any, low: int, high: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _execution(raw: Mapping[str, Any], path: Path) -> tuple[str | None, str | None, int | None]:
+    """``device``, ``precision``, ``instances`` (None where the config leaves them out)."""
+    device = raw.get("device")
+    if device is not None:
+        try:
+            check_device(device)
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    precision = raw.get("precision")
+    if precision is not None:
+        _choice(precision, PRECISIONS, "precision", path)
+    instances = raw.get("instances")
+    if instances is not None and not _whole(instances, 1, MAX_INSTANCES):
+        raise ConfigError(
+            f"{path}: instances = {instances!r}; expected a whole number from 1 to {MAX_INSTANCES}"
+        )
+    return device, precision, instances
 
 
 def _max_batch_tokens(raw: Mapping[str, Any], path: Path) -> int | None:

@@ -348,7 +348,10 @@ def model_response(
     *,
     truncated: int = 0,
 ) -> InferenceResponse:
-    """The reply for a request the model ran on: its outputs, or INTERNAL if its rows raised.
+    """The reply for a request the model ran on: its outputs, or the error its rows raised.
+
+    A :class:`RequestError` keeps its code (RESOURCE_EXHAUSTED: too big for the device's
+    memory on its own); anything else the model raised is INTERNAL.
 
     ``truncated``: strings the tokenizer cut to its maximum length, said in the reply's
     parameters (``truncated``) when there were any.
@@ -369,10 +372,13 @@ def model_response(
         version=version,
         error=repr(result),
     )
-    error = ErrorInfo(
-        str(ErrorCode.INTERNAL),
-        f"model {model} v{version} failed on this request: {type(result).__name__}: {result}",
-    )
+    if isinstance(result, RequestError):
+        error = ErrorInfo(str(result.code), result.message)
+    else:
+        error = ErrorInfo(
+            str(ErrorCode.INTERNAL),
+            f"model {model} v{version} failed on this request: {type(result).__name__}: {result}",
+        )
     return InferenceResponse(
         id=request.id, model_name=model, model_version=version, error=error, timing=timing
     )

@@ -25,9 +25,15 @@ from pathlib import Path
 from worker.errors import ConfigError, ErrorCode, RequestError, shown
 from worker.handler import HANDLER_FILE
 from worker.model import LoadedModel
-from worker.model_config import CONFIG_FILE, MODEL_FILE, ModelConfig
+from worker.model_config import (
+    CONFIG_FILE,
+    DEFAULT_EXECUTION,
+    MODEL_FILE,
+    Execution,
+    ModelConfig,
+)
 
-__all__ = ["ModelRepository", "Route", "ServedModel", "split_bucket"]
+__all__ = ["LoadOptions", "ModelRepository", "Route", "ServedModel", "split_bucket"]
 
 
 def split_bucket(request_id: str, total: int) -> int:
@@ -126,7 +132,7 @@ def _artifacts(folder: Path) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _load_model(folder: Path, previous: ServedModel | None, *, allow_code: bool) -> ServedModel:
+def _load_model(folder: Path, previous: ServedModel | None, options: LoadOptions) -> ServedModel:
     config = ModelConfig.load(folder)
     on_disk = [p.name for p in folder.iterdir() if p.is_dir() and p.name.isdigit()]
     served = config.version_policy.select(on_disk)
@@ -151,9 +157,12 @@ def _load_model(folder: Path, previous: ServedModel | None, *, allow_code: bool)
             and previous.artifacts.get(version) == artifacts[version]
             and _program_keys(old.config) == _program_keys(config)
         ):
-            versions[version] = old.with_config(config)
+            versions[version] = old.with_config(config, options.execution)
         else:
-            versions[version] = LoadedModel.load(config, folder / version, allow_code=allow_code)
+            versions[version] = LoadedModel.load(
+                config, folder / version, allow_code=options.allow_code,
+                defaults=options.execution, warm_up=config.max_batch_size or options.warm_up,
+            )  # fmt: skip
     model = ServedModel(config, versions, artifacts)
     model.check_routing()
     return model
@@ -161,30 +170,47 @@ def _load_model(folder: Path, previous: ServedModel | None, *, allow_code: bool)
 
 def _program_keys(config: ModelConfig) -> tuple[object, ...]:
     """What a loaded version depends on besides its files: a change reloads it."""
-    return (config.inputs, config.outputs, config.quantize, config.tokenizer, config.extra_input)
+    return (
+        config.inputs, config.outputs, config.quantize, config.tokenizer, config.extra_input,
+        config.device, config.precision,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """How versions are loaded: the settings that apply to every model."""
+
+    allow_code: bool = False
+    """Run a version's ``handler.py`` (``WORKER_MODELS__ALLOW_CODE``); refuse it otherwise."""
+    execution: Execution = DEFAULT_EXECUTION
+    """Device, precision, instances where a config leaves them out (``WORKER_MODELS__*``)."""
+    warm_up: int = 32
+    """On a GPU, warm up to this batch size where a config sets no ``max_batch_size``."""
 
 
 class ModelRepository:
     """Every model served, by name; immutable (a reload builds a new one)."""
 
     def __init__(
-        self, root: Path, models: Mapping[str, ServedModel], *, allow_code: bool = False
+        self, root: Path, models: Mapping[str, ServedModel], options: LoadOptions = LoadOptions()
     ) -> None:
         self.root = root
         self._models = dict(models)
-        self.allow_code = allow_code
-        """Run a version's ``handler.py`` (``WORKER_MODELS__ALLOW_CODE``); refuse it otherwise."""
+        self.options = options
 
     @classmethod
-    def load(cls, root: Path, *, allow_code: bool = False) -> ModelRepository:
+    def load(
+        cls, root: Path, *, allow_code: bool = False, options: LoadOptions | None = None
+    ) -> ModelRepository:
         """Load every model under ``root``; any problem is a :class:`ConfigError`."""
         if not root.is_dir():
             raise ConfigError(f"model repository {root} is not a folder")
         folders = sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file())
         if not folders:
             raise ConfigError(f"model repository {root} holds no model (<name>/{CONFIG_FILE})")
-        models = {f.name: _load_model(f, None, allow_code=allow_code) for f in folders}
-        return cls(root, models, allow_code=allow_code)
+        options = options or LoadOptions(allow_code=allow_code)
+        models = {f.name: _load_model(f, None, options) for f in folders}
+        return cls(root, models, options)
 
     def reload(self) -> tuple[ModelRepository, list[ConfigError]]:
         """Re-read the folder. A model that fails keeps its current state; errors are returned."""
@@ -194,12 +220,12 @@ class ModelRepository:
         for folder in folders:
             current = self._models.get(folder.name)
             try:
-                models[folder.name] = _load_model(folder, current, allow_code=self.allow_code)
+                models[folder.name] = _load_model(folder, current, self.options)
             except ConfigError as exc:
                 errors.append(exc)
                 if current is not None:
                     models[folder.name] = current
-        return ModelRepository(self.root, models, allow_code=self.allow_code), errors
+        return ModelRepository(self.root, models, self.options), errors
 
     def fingerprint(self) -> tuple[tuple[str, int, int], ...]:
         """What a file watch compares: every config and model file's path, mtime and size."""

@@ -30,6 +30,7 @@ from pydantic_settings import (
 )
 
 from worker.errors import ConfigError
+from worker.model_config import MAX_INSTANCES, Execution, check_device
 
 __all__ = [
     "ENCRYPTED_PROTOCOLS",
@@ -173,12 +174,30 @@ class ModelSettings(BaseModel):
     repository: Path = Path("models")
     """Folder laid out as ``<name>/config.toml`` and ``<name>/<version>/model.pt2``."""
     torch_threads: int = Field(default=0, ge=0)
-    """Intra-op threads for torch; 0: one per core but one, which is left to the event loop."""
+    """Intra-op threads for torch; 0: one per core but one, which is left to the event loop.
+    A version with several instances splits them (each instance at least one)."""
 
     @property
     def threads(self) -> int:
         """The intra-op thread count to use: ``torch_threads``, or cores minus one (at least 1)."""
         return self.torch_threads or max(1, (os.cpu_count() or 2) - 1)
+
+    device: str = "auto"
+    """Where a model runs unless its config.toml says: auto (CUDA when present), cpu, cuda[:N]."""
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """Compute precision unless a model's config says: weights and float inputs cast to it."""
+    instances: int = Field(default=1, ge=1, le=MAX_INSTANCES)
+    """Batches of one version running at once (a thread each) unless a model's config says."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device(value)
+
+    @property
+    def execution(self) -> Execution:
+        """The defaults for models whose config.toml leaves device, precision or instances out."""
+        return Execution(self.device, self.precision, self.instances)
 
     allow_code: bool = False
     """Run a version folder's ``handler.py`` (pre/post-processing code from the repository).

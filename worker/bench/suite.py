@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["none", "int8"], default="none",
                         help="models' quantize key (int8: dynamic)")  # fmt: skip
     parser.add_argument("--sweep", default="", help="comma-separated max_batch_size values")
+    parser.add_argument("--device", default="auto", help="the worker's models: auto, cpu, cuda[:N]")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--instances", type=int, default=1, help="instances per model version")
+    parser.add_argument("--instances-sweep", default="",
+                        help="comma-separated instance counts, one run each")  # fmt: skip
     parser.add_argument("--suite", action="store_true", help="run every reference comparison")
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--worker-src", type=Path, default=None,
@@ -79,6 +84,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             label: str, target: str, env: dict[str, str] | None = None, **over: Any
         ) -> BenchResult:
             opts = {**vars(args), **over}
+            env = {**execution_env(opts), **(env or {})}
             repo = bench_repository(
                 Path(tmp) / label, max_batch_size=opts["max_batch_size"],
                 delay_ms=opts["max_batch_delay_ms"], quantize=opts["quantize"],
@@ -116,6 +122,13 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         elif args.sweep:
             for size in [int(s) for s in args.sweep.split(",")]:
                 await one(f"batch-{size}", args.target, max_batch_size=size)
+        elif args.instances_sweep:
+            counts = [int(s) for s in args.instances_sweep.split(",")]
+            runs = [await one(f"{args.model}-x{n}", args.target, instances=n) for n in counts]
+            report["ratios"] = {
+                f"instances_{n}_vs_{counts[0]}": round(r.throughput / runs[0].throughput, 3)
+                for n, r in zip(counts, runs, strict=True)
+            }
         else:
             await one(args.target, args.target)
     report["results"] = [r.summary() for r in results]
@@ -142,12 +155,17 @@ async def _suite(
     heavy = await one("heavy", "worker", mode="closed", model="heavy", requests=max(200, n // 5))
     heavy_int8 = await one("heavy-int8", "worker", mode="closed", model="heavy",
                            requests=max(200, n // 2), quantize="int8")  # fmt: skip
+    heavy_1 = await one("heavy-batch-1", "worker", mode="closed", model="heavy",
+                        requests=max(200, n // 10), max_batch_size=1)  # fmt: skip
+    heavy_2 = await one("heavy-2-instances", "worker", mode="closed", model="heavy",
+                        requests=max(200, n // 5), instances=2)  # fmt: skip
     heavy_batch = round(statistics.fmean(heavy.batch_sizes)) if heavy.batch_sizes else 1
     plain_torch, plain_torch_int8 = (
         plain_torch_throughput(
             bench_repository(tmp / f"plain-{mode}", max_batch_size=args.max_batch_size,
                              delay_ms=args.max_batch_delay_ms, quantize=mode),
             "heavy", heavy_batch, torch_threads,
+            device=args.device if mode == "none" else "cpu", precision=args.precision,
         )
         for mode in ("none", "int8")
     )  # fmt: skip
@@ -165,6 +183,8 @@ async def _suite(
         "heavy_int8_plain_torch_rows_per_s": round(plain_torch_int8, 1),
         "heavy_batch_size": heavy_batch,
         "torch_threads": torch_threads,
+        "device": args.device,
+        "precision": args.precision,
         "low_load_rate": round(low, 1),
         "low_load_p50_bound_ms": round(echo_low.percentile(50) + compute + 2, 2),
         "highest_rate_p99_under_100ms": round(held, 1),
@@ -181,6 +201,17 @@ async def _suite(
         "heavy_vs_plain_torch": round(heavy.throughput / plain_torch, 3),
         "heavy_int8_vs_plain_torch_int8": round(heavy_int8.throughput / plain_torch_int8, 3),
         "heavy_int8_speedup": round(heavy_int8.throughput / heavy.throughput, 2),
+        "heavy_batching_speedup": round(heavy.throughput / heavy_1.throughput, 2),
+        "heavy_2_instances_vs_1": round(heavy_2.throughput / heavy.throughput, 3),
+    }
+
+
+def execution_env(opts: dict[str, Any]) -> dict[str, str]:
+    """The worker's device, precision and instances (``--device`` ...) as its settings."""
+    return {
+        "WORKER_MODELS__DEVICE": str(opts["device"]),
+        "WORKER_MODELS__PRECISION": str(opts["precision"]),
+        "WORKER_MODELS__INSTANCES": str(opts["instances"]),
     }
 
 
@@ -200,8 +231,9 @@ async def _text_suite(
     await one("minilm-open-50pct", "worker", mode="open", model="minilm", rate=rate,
               requests=max(200, int(rate * 10)))  # fmt: skip
     reference = sentence_transformers_throughput(
-        bench_texts(n), batch=args.max_batch_size, threads=torch_threads
-    )
+        bench_texts(n), batch=args.max_batch_size, threads=torch_threads,
+        device=args.device, precision=args.precision,
+    )  # fmt: skip
     report["limits"] = {
         "sentence_transformers_sentences_per_s": round(reference, 1),
         "sentence_transformers_batch_size": args.max_batch_size,

@@ -90,18 +90,28 @@ def input_of(model: str) -> tuple[str, int]:
 
 
 def sentence_transformers_throughput(
-    texts: list[str], batch: int, threads: int, rounds: int = 1
+    texts: list[str],
+    batch: int,
+    threads: int,
+    rounds: int = 1,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> float:
     """Sentences per second of ``SentenceTransformer.encode`` on ``texts`` (the reference).
 
     The same model files (checked against their pins), ``threads`` intra-op threads as the
-    worker, ``batch`` sentences per batch, sorted by length as ``encode`` always does.
+    worker, ``batch`` sentences per batch, sorted by length as ``encode`` always does; on
+    ``device`` (``auto`` as the worker resolves it) in ``precision``.
     """
     import torch  # noqa: PLC0415
     from sentence_transformers import SentenceTransformer  # noqa: PLC0415
 
+    from worker.device import resolve_device, torch_dtype  # noqa: PLC0415
+
     torch.set_num_threads(threads)
-    model = SentenceTransformer(str(reference_folder()), device="cpu")
+    model = SentenceTransformer(str(reference_folder()), device=str(resolve_device(device)))
+    model.to(torch_dtype(precision))
     model.encode(texts[:batch], batch_size=batch)
     started = time.perf_counter()
     for _ in range(rounds):
@@ -135,18 +145,28 @@ def reference_folder() -> Path:
 
 
 def plain_torch_throughput(
-    repo: Path, model: str, batch: int, threads: int, seconds: float = 3.0
+    repo: Path,
+    model: str,
+    batch: int,
+    threads: int,
+    seconds: float = 3.0,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> float:
     """Rows per second of the model's own forward pass at ``batch`` rows (the compute limit).
 
-    Runs with ``threads`` intra-op threads: the same number the worker gives torch.
+    Runs with ``threads`` intra-op threads (the number the worker gives torch), on ``device``
+    in ``precision``, inputs from host memory and outputs back to it, as the worker has them.
     """
     import torch  # noqa: PLC0415
 
-    from worker.repository import ModelRepository  # noqa: PLC0415
+    from worker.model_config import Execution  # noqa: PLC0415
+    from worker.repository import LoadOptions, ModelRepository  # noqa: PLC0415
 
     torch.set_num_threads(threads)
-    loaded = ModelRepository.load(repo).route(model, None, "").primary
+    options = LoadOptions(execution=Execution(device, precision, 1))
+    loaded = ModelRepository.load(repo, options=options).route(model, None, "").primary
     spec = loaded.config.inputs[0]
     inputs = {spec.name: np.random.default_rng(0).random((batch, spec.shape[1]), np.float32)}
     loaded.predict(inputs)

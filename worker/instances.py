@@ -1,0 +1,90 @@
+"""A version's instances: the threads that run its batches, several at once.
+
+Each served version has its own :class:`Instances` (``instances = N`` in its config, default
+``WORKER_MODELS__INSTANCES``): N threads, so N batches of the version run concurrently and
+lanes of different models never wait behind each other in one thread. The instances share the
+loaded program (its weights are only read). Per thread:
+
+- on the CPU, torch's intra-op threads are split between the instances (``threads // N``, at
+  least one), so concurrent batches do not fight over the cores;
+- on a GPU, the thread has its own CUDA stream (and a copy stream, :mod:`worker.model`), so
+  one instance's copies and kernels overlap another's.
+
+Busy time per instance is counted (``inference_instance_busy_seconds_total``: its rate is the
+instance's utilisation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+import torch
+from prometheus_client import Counter
+
+__all__ = ["Instances", "split_threads"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def split_threads(threads: int, instances: int) -> int:
+    """Intra-op threads for each of ``instances`` sharing ``threads``: at least one."""
+    return max(1, threads // instances)
+
+
+class Instances:
+    """``count`` threads running calls for one version on ``device``."""
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        count: int,
+        *,
+        device: torch.device,
+        threads: int,
+        busy: Counter,
+    ) -> None:
+        self.count = count
+        self.device = device
+        self.threads_each = split_threads(threads, count)
+        """Intra-op threads of each instance (CPU)."""
+        self._busy = busy
+        self._labels = (name, version)
+        self._numbers = itertools.count()
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(
+            max_workers=count, thread_name_prefix="inference", initializer=self._start
+        )
+
+    def _start(self) -> None:
+        """In each new instance thread: its number, its torch threads, its CUDA stream."""
+        self._local.number = next(self._numbers)
+        torch.get_num_threads()  # torch sets a new thread's count on first use: do it now...
+        torch.set_num_threads(self.threads_each)  # ...so this per-thread setting stays
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.cuda.set_stream(torch.cuda.Stream(self.device))  # type: ignore[no-untyped-call]
+
+    async def run(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """``call(*args)`` in a free instance (waits for one), its busy time counted."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: self._timed(call, *args, **kwargs))
+
+    def _timed(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        began = time.monotonic()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            number = str(self._local.number)
+            self._busy.labels(*self._labels, number).inc(time.monotonic() - began)
+
+    def close(self) -> None:
+        """Take no more calls; a call still running is not waited for (it may be stuck)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
