@@ -124,10 +124,17 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
                 await one(f"batch-{size}", args.target, max_batch_size=size)
         elif args.instances_sweep:
             counts = [int(s) for s in args.instances_sweep.split(",")]
-            runs = [await one(f"{args.model}-x{n}", args.target, instances=n) for n in counts]
+            labels = [  # a count given twice (1,2,1,2: interleaved, for noise) gets a suffix
+                f"{args.model}-x{n}" + (f"-{i + 1}" if counts.count(n) > 1 else "")
+                for i, n in enumerate(counts)
+            ]
+            runs = [
+                await one(label, args.target, instances=n)
+                for label, n in zip(labels, counts, strict=True)
+            ]
             report["ratios"] = {
-                f"instances_{n}_vs_{counts[0]}": round(r.throughput / runs[0].throughput, 3)
-                for n, r in zip(counts, runs, strict=True)
+                f"{label}_vs_{labels[0]}": round(r.throughput / runs[0].throughput, 3)
+                for label, r in zip(labels, runs, strict=True)
             }
         else:
             await one(args.target, args.target)
