@@ -10,13 +10,16 @@ PY := $(VENV)/bin/python
 # every target puts this checkout first, so it always runs its own code.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install kafka kafka-stop minilm test lint typecheck check demo train clean help
+.PHONY: install kafka kafka-stop registry registry-stop minilm proto test lint typecheck check demo train clean help
 
 help:
 	@echo "install     create $(VENV) and install the package with dev and train extras"
 	@echo "kafka       start (or reuse) the local Apache Kafka broker on 127.0.0.1:9092"
 	@echo "kafka-stop  stop it"
+	@echo "registry    build (Go) and start the local schema registry on 127.0.0.1:8081"
+	@echo "registry-stop stop it"
 	@echo "minilm      fetch all-MiniLM-L6-v2 (pinned, sha256-checked) and export it to models/minilm"
+	@echo "proto       regenerate worker/oip/*_pb2.py from the Open Inference Protocol's proto (pinned grpcio-tools)"
 	@echo "test        run the test suite (starts the broker if WORKER_KAFKA__BOOTSTRAP_SERVERS is unset)"
 	@echo "check       ruff + mypy --strict + test"
 	@echo "demo        broker + worker + digits demo client; prints accuracy and requests/s"
@@ -35,8 +38,17 @@ kafka: install
 kafka-stop:
 	$(PYTHON) dev/local_kafka.py stop
 
+registry:
+	$(PYTHON) dev/local_registry.py start
+
+registry-stop:
+	$(PYTHON) dev/local_registry.py stop
+
 minilm: install
 	$(PY) dev/minilm.py --repository models
+
+proto: install
+	cd worker/oip && $(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. open_inference_grpc.proto
 
 test: install minilm
 	$(PY) -m pytest

@@ -45,6 +45,7 @@ from worker.settings import (
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "dev"))
 import local_kafka  # noqa: E402
+import local_registry  # noqa: E402
 
 MODELS = ROOT / "tests" / "models"
 """The numeric models (links into models/): what most tests serve, quick to load."""
@@ -64,6 +65,24 @@ def bootstrap() -> Iterator[str]:
     yield address
     if not was_running:
         local_kafka.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_url() -> Iterator[str]:
+    """URL of a real schema registry (Conduit's, built by dev/local_registry.py).
+
+    ``TEST_SCHEMA_REGISTRY_URL`` names a running one; otherwise it is built and started here
+    (and stopped at the end if this session started it). No registry: the tests fail.
+    """
+    given = os.environ.get("TEST_SCHEMA_REGISTRY_URL")
+    if given:
+        yield given
+        return
+    was_running = local_registry.status()
+    url = local_registry.start()
+    yield url
+    if not was_running:
+        local_registry.stop()
 
 
 @pytest.fixture(scope="session")
@@ -307,7 +326,7 @@ async def publish_digits(
 def worker_env(settings: Settings) -> dict[str, str]:
     """Environment variables that give a worker subprocess these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
-    for section in ("kafka", "batching", "runtime", "models", "http", "audit"):
+    for section in ("kafka", "batching", "runtime", "models", "http", "audit", "schema_registry"):
         env |= env_vars(getattr(settings, section), section)
     env["WORKER_LOG__FORMAT"] = "json"
     return env

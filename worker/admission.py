@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from worker.codec import InferenceRequest, decode_request
+from worker.codec import InferenceRequest
 from worker.errors import SHOWN_CHARS, DecodeError, ErrorCode, RequestError, shown
 from worker.kafka import header
 from worker.model import LoadedModel, Prepared
@@ -115,7 +115,7 @@ def _admit(
     tokenize: bool,
 ) -> Admitted | Answered:
     try:
-        request = decode_request(source.value)
+        request = destinations.codecs.decode(source.value, source.headers, source.key)
     except DecodeError as exc:
         return Answered(_undecodable(source, exc, destinations))
     requested = destinations.requested(source.headers)
@@ -222,6 +222,8 @@ def check_limits(limits: Limits, source: Source, request: InferenceRequest) -> N
 def _undecodable(source: Source, exc: DecodeError, destinations: Destinations) -> list[Outgoing]:
     """A dead-letter copy; and an error reply too if the record names a correlation id."""
     raw_id = header(source.headers, "correlation_id")
+    if exc.request_id:  # a V2 body's own id
+        raw_id = exc.request_id.encode()
     log.warning(
         "undecodable record dead-lettered",
         partition=source.tp.partition,

@@ -2,8 +2,8 @@
 
 One request's path, a module a step::
 
-    intake       consumer.getmany ─> OffsetTracker.track ─> Source
-    admission    decode ─> limits ─> route (primary + shadow) ─> validate ─> Job
+    intake       consumer.getmany ─> (new schema ids looked up) ─> OffsetTracker.track ─> Source
+    admission    decode (any wire format) ─> limits ─> route (primary + shadow) ─> validate ─> Job
                      (or the error reply / dead-letter copy that answers it now)
     tokenizing   text jobs only: what has arrived, tokenised in one call, in its own thread
     lanes        Batcher (size, delay) ─> deadline check ─> the version's instances
@@ -30,6 +30,7 @@ import gc
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import structlog
 import torch
@@ -38,6 +39,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from worker.admission import Admitted, Limits, admit
 from worker.audit import AuditLog
 from worker.errors import DrainTimeoutError
+from worker.formats import Codecs
 from worker.http import Probes, serve_http
 from worker.intake import Intake
 from worker.kafka import ensure_topics, make_producer
@@ -46,6 +48,7 @@ from worker.metrics import Metrics
 from worker.outgoing import Destinations, Outgoing, Source, Stage, dead_letter
 from worker.replies import Replier, TopicCache
 from worker.repository import ModelRepository
+from worker.schema_registry import SchemaRegistry
 from worker.settings import Settings
 from worker.supervision import Progress, Supervisor
 from worker.tokenizing import Tokenizing
@@ -88,6 +91,8 @@ class Worker:
             watchdog_timeout_s=runtime.watchdog_timeout_s,
         )
         self._audit_log = AuditLog()
+        self._registry: SchemaRegistry | None = None
+        """The schema registry client while running (``WORKER_SCHEMA_REGISTRY__URL`` set)."""
 
     @property
     def assigned(self) -> frozenset[TopicPartition]:
@@ -137,6 +142,17 @@ class Worker:
                 )
             topics = [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic]
             await ensure_topics(kafka, [*topics, *filter(None, [settings.audit.topic])])
+            registry = None
+            if settings.schema_registry.url:  # registers the reply schema: fails start if it can't
+                registry = await stack.enter_async_context(
+                    SchemaRegistry(
+                        settings.schema_registry,
+                        reply_subject=f"{kafka.replies_topic}-value",
+                        lookups=self.metrics.schema_lookups,
+                    )
+                )
+                self._destinations = replace(self._destinations, codecs=Codecs(registry))
+            self._registry = registry
             producer = make_producer(kafka)
             stack.push_async_callback(producer.stop)  # before start: closed even if it fails
             await producer.start()
@@ -207,7 +223,8 @@ class Worker:
         def unparseable(source: Source, error: Exception) -> None:
             replier.submit([dead_letter(self._destinations, source, Stage.FETCH, error)])
 
-        await intake.consume(self._stopping, dispatch, unparseable)
+        prepare = self._registry.prepare if self._registry is not None else None
+        await intake.consume(self._stopping, dispatch, unparseable, prepare)
         try:
             async with asyncio.timeout(self.settings.runtime.shutdown_timeout_s):
                 tokenizing.close()

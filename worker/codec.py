@@ -46,10 +46,13 @@ __all__ = [
     "Tensor",
     "Timing",
     "decode_request",
+    "decode_request_body",
     "decode_response",
     "encode_request",
     "encode_response",
+    "encode_response_body",
     "schema_dir",
+    "schema_text",
 ]
 
 SOE_MARKER = b"\xc3\x01"
@@ -113,10 +116,16 @@ class _Schema:
         self.previous_header = _parse(history[0])[1] if history else self.header
         """The header of the newest earlier version: same bytes for messages without BYTES."""
 
-    def encode(self, record: Mapping[str, Any], *, uses_new: bool = True) -> bytes:
-        """Encode ``record``; ``uses_new=False`` writes the previous version's fingerprint."""
+    def encode(
+        self, record: Mapping[str, Any], *, uses_new: bool = True, framed: bool = True
+    ) -> bytes:
+        """Encode ``record``; ``uses_new=False`` writes the previous version's fingerprint.
+
+        ``framed=False``: the bare Avro body, no single-object header.
+        """
         buf = io.BytesIO()
-        buf.write(self.header if uses_new else self.previous_header)
+        if framed:
+            buf.write(self.header if uses_new else self.previous_header)
         fastavro.schemaless_writer(buf, self.parsed, record)
         return buf.getvalue()
 
@@ -130,17 +139,18 @@ class _Schema:
                     f"which is no version of {self.name} this worker knows (known: "
                     f"{', '.join(h[2:].hex() for h in self.writers)}; see schemas/)"
                 )
-            return self._read(memoryview(value)[10:], writer)
+            return self.read(memoryview(value)[10:], writer)
         failure: DecodeError | None = None
         for writer in self.writers.values():
             try:
-                return self._read(memoryview(value), writer)
+                return self.read(memoryview(value), writer)
             except DecodeError as exc:
                 failure = failure or exc
         assert failure is not None
         raise failure
 
-    def _read(self, body: memoryview, writer: Any) -> dict[str, Any]:
+    def read(self, body: memoryview, writer: Any) -> dict[str, Any]:
+        """A bare Avro body written with ``writer``, read into this (the current) schema."""
         buf = io.BytesIO(body)
         try:
             record = fastavro.schemaless_reader(buf, writer, self.parsed)
@@ -358,7 +368,24 @@ def decode_request(value: bytes | None) -> InferenceRequest:
     """Decode a request; raises :class:`~worker.errors.DecodeError` on anything else."""
     if not value:
         raise DecodeError("record value is empty; expected an Avro-encoded InferenceRequest")
-    rec = _REQUEST.decode(value)
+    return _request(_REQUEST.decode(value))
+
+
+def decode_request_body(body: bytes | memoryview, writer: Any) -> InferenceRequest:
+    """A bare Avro request body written with ``writer`` (a parsed schema), resolved to ours.
+
+    Avro schema resolution: fields the writer lacks take our defaults, fields we lack are
+    skipped; a writer that cannot be resolved to our schema is a DecodeError saying so.
+    """
+    return _request(_REQUEST.read(memoryview(body), writer))
+
+
+def schema_text(name: str) -> str:
+    """The current schema of ``inference_request`` or ``inference_response``, as JSON text."""
+    return (schema_dir() / f"{name}.avsc").read_text()
+
+
+def _request(rec: Mapping[str, Any]) -> InferenceRequest:
     return InferenceRequest(
         id=rec["id"],
         model_name=rec["model_name"],
@@ -370,7 +397,17 @@ def decode_request(value: bytes | None) -> InferenceRequest:
 
 
 def encode_response(response: InferenceResponse) -> bytes:
-    """Encode a response as an Avro single-object message.
+    """Encode a response as an Avro single-object message."""
+    return _RESPONSE.encode(_response_record(response), uses_new=_uses_bytes(response.outputs))
+
+
+def encode_response_body(response: InferenceResponse) -> bytes:
+    """A response as bare Avro of the current schema (for a schema registry's framing)."""
+    return _RESPONSE.encode(_response_record(response), framed=False)
+
+
+def _response_record(response: InferenceResponse) -> dict[str, Any]:
+    """The Avro record of a response.
 
     Optional records are passed in fastavro's tuple notation, ``(record name, value)``, which
     names the union branch: fastavro otherwise validates the value against every branch
@@ -378,29 +415,26 @@ def encode_response(response: InferenceResponse) -> bytes:
     """
     error = response.error
     timing = response.timing
-    return _RESPONSE.encode(
-        {
-            "id": response.id,
-            "model_name": response.model_name,
-            "model_version": response.model_version,
-            "outputs": [_tensor_to_avro(t) for t in response.outputs],
-            "error": None
-            if error is None
-            else (_ERROR_RECORD, {"code": error.code, "message": error.message}),
-            "timing": None
-            if timing is None
-            else (
-                _TIMING_RECORD,
-                {
-                    "queue_us": timing.queue_us,
-                    "compute_us": timing.compute_us,
-                    "batch_size": timing.batch_size,
-                },
-            ),
-            "parameters": response.parameters,
-        },
-        uses_new=_uses_bytes(response.outputs),
-    )
+    return {
+        "id": response.id,
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "outputs": [_tensor_to_avro(t) for t in response.outputs],
+        "error": None
+        if error is None
+        else (_ERROR_RECORD, {"code": error.code, "message": error.message}),
+        "timing": None
+        if timing is None
+        else (
+            _TIMING_RECORD,
+            {
+                "queue_us": timing.queue_us,
+                "compute_us": timing.compute_us,
+                "batch_size": timing.batch_size,
+            },
+        ),
+        "parameters": response.parameters,
+    }
 
 
 def decode_response(value: bytes) -> InferenceResponse:

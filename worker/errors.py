@@ -123,10 +123,16 @@ class RequestError(WorkerError):
 
 
 class DecodeError(RequestError):
-    """A record's value is not a decodable inference request."""
+    """A record's value is not a decodable inference request.
 
-    def __init__(self, message: str) -> None:
-        super().__init__(ErrorCode.INVALID_ARGUMENT, message)
+    INVALID_ARGUMENT, unless decoding failed for a reason of the moment (UNAVAILABLE: the
+    schema registry could not be reached).
+    """
+
+    def __init__(self, message: str, *, code: ErrorCode = ErrorCode.INVALID_ARGUMENT) -> None:
+        super().__init__(code, message)
+        self.request_id: str | None = None
+        """The correlation id, when the record got far enough to name one (V2 bodies)."""
 
 
 class ClientError(WorkerError):

@@ -16,14 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from worker.kafka import make_consumer
+from worker.kafka import Headers, make_consumer
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker
 from worker.outgoing import Source
@@ -78,12 +78,15 @@ class Intake:
         stopping: asyncio.Event,
         dispatch: Callable[[Source], None],
         unparseable: Callable[[Source, Exception], None],
+        prepare: Callable[[list[tuple[bytes | None, Headers]]], Awaitable[None]] | None = None,
     ) -> None:
         """Fetch records and hand each to ``dispatch`` until ``stopping`` is set.
 
         Records the Kafka client cannot parse (a header key that is not UTF-8, say) are
         stepped past: each offset skipped goes to ``unparseable`` (bytes unknown) and is
-        committed like an answered record once that is done.
+        committed like an answered record once that is done. ``prepare`` is awaited with each
+        fetched batch's (value, headers) before any of it is dispatched (schema lookups);
+        records of partitions revoked meanwhile are left to their new owner.
         """
         consumer = self.consumer
         max_in_flight = self._runtime.max_in_flight
@@ -113,6 +116,10 @@ class Intake:
                 self._metrics.fetch_errors.inc()
                 await self._step_past(exc, dispatch, unparseable)
                 continue
+            if prepare is not None and fetched:
+                await prepare([(r.value, r.headers) for rs in fetched.values() for r in rs])
+                assigned = consumer.assignment()
+                fetched = {tp: rs for tp, rs in fetched.items() if tp in assigned}
             for tp, records in fetched.items():
                 self._hand_on(tp, records, dispatch)
 

@@ -80,6 +80,12 @@ class Metrics:
             ["device", "kind"],
             registry=r,
         )
+        self.schema_lookups = Counter(
+            "inference_schema_lookups",
+            "Schema registry lookups of new schema ids, by result (ok, missing, unavailable)",
+            ["result"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "inference_requests_in_flight",
             "Requests fetched and not yet answered (reply or dead-letter copy acknowledged)",

@@ -27,8 +27,8 @@ import structlog
 from aiokafka import TopicPartition  # a plain named tuple: (topic, partition)
 
 from worker.codec import ErrorInfo, InferenceRequest, InferenceResponse, Tensor, Timing
-from worker.codec import encode_response as _encode_response
 from worker.errors import SHOWN_CHARS, ErrorCode, RequestError
+from worker.formats import PLAIN, Codecs
 from worker.kafka import Headers, header
 from worker.tracing import continue_trace
 
@@ -118,6 +118,8 @@ class Destinations:
     requests_topic: str = ""
     reply_topics: tuple[str, ...] = ()
     """Allowed ``reply_to`` topics besides ``replies_topic``: names, or prefixes ending in ``*``."""
+    codecs: Codecs = PLAIN
+    """How requests are read and replies written, in every wire format (:mod:`worker.formats`)."""
 
     def allows(self, topic: str) -> bool:
         """May a request have its reply written to ``topic``? Never to the worker's own topics."""
@@ -229,8 +231,9 @@ def reply(
         labels=(model, version) if served else (UNSERVED, UNSERVED),
         refused_topic=refused,
     )
+    value, content_headers = destinations.codecs.encode(source.value, source.headers, response)
     message = Outgoing(
-        source, response.id, topic, _encode_response(response), reply_headers, meta=meta
+        source, response.id, topic, value, reply_headers + content_headers, meta=meta
     )
     if not destinations.audit_topic:
         return [message]

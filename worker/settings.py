@@ -43,6 +43,7 @@ __all__ = [
     "LogSettings",
     "ModelSettings",
     "RuntimeSettings",
+    "SchemaRegistrySettings",
     "Settings",
     "env_var_names",
     "env_vars",
@@ -246,6 +247,45 @@ class AuditSettings(BaseModel):
     """Also publish each audit record (JSON) to this topic, with the reply; empty: don't."""
 
 
+class SchemaRegistrySettings(BaseModel):
+    """A Confluent-compatible schema registry, for records in its wire format (off: no URL)."""
+
+    url: str = ""
+    """E.g. ``https://registry:8081``; empty: no registry (framed records are refused)."""
+    username: str = ""
+    """HTTP basic auth user (with ``password``); empty: no authentication."""
+    password: SecretStr | None = None
+    ca_file: FilePath | None = None
+    """PEM CA bundle to verify the registry's certificate (default: the system's)."""
+    cert_file: FilePath | None = None
+    """PEM client certificate for mutual TLS (with ``key_file``)."""
+    key_file: FilePath | None = None
+    reply_schema_id: int | None = Field(default=None, ge=0)
+    """The response schema's id, where the worker may not register it; else it registers it
+    under ``<replies topic>-value`` at start."""
+    timeout_s: float = Field(default=5.0, gt=0)
+    """Per registry request."""
+    retry_s: float = Field(default=5.0, ge=0)
+    """How long a lookup of a new schema id is retried while the registry cannot be reached."""
+    cache_size: int = Field(default=1_000, ge=1)
+    """Writer schemas kept (least recently used go first)."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"url {value!r} must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _pairs(self) -> SchemaRegistrySettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS)")
+        if bool(self.username) != (self.password is not None):
+            raise ValueError("username and password go together (HTTP basic auth)")
+        return self
+
+
 class LogSettings(BaseModel):
     """Logging output."""
 
@@ -273,6 +313,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     audit: AuditSettings = AuditSettings()
     log: LogSettings = LogSettings()
+    schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
 
     @classmethod
     def settings_customise_sources(

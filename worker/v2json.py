@@ -1,0 +1,129 @@
+"""KServe V2 JSON on Kafka: the body of ``POST /v2/models/{name}/infer``, as MLServer takes it.
+
+A record with header ``content-type: application/json`` (or Seldon's ``seldon-infer-type:
+json/inferModelRequest``) holds::
+
+    {"id": "42", "parameters": {...},
+     "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64],
+                 "data": [0.0, 3.0, ...]}]}
+
+``data`` is flat (row-major) or nested; ``BYTES`` data are strings. The model is named by header
+(:mod:`worker.v2`). The reply is the V2 response body, with ``content-type:
+application/json``::
+
+    {"id": "42", "model_name": "digits", "model_version": "2",
+     "parameters": {"queue_us": 812, "compute_us": 95, "batch_size": 17},
+     "outputs": [{"name": "label", "datatype": "INT64", "shape": [1], "data": [7]}]}
+
+An error reply has ``"error": "<message>"`` (as V2 REST errors do) and its code in
+``parameters.error_code``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from worker.codec import InferenceRequest, InferenceResponse, Parameters
+from worker.errors import DecodeError, shown
+from worker.v2 import (
+    Headers,
+    reply_parameters,
+    request_id,
+    request_model,
+    tensor_from_values,
+    tensor_values,
+)
+
+__all__ = ["CONTENT_TYPE", "decode_json_request", "encode_json_response"]
+
+CONTENT_TYPE = "application/json"
+
+
+def decode_json_request(value: bytes, headers: Headers, key: bytes | None) -> InferenceRequest:
+    """A V2 JSON body (and its record's headers and key) as a request; DecodeError if not."""
+    try:
+        body = json.loads(value)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise DecodeError(f"record is not JSON: {str(exc)[:200]}") from exc
+    if not isinstance(body, dict):
+        raise DecodeError(f"V2 JSON request must be an object, not {type(body).__name__}")
+    try:
+        return _request(body, headers, key)
+    except DecodeError as exc:  # the error reply can still carry the id, if there is one
+        given = body.get("id")
+        exc.request_id = request_id(given if isinstance(given, str) else "", headers, key) or None
+        raise
+
+
+def _request(body: dict[str, Any], headers: Headers, key: bytes | None) -> InferenceRequest:
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list):
+        raise DecodeError('V2 JSON request needs "inputs": a list of tensors')
+    name, version = request_model(_text(body, "model_name"), _text(body, "model_version"), headers)
+    tensors = []
+    for i, raw in enumerate(inputs):
+        if not isinstance(raw, dict):
+            raise DecodeError(f"inputs[{i}] must be an object with name, datatype, shape, data")
+        shape = raw.get("shape")
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
+            raise DecodeError(f"inputs[{i}].shape must be a list of whole numbers")
+        if "data" not in raw:
+            raise DecodeError(f"inputs[{i}] has no data")
+        tensors.append(
+            tensor_from_values(_text(raw, "name"), _text(raw, "datatype"), shape, raw["data"])
+        )
+    return InferenceRequest(
+        id=request_id(_text(body, "id"), headers, key),
+        model_name=name,
+        model_version=version,
+        inputs=tensors,
+        parameters=_parameters(body.get("parameters")),
+    )
+
+
+def _text(body: dict[str, Any], field: str) -> str:
+    value = body.get(field, "")
+    if not isinstance(value, str):
+        raise DecodeError(f"{field} must be a string, not {type(value).__name__}")
+    return value
+
+
+def _parameters(raw: Any) -> Parameters | None:
+    """Scalar parameters only (as in Avro); nested values are refused, not dropped."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise DecodeError("parameters must be an object")
+    for key, value in raw.items():
+        if not isinstance(value, str | int | float | bool):
+            raise DecodeError(
+                f"parameter {shown(key)} is {type(value).__name__}; parameters are strings, "
+                "numbers or booleans"
+            )
+    return raw
+
+
+def encode_json_response(response: InferenceResponse) -> bytes:
+    """The V2 JSON response body for a reply (an error: ``error`` and its code)."""
+    body: dict[str, Any] = {
+        "id": response.id,
+        "model_name": response.model_name,
+        "model_version": response.model_version or "",
+        "parameters": reply_parameters(response),
+    }
+    if response.error is not None:
+        body["error"] = response.error.message
+    else:
+        body["outputs"] = [
+            {
+                "name": t.name,
+                "datatype": t.datatype,
+                "shape": list(t.shape),
+                "data": tensor_values(t),
+            }
+            for t in response.outputs
+        ]
+    return json.dumps(body, separators=(",", ":"), allow_nan=True).encode()
