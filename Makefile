@@ -19,7 +19,7 @@ help:
 	@echo "registry    build (Go) and start the local schema registry on 127.0.0.1:8081"
 	@echo "registry-stop stop it"
 	@echo "minilm      fetch all-MiniLM-L6-v2 (pinned, sha256-checked) and export it to models/minilm"
-	@echo "proto       regenerate worker/oip/*_pb2.py from the Open Inference Protocol's proto (pinned grpcio-tools)"
+	@echo "proto       regenerate worker/oip/*_pb2*.py from the Open Inference Protocol's proto (pinned grpcio-tools)"
 	@echo "test        run the test suite (starts the broker if WORKER_KAFKA__BOOTSTRAP_SERVERS is unset)"
 	@echo "check       ruff + mypy --strict + test"
 	@echo "demo        broker + worker + digits demo client; prints accuracy and requests/s"
@@ -48,7 +48,8 @@ minilm: install
 	$(PY) dev/minilm.py --repository models
 
 proto: install
-	cd worker/oip && $(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. open_inference_grpc.proto
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
+		worker/oip/open_inference_grpc.proto
 
 test: install minilm
 	$(PY) -m pytest

@@ -81,7 +81,12 @@ def test_worker_scales_and_drains() -> None:
     """The worker can be scaled (no fixed name or host port) and gets time to drain on stop."""
     worker = compose()["services"]["worker"]
     assert "container_name" not in worker
-    assert "ports" not in worker
+    # REST and gRPC reach the host on ports Docker picks per replica (never a fixed one).
+    assert all(re.fullmatch(r"127\.0\.0\.1::\d+", p) for p in worker["ports"])
+    assert {p.rsplit(":", 1)[1] for p in worker["ports"]} == {"8000", "8001"}
+    assert {"8000", "8001"} <= set(worker["expose"])
+    env = worker["environment"]
+    assert env["WORKER_REST__ENABLED"] == env["WORKER_GRPC__ENABLED"] == "true"
     grace = int(str(worker["stop_grace_period"]).rstrip("s"))
     assert grace > float(worker["environment"]["WORKER_RUNTIME__SHUTDOWN_TIMEOUT_S"])
 

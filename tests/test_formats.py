@@ -321,15 +321,18 @@ def test_a_protobuf_reply_has_raw_outputs_and_parameters() -> None:
 
 
 def test_the_generated_protobuf_code_is_what_the_pinned_generator_makes(tmp_path: Path) -> None:
-    """worker/oip/*_pb2.py(i) equal grpcio-tools' output for the committed proto (make proto)."""
-    oip = ROOT / "worker" / "oip"
+    """worker/oip/*_pb2* equal grpcio-tools' output for the committed proto (make proto)."""
+    proto = "worker/oip/open_inference_grpc.proto"
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{oip}", f"--python_out={tmp_path}",
-         f"--pyi_out={tmp_path}", str(oip / "open_inference_grpc.proto")],
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}", f"--python_out={tmp_path}",
+         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", str(ROOT / proto)],
         check=True,
     )  # fmt: skip
-    for name in ("open_inference_grpc_pb2.py", "open_inference_grpc_pb2.pyi"):
-        assert (tmp_path / name).read_text() == (oip / name).read_text(), name
+    oip = ROOT / "worker" / "oip"
+    made = tmp_path / "worker" / "oip"
+    for name in ("open_inference_grpc_pb2.py", "open_inference_grpc_pb2.pyi",
+                 "open_inference_grpc_pb2_grpc.py"):  # fmt: skip
+        assert (made / name).read_text() == (oip / name).read_text(), name
 
 
 # --- Schema Registry framing (the registry itself: tests/test_formats_kafka.py) -------------

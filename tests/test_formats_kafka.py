@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -255,11 +256,18 @@ def answer(reply: Reply) -> tuple[str, int | None, str | None, int]:
 
 
 async def test_v2_json_protobuf_and_registry_requests_batch_together_and_get_replies_in_kind(
-    settings: Settings, registry_url: str, repository: ModelRepository, testset: TestSet
+    settings: Settings,
+    registry_url: str,
+    repository: ModelRepository,
+    repo_dir: Path,
+    testset: TestSet,
 ) -> None:
     """12 requests in four formats, one burst: one batch of 12; each reply in its own format."""
     settings = changed(settings, "schema_registry", url=registry_url)
-    settings = changed(settings, "batching", max_batch_delay_ms=1500, start_when_idle=False)
+    settings = changed(settings, "batching", start_when_idle=False)
+    config = repo_dir / "digits" / "config.toml"  # wait for the whole burst to arrive
+    config.write_text(config.read_text().replace("max_batch_delay_ms = 5.0",
+                                                 "max_batch_delay_ms = 1500.0"))  # fmt: skip
     kafka = settings.kafka
     pixels = testset[0][:12]
     framed = serialize(registry_url, kafka.requests_topic, schema_text("inference_request"),
@@ -277,7 +285,8 @@ async def test_v2_json_protobuf_and_registry_requests_batch_together_and_get_rep
             records.append((None, proto_value(f"r-{i}", pixels[i]), PROTO_HEADERS))
         else:
             records.append((None, framed.pop(0), []))
-    async with running_worker(settings, repository), reply_reader(settings) as replies:
+    patient = ModelRepository.load(repo_dir)
+    async with running_worker(settings, patient), reply_reader(settings) as replies:
         await publish(settings, records)
         await wait_for(lambda: len(replies) >= 12, timeout=60, what="12 replies")
     answers = {a[0]: a for a in map(answer, replies)}

@@ -115,7 +115,9 @@ def _admit(
     tokenize: bool,
 ) -> Admitted | Answered:
     try:
-        request = destinations.codecs.decode(source.value, source.headers, source.key)
+        request = source.request or destinations.codecs.decode(
+            source.value, source.headers, source.key
+        )
     except DecodeError as exc:
         return Answered(_undecodable(source, exc, destinations))
     requested = destinations.requested(source.headers)

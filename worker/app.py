@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -38,8 +38,10 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from worker.admission import Admitted, Limits, admit
 from worker.audit import AuditLog
+from worker.direct import Direct
 from worker.errors import DrainTimeoutError
 from worker.formats import Codecs
+from worker.grpc_api import serve_grpc
 from worker.http import Probes, serve_http
 from worker.intake import Intake
 from worker.kafka import ensure_topics, make_producer
@@ -48,6 +50,7 @@ from worker.metrics import Metrics
 from worker.outgoing import Destinations, Outgoing, Source, Stage, dead_letter
 from worker.replies import Replier, TopicCache
 from worker.repository import ModelRepository
+from worker.rest import V2Api, serve_rest, server_version
 from worker.schema_registry import SchemaRegistry
 from worker.settings import Settings
 from worker.supervision import Progress, Supervisor
@@ -67,6 +70,10 @@ class Worker:
         self.metrics = Metrics()
         self.http_port: int | None = None
         """The port of the metrics and health endpoint, once it listens."""
+        self.rest_port: int | None = None
+        """The V2 REST endpoint's port, once it listens (``WORKER_REST__ENABLED``)."""
+        self.grpc_port: int | None = None
+        """The gRPC endpoint's port, once it listens (``WORKER_GRPC__ENABLED``)."""
         self._stopping = asyncio.Event()
         self._reload = asyncio.Event()
         self._progress = Progress()
@@ -91,6 +98,9 @@ class Worker:
             watchdog_timeout_s=runtime.watchdog_timeout_s,
         )
         self._audit_log = AuditLog()
+        self._direct: Direct | None = None
+        self._serving = False
+        """The endpoints are up (readiness without Kafka)."""
         self._registry: SchemaRegistry | None = None
         """The schema registry client while running (``WORKER_SCHEMA_REGISTRY__URL`` set)."""
 
@@ -110,12 +120,21 @@ class Worker:
 
     def ready(self) -> tuple[bool, str]:
         """Readiness (``/readyz``): the group joined and not stopping; where each model runs."""
-        ok, detail = self._supervisor.ready()
+        if self.settings.kafka.enabled:
+            ok, detail = self._supervisor.ready()
+        else:
+            ok = self._serving and not self._stopping.is_set()
+            detail = "ok: REST/gRPC only" if ok else "stopping" if self._serving else "starting"
         placed = ", ".join(
             f"{m.name} v{m.version} on {m.device} {m.execution.precision} x{m.execution.instances}"
             for m in self.repository.all()
         )
         return ok, f"{detail}; models: {placed}"
+
+    @property
+    def direct_in_flight(self) -> int:
+        """REST and gRPC requests admitted and not yet answered."""
+        return self._direct.pending if self._direct is not None else 0
 
     def request_reload(self) -> None:
         """Re-read the model repository soon (SIGHUP does this); the current one keeps serving."""
@@ -140,45 +159,33 @@ class Worker:
                 self.http_port = await stack.enter_async_context(
                     serve_http(probes, settings.http.host, settings.http.port)
                 )
-            topics = [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic]
-            await ensure_topics(kafka, [*topics, *filter(None, [settings.audit.topic])])
-            registry = None
-            if settings.schema_registry.url:  # registers the reply schema: fails start if it can't
-                registry = await stack.enter_async_context(
-                    SchemaRegistry(
-                        settings.schema_registry,
-                        reply_subject=f"{kafka.replies_topic}-value",
-                        lookups=self.metrics.schema_lookups,
-                    )
-                )
-                self._destinations = replace(self._destinations, codecs=Codecs(registry))
-            self._registry = registry
-            producer = make_producer(kafka)
-            stack.push_async_callback(producer.stop)  # before start: closed even if it fails
-            await producer.start()
-            await stack.enter_async_context(self._intake.running())
+            replier = None
+            if kafka.enabled:
+                replier = await self._connect(stack)
             shadow_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shadow")
             tokenizer_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
             for pool in (shadow_executor, tokenizer_executor):
                 # wait=False: a model call stuck forever must not keep the worker from exiting.
                 stack.callback(pool.shutdown, wait=False, cancel_futures=True)
-            replier = self._make_replier(producer)
             log.info(
                 "worker started",
-                topic=kafka.requests_topic,
-                group=kafka.group_id,
+                topic=kafka.requests_topic if kafka.enabled else None,
+                group=kafka.group_id if kafka.enabled else None,
+                rest=settings.rest.enabled,
+                grpc=settings.grpc.enabled,
                 models=_names(self.repository),
             )
             _freeze_heap()
             stack.callback(gc.unfreeze)  # let exit-time collection see everything again
             async with asyncio.TaskGroup() as group:
+                route = self._router(replier)
                 lanes = Lanes(
                     group,
                     threads=settings.models.threads,
                     shadow_executor=shadow_executor,
                     batching=settings.batching,
                     destinations=self._destinations,
-                    submit=replier.submit,
+                    submit=route,
                     metrics=self.metrics,
                     shadow_queue_limit=settings.runtime.max_in_flight,
                 )
@@ -187,24 +194,78 @@ class Worker:
                 tokenizing = Tokenizing(
                     tokenizer_executor,
                     forward=lanes.put,
-                    answer=replier.submit,
+                    answer=route,
                     destinations=self._destinations,
                 )
-                await self._serve(group, lanes, tokenizing, replier)
+                await self._serve(group, lanes, tokenizing, replier, route)
         log.info("worker stopped cleanly")
 
+    async def _connect(self, stack: contextlib.AsyncExitStack) -> Replier:
+        """Kafka: topics, the schema registry (if any), the producer, the group consumer."""
+        settings, kafka = self.settings, self.settings.kafka
+        topics = [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic]
+        await ensure_topics(kafka, [*topics, *filter(None, [settings.audit.topic])])
+        if settings.schema_registry.url:  # registers the reply schema: fails start if it can't
+            self._registry = await stack.enter_async_context(
+                SchemaRegistry(
+                    settings.schema_registry,
+                    reply_subject=f"{kafka.replies_topic}-value",
+                    lookups=self.metrics.schema_lookups,
+                )
+            )
+            self._destinations = replace(self._destinations, codecs=Codecs(self._registry))
+        producer = make_producer(kafka)
+        stack.push_async_callback(producer.stop)  # before start: closed even if it fails
+        await producer.start()
+        await stack.enter_async_context(self._intake.running())
+        return self._make_replier(producer)
+
+    def _router(self, replier: Replier | None) -> Callable[[Sequence[Outgoing]], None]:
+        """Where answers go: a record's to the replier; a direct request's to its caller.
+
+        A direct request's reply is handed to its caller and counted at once; its audit-topic
+        record is published (not tracked: it has no offset); a dead-letter copy of it is
+        dropped (its caller has the error).
+        """
+        audit_topic = self._destinations.audit_topic
+
+        def route(items: Sequence[Outgoing]) -> None:
+            published: list[Outgoing] = []
+            answered: list[Outgoing] = []
+            for item in items:
+                respond = item.source.respond
+                if respond is None:
+                    published.append(item)
+                elif item.meta is not None and item.response is not None:
+                    respond(item.response)
+                    answered.append(item)
+                elif audit_topic and item.topic == audit_topic and not item.is_dead_letter:
+                    published.append(item)
+            if answered:
+                self._acknowledged(answered)
+            if published and replier is not None:  # none without Kafka (nothing to publish)
+                replier.submit(published)
+
+        return route
+
     async def _serve(
-        self, group: asyncio.TaskGroup, lanes: Lanes, tokenizing: Tokenizing, replier: Replier
+        self,
+        group: asyncio.TaskGroup,
+        lanes: Lanes,
+        tokenizing: Tokenizing,
+        replier: Replier | None,
+        route: Callable[[Sequence[Outgoing]], None],
     ) -> None:
         intake, supervisor = self._intake, self._supervisor
-        replying = group.create_task(replier.run())
+        replying = group.create_task(replier.run()) if replier is not None else None
         tokenizer = group.create_task(tokenizing.run())
-        background = [
-            group.create_task(intake.commit_loop()),
-            group.create_task(supervisor.watchdog()),
-            group.create_task(supervisor.lag_loop()),
-            group.create_task(self._reload_loop(lanes)),
-        ]
+        background = [group.create_task(self._reload_loop(lanes))]
+        if replier is not None:
+            background += [
+                group.create_task(intake.commit_loop()),
+                group.create_task(supervisor.watchdog()),
+                group.create_task(supervisor.lag_loop()),
+            ]
 
         def dispatch(source: Source) -> None:
             """Admit one record; queue its job, or publish its answer now."""
@@ -218,20 +279,64 @@ class Worker:
                 else:
                     lanes.put(outcome)
             else:
-                replier.submit(outcome.outgoing)
+                route(outcome.outgoing)
 
         def unparseable(source: Source, error: Exception) -> None:
-            replier.submit([dead_letter(self._destinations, source, Stage.FETCH, error)])
+            route([dead_letter(self._destinations, source, Stage.FETCH, error)])
 
         prepare = self._registry.prepare if self._registry is not None else None
-        await intake.consume(self._stopping, dispatch, unparseable, prepare)
+        direct = Direct(
+            dispatch,
+            records_in_flight=lambda: intake.tracker.pending,
+            max_in_flight=self.settings.runtime.max_in_flight,
+        )
+        intake.others_in_flight = lambda: direct.pending
+        self._direct = direct
+        async with self._endpoints(direct):
+            if replier is not None:
+                await intake.consume(self._stopping, dispatch, unparseable, prepare)
+            else:
+                await self._stopping.wait()
+            await self._drain(
+                intake=intake, lanes=lanes, tokenizing=tokenizing, tokenizer=tokenizer,
+                replier=replier, replying=replying, background=background, direct=direct,
+            )  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def _endpoints(self, direct: Direct) -> AsyncIterator[None]:
+        """The REST and gRPC endpoints, as enabled, while open."""
+        settings = self.settings
+        api = V2Api(lambda: self.repository, lambda: self.ready()[0], direct, server_version())
+        async with contextlib.AsyncExitStack() as stack:
+            if settings.rest.enabled:
+                self.rest_port = await stack.enter_async_context(serve_rest(api, settings.rest))
+            if settings.grpc.enabled:
+                self.grpc_port = await stack.enter_async_context(serve_grpc(api, settings.grpc))
+            self._serving = True
+            yield
+
+    async def _drain(
+        self,
+        *,
+        intake: Intake,
+        lanes: Lanes,
+        tokenizing: Tokenizing,
+        tokenizer: asyncio.Task[None],
+        replier: Replier | None,
+        replying: asyncio.Task[None] | None,
+        background: list[asyncio.Task[None]],
+        direct: Direct,
+    ) -> None:
+        """After fetching stopped: answer everything held, publish, commit (bounded)."""
+        direct.closing = True  # new direct requests: UNAVAILABLE
         try:
             async with asyncio.timeout(self.settings.runtime.shutdown_timeout_s):
                 tokenizing.close()
                 await tokenizer
                 await lanes.drain()
-                replier.close()
-                await replying
+                if replier is not None and replying is not None:
+                    replier.close()
+                    await replying
         except TimeoutError:
             log.error(  # noqa: TRY400 - the timeout's traceback says nothing useful
                 "shutdown timeout passed with requests unanswered; they will be served "
@@ -245,7 +350,8 @@ class Worker:
         finally:
             for task in background:
                 task.cancel()
-            await intake.commit()
+            if replier is not None:
+                await intake.commit()
 
     def _make_replier(self, producer: AIOKafkaProducer) -> Replier:
         async def existing_topics() -> set[str]:

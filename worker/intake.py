@@ -60,6 +60,8 @@ class Intake:
         """Partitions assigned now."""
         self.joined = False
         """True once the consumer has joined its group and received an assignment."""
+        self.others_in_flight: Callable[[], int] = lambda: 0
+        """Requests in flight that are not records (REST, gRPC): they share the bound."""
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Intake]:
@@ -93,7 +95,7 @@ class Intake:
         max_records = self._kafka.fetch_max_records
         paused = False
         while not stopping.is_set():
-            room = max_in_flight - self.tracker.pending
+            room = max_in_flight - self.tracker.pending - self.others_in_flight()
             if room <= 0:
                 if not paused:
                     # Stop the background fetcher too, not just our reads: no buffering.

@@ -80,6 +80,12 @@ class Metrics:
             ["device", "kind"],
             registry=r,
         )
+        self.transport = Counter(
+            "inference_transport_requests",
+            "Answered requests by transport (kafka, rest, grpc) and outcome (ok or an error code)",
+            ["transport", "outcome"],
+            registry=r,
+        )
         self.schema_lookups = Counter(
             "inference_schema_lookups",
             "Schema registry lookups of new schema ids, by result (ok, missing, unavailable)",
@@ -142,6 +148,7 @@ class Metrics:
     def acknowledged(self, items: Sequence[Outgoing], now_ms: float) -> None:
         """Count a group of acknowledged messages: replies by outcome, latency, dead letters."""
         outcomes: Tally[tuple[str, str, str]] = Tally()
+        transports: Tally[tuple[str, str]] = Tally()
         latency: dict[tuple[str, str], Any] = {}  # labelled children, looked up once per group
         for item in items:
             if item.stage is not None:
@@ -153,10 +160,14 @@ class Metrics:
                 self.reply_topic_refused.inc()
             labels = meta.labels
             outcomes[(*labels, meta.outcome)] += 1
+            transport = "kafka" if item.source.respond is None else item.source.tp.topic
+            transports[(transport, meta.outcome)] += 1
             child = latency.get(labels) or latency.setdefault(labels, self.latency.labels(*labels))
             child.observe(max(0.0, now_ms - item.source.timestamp_ms) / 1000)
         for labels_outcome, count in outcomes.items():
             self.requests.labels(*labels_outcome).inc(count)
+        for transport_outcome, count in transports.items():
+            self.transport.labels(*transport_outcome).inc(count)
 
     def value(self, name: str, **labels: str) -> float:
         """The current value of one sample (0 if it was never set): for probes and tests."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -92,7 +93,12 @@ class Stage(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """The request record an outgoing message answers (references, no copies)."""
+    """The request record an outgoing message answers (references, no copies).
+
+    A request that came over REST or gRPC (:mod:`worker.direct`) is a source too: ``tp`` names
+    its transport (offset: its sequence number), ``request`` is already decoded, and
+    ``respond`` takes its reply instead of a reply topic.
+    """
 
     tp: TopicPartition
     offset: int
@@ -100,6 +106,10 @@ class Source:
     value: bytes | None
     headers: Headers
     timestamp_ms: int
+    request: InferenceRequest | None = None
+    """Decoded already (a direct request); None: decode ``value``."""
+    respond: Callable[[InferenceResponse], None] | None = None
+    """A direct request's caller (None: a Kafka record, answered on a topic)."""
 
     def where(self) -> str:
         """``topic[partition]@offset``, for messages."""
@@ -177,6 +187,8 @@ class Outgoing:
     attempts: int = field(default=0)
     value_dropped: bool = False
     """A dead-letter copy sent without the record's value and headers (too large)."""
+    response: InferenceResponse | None = None
+    """For a reply: the response it encodes (a direct request's caller gets this)."""
 
     @property
     def key(self) -> bytes | None:
@@ -233,8 +245,9 @@ def reply(
     )
     value, content_headers = destinations.codecs.encode(source.value, source.headers, response)
     message = Outgoing(
-        source, response.id, topic, value, reply_headers + content_headers, meta=meta
-    )
+        source, response.id, topic, value, reply_headers + content_headers, meta=meta,
+        response=response,
+    )  # fmt: skip
     if not destinations.audit_topic:
         return [message]
     latency_s = max(0.0, time.time() * 1000 - source.timestamp_ms) / 1000
@@ -309,6 +322,7 @@ def audit_record(item: Outgoing, meta: ReplyMeta, latency_s: float) -> dict[str,
         "queue_ms": None if meta.queue_s is None else round(meta.queue_s * 1000, 3),
         "compute_ms": None if meta.compute_s is None else round(meta.compute_s * 1000, 3),
         "batch_id": meta.batch_id,
+        "transport": "kafka" if item.source.respond is None else item.source.tp.topic,
         "topic": item.source.tp.topic,
         "partition": item.source.tp.partition,
         "offset": item.source.offset,

@@ -122,7 +122,8 @@ class Replier:
                 lost_ids = {id(item) for item, _ in lost}
                 copies = [c for c in copies if id(c) not in lost_ids] + smaller
         for item in group:
-            self._tracker.done(item.source.tp, item.source.offset)
+            if item.source.respond is None:  # a record (a direct request's audit copy is not)
+                self._tracker.done(item.source.tp, item.source.offset)
         not_published = {id(item) for item, _ in failed}
         self._on_published([o for o in group if id(o) not in not_published] + copies)
 

@@ -38,10 +38,13 @@ __all__ = [
     "SECRETS_DIR_VAR",
     "AuditSettings",
     "BatchingSettings",
+    "EndpointSettings",
+    "GrpcSettings",
     "HttpSettings",
     "KafkaSettings",
     "LogSettings",
     "ModelSettings",
+    "RestSettings",
     "RuntimeSettings",
     "SchemaRegistrySettings",
     "Settings",
@@ -60,6 +63,8 @@ ENCRYPTED_PROTOCOLS = ("SSL", "SASL_SSL")
 class KafkaSettings(BaseModel):
     """Where the broker is, which topics and group the worker uses, and client tuning."""
 
+    enabled: bool = True
+    """Serve the requests topic; off: REST and/or gRPC only (no broker needed)."""
     bootstrap_servers: str = "127.0.0.1:9092"
     """Comma-separated ``host:port`` list of brokers."""
     client_id: str = "inference-worker"
@@ -238,6 +243,52 @@ class HttpSettings(BaseModel):
     """``/metrics``, ``/healthz``, ``/readyz``; 0 picks a free port."""
 
 
+class EndpointSettings(BaseModel):
+    """An Open Inference Protocol endpoint (REST or gRPC): off unless enabled."""
+
+    enabled: bool = False
+    host: str = "0.0.0.0"  # noqa: S104 - callers reach a container from outside
+    port: int = Field(default=0, ge=0, le=65535)
+    """0 picks a free port (tests)."""
+    cert_file: FilePath | None = None
+    """PEM server certificate: serve TLS (with ``key_file``)."""
+    key_file: FilePath | None = None
+    client_ca_file: FilePath | None = None
+    """PEM CA of client certificates: mutual TLS, a client without one is refused."""
+    token: SecretStr | None = None
+    """Bearer token every call must carry (``authorization: Bearer ...``), best from the
+    secrets folder; health checks excepted. None: no token asked."""
+    request_timeout_s: float = Field(default=60.0, gt=0)
+    """How long a request without a deadline may wait for its answer."""
+
+    @model_validator(mode="after")
+    def _tls(self) -> EndpointSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (TLS)")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file (mutual TLS) needs cert_file and key_file")
+        return self
+
+    @property
+    def secured(self) -> bool:
+        """Clients are authenticated (a token, or client certificates) over TLS."""
+        return self.cert_file is not None and (
+            self.token is not None or self.client_ca_file is not None
+        )
+
+
+class RestSettings(EndpointSettings):
+    """KServe V2 REST (``/v2/...``), on Triton's default HTTP port."""
+
+    port: int = Field(default=8000, ge=0, le=65535)
+
+
+class GrpcSettings(EndpointSettings):
+    """``inference.GRPCInferenceService``, on Triton's default gRPC port."""
+
+    port: int = Field(default=8001, ge=0, le=65535)
+
+
 class AuditSettings(BaseModel):
     """One audit record per request."""
 
@@ -314,6 +365,16 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     log: LogSettings = LogSettings()
     schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
+    rest: RestSettings = RestSettings()
+    grpc: GrpcSettings = GrpcSettings()
+
+    @model_validator(mode="after")
+    def _something_to_serve(self) -> Settings:
+        if not (self.kafka.enabled or self.rest.enabled or self.grpc.enabled):
+            raise ValueError("kafka, rest and grpc are all disabled: nothing to serve")
+        if not self.kafka.enabled and self.audit.topic:
+            raise ValueError("audit.topic needs kafka enabled (the records go to Kafka)")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -22,9 +22,11 @@ An error reply has ``"error": "<message>"`` (as V2 REST errors do) and its code 
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Sequence
+from dataclasses import replace
 from typing import Any
 
-from worker.codec import InferenceRequest, InferenceResponse, Parameters
+from worker.codec import InferenceRequest, InferenceResponse, Parameters, Tensor
 from worker.errors import DecodeError, shown
 from worker.v2 import (
     Headers,
@@ -35,28 +37,36 @@ from worker.v2 import (
     tensor_values,
 )
 
-__all__ = ["CONTENT_TYPE", "decode_json_request", "encode_json_response"]
+__all__ = ["CONTENT_TYPE", "decode_json_request", "encode_json_response", "encode_rest_response"]
 
 CONTENT_TYPE = "application/json"
 
 
-def decode_json_request(value: bytes, headers: Headers, key: bytes | None) -> InferenceRequest:
-    """A V2 JSON body (and its record's headers and key) as a request; DecodeError if not."""
+def decode_json_request(
+    value: bytes | memoryview, headers: Headers, key: bytes | None, *, binary: bytes = b""
+) -> InferenceRequest:
+    """A V2 JSON body (and its record's headers and key) as a request; DecodeError if not.
+
+    ``binary``: the binary tensor extension's data after the JSON (REST only): an input whose
+    ``parameters.binary_data_size`` is n takes the next n bytes of it as its raw data.
+    """
     try:
-        body = json.loads(value)
+        body = json.loads(bytes(value))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise DecodeError(f"record is not JSON: {str(exc)[:200]}") from exc
     if not isinstance(body, dict):
         raise DecodeError(f"V2 JSON request must be an object, not {type(body).__name__}")
     try:
-        return _request(body, headers, key)
+        return _request(body, headers, key, memoryview(binary))
     except DecodeError as exc:  # the error reply can still carry the id, if there is one
         given = body.get("id")
         exc.request_id = request_id(given if isinstance(given, str) else "", headers, key) or None
         raise
 
 
-def _request(body: dict[str, Any], headers: Headers, key: bytes | None) -> InferenceRequest:
+def _request(
+    body: dict[str, Any], headers: Headers, key: bytes | None, binary: memoryview
+) -> InferenceRequest:
     inputs = body.get("inputs")
     if not isinstance(inputs, list):
         raise DecodeError('V2 JSON request needs "inputs": a list of tensors')
@@ -70,11 +80,21 @@ def _request(body: dict[str, Any], headers: Headers, key: bytes | None) -> Infer
             isinstance(d, int) and not isinstance(d, bool) for d in shape
         ):
             raise DecodeError(f"inputs[{i}].shape must be a list of whole numbers")
+        name_, datatype = _text(raw, "name"), _text(raw, "datatype")
+        size = _binary_size(raw.get("parameters"), f"inputs[{i}]")
+        if size is not None:
+            if size > len(binary):
+                raise DecodeError(
+                    f"inputs[{i}] declares {size} bytes of binary data; {len(binary)} are left"
+                )
+            tensors.append(Tensor(name_, datatype, tuple(shape), bytes(binary[:size])))
+            binary = binary[size:]
+            continue
         if "data" not in raw:
             raise DecodeError(f"inputs[{i}] has no data")
-        tensors.append(
-            tensor_from_values(_text(raw, "name"), _text(raw, "datatype"), shape, raw["data"])
-        )
+        tensors.append(tensor_from_values(name_, datatype, shape, raw["data"]))
+    if binary:
+        raise DecodeError(f"{len(binary)} bytes of binary data are not claimed by any input")
     return InferenceRequest(
         id=request_id(_text(body, "id"), headers, key),
         model_name=name,
@@ -82,6 +102,16 @@ def _request(body: dict[str, Any], headers: Headers, key: bytes | None) -> Infer
         inputs=tensors,
         parameters=_parameters(body.get("parameters")),
     )
+
+
+def _binary_size(parameters: Any, where: str) -> int | None:
+    """``parameters.binary_data_size`` of a tensor (the binary extension), if given."""
+    if not isinstance(parameters, dict) or "binary_data_size" not in parameters:
+        return None
+    size = parameters["binary_data_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise DecodeError(f"{where}.parameters.binary_data_size must be a whole number >= 0")
+    return size
 
 
 def _text(body: dict[str, Any], field: str) -> str:
@@ -108,6 +138,28 @@ def _parameters(raw: Any) -> Parameters | None:
 
 def encode_json_response(response: InferenceResponse) -> bytes:
     """The V2 JSON response body for a reply (an error: ``error`` and its code)."""
+    return json.dumps(_response_body(response, set()), separators=(",", ":")).encode()
+
+
+def encode_rest_response(
+    response: InferenceResponse, *, wanted: Sequence[str] = (), binary: Collection[str] = ()
+) -> tuple[bytes, int | None]:
+    """A REST infer response: the JSON, then raw data of the outputs named in ``binary``.
+
+    ``wanted``: only these outputs (empty: all). Returns the body and the length of its JSON
+    part when binary data follows (the ``Inference-Header-Content-Length`` header), else None.
+    """
+    outputs = [t for t in response.outputs if not wanted or t.name in wanted]
+    chosen = replace(response, outputs=outputs)
+    as_binary = {t.name for t in outputs if t.name in binary}
+    header = json.dumps(_response_body(chosen, as_binary), separators=(",", ":")).encode()
+    if not as_binary:
+        return header, None
+    blobs = [t.data for t in outputs if t.name in as_binary]
+    return b"".join([header, *blobs]), len(header)
+
+
+def _response_body(response: InferenceResponse, binary: set[str]) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": response.id,
         "model_name": response.model_name,
@@ -116,14 +168,14 @@ def encode_json_response(response: InferenceResponse) -> bytes:
     }
     if response.error is not None:
         body["error"] = response.error.message
-    else:
-        body["outputs"] = [
-            {
-                "name": t.name,
-                "datatype": t.datatype,
-                "shape": list(t.shape),
-                "data": tensor_values(t),
-            }
-            for t in response.outputs
-        ]
-    return json.dumps(body, separators=(",", ":"), allow_nan=True).encode()
+        return body
+    outputs = []
+    for t in response.outputs:
+        output: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
+        if t.name in binary:
+            output["parameters"] = {"binary_data_size": len(t.data)}
+        else:
+            output["data"] = tensor_values(t)
+        outputs.append(output)
+    body["outputs"] = outputs
+    return body

@@ -24,7 +24,14 @@ from worker.errors import DecodeError, shown
 from worker.oip import pb
 from worker.v2 import Headers, reply_parameters, request_id, request_model, tensor_from_values
 
-__all__ = ["CONTENT_TYPE", "CONTENT_TYPES", "decode_proto_request", "encode_proto_response"]
+__all__ = [
+    "CONTENT_TYPE",
+    "CONTENT_TYPES",
+    "decode_proto_request",
+    "encode_proto_response",
+    "request_from_message",
+    "response_message",
+]
 
 CONTENT_TYPE = "application/x-protobuf"
 CONTENT_TYPES = (CONTENT_TYPE, "application/protobuf", "application/vnd.google.protobuf")
@@ -49,6 +56,11 @@ def decode_proto_request(value: bytes, headers: Headers, key: bytes | None) -> I
         message.ParseFromString(value)
     except (ProtobufDecodeError, RecursionError, ValueError) as exc:
         raise DecodeError(f"record is not a Protobuf ModelInferRequest: {exc}") from exc
+    return request_from_message(message, headers, key)
+
+
+def request_from_message(message: Any, headers: Headers, key: bytes | None) -> InferenceRequest:
+    """A ``ModelInferRequest`` (parsed) as a request; DecodeError saying what is wrong."""
     try:
         return _request(message, headers, key)
     except DecodeError as exc:
@@ -100,6 +112,11 @@ def _parameters(given: Any) -> Parameters | None:
 
 def encode_proto_response(response: InferenceResponse) -> bytes:
     """The ``ModelInferResponse`` for a reply (an error: no outputs, ``error_code``/``error``)."""
+    return bytes(response_message(response).SerializeToString())
+
+
+def response_message(response: InferenceResponse) -> Any:
+    """The ``ModelInferResponse`` message of a reply."""
     message = pb.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version or "",
         id=response.id,
@@ -112,7 +129,7 @@ def encode_proto_response(response: InferenceResponse) -> bytes:
     for tensor in response.outputs:
         message.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
         message.raw_output_contents.append(tensor.data)
-    return bytes(message.SerializeToString())
+    return message
 
 
 def _set(parameter: Any, value: str | float) -> None:  # bool and int are among them

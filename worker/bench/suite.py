@@ -25,11 +25,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from worker.bench.endpoints import drive_endpoint
 from worker.bench.load import BenchResult, bench_texts, drive
 from worker.bench.report import plot, print_table, progress_bar
 from worker.bench.targets import (
     bench_repository,
     bench_topics,
+    free_port,
     plain_torch_throughput,
     sentence_transformers_throughput,
     spawned,
@@ -52,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="minilm: the text model (make minilm exports it); requests are corpus sentences",
     )  # fmt: skip
     parser.add_argument("--rows", type=int, default=1, help="rows per request (payload size)")
-    parser.add_argument("--target", choices=["worker", "echo", "plain", "none"], default="worker")
+    parser.add_argument("--target", choices=["worker", "echo", "plain", "none", "grpc", "http"],
+                        default="worker",
+                        help="grpc, http: a worker's gRPC or REST endpoint, not Kafka")  # fmt: skip
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
     parser.add_argument("--quantize", choices=["none", "int8"], default="none",
@@ -91,9 +95,17 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             )  # fmt: skip
             kafka = bench_topics(settings.kafka, target)
             await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
+            endpoint = target in ("grpc", "http")
+            if endpoint:
+                endpoint_port = free_port()
+                env |= {
+                    f"WORKER_{'REST' if target == 'http' else 'GRPC'}__ENABLED": "true",
+                    f"WORKER_{'REST' if target == 'http' else 'GRPC'}__PORT": str(endpoint_port),
+                    f"WORKER_{'REST' if target == 'http' else 'GRPC'}__HOST": "127.0.0.1",
+                }
             context = (
                 spawned(
-                    target,
+                    "worker" if endpoint else target,
                     kafka,
                     repo,
                     Path(tmp) / f"{label}.log",
@@ -104,6 +116,15 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
                 else contextlib.nullcontext()
             )
             with context as port, progress_bar(console, label, opts["requests"]) as progress:
+                if endpoint:
+                    result = await drive_endpoint(
+                        target, endpoint_port, label=label, mode=opts["mode"],
+                        model=opts["model"], requests=opts["requests"], rows=opts["rows"],
+                        concurrency=opts["concurrency"] or opts["requests"], rate=opts["rate"],
+                        progress=progress,
+                    )  # fmt: skip
+                    results.append(result)
+                    return result
                 result = await drive(
                     kafka, label=label, mode=opts["mode"], model=opts["model"],
                     requests=opts["requests"], rows=opts["rows"],

@@ -30,6 +30,7 @@ __all__ = [
     "PROJECT_MODELS",
     "bench_repository",
     "bench_topics",
+    "free_port",
     "input_of",
     "plain_torch_throughput",
     "reference_folder",
@@ -177,7 +178,8 @@ def plain_torch_throughput(
     return rows / (time.perf_counter() - started)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free loopback port."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -205,7 +207,7 @@ def spawned(
     if worker_src is not None and target == "worker":
         env["PYTHONPATH"] = str(worker_src)
     env |= env_vars(kafka, "kafka")
-    port = _free_port()
+    port = free_port()
     env |= {
         "WORKER_MODELS__REPOSITORY": str(repo),
         "WORKER_LOG__LEVEL": "WARNING",

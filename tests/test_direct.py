@@ -1,0 +1,120 @@
+"""Direct requests (worker.direct) and the REST binary extension (worker.v2json): no broker."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+import worker.direct
+from worker.codec import InferenceRequest, InferenceResponse, Tensor, Timing
+from worker.direct import Direct
+from worker.errors import DecodeError
+from worker.outgoing import Source
+from worker.v2json import decode_json_request, encode_rest_response
+
+ROW = np.arange(64, dtype=np.float32)[None]
+REQUEST = InferenceRequest("", "digits", [Tensor.from_numpy("pixels", ROW)])
+
+
+class Answering:
+    """A dispatch that answers each source at once, and remembers them."""
+
+    def __init__(self, answer: bool = True) -> None:
+        self.sources: list[Source] = []
+        self.answer = answer
+
+    def __call__(self, source: Source) -> None:
+        self.sources.append(source)
+        assert source.request is not None
+        assert source.respond is not None
+        if self.answer:
+            source.respond(InferenceResponse(source.request.id, "digits", "1"))
+
+
+async def test_a_direct_request_is_a_source_answered_through_its_caller() -> None:
+    """The request travels as a source of its transport; an id and a deadline are set."""
+    dispatch = Answering()
+    direct = Direct(dispatch, records_in_flight=lambda: 0, max_in_flight=10)
+    before = int(time.time() * 1000)
+    response = await direct.infer("grpc", REQUEST, [("traceparent", b"x")], timeout_s=2.0)
+    [source] = dispatch.sources
+    assert source.tp.topic == "grpc"
+    assert source.request is not None
+    assert source.request.id, "an id was made up"
+    assert response.id == source.request.id
+    assert source.headers == [("traceparent", b"x")]
+    deadline = source.request.deadline_ms
+    assert deadline is not None
+    assert before + 2000 <= deadline <= int(time.time() * 1000) + 2000
+    assert direct.pending == 0
+
+
+async def test_over_the_bound_or_while_stopping_nothing_is_dispatched() -> None:
+    """Records and direct requests share the bound; refusals come at once, with codes."""
+    dispatch = Answering()
+    full = Direct(dispatch, records_in_flight=lambda: 10, max_in_flight=10)
+    refused = await full.infer("rest", REQUEST)
+    assert refused.error is not None
+    assert refused.error.code == "RESOURCE_EXHAUSTED"
+    assert full.room() == 0
+    stopping = Direct(dispatch, records_in_flight=lambda: 0, max_in_flight=10)
+    stopping.closing = True
+    closed = await stopping.infer("rest", REQUEST)
+    assert closed.error is not None
+    assert closed.error.code == "UNAVAILABLE"
+    assert dispatch.sources == []
+
+
+async def test_a_request_nobody_answers_times_out_with_a_deadline_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No answer within the wait (plus grace): DEADLINE_EXCEEDED, and the slot is freed."""
+    direct = Direct(Answering(answer=False), records_in_flight=lambda: 0, max_in_flight=10)
+    monkeypatch.setattr(worker.direct, "GRACE_S", 0.0)
+    response = await direct.infer("rest", REQUEST, timeout_s=0.05)
+    assert response.error is not None
+    assert response.error.code == "DEADLINE_EXCEEDED"
+    assert direct.pending == 0
+
+
+def test_the_binary_extension_carries_raw_tensor_bytes_after_the_json() -> None:
+    """Inputs with binary_data_size take their bytes, in order, after the JSON header."""
+    text = Tensor.from_strings("text", [b"ab", b"c"])
+    header = json.dumps({"inputs": [
+        {"name": "pixels", "datatype": "FP32", "shape": [1, 64],
+         "parameters": {"binary_data_size": ROW.nbytes}},
+        {"name": "text", "datatype": "BYTES", "shape": [2],
+         "parameters": {"binary_data_size": len(text.data)}},
+    ]}).encode()  # fmt: skip
+    headers = [("model_name", b"digits")]
+    request = decode_json_request(header, headers, None, binary=ROW.tobytes() + text.data)
+    assert request.inputs == [Tensor.from_numpy("pixels", ROW), text]
+    with pytest.raises(DecodeError, match="bytes of binary data are not claimed"):
+        decode_json_request(header, headers, None, binary=ROW.tobytes() + text.data + b"x")
+    with pytest.raises(DecodeError, match="declares 256 bytes of binary data; 10 are left"):
+        decode_json_request(header, headers, None, binary=b"0123456789")
+    with pytest.raises(DecodeError, match="binary_data_size must be a whole number"):
+        decode_json_request(
+            json.dumps({"inputs": [{"name": "p", "datatype": "FP32", "shape": [1],
+                                    "parameters": {"binary_data_size": -4}}]}).encode(),
+            headers, None,
+        )  # fmt: skip
+
+
+def test_rest_responses_put_asked_outputs_in_binary_after_the_json() -> None:
+    """Binary outputs: JSON names their sizes, raw bytes follow; others stay JSON data."""
+    label = Tensor.from_numpy("label", np.array([7], np.int64))
+    probs = Tensor.from_numpy("probabilities", np.full((1, 2), 0.5, np.float32))
+    response = InferenceResponse("r", "digits", "1", [probs, label], timing=Timing(1, 2, 3))
+    body, length = encode_rest_response(response, binary={"label"})
+    assert length is not None
+    header = json.loads(body[:length])
+    assert header["outputs"][0]["data"] == [0.5, 0.5]
+    assert header["outputs"][1]["parameters"] == {"binary_data_size": 8}
+    assert body[length:] == label.data
+    only, none = encode_rest_response(response, wanted=["label"])
+    assert none is None
+    assert [o["name"] for o in json.loads(only)["outputs"]] == ["label"]

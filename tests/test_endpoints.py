@@ -1,0 +1,347 @@
+"""REST and gRPC (Open Inference Protocol) endpoints, fed into the same lanes as Kafka.
+
+Triton's own clients (tritonclient http and grpc) run in a child process
+(tests/clients/triton.py: their Protobuf messages and the worker's share a package name);
+the rest use aiohttp and a gRPC stub generated from the protocol's proto, in process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from worker.app import Worker
+from worker.client import InferenceClient
+from worker.model import LoadedModel
+from worker.oip import pb, pb_grpc
+from worker.repository import ModelRepository
+from worker.settings import Settings
+
+from .conftest import ROOT, changed, running_worker, wait_for
+from .pki import make_pki
+
+pytestmark = pytest.mark.kafka
+
+TestSet = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]
+TOKEN = "token-for-tests"  # noqa: S105 - a test's own credential
+
+
+def with_endpoints(settings: Settings, **extra: Any) -> Settings:
+    """REST and gRPC on free loopback ports (and more endpoint settings)."""
+    settings = changed(settings, "rest", enabled=True, host="127.0.0.1", port=0, **extra)
+    return changed(settings, "grpc", enabled=True, host="127.0.0.1", port=0, **extra)
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, repository: ModelRepository) -> AsyncIterator[Worker]:
+    """A worker with its endpoints listening."""
+    async with running_worker(settings, repository) as worker:
+        await wait_for(
+            lambda: worker.rest_port is not None and worker.grpc_port is not None,
+            timeout=30, what="the endpoints",
+        )  # fmt: skip
+        yield worker
+
+
+async def triton(kind: str, port: int, steps: list[dict[str, Any]], tmp: Path) -> list[Any]:
+    """Run tritonclient (``http`` or ``grpc``) steps in a child process; their results."""
+    script = tmp / f"{kind}.json"
+    script.write_text(json.dumps({"steps": steps}))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "tests" / "clients" / "triton.py"), kind,
+        f"127.0.0.1:{port}", str(script), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    return list(json.loads(out))
+
+
+def digits_steps(pixels: npt.NDArray[np.float32], *, binary: bool) -> list[dict[str, Any]]:
+    """Health, metadata and one inference of ``pixels`` on digits v2."""
+    infer = {"op": "infer", "model": "digits", "version": "2", "input": "pixels",
+             "datatype": "FP32", "data": pixels.tolist(), "read": ["label", "probabilities"],
+             "binary": binary, "outputs": ["label", "probabilities"]}  # fmt: skip
+    return [
+        {"op": "live"}, {"op": "ready"}, {"op": "model_ready", "model": "digits"},
+        {"op": "server_metadata"}, {"op": "model_metadata", "model": "digits"}, infer,
+        {"op": "model_ready", "model": "nope"},
+    ]  # fmt: skip
+
+
+async def test_tritonclient_http_and_grpc_get_metadata_readiness_and_kafka_s_predictions(
+    settings: Settings, repository: ModelRepository, testset: TestSet, tmp_path: Path
+) -> None:
+    """Triton's clients (JSON and binary tensors, gRPC) predict what Kafka replies say."""
+    pixels = testset[0][:8]
+    async with (
+        serving(with_endpoints(settings), repository) as worker,
+        InferenceClient(settings.kafka) as client,
+    ):
+        assert worker.rest_port is not None
+        assert worker.grpc_port is not None
+        kafka = await client.infer("digits", {"pixels": pixels}, version="2", timeout=60)
+        runs = {
+            "http-json": await triton("http", worker.rest_port,
+                                      digits_steps(pixels, binary=False), tmp_path),
+            "http-binary": await triton("http", worker.rest_port,
+                                        digits_steps(pixels, binary=True), tmp_path),
+            "grpc": await triton("grpc", worker.grpc_port,
+                                 digits_steps(pixels, binary=True), tmp_path),
+        }  # fmt: skip
+        answered = {
+            kind: worker.metrics.value("inference_transport_requests_total",
+                                       transport=kind, outcome="ok")
+            for kind in ("kafka", "rest", "grpc")
+        }  # fmt: skip
+    labels = kafka.output("label").tolist()
+    for name, steps in runs.items():
+        assert all(step["ok"] for step in steps), (name, steps)
+        live, ready, model_ready, server, meta, infer, unknown_ready = (s["result"] for s in steps)
+        assert (live, ready, model_ready, unknown_ready) == (True, True, True, False), name
+        assert server["name"] == "kafka-inference-worker"
+        assert "binary_tensor_data" in server["extensions"]
+        assert meta["name"] == "digits"
+        assert meta["versions"] == ["1", "2"]
+        assert meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
+        assert [o["name"] for o in meta["outputs"]] == ["probabilities", "label"]
+        assert infer["label"] == labels, name
+        np.testing.assert_allclose(infer["probabilities"], kafka.output("probabilities"),
+                                   rtol=1e-6)  # fmt: skip
+    assert answered == {"kafka": 1, "rest": 2, "grpc": 1}
+
+
+@contextlib.asynccontextmanager
+async def stub(port: int, **options: Any) -> AsyncIterator[Any]:
+    """A gRPC stub of the service, generated from the protocol's proto."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", **options) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+def infer_message(pixels: npt.NDArray[np.float32], request_id: str, model: str = "digits") -> Any:
+    """A ModelInferRequest for digits v1 (raw contents)."""
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name="pixels", datatype="FP32", shape=list(pixels.shape)
+    )
+    return pb.ModelInferRequest(model_name=model, model_version="1", id=request_id,
+                                inputs=[tensor], raw_input_contents=[pixels.tobytes()])  # fmt: skip
+
+
+def patient(repo_dir: Path) -> ModelRepository:
+    """The models, digits waiting 1.5 s for a batch to fill (so a burst makes one batch)."""
+    config = repo_dir / "digits" / "config.toml"
+    config.write_text(config.read_text().replace("max_batch_delay_ms = 5.0",
+                                                 "max_batch_delay_ms = 1500.0"))  # fmt: skip
+    return ModelRepository.load(repo_dir)
+
+
+async def test_a_mixed_burst_of_kafka_and_grpc_requests_batches_together(
+    settings: Settings, repository: ModelRepository, repo_dir: Path, testset: TestSet
+) -> None:
+    """Six Kafka and six gRPC requests at once: one batch of twelve, each answered rightly."""
+    settings = changed(with_endpoints(settings), "batching", start_when_idle=False)
+    pixels = testset[0][:12]
+    want = repository.route("digits", "1", "").primary.predict({"pixels": pixels})["label"]
+    async with (
+        serving(settings, patient(repo_dir)) as worker,
+        InferenceClient(settings.kafka) as client,
+    ):
+        assert worker.grpc_port is not None
+        async with stub(worker.grpc_port) as service:
+            kafka, grpc_replies = await asyncio.gather(
+                asyncio.gather(*(client.infer("digits", {"pixels": pixels[i : i + 1]},
+                                              version="1", timeout=60) for i in range(6))),
+                asyncio.gather(*(service.ModelInfer(infer_message(pixels[i : i + 1], f"g{i}"))
+                                 for i in range(6, 12))),
+            )  # fmt: skip
+    for i, reply in enumerate(kafka):
+        assert reply.output("label")[0] == want[i]
+        assert reply.timing is not None
+        assert reply.timing.batch_size == 12
+    for i, message in enumerate(grpc_replies, start=6):
+        assert message.id == f"g{i}"
+        assert np.frombuffer(message.raw_output_contents[1], np.int64)[0] == want[i]
+        assert message.parameters["batch_size"].int64_param == 12
+
+
+async def rest(
+    port: int, path: str, body: Any = None, headers: dict[str, str] | None = None, *,
+    ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1",
+) -> tuple[int, Any]:  # fmt: skip
+    """One REST call: status and JSON body."""
+    scheme = "https" if ssl_context else "http"
+    async with aiohttp.ClientSession() as session:
+        method = session.post if body is not None else session.get
+        kwargs: dict[str, Any] = {"headers": headers or {}}
+        if body is not None:
+            kwargs["data"] = body if isinstance(body, bytes) else json.dumps(body)
+        if ssl_context is not None:
+            kwargs["ssl"] = ssl_context
+        async with method(f"{scheme}://{host}:{port}{path}", **kwargs) as response:
+            return response.status, await response.json(content_type=None)
+
+
+def v2_body(pixels: npt.NDArray[np.float32]) -> dict[str, Any]:
+    """A REST infer body."""
+    return {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": list(pixels.shape),
+                        "data": pixels.ravel().tolist()}]}  # fmt: skip
+
+
+async def test_errors_map_to_http_statuses_and_grpc_codes_and_deadlines_hold(
+    settings: Settings, repo_dir: Path, testset: TestSet
+) -> None:
+    """404/NOT_FOUND, 400/INVALID_ARGUMENT, 504/DEADLINE_EXCEEDED; the message says why."""
+    settings = changed(with_endpoints(settings), "batching", start_when_idle=False)
+    pixels = testset[0][:1]
+    async with serving(settings, patient(repo_dir)) as worker:
+        port, grpc_port = worker.rest_port, worker.grpc_port
+        assert port is not None
+        assert grpc_port is not None
+        unknown = await rest(port, "/v2/models/nope/infer", v2_body(pixels))
+        shape = await rest(port, "/v2/models/digits/infer", v2_body(pixels[:, :10]))
+        garbage = await rest(port, "/v2/models/digits/infer", b"{not json")
+        late = await rest(port, "/v2/models/digits/infer", v2_body(pixels),
+                          {"Request-Timeout-Ms": "100"})  # fmt: skip
+        missing_meta = await rest(port, "/v2/models/nope")
+        async with stub(grpc_port) as service:
+            codes = []
+            for message in (infer_message(pixels, "a", model="nope"),
+                            infer_message(pixels[:, :10], "b")):  # fmt: skip
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await service.ModelInfer(message)
+                codes.append((caught.value.code(), caught.value.details()))
+    assert unknown[0] == 404
+    assert "no model named 'nope'" in unknown[1]["error"]
+    assert shape[0] == 400
+    assert "has shape [1, 10]" in shape[1]["error"]
+    assert garbage[0] == 400
+    assert "not JSON" in garbage[1]["error"]
+    assert late[0] == 504
+    assert "deadline" in late[1]["error"]
+    assert missing_meta[0] == 404
+    assert codes[0][0] == grpc.StatusCode.NOT_FOUND
+    assert codes[1][0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has shape [1, 10]" in codes[1][1]
+
+
+async def test_over_the_in_flight_bound_requests_are_refused_not_queued(
+    settings: Settings, repository: ModelRepository, testset: TestSet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """max_in_flight=2, the model stuck: a third request is 429 / RESOURCE_EXHAUSTED at once."""
+    settings = changed(with_endpoints(settings), "runtime", max_in_flight=2)
+    stuck = threading.Event()
+    real = LoadedModel.upload
+
+    def upload(self: LoadedModel, inputs: Any) -> Any:
+        stuck.wait(60)
+        return real(self, inputs)
+
+    monkeypatch.setattr(LoadedModel, "upload", upload)
+    pixels = testset[0][:1]
+    try:
+        async with serving(settings, repository) as worker:
+            port, grpc_port = worker.rest_port, worker.grpc_port
+            assert port is not None
+            assert grpc_port is not None
+            held = [asyncio.create_task(rest(port, "/v2/models/digits/infer", v2_body(pixels)))
+                    for _ in range(2)]  # fmt: skip
+            await wait_for(lambda: worker.direct_in_flight == 2, timeout=30, what="two held")
+            refused = await asyncio.wait_for(
+                rest(port, "/v2/models/digits/infer", v2_body(pixels)), 5
+            )
+            async with stub(grpc_port) as service:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await asyncio.wait_for(service.ModelInfer(infer_message(pixels, "x")), 5)
+            stuck.set()
+            done = await asyncio.gather(*held)
+    finally:
+        stuck.set()
+    assert refused[0] == 429
+    assert "WORKER_RUNTIME__MAX_IN_FLIGHT" in refused[1]["error"]
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert [status for status, _ in done] == [200, 200]
+
+
+async def test_tls_client_certificates_and_bearer_tokens_guard_both_endpoints(
+    settings: Settings, repository: ModelRepository, testset: TestSet, tmp_path: Path
+) -> None:
+    """TLS with client certificates and a token: callers without them are refused."""
+    pki = make_pki(tmp_path / "pki")
+    settings = with_endpoints(
+        settings, cert_file=pki.broker_cert, key_file=pki.broker_key, client_ca_file=pki.ca,
+        token=TOKEN,
+    )  # fmt: skip
+    trusted = ssl.create_default_context(cafile=str(pki.ca))
+    trusted.load_cert_chain(pki.client_cert, pki.client_key)
+    anonymous = ssl.create_default_context(cafile=str(pki.ca))
+    pixels = testset[0][:1]
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    async with serving(settings, repository) as worker:
+        port, grpc_port = worker.rest_port, worker.grpc_port
+        assert port is not None
+        assert grpc_port is not None
+        path = "/v2/models/digits/infer"
+        tls = {"ssl_context": trusted, "host": "localhost"}
+        ok = await rest(port, path, v2_body(pixels), good, **tls)  # type: ignore[arg-type]
+        no_token = await rest(port, path, v2_body(pixels), None, **tls)  # type: ignore[arg-type]
+        health = await rest(port, "/v2/health/live", None, None, **tls)  # type: ignore[arg-type]
+        with pytest.raises(aiohttp.ClientError):
+            await rest(port, path, v2_body(pixels), good, ssl_context=anonymous, host="localhost")
+        credentials = grpc.ssl_channel_credentials(
+            pki.ca.read_bytes(), pki.client_key.read_bytes(), pki.client_cert.read_bytes()
+        )
+        async with grpc.aio.secure_channel(f"localhost:{grpc_port}", credentials) as channel:
+            service = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            bearer = (("authorization", f"Bearer {TOKEN}"),)
+            answer = await service.ModelInfer(infer_message(pixels, "t"), metadata=bearer)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await service.ModelInfer(infer_message(pixels, "u"))
+            live = await service.ServerLive(pb.ServerLiveRequest())
+    assert ok[0] == 200
+    assert no_token[0] == 401
+    assert health == (200, {"live": True})
+    assert answer.id == "t"
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert live.live
+
+
+async def test_a_worker_without_kafka_serves_rest_and_grpc(
+    settings: Settings, repository: ModelRepository, testset: TestSet
+) -> None:
+    """WORKER_KAFKA__ENABLED=false: no topics, no group; REST and gRPC answer; ready."""
+    settings = changed(with_endpoints(settings), "kafka", enabled=False,
+                       bootstrap_servers="127.0.0.1:1")  # fmt: skip
+    pixels = testset[0][:2]
+    want = repository.route("digits", "1", "").primary.predict({"pixels": pixels})["label"]
+    worker = Worker(settings, repository)
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(worker.run())
+        await wait_for(lambda: worker.rest_port is not None or task.done(), timeout=30,
+                       what="the REST endpoint")  # fmt: skip
+        port, grpc_port = worker.rest_port, worker.grpc_port
+        assert port is not None
+        assert grpc_port is not None
+        status, body = await rest(port, "/v2/models/digits/versions/1/infer", v2_body(pixels))
+        async with stub(grpc_port) as service:
+            answer = await service.ModelInfer(infer_message(pixels, "k"))
+        ready = worker.ready()
+        worker.stop()
+    assert status == 200
+    assert body["outputs"][1]["data"] == want.tolist()
+    assert np.frombuffer(answer.raw_output_contents[1], np.int64).tolist() == want.tolist()
+    assert ready[0]
+    assert ready[1].startswith("ok: REST/gRPC only")

@@ -1,0 +1,136 @@
+"""Requests that arrive outside Kafka (REST, gRPC), fed into the same path as records.
+
+:meth:`Direct.infer` makes a :class:`~worker.outgoing.Source` of an already decoded request
+(its transport as the "topic", a sequence number as the "offset", the caller's headers) and
+hands it to the worker's dispatch: the same admission, routing (versions, canary, shadow),
+validation, lanes and batches as a Kafka record; its reply comes back through the source's
+``respond`` instead of a reply topic, and its audit record and metrics are the same (with the
+transport named). A batch may mix Kafka and direct requests.
+
+Backpressure: direct requests count toward ``max_in_flight`` together with the Kafka records
+in flight; at the bound a new one is refused at once with RESOURCE_EXHAUSTED (HTTP 429), never
+queued. A deadline (gRPC's, or the REST ``Request-Timeout-Ms`` header) becomes the request's
+``deadline_ms``: past it, the request is answered DEADLINE_EXCEEDED without running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from aiokafka import TopicPartition
+
+from worker.codec import ErrorInfo, InferenceRequest, InferenceResponse
+from worker.errors import ErrorCode, RequestError
+from worker.outgoing import Source
+
+__all__ = ["HTTP_STATUS", "Direct"]
+
+HTTP_STATUS = {
+    ErrorCode.INVALID_ARGUMENT: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.RESOURCE_EXHAUSTED: 429,
+    ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAVAILABLE: 503,
+}
+"""The HTTP status of each error code (REST); gRPC uses the status code of the same name."""
+
+GRACE_S = 5.0
+"""How long past its deadline a caller waits for the answer (the answer says why it is late)."""
+
+
+class Direct:
+    """Admits direct requests through ``dispatch``; bounded with the records in flight."""
+
+    def __init__(
+        self,
+        dispatch: Callable[[Source], None],
+        *,
+        records_in_flight: Callable[[], int],
+        max_in_flight: int,
+    ) -> None:
+        self._dispatch = dispatch
+        self._records = records_in_flight
+        self._max = max_in_flight
+        self._numbers = itertools.count()
+        self.pending = 0
+        """Direct requests admitted and not yet answered."""
+        self.closing = False
+        """The worker is stopping: new requests are answered UNAVAILABLE."""
+
+    def room(self) -> int:
+        """Requests that may still be admitted (Kafka records and direct requests together)."""
+        return self._max - self._records() - self.pending
+
+    async def infer(
+        self,
+        transport: str,
+        request: InferenceRequest,
+        headers: Sequence[tuple[str, bytes]] = (),
+        *,
+        timeout_s: float | None = None,
+        wait_s: float = 60.0,
+    ) -> InferenceResponse:
+        """Serve one request; its response (errors included: see ``response.error``).
+
+        ``timeout_s``: the caller's deadline, from now; ``wait_s``: how long to wait for an
+        answer when there is none.
+        """
+        if self.closing:
+            return _error(request, ErrorCode.UNAVAILABLE, "the worker is stopping; send again")
+        if self.room() <= 0:
+            return _refused(request, self._max)
+        now_ms = int(time.time() * 1000)
+        if not request.id:  # optional over REST and gRPC; the answer carries the one given
+            request = replace(request, id=uuid.uuid4().hex)
+        if timeout_s is not None:
+            deadline = now_ms + int(timeout_s * 1000)
+            if request.deadline_ms is None or deadline < request.deadline_ms:
+                request = _with_deadline(request, deadline)
+        future: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
+
+        def respond(response: InferenceResponse) -> None:
+            if not future.done():
+                future.set_result(response)
+
+        source = Source(
+            TopicPartition(transport, 0), next(self._numbers), None, None, list(headers), now_ms,
+            request=request, respond=respond,
+        )  # fmt: skip
+        self.pending += 1
+        try:
+            self._dispatch(source)
+            wait = (timeout_s if timeout_s is not None else wait_s) + GRACE_S
+            try:
+                async with asyncio.timeout(wait):
+                    return await future
+            except TimeoutError:
+                return _error(request, ErrorCode.DEADLINE_EXCEEDED,
+                              f"no answer within {wait:.1f} s")  # fmt: skip
+        finally:
+            self.pending -= 1
+
+
+def _with_deadline(request: InferenceRequest, deadline_ms: int) -> InferenceRequest:
+    return replace(request, deadline_ms=deadline_ms)
+
+
+def _error(request: InferenceRequest, code: ErrorCode, message: str) -> InferenceResponse:
+    return InferenceResponse(
+        id=request.id, model_name=request.model_name, model_version=request.model_version,
+        error=ErrorInfo(str(code), message),
+    )  # fmt: skip
+
+
+def _refused(request: InferenceRequest, bound: int) -> InferenceResponse:
+    error = RequestError(
+        ErrorCode.RESOURCE_EXHAUSTED,
+        f"the worker holds {bound} requests in flight (WORKER_RUNTIME__MAX_IN_FLIGHT); "
+        "send again later",
+    )
+    return _error(request, error.code, error.message)

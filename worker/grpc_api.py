@@ -1,0 +1,140 @@
+"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService``.
+
+ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer, served by
+grpcio's asyncio server in the worker's event loop (``WORKER_GRPC__PORT``, default 8001,
+Triton's). The servicer is the one generated from the protocol's proto (:mod:`worker.oip`).
+ModelInfer takes typed contents or ``raw_input_contents`` and answers with
+``raw_output_contents``, as Triton does; it goes through :mod:`worker.direct` (the same lanes,
+batches, routing and errors as Kafka), with the call's deadline as the request's. Errors end
+the call with the gRPC status of the same name as the error code. Trace context comes from
+the ``traceparent`` metadata. Optional TLS (mutual with a client CA) and a bearer token in the
+``authorization`` metadata (health calls excepted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from worker.errors import DecodeError
+from worker.oip import pb, pb_grpc
+from worker.rest import EXTENSIONS, SERVER_NAME, V2Api, model_metadata, warn_if_open
+from worker.settings import EndpointSettings
+from worker.v2proto import request_from_message, response_message
+
+__all__ = ["serve_grpc"]
+
+PASSED_METADATA = ("traceparent", "tracestate", "correlation_id")
+OPEN_METHODS = ("ServerLive", "ServerReady")
+"""Health calls, answered without a token."""
+
+
+class _Service(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, api: V2Api, wait_s: float) -> None:
+        self._api = api
+        self._wait_s = wait_s
+
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        return pb.ServerReadyResponse(ready=self._api.ready())
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        served = self._api.repository().serves(request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=served and self._api.ready())
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=self._api.version, extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        try:
+            meta = model_metadata(self._api.repository(), request.name, request.version or None)
+        except KeyError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} is not served")
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]],
+            outputs=[tensor(**t) for t in meta["outputs"]],
+        )  # fmt: skip
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if k in PASSED_METADATA}
+        headers = [(k, v.encode() if isinstance(v, str) else v) for k, v in metadata.items()]
+        try:
+            decoded = request_from_message(request, headers, None)
+        except DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+        remaining = context.time_remaining()
+        response = await self._api.direct.infer(
+            "grpc", decoded, headers, timeout_s=remaining, wait_s=self._wait_s
+        )
+        if response.error is not None:
+            code = getattr(grpc.StatusCode, response.error.code, grpc.StatusCode.UNKNOWN)
+            await context.abort(code, response.error.message)
+        return response_message(response)
+
+
+class _Token(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuses calls without ``authorization: Bearer <token>`` (health calls excepted)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        async def refuse(_: Any, context: Any) -> Any:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a bearer token is required (metadata authorization: Bearer ...)",
+            )
+
+        self._refuse = grpc.unary_unary_rpc_method_handler(refuse)
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
+    ) -> Any:
+        if details.method.rsplit("/", 1)[-1] in OPEN_METHODS:
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        given_bytes = given.encode() if isinstance(given, str) else given
+        if hmac.compare_digest(given_bytes, self._expected):
+            return await continuation(details)
+        return self._refuse
+
+
+def _credentials(settings: EndpointSettings) -> Any:
+    """Server TLS credentials (client certificates required with a client CA), or None."""
+    if settings.cert_file is None or settings.key_file is None:
+        return None
+    pair = (settings.key_file.read_bytes(), settings.cert_file.read_bytes())
+    ca = settings.client_ca_file.read_bytes() if settings.client_ca_file else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca,
+                                       require_client_auth=ca is not None)  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def serve_grpc(api: V2Api, settings: EndpointSettings) -> AsyncIterator[int]:
+    """Serve the gRPC service while open; yields the bound port (``port=0``: any)."""
+    warn_if_open("gRPC", settings)
+    token = settings.token.get_secret_value() if settings.token else None
+    server = grpc.aio.server(interceptors=[_Token(token)] if token else None)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        _Service(api, settings.request_timeout_s), server
+    )  # type: ignore[no-untyped-call]
+    address = f"{settings.host}:{settings.port}"
+    credentials = _credentials(settings)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(grace=1.0)
