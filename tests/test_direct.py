@@ -31,7 +31,7 @@ class Answering:
         assert source.request is not None
         assert source.respond is not None
         if self.answer:
-            source.respond(InferenceResponse(source.request.id, "digits", "1"))
+            source.respond(InferenceResponse(source.request.id, "digits", "1"), [("t", b"1")])
 
 
 async def test_a_direct_request_is_a_source_answered_through_its_caller() -> None:
@@ -39,7 +39,9 @@ async def test_a_direct_request_is_a_source_answered_through_its_caller() -> Non
     dispatch = Answering()
     direct = Direct(dispatch, records_in_flight=lambda: 0, max_in_flight=10)
     before = int(time.time() * 1000)
-    response = await direct.infer("grpc", REQUEST, [("traceparent", b"x")], timeout_s=2.0)
+    answer = await direct.infer("grpc", REQUEST, [("traceparent", b"x")], timeout_s=2.0)
+    response = answer.response
+    assert answer.header("t") == "1", "the reply's headers come with it"
     [source] = dispatch.sources
     assert source.tp.topic == "grpc"
     assert source.request is not None
@@ -56,13 +58,13 @@ async def test_over_the_bound_or_while_stopping_nothing_is_dispatched() -> None:
     """Records and direct requests share the bound; refusals come at once, with codes."""
     dispatch = Answering()
     full = Direct(dispatch, records_in_flight=lambda: 10, max_in_flight=10)
-    refused = await full.infer("rest", REQUEST)
+    refused = (await full.infer("rest", REQUEST)).response
     assert refused.error is not None
     assert refused.error.code == "RESOURCE_EXHAUSTED"
     assert full.room() == 0
     stopping = Direct(dispatch, records_in_flight=lambda: 0, max_in_flight=10)
     stopping.closing = True
-    closed = await stopping.infer("rest", REQUEST)
+    closed = (await stopping.infer("rest", REQUEST)).response
     assert closed.error is not None
     assert closed.error.code == "UNAVAILABLE"
     assert dispatch.sources == []
@@ -74,7 +76,7 @@ async def test_a_request_nobody_answers_times_out_with_a_deadline_error(
     """No answer within the wait (plus grace): DEADLINE_EXCEEDED, and the slot is freed."""
     direct = Direct(Answering(answer=False), records_in_flight=lambda: 0, max_in_flight=10)
     monkeypatch.setattr(worker.direct, "GRACE_S", 0.0)
-    response = await direct.infer("rest", REQUEST, timeout_s=0.05)
+    response = (await direct.infer("rest", REQUEST, timeout_s=0.05)).response
     assert response.error is not None
     assert response.error.code == "DEADLINE_EXCEEDED"
     assert direct.pending == 0

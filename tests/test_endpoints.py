@@ -345,3 +345,31 @@ async def test_a_worker_without_kafka_serves_rest_and_grpc(
     assert np.frombuffer(answer.raw_output_contents[1], np.int64).tolist() == want.tolist()
     assert ready[0]
     assert ready[1].startswith("ok: REST/gRPC only")
+
+
+async def test_trace_context_continues_over_rest_and_grpc(
+    settings: Settings, repository: ModelRepository, testset: TestSet
+) -> None:
+    """A caller's traceparent comes back with its trace id and the worker's own span id."""
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    pixels = testset[0][:1]
+    async with serving(with_endpoints(settings), repository) as worker:
+        assert worker.rest_port is not None
+        assert worker.grpc_port is not None
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"http://127.0.0.1:{worker.rest_port}/v2/models/digits/infer",
+                         data=json.dumps(v2_body(pixels)),
+                         headers={"traceparent": parent}) as response,
+        ):  # fmt: skip
+            rest_trace = response.headers.get("traceparent", "")
+            assert response.status == 200
+        async with stub(worker.grpc_port) as service:
+            call = service.ModelInfer(infer_message(pixels, "tr"),
+                                      metadata=(("traceparent", parent),))  # fmt: skip
+            await call
+            trailing = dict(await call.trailing_metadata())
+    for returned in (rest_trace, trailing.get("traceparent", "")):
+        assert returned.split("-")[1] == trace_id
+        assert returned.split("-")[2] != "00f067aa0ba902b7", "the worker's own span"

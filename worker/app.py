@@ -237,7 +237,7 @@ class Worker:
                 if respond is None:
                     published.append(item)
                 elif item.meta is not None and item.response is not None:
-                    respond(item.response)
+                    respond(item.response, item.headers)
                     answered.append(item)
                 elif audit_topic and item.topic == audit_topic and not item.is_dead_letter:
                     published.append(item)

@@ -20,7 +20,7 @@ import itertools
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from aiokafka import TopicPartition
 
@@ -28,7 +28,7 @@ from worker.codec import ErrorInfo, InferenceRequest, InferenceResponse
 from worker.errors import ErrorCode, RequestError
 from worker.outgoing import Source
 
-__all__ = ["HTTP_STATUS", "Direct"]
+__all__ = ["HTTP_STATUS", "Answer", "Direct"]
 
 HTTP_STATUS = {
     ErrorCode.INVALID_ARGUMENT: 400,
@@ -75,16 +75,16 @@ class Direct:
         *,
         timeout_s: float | None = None,
         wait_s: float = 60.0,
-    ) -> InferenceResponse:
+    ) -> Answer:
         """Serve one request; its response (errors included: see ``response.error``).
 
         ``timeout_s``: the caller's deadline, from now; ``wait_s``: how long to wait for an
         answer when there is none.
         """
         if self.closing:
-            return _error(request, ErrorCode.UNAVAILABLE, "the worker is stopping; send again")
+            return Answer(_error(request, ErrorCode.UNAVAILABLE, "the worker is stopping"))
         if self.room() <= 0:
-            return _refused(request, self._max)
+            return Answer(_refused(request, self._max))
         now_ms = int(time.time() * 1000)
         if not request.id:  # optional over REST and gRPC; the answer carries the one given
             request = replace(request, id=uuid.uuid4().hex)
@@ -92,11 +92,11 @@ class Direct:
             deadline = now_ms + int(timeout_s * 1000)
             if request.deadline_ms is None or deadline < request.deadline_ms:
                 request = _with_deadline(request, deadline)
-        future: asyncio.Future[InferenceResponse] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
 
-        def respond(response: InferenceResponse) -> None:
+        def respond(response: InferenceResponse, headers: list[tuple[str, bytes]]) -> None:
             if not future.done():
-                future.set_result(response)
+                future.set_result(Answer(response, headers))
 
         source = Source(
             TopicPartition(transport, 0), next(self._numbers), None, None, list(headers), now_ms,
@@ -110,10 +110,23 @@ class Direct:
                 async with asyncio.timeout(wait):
                     return await future
             except TimeoutError:
-                return _error(request, ErrorCode.DEADLINE_EXCEEDED,
-                              f"no answer within {wait:.1f} s")  # fmt: skip
+                late = f"no answer within {wait:.1f} s"
+                return Answer(_error(request, ErrorCode.DEADLINE_EXCEEDED, late))
         finally:
             self.pending -= 1
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a direct request gets: its response, and the reply's headers (``traceparent``)."""
+
+    response: InferenceResponse
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        """One reply header as text (``traceparent``), if present."""
+        value = dict(self.headers).get(name)
+        return value.decode(errors="replace") if value is not None else None
 
 
 def _with_deadline(request: InferenceRequest, deadline_ms: int) -> InferenceRequest:

@@ -73,9 +73,13 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         except DecodeError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
         remaining = context.time_remaining()
-        response = await self._api.direct.infer(
+        answer = await self._api.direct.infer(
             "grpc", decoded, headers, timeout_s=remaining, wait_s=self._wait_s
         )
+        response = answer.response
+        trace = answer.header("traceparent")
+        if trace is not None:  # the worker's span in the caller's trace
+            context.set_trailing_metadata((("traceparent", trace),))
         if response.error is not None:
             code = getattr(grpc.StatusCode, response.error.code, grpc.StatusCode.UNKNOWN)
             await context.abort(code, response.error.message)

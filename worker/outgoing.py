@@ -108,8 +108,9 @@ class Source:
     timestamp_ms: int
     request: InferenceRequest | None = None
     """Decoded already (a direct request); None: decode ``value``."""
-    respond: Callable[[InferenceResponse], None] | None = None
-    """A direct request's caller (None: a Kafka record, answered on a topic)."""
+    respond: Callable[[InferenceResponse, list[tuple[str, bytes]]], None] | None = None
+    """A direct request's caller, given the response and the reply's headers (trace context);
+    None: a Kafka record, answered on a topic."""
 
     def where(self) -> str:
         """``topic[partition]@offset``, for messages."""

@@ -185,8 +185,12 @@ async def _infer(api: V2Api, request: web.Request, wait_s: float) -> web.Respons
         return _error(400, exc.message)
     if decoded.model_name != name or (version and decoded.model_version != version):
         return _error(400, "the body names another model than the URL")
-    response = await api.direct.infer("rest", decoded, passed, timeout_s=timeout_s, wait_s=wait_s)
-    return _respond(response, wanted, binary)
+    answer = await api.direct.infer("rest", decoded, passed, timeout_s=timeout_s, wait_s=wait_s)
+    reply = _respond(answer.response, wanted, binary)
+    trace = answer.header("traceparent")
+    if trace is not None:  # the worker's span in the caller's trace
+        reply.headers["traceparent"] = trace
+    return reply
 
 
 def _timeout(request: web.Request) -> float | None:

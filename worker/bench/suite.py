@@ -138,6 +138,8 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
         if args.suite and args.model == "minilm":
             await _text_suite(args, one, report, settings.models.threads)
+        elif args.suite and args.target in ("grpc", "http"):
+            await _transport_suite(args, one, report)
         elif args.suite:
             await _suite(args, one, report, Path(tmp), settings.models.threads)
         elif args.sweep:
@@ -240,6 +242,33 @@ def execution_env(opts: dict[str, Any]) -> dict[str, str]:
         "WORKER_MODELS__DEVICE": str(opts["device"]),
         "WORKER_MODELS__PRECISION": str(opts["precision"]),
         "WORKER_MODELS__INSTANCES": str(opts["instances"]),
+    }
+
+
+async def _transport_suite(args: argparse.Namespace, one: Any, report: dict[str, Any]) -> None:
+    """Kafka, gRPC and REST on one model in one sitting: throughput, batching gain, latency."""
+    n = args.requests
+    closed = {"mode": "closed", "model": args.model, "requests": n}
+    kafka = await one("kafka", "worker", **closed)
+    grpc = await one("grpc", "grpc", **closed)
+    http = await one("http", "http", **closed)
+    single = {**closed, "requests": max(200, n // 5), "max_batch_size": 1}
+    kafka_1 = await one("kafka-batch-1", "worker", **single)
+    grpc_1 = await one("grpc-batch-1", "grpc", **single)
+    low = {"mode": "open", "model": args.model, "rate": 50.0, "requests": 250}
+    grpc_low = await one("grpc-open-50rps", "grpc", **low)
+    kafka_low = await one("kafka-open-50rps", "worker", **low)
+    compute = statistics.fmean(grpc_low.compute_ms) if grpc_low.compute_ms else 0.0
+    report["limits"] = {"grpc_low_load_mean_compute_ms": round(compute, 3)}
+    report["ratios"] = {
+        "grpc_vs_kafka": round(grpc.throughput / kafka.throughput, 3),
+        "http_vs_kafka": round(http.throughput / kafka.throughput, 3),
+        "batching_gain_kafka": round(kafka.throughput / kafka_1.throughput, 2),
+        "batching_gain_grpc": round(grpc.throughput / grpc_1.throughput, 2),
+        "grpc_low_load_p50_over_compute": round(grpc_low.percentile(50) / compute, 1)
+        if compute
+        else None,
+        "grpc_low_load_p50_vs_kafka": round(grpc_low.percentile(50) / kafka_low.percentile(50), 3),
     }
 
 
