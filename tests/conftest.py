@@ -53,18 +53,22 @@ TEXT_MODELS = ROOT / "models"
 """The project's repository with all-MiniLM-L6-v2, which ``make minilm`` exports into it."""
 
 
-@pytest.fixture(scope="session")
-def bootstrap() -> Iterator[str]:
-    """Bootstrap address of a real, running Kafka broker."""
-    given = os.environ.get("WORKER_KAFKA__BOOTSTRAP_SERVERS")
+def _service(given: str | None, module: Any) -> Iterator[str]:
+    """The address ``given``, else a local service ``module`` starts (stopped after if so)."""
     if given:
         yield given
         return
-    was_running = local_kafka.status()
-    address = local_kafka.start()
+    was_running = module.status()
+    address = str(module.start())
     yield address
     if not was_running:
-        local_kafka.stop()
+        module.stop()
+
+
+@pytest.fixture(scope="session")
+def bootstrap() -> Iterator[str]:
+    """Bootstrap address of a real, running Kafka broker."""
+    yield from _service(os.environ.get("WORKER_KAFKA__BOOTSTRAP_SERVERS"), local_kafka)
 
 
 @pytest.fixture(scope="session")
@@ -74,15 +78,7 @@ def registry_url() -> Iterator[str]:
     ``TEST_SCHEMA_REGISTRY_URL`` names a running one; otherwise it is built and started here
     (and stopped at the end if this session started it). No registry: the tests fail.
     """
-    given = os.environ.get("TEST_SCHEMA_REGISTRY_URL")
-    if given:
-        yield given
-        return
-    was_running = local_registry.status()
-    url = local_registry.start()
-    yield url
-    if not was_running:
-        local_registry.stop()
+    yield from _service(os.environ.get("TEST_SCHEMA_REGISTRY_URL"), local_registry)
 
 
 @pytest.fixture(scope="session")
