@@ -120,3 +120,34 @@ def test_rest_responses_put_asked_outputs_in_binary_after_the_json() -> None:
     only, none = encode_rest_response(response, wanted=["label"])
     assert none is None
     assert [o["name"] for o in json.loads(only)["outputs"]] == ["label"]
+
+
+def test_an_endpoint_open_to_the_network_without_tls_or_a_token_is_warned_about() -> None:
+    """0.0.0.0 without TLS and client auth logs a warning; loopback or secured does not."""
+    from pydantic import SecretStr  # noqa: PLC0415
+    from structlog.testing import capture_logs  # noqa: PLC0415
+
+    from worker.rest import warn_if_open  # noqa: PLC0415
+    from worker.settings import RestSettings  # noqa: PLC0415
+
+    with capture_logs() as logs:
+        warn_if_open("REST", RestSettings(enabled=True))
+        warn_if_open("REST", RestSettings(enabled=True, host="127.0.0.1"))
+        warn_if_open("REST", RestSettings(enabled=True, token=SecretStr("t")))
+    assert [(entry["log_level"], entry["endpoint"], entry["address"]) for entry in logs] == [
+        ("warning", "REST", "0.0.0.0:8000"), ("warning", "REST", "0.0.0.0:8000"),
+    ], "a token without TLS is still open"  # fmt: skip
+
+
+def test_requested_outputs_tolerate_odd_parameters_and_refuse_nameless_outputs() -> None:
+    """Parameters that are not objects are ignored; an output without a name is an error."""
+    from worker.rest import _outputs  # noqa: PLC0415
+
+    odd = b'{"outputs": [{"name": "a", "parameters": [1]}, {"name": "b"}], "parameters": 5}'
+    assert _outputs(odd) == (["a", "b"], set())
+    every = b'{"parameters": {"binary_data_output": true}}'
+    assert _outputs(every) == ([], {"*"})
+    some = b'{"outputs": [{"name": "a", "parameters": {"binary_data": true}}, {"name": "b"}]}'
+    assert _outputs(some) == (["a", "b"], {"a"})
+    with pytest.raises(DecodeError, match="each of outputs needs a name"):
+        _outputs(b'{"outputs": [{"parameters": {}}]}')

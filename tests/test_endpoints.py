@@ -373,3 +373,25 @@ async def test_trace_context_continues_over_rest_and_grpc(
     for returned in (rest_trace, trailing.get("traceparent", "")):
         assert returned.split("-")[1] == trace_id
         assert returned.split("-")[2] != "00f067aa0ba902b7", "the worker's own span"
+
+
+async def test_a_grpc_deadline_becomes_the_request_s_deadline(
+    settings: Settings, repo_dir: Path, testset: TestSet
+) -> None:
+    """A call with 0.3 s left, its batch due in 1.5 s: answered DEADLINE_EXCEEDED, not run."""
+    settings = changed(with_endpoints(settings), "batching", start_when_idle=False)
+    async with serving(settings, patient(repo_dir)) as worker:
+        assert worker.grpc_port is not None
+        async with stub(worker.grpc_port) as service:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await service.ModelInfer(infer_message(testset[0][:1], "late"), timeout=0.3)
+
+        def expired() -> bool:
+            value = worker.metrics.value("inference_transport_requests_total",
+                                         transport="grpc", outcome="DEADLINE_EXCEEDED")  # fmt: skip
+            return value == 1
+
+        await wait_for(expired, timeout=30, what="the worker's own deadline answer")
+        computed = worker.metrics.value("inference_batch_size_count", model="digits", version="1")
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert computed == 0, "the model never ran for it"

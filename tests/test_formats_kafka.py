@@ -299,3 +299,55 @@ async def test_v2_json_protobuf_and_registry_requests_batch_together_and_get_rep
         assert batch == 12, "all four formats in one batch"
     kinds = [r.headers.get("content-type") for r in replies]
     assert kinds.count(b"application/json") == kinds.count(b"application/x-protobuf") == 3
+
+
+async def test_a_given_reply_schema_id_is_checked_and_used(
+    settings: Settings, registry_url: str, repository: ModelRepository, testset: TestSet
+) -> None:
+    """REPLY_SCHEMA_ID: the worker registers nothing, frames replies with it; a wrong id fails."""
+    import aiohttp  # noqa: PLC0415
+
+    from worker.errors import ConfigError  # noqa: PLC0415
+    from worker.schema_registry import SchemaRegistry  # noqa: PLC0415
+
+    subject = f"{settings.kafka.replies_topic}-given-value"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{registry_url}/subjects/{subject}/versions",
+                     json={"schema": schema_text("inference_response")}) as response,
+    ):  # fmt: skip
+        given = (await response.json(content_type=None))["id"]
+    request_schema = schema_text("inference_request")
+    [framed] = serialize(registry_url, settings.kafka.requests_topic, request_schema,
+                         [request_dict("given", testset[0][0])])  # fmt: skip
+    wrong = int.from_bytes(framed[1:5], "big")  # a request schema's id, not a response one
+    async with SchemaRegistry(
+        changed(settings, "schema_registry", url=registry_url, reply_schema_id=given)
+        .schema_registry, reply_subject="unused-value",
+    ) as registry:  # fmt: skip
+        assert registry.reply_id == given
+    with pytest.raises(ConfigError, match=f"REPLY_SCHEMA_ID={wrong} is not this worker's"):
+        async with SchemaRegistry(
+            changed(settings, "schema_registry", url=registry_url, reply_schema_id=wrong)
+            .schema_registry, reply_subject="unused-value",
+        ):  # fmt: skip
+            pass
+    settings = changed(settings, "schema_registry", url=registry_url, reply_schema_id=given)
+    async with running_worker(settings, repository), reply_reader(settings) as replies:
+        await publish(settings, [(None, framed, [])])
+        await wait_for(lambda: len(replies) == 1, timeout=60, what="the reply")
+    assert int.from_bytes(replies[0].value[1:5], "big") == given
+
+
+async def test_a_registry_that_cannot_be_reached_at_start_fails_the_start(
+    settings: Settings, repository: ModelRepository
+) -> None:
+    """Registering the reply schema is the first thing: no registry, a clear ConfigError."""
+    from worker.app import Worker  # noqa: PLC0415
+    from worker.errors import ConfigError  # noqa: PLC0415
+
+    settings = changed(settings, "schema_registry", url=f"http://127.0.0.1:{free_port()}",
+                       timeout_s=2.0)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"schema registry http://127\.0\.0\.1:\d+ cannot be"):
+        async with asyncio.timeout(30):
+            await Worker(settings, repository).run()

@@ -372,7 +372,7 @@ class Worker:
         self.metrics.acknowledged(items, now_ms)
         if self.settings.audit.log:
             self._audit_log.acknowledged(items, now_ms)
-        self.metrics.in_flight.set(self._intake.tracker.pending)
+        self.metrics.in_flight.set(self._intake.tracker.pending + self.direct_in_flight)
         self._progress.note()
 
     async def _reload_loop(self, lanes: Lanes) -> None:

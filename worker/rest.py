@@ -208,10 +208,10 @@ def _timeout(request: web.Request) -> float | None:
 
 def _outputs(header: bytes) -> tuple[list[str], set[str]]:
     """The outputs a request asks for (empty: all) and those it wants as binary data."""
-    body = json.loads(header)
+    body = json.loads(header)  # an object: decoding the request checked that
     wanted: list[str] = []
     binary: set[str] = set()
-    every = bool((body.get("parameters") or {}).get("binary_data_output", False))
+    every = bool(_parameters(body).get("binary_data_output", False))
     outputs = body.get("outputs") or []
     if not isinstance(outputs, list):
         raise DecodeError("outputs must be a list")
@@ -219,11 +219,17 @@ def _outputs(header: bytes) -> tuple[list[str], set[str]]:
         if not isinstance(output, dict) or not isinstance(output.get("name"), str):
             raise DecodeError("each of outputs needs a name")
         wanted.append(output["name"])
-        if (output.get("parameters") or {}).get("binary_data", every):
+        if _parameters(output).get("binary_data", every):
             binary.add(output["name"])
     if every and not outputs:
         binary = {"*"}
     return wanted, binary
+
+
+def _parameters(holder: dict[str, Any]) -> dict[str, Any]:
+    """A request's or an output's ``parameters`` (an object), else none."""
+    given = holder.get("parameters")
+    return given if isinstance(given, dict) else {}
 
 
 def _respond(response: InferenceResponse, wanted: list[str], binary: set[str]) -> web.Response:

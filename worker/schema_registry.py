@@ -19,6 +19,7 @@ Basic auth and TLS (CA, client certificate) come from the settings; the password
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import ssl
 import time
@@ -77,14 +78,14 @@ class SchemaRegistry:
 
     async def __aenter__(self) -> Self:
         settings = self._settings
-        auth = None
+        headers = {"Accept": CONTENT_TYPE}
         if settings.username and settings.password is not None:
-            auth = aiohttp.BasicAuth(settings.username, settings.password.get_secret_value())
+            pair = f"{settings.username}:{settings.password.get_secret_value()}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
         self._session = aiohttp.ClientSession(
-            auth=auth,
             timeout=aiohttp.ClientTimeout(total=settings.timeout_s),
             connector=aiohttp.TCPConnector(ssl=_ssl(settings)),
-            headers={"Accept": CONTENT_TYPE},
+            headers=headers,
         )
         try:
             self.reply_id = await self._reply_schema()
