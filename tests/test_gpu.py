@@ -17,9 +17,10 @@ import torch
 
 from worker.client import InferenceClient
 from worker.errors import ErrorCode, RequestError
+from worker.forward import run_batches, stack_inputs
 from worker.instances import Instances
 from worker.metrics import Metrics
-from worker.model import Prepared, run_batches, stack_inputs
+from worker.model import Prepared
 from worker.model_config import Execution
 from worker.repository import LoadOptions, ModelRepository
 from worker.settings import Settings

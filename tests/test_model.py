@@ -15,7 +15,8 @@ import torch
 
 from worker.codec import InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError
-from worker.model import LoadedModel, Prepared, run_isolated, split_outputs, stack_inputs
+from worker.forward import run_isolated, split_outputs, stack_inputs
+from worker.model import LoadedModel, Prepared
 from worker.repository import ModelRepository
 
 from .conftest import MODELS

@@ -19,7 +19,8 @@ from worker.bench.corpus import paragraphs
 from worker.bench.targets import reference_folder
 from worker.codec import InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError
-from worker.model import LoadedModel, run_isolated
+from worker.forward import run_isolated
+from worker.model import LoadedModel
 from worker.model_config import ModelConfig
 from worker.repository import ModelRepository
 

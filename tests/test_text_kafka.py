@@ -18,7 +18,7 @@ import numpy.typing as npt
 from worker.bench.corpus import paragraphs
 from worker.client import InferenceClient
 from worker.codec import Tensor
-from worker.model import run_isolated
+from worker.forward import run_isolated
 from worker.repository import ModelRepository
 from worker.settings import Settings, env_vars
 

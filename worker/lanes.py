@@ -2,12 +2,12 @@
 
 A lane takes admitted jobs (:mod:`worker.admission`), forms batches (:mod:`worker.batching`),
 answers the jobs whose deadline passed without running them, runs the rest as one forward
-pass per batch off the event loop (bad requests isolated: :func:`worker.model.run_isolated`),
+pass per batch off the event loop (bad requests isolated: :func:`worker.forward.run_isolated`),
 and hands the replies (:mod:`worker.outgoing`) to ``submit``. Each lane runs its batches in its
 version's instances (:mod:`worker.instances`): up to ``instances`` batches at once, so lanes
 of different models never wait behind each other. Under a backlog the batcher hands over
 several full batches at once (a run), and an instance runs them back to back, pipelined
-(:func:`worker.model.run_batches`): one hand-off between the event loop and the thread per
+(:func:`worker.forward.run_batches`): one hand-off between the event loop and the thread per
 run, not per batch. Shadow copies run in a lane of their own, in one shadow thread shared by
 all; their results are compared (:mod:`worker.shadow`), never sent.
 
@@ -35,9 +35,10 @@ from worker.batching import Batcher
 from worker.codec import Timing
 from worker.device import memory
 from worker.errors import SHOWN_CHARS, ErrorCode, RequestError
+from worker.forward import Run, run_batches
 from worker.instances import Instances
 from worker.metrics import Metrics
-from worker.model import LoadedModel, Prepared, Run, run_batches
+from worker.model import LoadedModel, Prepared
 from worker.outgoing import (
     Destinations,
     Outgoing,
@@ -58,7 +59,7 @@ log = structlog.get_logger(__name__)
 
 
 Runner = Callable[[LoadedModel, list[list[Prepared]]], Awaitable[Run]]
-"""Runs a run of batches off the event loop (:func:`worker.model.run_batches`)."""
+"""Runs a run of batches off the event loop (:func:`worker.forward.run_batches`)."""
 
 
 @dataclass(slots=True)

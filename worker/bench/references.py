@@ -21,8 +21,8 @@ from typing import Any
 from aiokafka import ConsumerRecord, TopicPartition
 
 from worker.codec import InferenceResponse, Tensor, decode_request, encode_response
+from worker.forward import stack_inputs
 from worker.kafka import ensure_topics, header, make_consumer, make_producer
-from worker.model import stack_inputs
 from worker.repository import ModelRepository
 from worker.settings import Settings
 
