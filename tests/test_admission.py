@@ -409,3 +409,17 @@ def test_a_correlation_id_header_that_is_not_utf8_is_still_answered(
     assert len(replies) == 1
     assert decode_response(replies[0].value or b"").id == "\ufffd\ufffd1"
     assert dict(replies[0].headers)["correlation_id"] == b"\xff\xfe1"
+
+
+def test_a_direct_request_is_held_to_the_byte_limit_by_its_tensors(
+    repository: ModelRepository,
+) -> None:
+    """REST/gRPC requests have no record value: their tensor bytes count against the limit."""
+    rows = Tensor.from_numpy("pixels", np.zeros((100, 64), np.float32))
+    big = InferenceRequest("d", "digits", [rows])
+    source = Source(TopicPartition("rest", 0), 1, None, None, [], 1_000, request=big)
+    small = Limits(max_request_bytes=1_000, max_request_elements=1_000_000)
+    code, message = error_of(admit(source, repository, small, DEST, now=0.0))
+    assert code == "RESOURCE_EXHAUSTED"
+    assert "request is 25600 bytes" in message
+    assert isinstance(admit(source, repository, LIMITS, DEST, now=0.0), Admitted)

@@ -188,6 +188,8 @@ def check_limits(limits: Limits, source: Source, request: InferenceRequest) -> N
     message unprintable.
     """
     size = len(source.value or b"")
+    if source.request is not None:  # a direct request (REST, gRPC): its tensors' bytes
+        size = sum(len(t.data) for t in source.request.inputs)
     if size > limits.max_request_bytes:
         raise RequestError(
             ErrorCode.RESOURCE_EXHAUSTED,
