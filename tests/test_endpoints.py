@@ -26,6 +26,7 @@ import pytest
 
 from worker.app import Worker
 from worker.client import InferenceClient
+from worker.lanes import Lanes
 from worker.model import LoadedModel
 from worker.oip import pb, pb_grpc
 from worker.repository import ModelRepository
@@ -395,3 +396,22 @@ async def test_a_grpc_deadline_becomes_the_request_s_deadline(
         computed = worker.metrics.value("inference_batch_size_count", model="digits", version="1")
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert computed == 0, "the model never ran for it"
+
+
+async def test_a_direct_request_whose_batch_cannot_be_answered_gets_an_internal_error(
+    settings: Settings, repository: ModelRepository, testset: TestSet,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A bug building a batch's replies: the REST caller gets 500 at once, not a timeout."""
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("a bug while answering")
+
+    monkeypatch.setattr(Lanes, "_answer", broken)
+    async with serving(with_endpoints(settings), repository) as worker:
+        assert worker.rest_port is not None
+        status, body = await asyncio.wait_for(
+            rest(worker.rest_port, "/v2/models/digits/infer", v2_body(testset[0][:1])), 20
+        )
+    assert status == 500
+    assert "failed at stage BATCH" in body["error"]

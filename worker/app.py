@@ -38,8 +38,9 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 
 from worker.admission import Admitted, Limits, admit
 from worker.audit import AuditLog
+from worker.codec import ErrorInfo, InferenceResponse
 from worker.direct import Direct
-from worker.errors import DrainTimeoutError
+from worker.errors import DrainTimeoutError, ErrorCode
 from worker.formats import Codecs
 from worker.grpc_api import serve_grpc
 from worker.http import Probes, serve_http
@@ -224,14 +225,16 @@ class Worker:
         """Where answers go: a record's to the replier; a direct request's to its caller.
 
         A direct request's reply is handed to its caller and counted at once; its audit-topic
-        record is published (not tracked: it has no offset); a dead-letter copy of it is
-        dropped (its caller has the error).
+        record is published (not tracked: it has no offset). A direct request that got only a
+        dead-letter copy (a bug answering its batch) gets an INTERNAL error naming the stage;
+        the copy itself is not published (its caller has the error).
         """
         audit_topic = self._destinations.audit_topic
 
         def route(items: Sequence[Outgoing]) -> None:
             published: list[Outgoing] = []
             answered: list[Outgoing] = []
+            failed: dict[int, Outgoing] = {}
             for item in items:
                 respond = item.source.respond
                 if respond is None:
@@ -239,8 +242,13 @@ class Worker:
                 elif item.meta is not None and item.response is not None:
                     respond(item.response, item.headers)
                     answered.append(item)
-                elif audit_topic and item.topic == audit_topic and not item.is_dead_letter:
+                elif item.is_dead_letter:
+                    failed[id(item.source)] = item
+                elif audit_topic and item.topic == audit_topic:
                     published.append(item)
+            for item in failed.values():  # respond() ignores a second answer to one request
+                assert item.source.respond is not None
+                item.source.respond(_failed(item), [])
             if answered:
                 self._acknowledged(answered)
             if published and replier is not None:  # none without Kafka (nothing to publish)
@@ -410,6 +418,19 @@ class Worker:
             self.repository = repository
             _freeze_heap()
             log.info("model repository reloaded", models=_names(repository), failed=len(errors))
+
+
+def _failed(copy: Outgoing) -> InferenceResponse:
+    """The answer to a direct request whose only outcome was a dead-letter copy."""
+    request = copy.source.request
+    return InferenceResponse(
+        id=copy.correlation_id or (request.id if request else ""),
+        model_name=request.model_name if request else "",
+        error=ErrorInfo(
+            str(ErrorCode.INTERNAL),
+            f"the worker failed at stage {copy.stage} answering this request; see its log",
+        ),
+    )
 
 
 def _names(repository: ModelRepository) -> list[str]:
