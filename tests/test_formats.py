@@ -455,3 +455,15 @@ def test_a_v2_json_request_is_admitted_like_an_avro_one(repository: ModelReposit
     assert isinstance(avro, Admitted)
     assert outcome.job.request == avro.job.request
     assert outcome.job.model is avro.job.model
+
+
+def test_names_and_ids_from_headers_are_bounded_and_never_fail_to_decode() -> None:
+    """model_version header; ids from headers or keys cut at 1,024 bytes; bad UTF-8 replaced."""
+    body = json.dumps({"inputs": []}).encode()
+    headers = [*JSON, ("model_name", b"digits"), ("model_version", b"2"),
+               ("correlation_id", b"\xff" + b"i" * 5000)]  # fmt: skip
+    request = PLAIN.decode(body, headers, None)
+    assert request.model_version == "2"
+    assert request.id == "\ufffd" + "i" * 1023
+    keyed = PLAIN.decode(body, [*JSON, ("model_name", b"m")], b"k" * 2000)
+    assert keyed.id == "k" * 1024
