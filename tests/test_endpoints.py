@@ -217,6 +217,11 @@ async def test_errors_map_to_http_statuses_and_grpc_codes_and_deadlines_hold(
         late = await rest(port, "/v2/models/digits/infer", v2_body(pixels),
                           {"Request-Timeout-Ms": "100"})  # fmt: skip
         missing_meta = await rest(port, "/v2/models/nope")
+        split = [
+            (await rest(port, "/v2/models/digits/infer", b"{}",
+                        {"Inference-Header-Content-Length": length}))[0]
+            for length in ("abc", "-5", "999999")
+        ]  # fmt: skip
         async with stub(grpc_port) as service:
             codes = []
             for message in (infer_message(pixels, "a", model="nope"),
@@ -233,6 +238,7 @@ async def test_errors_map_to_http_statuses_and_grpc_codes_and_deadlines_hold(
     assert late[0] == 504
     assert "deadline" in late[1]["error"]
     assert missing_meta[0] == 404
+    assert split == [400, 400, 400], "a header length outside the body is refused"
     assert codes[0][0] == grpc.StatusCode.NOT_FOUND
     assert codes[1][0] == grpc.StatusCode.INVALID_ARGUMENT
     assert "has shape [1, 10]" in codes[1][1]
