@@ -13,7 +13,7 @@ from typing import Any, cast
 import fastavro
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from worker.admission import Admitted, admit
@@ -190,6 +190,9 @@ V2_BODIES = st.fixed_dictionaries(
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(JSON_VALUES, V2_BODIES))
+@example({"inputs": [{"name": "", "datatype": "UINT64", "shape": [], "data": [False]}]})
+@example({"inputs": [{"name": "", "datatype": "UINT64", "shape": [1], "data": [2**64 - 1]}]})
+@example({"inputs": [{"name": "", "datatype": "INT64", "shape": [1], "data": [2**63]}]})
 def test_any_json_decodes_or_is_a_decode_error(body: Any) -> None:
     """Arbitrary JSON, or arbitrary tensors in a V2 shape: a request, or a DecodeError."""
     try:

@@ -114,7 +114,8 @@ def _value_problem(array: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> str | N
         if array.dtype.kind == "f":
             return "floating-point values for an integer datatype"
         info = np.iinfo(dtype)
-        if array.min() < info.min or array.max() > info.max:
+        if int(array.min()) < info.min or int(array.max()) > info.max:  # as Python ints:
+            # numpy compares a bool or int64 with 2**64 - 1 by overflowing
             return f"values outside {info.min}..{info.max}"
     return None
 
