@@ -144,10 +144,10 @@ def test_requested_outputs_tolerate_odd_parameters_and_refuse_nameless_outputs()
     from worker.rest import _outputs  # noqa: PLC0415
 
     odd = b'{"outputs": [{"name": "a", "parameters": [1]}, {"name": "b"}], "parameters": 5}'
-    assert _outputs(odd) == (["a", "b"], set())
+    assert _outputs(json.loads(odd)) == (["a", "b"], set())
     every = b'{"parameters": {"binary_data_output": true}}'
-    assert _outputs(every) == ([], {"*"})
+    assert _outputs(json.loads(every)) == ([], {"*"})
     some = b'{"outputs": [{"name": "a", "parameters": {"binary_data": true}}, {"name": "b"}]}'
-    assert _outputs(some) == (["a", "b"], {"a"})
+    assert _outputs(json.loads(some)) == (["a", "b"], {"a"})
     with pytest.raises(DecodeError, match="each of outputs needs a name"):
-        _outputs(b'{"outputs": [{"parameters": {}}]}')
+        _outputs({"outputs": [{"parameters": {}}]})

@@ -13,6 +13,7 @@ import torch
 from aiokafka import TopicPartition
 
 from tests.test_device import sized_model
+from tests.test_lanes import DEST, make_lanes
 from worker.admission import Admitted, Limits, admit
 from worker.codec import (
     InferenceRequest,
@@ -22,14 +23,11 @@ from worker.codec import (
     encode_request,
 )
 from worker.instances import Instances, split_threads
-from worker.lanes import Lanes
 from worker.metrics import Metrics
 from worker.model import LoadedModel
-from worker.outgoing import Destinations, Outgoing, Source
+from worker.outgoing import Outgoing, Source
 from worker.repository import ModelRepository, ServedModel
 from worker.settings import BatchingSettings
-
-DEST = Destinations("replies", "dlq", "g")
 
 
 def instances(count: int, metrics: Metrics, threads: int = 2) -> Instances:
@@ -120,12 +118,8 @@ async def answers_through_lanes(repository: ModelRepository, count: int) -> list
     limits = Limits(4 << 20, 10**6)
     with ThreadPoolExecutor(1) as shadow:
         async with asyncio.TaskGroup() as group:
-            lanes = Lanes(
-                group, threads=2, shadow_executor=shadow,
-                batching=BatchingSettings(max_batch_size=1, max_batch_delay_ms=0),
-                destinations=DEST, submit=submitted.extend, metrics=Metrics(),
-                shadow_queue_limit=10,
-            )  # fmt: skip
+            batching = BatchingSettings(max_batch_size=1, max_batch_delay_ms=0)
+            lanes = make_lanes(group, shadow, submitted, batching)
             lanes.open(repository)
             for i in range(count):
                 x = Tensor.from_numpy("x", np.full((1, 2), float(i), np.float32))

@@ -25,6 +25,19 @@ from worker.settings import BatchingSettings
 DEST = Destinations("replies", "dlq", "g")
 
 
+def make_lanes(
+    group: asyncio.TaskGroup,
+    shadow_pool: ThreadPoolExecutor,
+    submitted: list[Outgoing],
+    batching: BatchingSettings | None = None,
+) -> Lanes:
+    """Lanes whose answers are collected into ``submitted`` (one torch thread, fresh metrics)."""
+    return Lanes(
+        group, threads=1, shadow_executor=shadow_pool, batching=batching or BatchingSettings(),
+        destinations=DEST, submit=submitted.extend, metrics=Metrics(), shadow_queue_limit=10,
+    )  # fmt: skip
+
+
 async def answer_of(
     request: InferenceRequest, admitted_by: ModelRepository, served: ModelRepository | None
 ) -> InferenceResponse:
@@ -35,11 +48,7 @@ async def answer_of(
     submitted: list[Outgoing] = []
     with ThreadPoolExecutor(1) as pool:
         async with asyncio.TaskGroup() as group:
-            lanes = Lanes(
-                group, threads=1, shadow_executor=pool, batching=BatchingSettings(),
-                destinations=DEST, submit=submitted.extend, metrics=Metrics(),
-                shadow_queue_limit=10,
-            )  # fmt: skip
+            lanes = make_lanes(group, pool, submitted)
             if served is not None:
                 lanes.open(served)
             lanes.put(outcome)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from aiokafka import TopicPartition
 
 from worker.codec import ErrorInfo, InferenceRequest, InferenceResponse
-from worker.errors import ErrorCode, RequestError
+from worker.errors import ErrorCode
 from worker.outgoing import Source
 
 __all__ = ["HTTP_STATUS", "Answer", "Direct"]
@@ -91,7 +91,7 @@ class Direct:
         if timeout_s is not None:
             deadline = now_ms + int(timeout_s * 1000)
             if request.deadline_ms is None or deadline < request.deadline_ms:
-                request = _with_deadline(request, deadline)
+                request = replace(request, deadline_ms=deadline)
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
 
         def respond(response: InferenceResponse, headers: list[tuple[str, bytes]]) -> None:
@@ -129,10 +129,6 @@ class Answer:
         return value.decode(errors="replace") if value is not None else None
 
 
-def _with_deadline(request: InferenceRequest, deadline_ms: int) -> InferenceRequest:
-    return replace(request, deadline_ms=deadline_ms)
-
-
 def _error(request: InferenceRequest, code: ErrorCode, message: str) -> InferenceResponse:
     return InferenceResponse(
         id=request.id, model_name=request.model_name, model_version=request.model_version,
@@ -141,9 +137,9 @@ def _error(request: InferenceRequest, code: ErrorCode, message: str) -> Inferenc
 
 
 def _refused(request: InferenceRequest, bound: int) -> InferenceResponse:
-    error = RequestError(
+    return _error(
+        request,
         ErrorCode.RESOURCE_EXHAUSTED,
         f"the worker holds {bound} requests in flight (WORKER_RUNTIME__MAX_IN_FLIGHT); "
         "send again later",
     )
-    return _error(request, error.code, error.message)

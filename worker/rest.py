@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import importlib.metadata
-import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from worker.direct import HTTP_STATUS, Direct
 from worker.errors import DecodeError, ErrorCode
 from worker.repository import ModelRepository
 from worker.settings import EndpointSettings
-from worker.v2json import decode_json_request, encode_rest_response
+from worker.v2json import encode_rest_response, parse_json_body, request_from_body
 
 __all__ = [
     "SERVER_NAME",
@@ -176,11 +175,10 @@ async def _infer(api: V2Api, request: web.Request, wait_s: float) -> web.Respons
         headers.append(("model_version", version.encode()))
     passed = [(h, request.headers[h].encode()) for h in PASSED_HEADERS if h in request.headers]
     try:
-        decoded = decode_json_request(
-            memoryview(body)[:length], headers + passed, None, binary=body[length:]
-        )
+        parsed = parse_json_body(memoryview(body)[:length])  # once, for inputs and outputs
+        decoded = request_from_body(parsed, headers + passed, None, binary=body[length:])
         timeout_s = _timeout(request)
-        wanted, binary = _outputs(body[:length])
+        wanted, binary = _outputs(parsed)
     except DecodeError as exc:
         return _error(400, exc.message)
     if decoded.model_name != name or (version and decoded.model_version != version):
@@ -206,9 +204,8 @@ def _timeout(request: web.Request) -> float | None:
     return value / 1000
 
 
-def _outputs(header: bytes) -> tuple[list[str], set[str]]:
+def _outputs(body: dict[str, Any]) -> tuple[list[str], set[str]]:
     """The outputs a request asks for (empty: all) and those it wants as binary data."""
-    body = json.loads(header)  # an object: decoding the request checked that
     wanted: list[str] = []
     binary: set[str] = set()
     every = bool(_parameters(body).get("binary_data_output", False))

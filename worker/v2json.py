@@ -37,7 +37,14 @@ from worker.v2 import (
     tensor_values,
 )
 
-__all__ = ["CONTENT_TYPE", "decode_json_request", "encode_json_response", "encode_rest_response"]
+__all__ = [
+    "CONTENT_TYPE",
+    "decode_json_request",
+    "encode_json_response",
+    "encode_rest_response",
+    "parse_json_body",
+    "request_from_body",
+]
 
 CONTENT_TYPE = "application/json"
 
@@ -50,12 +57,24 @@ def decode_json_request(
     ``binary``: the binary tensor extension's data after the JSON (REST only): an input whose
     ``parameters.binary_data_size`` is n takes the next n bytes of it as its raw data.
     """
+    return request_from_body(parse_json_body(value), headers, key, binary=binary)
+
+
+def parse_json_body(value: bytes | memoryview) -> dict[str, Any]:
+    """The JSON object of a V2 body; DecodeError if it is not JSON or not an object."""
     try:
         body = json.loads(bytes(value))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise DecodeError(f"record is not JSON: {str(exc)[:200]}") from exc
     if not isinstance(body, dict):
         raise DecodeError(f"V2 JSON request must be an object, not {type(body).__name__}")
+    return body
+
+
+def request_from_body(
+    body: dict[str, Any], headers: Headers, key: bytes | None, *, binary: bytes = b""
+) -> InferenceRequest:
+    """A parsed V2 body as a request (see :func:`decode_json_request`)."""
     try:
         return _request(body, headers, key, memoryview(binary))
     except DecodeError as exc:  # the error reply can still carry the id, if there is one

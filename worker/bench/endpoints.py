@@ -14,9 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import numpy as np
-
-from worker.bench.load import BenchResult
+from worker.bench.load import BenchResult, numeric_rows
 from worker.bench.targets import input_of
 from worker.errors import WorkerError
 
@@ -26,13 +24,6 @@ Call = Callable[[int], Awaitable[dict[str, Any]]]
 """Send request ``i``; its response parameters (``batch_size``, ``compute_us``, errors)."""
 
 
-def _payloads(model: str, count: int, rows: int) -> list[np.ndarray[Any, Any]]:
-    rng = np.random.default_rng(1)
-    _, width = input_of(model)
-    pool = [rng.integers(0, 17, (rows, width)).astype(np.float32) for _ in range(64)]
-    return [pool[i % len(pool)] for i in range(count)]
-
-
 @contextlib.asynccontextmanager
 async def _grpc(port: int, model: str, rows: int, count: int) -> AsyncIterator[Call]:
     import grpc  # noqa: PLC0415
@@ -40,7 +31,7 @@ async def _grpc(port: int, model: str, rows: int, count: int) -> AsyncIterator[C
     from worker.oip import pb, pb_grpc  # noqa: PLC0415
 
     name, _ = input_of(model)
-    arrays = _payloads(model, count, rows)
+    arrays = numeric_rows(model, count, rows)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
 
@@ -68,7 +59,7 @@ async def _http(port: int, model: str, rows: int, count: int) -> AsyncIterator[C
     name, _ = input_of(model)
     tensors = [
         {"name": name, "datatype": "FP32", "shape": list(a.shape), "data": a.ravel().tolist()}
-        for a in _payloads(model, count, rows)
+        for a in numeric_rows(model, count, rows)
     ]
     bodies = [json.dumps({"inputs": [t]}).encode() for t in tensors]
     url = f"http://127.0.0.1:{port}/v2/models/{model}/infer"

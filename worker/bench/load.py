@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from aiokafka import AIOKafkaProducer
 
 from worker.bench.corpus import paragraphs
@@ -29,7 +30,7 @@ from worker.errors import DecodeError, WorkerError
 from worker.kafka import assign_all, make_consumer, make_producer
 from worker.settings import KafkaSettings
 
-__all__ = ["BenchResult", "bench_texts", "drive", "text_tokens"]
+__all__ = ["BenchResult", "bench_texts", "drive", "numeric_rows", "text_tokens"]
 
 
 @dataclass
@@ -203,14 +204,20 @@ def _requests(model: str, count: int, rows: int, label: str) -> list[tuple[str, 
             tensor = Tensor.from_strings("text", texts[i * rows : (i + 1) * rows])
             out.append((rid, encode_request(InferenceRequest(rid, model, [tensor]))))
         return out
-    rng = np.random.default_rng(1)
-    name, width = input_of(model)
-    pool = [rng.integers(0, 17, (rows, width)).astype(np.float32) for _ in range(64)]
-    for i in range(count):
+    name, _ = input_of(model)
+    for i, array in enumerate(numeric_rows(model, count, rows)):
         rid = f"{label}-{i}"
-        tensor = Tensor.from_numpy(name, pool[i % len(pool)])
+        tensor = Tensor.from_numpy(name, array)
         out.append((rid, encode_request(InferenceRequest(rid, model, [tensor]))))
     return out
+
+
+def numeric_rows(model: str, count: int, rows: int) -> list[npt.NDArray[np.float32]]:
+    """The inputs of ``count`` requests of a numeric model (64 distinct, seeded), any transport."""
+    rng = np.random.default_rng(1)
+    _, width = input_of(model)
+    pool = [rng.integers(0, 17, (rows, width)).astype(np.float32) for _ in range(64)]
+    return [pool[i % len(pool)] for i in range(count)]
 
 
 async def drive(
