@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # every target puts this checkout first, so it always runs its own code.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install kafka kafka-stop registry registry-stop minilm proto test lint typecheck check demo train clean help
+.PHONY: install kafka kafka-stop registry registry-stop minilm proto test lint typecheck check demo compose-check train clean help
 
 help:
 	@echo "install     create $(VENV) and install the package with dev and train extras"
@@ -23,6 +23,7 @@ help:
 	@echo "test        run the test suite (starts the broker if WORKER_KAFKA__BOOTSTRAP_SERVERS is unset)"
 	@echo "check       ruff + mypy --strict + test"
 	@echo "demo        broker + worker + digits demo client; prints accuracy and requests/s"
+	@echo "compose-check  docker compose up for real (needs a Docker engine): demo, --scale worker=3, down"
 	@echo "train       retrain the models (models/*/train.py; needs scikit-learn)"
 
 install:
@@ -65,6 +66,9 @@ check: lint typecheck test
 
 demo: install
 	PY=$(PY) bash dev/demo.sh
+
+compose-check:
+	bash dev/compose_check.sh
 
 train: install
 	$(PY) models/digits/train.py --version 1 --arch mlp

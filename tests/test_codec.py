@@ -100,40 +100,48 @@ def spec_header(path: Path) -> bytes:
 
 
 def test_single_object_header_matches_the_avro_spec() -> None:
-    """Messages start with C3 01 and the little-endian CRC-64-AVRO of the canonical schema.
+    """Every message starts with C3 01 and the little-endian CRC-64-AVRO of the current schema.
 
-    A message with a BYTES tensor names the current schema; one without names the previous
-    version (the same bytes), so readers of that version keep reading it.
+    With or without a BYTES tensor: a reader holding only the current schema files reads all.
     """
+    request_header = spec_header(schema_dir() / "inference_request.avsc")
+    response_header = spec_header(schema_dir() / "inference_response.avsc")
     strings = InferenceRequest("s", "m", [Tensor.from_strings("text", ["hi"])])
-    assert encode_request(strings)[:10] == spec_header(schema_dir() / "inference_request.avsc")
-    history = schema_dir() / "history"
-    assert encode_request(sample_request())[:10] == spec_header(
-        history / "inference_request.v2.avsc"
-    )
+    assert encode_request(strings)[:10] == request_header
+    assert encode_request(sample_request())[:10] == request_header
     words = InferenceResponse("r", "m", outputs=[Tensor.from_strings("tag", ["B-PER"])])
-    assert encode_response(words)[:10] == spec_header(schema_dir() / "inference_response.avsc")
+    assert encode_response(words)[:10] == response_header
     numbers = InferenceResponse("r", "m", outputs=[Tensor.from_numpy("x", np.zeros(1))])
-    assert encode_response(numbers)[:10] == spec_header(history / "inference_response.v1.avsc")
+    assert encode_response(numbers)[:10] == response_header
 
 
-def test_messages_without_strings_read_with_the_previous_schemas() -> None:
-    """A reader of the previous schema version decodes a reply or request with no BYTES."""
+def test_readers_of_the_previous_schemas_resolve_current_messages() -> None:
+    """A reader still on the previous schema reads a message with no BYTES by resolution.
+
+    It names the current schema as the writer (what schemas/history/README.md tells it to
+    register) and its own as the reader.
+    """
     history = schema_dir() / "history"
+    current_reply = fastavro.parse_schema(
+        json.loads((schema_dir() / "inference_response.avsc").read_text())
+    )
     old_reply = fastavro.parse_schema(
         json.loads((history / "inference_response.v1.avsc").read_text())
     )
     value = encode_response(
         InferenceResponse("r", "m", outputs=[Tensor.from_numpy("x", np.ones(2, np.float32))])
     )
-    record = fastavro.schemaless_reader(io.BytesIO(value[10:]), old_reply, None)
+    record = fastavro.schemaless_reader(io.BytesIO(value[10:]), current_reply, old_reply)
     assert isinstance(record, dict)
     assert record["outputs"][0]["datatype"] == "FP32"
+    current_request = fastavro.parse_schema(
+        json.loads((schema_dir() / "inference_request.avsc").read_text())
+    )
     old_request = fastavro.parse_schema(
         json.loads((history / "inference_request.v2.avsc").read_text())
     )
     record = fastavro.schemaless_reader(
-        io.BytesIO(encode_request(sample_request())[10:]), old_request, None
+        io.BytesIO(encode_request(sample_request())[10:]), current_request, old_request
     )
     assert isinstance(record, dict)
     assert record["inputs"][0]["datatype"] == "FP32"

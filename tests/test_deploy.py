@@ -1,28 +1,34 @@
 """Compose, Dockerfile, Kubernetes and monitoring files, checked against the code.
 
-No Docker engine or Kubernetes cluster runs here: these tests check structure and that every
+These tests need no Docker engine or Kubernetes cluster: they check structure and that every
 setting, port, path, topic and metric the files name really exists in the worker.
+`make compose-check` runs the compose file for real on a Docker engine.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
 from worker.http import Probes, serve_http
 from worker.metrics import Metrics
 from worker.settings import (
     SECRETS_DIR_VAR,
+    AuditSettings,
     HttpSettings,
     KafkaSettings,
     ModelSettings,
     RuntimeSettings,
+    Settings,
     env_var_names,
+    load_settings,
 )
 
 from .conftest import ROOT
@@ -57,24 +63,51 @@ def test_every_worker_variable_in_compose_is_a_real_setting() -> None:
         assert unknown == [], f"service {name} sets unknown settings {unknown}"
 
 
-def test_compose_topics_agree_with_worker_settings() -> None:
-    """The topics job creates exactly the topics the worker and demo use, and the defaults."""
-    doc = compose()
+def created_topics(doc: dict[str, Any]) -> set[str]:
+    """The topics the compose ``topics`` job creates (its ``for topic in ...`` list)."""
     script = "\n".join(doc["services"]["topics"]["command"])
-    defaults = KafkaSettings()
-    for svc in worker_services(doc).values():
-        env = svc["environment"]
-        for key, default in (
-            ("WORKER_KAFKA__REQUESTS_TOPIC", defaults.requests_topic),
-            ("WORKER_KAFKA__REPLIES_TOPIC", defaults.replies_topic),
-        ):
-            topic = env.get(key, default)
-            assert topic == default
-            assert topic in script
-        assert env["WORKER_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:29092"
+    found = re.search(r"for topic in ([^;]+);", script)
+    assert found is not None, "the topics job has no `for topic in ...` loop"
+    return set(found.group(1).split())
+
+
+def compose_settings(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The settings a service of ours gets from its compose environment (and no other)."""
+    for name in list(os.environ):
+        if name.upper().startswith("WORKER_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    return load_settings()
+
+
+def test_compose_creates_every_topic_the_worker_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The topics job creates every topic each worker service's own settings require.
+
+    The workers run with WORKER_KAFKA__MANAGE_TOPICS=false, so a topic missing here stops them.
+    """
+    doc = compose()
+    created = created_topics(doc)
+    for name, svc in worker_services(doc).items():
+        settings = compose_settings(svc["environment"], monkeypatch)
+        kafka = settings.kafka
+        assert settings.kafka.bootstrap_servers == "kafka:29092"
+        needed = {kafka.requests_topic, kafka.replies_topic}
+        if name != "demo":  # the demo is a client; it needs only these two
+            assert not kafka.manage_topics, name
+            needed = set(settings.topics())
+        assert needed <= created, f"{name} needs {sorted(needed - created)}"
     kafka_env = doc["services"]["kafka"]["environment"]
     assert "INTERNAL://kafka:29092" in kafka_env["KAFKA_ADVERTISED_LISTENERS"]
     assert "healthcheck" in doc["services"]["kafka"]
+
+
+def test_settings_name_every_topic_the_worker_creates() -> None:
+    """Settings.topics() lists the requests, replies, dead-letter and (if set) audit topics."""
+    plain = Settings()
+    assert plain.topics() == ["inference.requests", "inference.replies", "inference.dlq"]
+    audited = Settings(audit=AuditSettings(topic="inference.audit"))
+    assert "inference.audit" in audited.topics()
 
 
 def test_worker_scales_and_drains() -> None:

@@ -204,8 +204,7 @@ class Worker:
     async def _connect(self, stack: contextlib.AsyncExitStack) -> Replier:
         """Kafka: topics, the schema registry (if any), the producer, the group consumer."""
         settings, kafka = self.settings, self.settings.kafka
-        topics = [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic]
-        await ensure_topics(kafka, [*topics, *filter(None, [settings.audit.topic])])
+        await ensure_topics(kafka, settings.topics())
         if settings.schema_registry.url:  # registers the reply schema: fails start if it can't
             self._registry = await stack.enter_async_context(
                 SchemaRegistry(

@@ -154,7 +154,8 @@ async def _predict(settings: Settings, args: argparse.Namespace) -> int:
         tensors = [Tensor.from_strings(args.text_input, args.text)]
     else:
         tensors = tensors_from_json(json.loads(await asyncio.to_thread(Path(args.input).read_text)))
-    async with InferenceClient(settings.kafka, timeout=args.timeout) as client:
+    client = InferenceClient(settings.kafka, timeout=args.timeout, wait_for_topics=args.timeout)
+    async with client:
         reply = await client.infer(args.model, tensors, version=args.version)
     if args.text and not args.json:
         print("\n".join(summary(reply)))
@@ -167,7 +168,8 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
     testset = np.load(settings.models.repository / "digits" / "testset.npz")
     pixels = testset["pixels"].astype(np.float32)[: args.limit]
     labels = testset["labels"][: args.limit]
-    async with InferenceClient(settings.kafka, timeout=args.timeout) as client:
+    client = InferenceClient(settings.kafka, timeout=args.timeout, wait_for_topics=args.timeout)
+    async with client:
         # One request first: waits out a worker that is still starting, so the rate is fair.
         await client.infer("digits", {"pixels": pixels[:1]})
         started = time.perf_counter()
@@ -184,6 +186,24 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
         f"{np.mean(batch_sizes):.1f} (max {max(batch_sizes)})"
     )
     return 0 if accuracy >= args.min_accuracy else 1
+
+
+async def _until_sigterm(command: Coroutine[Any, Any, int]) -> int:
+    """Run a client command; SIGTERM stops it at once with exit code 143.
+
+    In a container the command may be PID 1, which the kernel never stops for a signal it has
+    no handler for: without this, ``docker stop`` waits out its grace period and kills it.
+    """
+    task = asyncio.ensure_future(command)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        print("stopped by SIGTERM", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -239,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": lambda: _serve(settings),
         "echo": lambda: _reference(settings, "echo"),
         "plain": lambda: _reference(settings, "plain"),
-        "predict": lambda: _predict(settings, args),
-        "demo": lambda: _demo(settings, args),
+        "predict": lambda: _until_sigterm(_predict(settings, args)),
+        "demo": lambda: _until_sigterm(_demo(settings, args)),
         "bench": lambda: _bench(settings, args),
     }
     try:

@@ -8,6 +8,10 @@ Each request gets a fresh correlation id; the client reads every partition of it
 (without a consumer group, from the end as it was when the client started) and hands each
 caller the reply carrying its id (:class:`~worker.correlation.ReplyMatcher`). Replies for other
 clients sharing the topic are skipped.
+
+On a fresh broker the topics appear only when the first worker starts (it creates them):
+``wait_for_topics`` seconds lets a client started beside a worker wait for them instead of
+failing at once (``predict`` and ``demo`` wait as long as their ``--timeout``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import numpy.typing as npt
+import structlog
 
 from worker.codec import (
     InferenceRequest,
@@ -35,6 +40,9 @@ from worker.settings import KafkaSettings
 
 __all__ = ["InferenceClient"]
 
+log = structlog.get_logger(__name__)
+_TOPIC_POLL_S = 0.5
+
 
 class InferenceClient:
     """Publishes inference requests and awaits their replies (an async context manager)."""
@@ -45,10 +53,12 @@ class InferenceClient:
         *,
         reply_topic: str | None = None,
         timeout: float = 30.0,
+        wait_for_topics: float = 0.0,
     ) -> None:
         self._settings = settings
         self.reply_topic = reply_topic or settings.replies_topic
         self.timeout = timeout
+        self.wait_for_topics = wait_for_topics
         self._producer = make_producer(settings)
         self._consumer = make_consumer(
             settings, group_id=None, auto_offset_reset="latest", client_id=settings.client_id
@@ -81,14 +91,33 @@ class InferenceClient:
         self._matcher.cancel_all()
 
     async def _assign_reply_partitions(self) -> None:
-        if self.reply_topic not in await self._consumer.topics():
-            raise ConfigError(
-                f"reply topic {self.reply_topic!r} does not exist on "
-                f"{self._settings.bootstrap_servers}; start a worker (it creates its topics) "
-                "or create the topic"
-            )
+        await self._topics_exist()
         partitions = await self._producer.partitions_for(self.reply_topic)
         await assign_all(self._consumer, self.reply_topic, partitions, from_end=True)
+
+    async def _topics_exist(self) -> None:
+        """Return once the requests and reply topics exist; wait up to ``wait_for_topics``."""
+        wanted = {self._settings.requests_topic, self.reply_topic}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_for_topics
+        announced = False
+        while missing := sorted(wanted - await self._consumer.topics()):
+            if loop.time() >= deadline:
+                waited = f" after waiting {self.wait_for_topics:.0f}s" if announced else ""
+                raise ConfigError(
+                    f"topic(s) {', '.join(map(repr, missing))} do not exist on "
+                    f"{self._settings.bootstrap_servers}{waited}; start a worker (it creates "
+                    "its topics) or create them"
+                )
+            if not announced:
+                log.info(
+                    "waiting for topics; a worker creates them when it starts",
+                    topics=missing,
+                    bootstrap_servers=self._settings.bootstrap_servers,
+                    timeout_s=self.wait_for_topics,
+                )
+                announced = True
+            await asyncio.sleep(min(_TOPIC_POLL_S, max(0.0, deadline - loop.time())))
 
     async def _read_replies(self) -> None:
         while True:

@@ -9,9 +9,11 @@ and then against each earlier one.
 
 Schema evolution: earlier schemas live in ``schemas/history/``. A message written with one of
 them is read through Avro schema resolution, so fields added since take their defaults and old
-writers keep working. A message with no ``BYTES`` tensor is written with the previous schema's
-fingerprint (its bytes are the same: ``BYTES`` is the last enum symbol), so readers that know
-only that version keep reading it. Schemas are read and parsed once, at import.
+writers keep working. Every message is written with the *current* schema's fingerprint, so a
+reader holding only the current ``schemas/*.avsc`` reads every message; a reader still on an
+earlier version adds the current schema as a known writer schema (Java:
+``BinaryMessageDecoder.addSchema``) and resolves into its own. Schemas are read and parsed once,
+at import.
 
 Strings (``BYTES``): each element is a 4-byte little-endian length, then its bytes, as the Open
 Inference Protocol's binary tensor format lays them out; :meth:`Tensor.to_numpy` gives a numpy
@@ -113,19 +115,12 @@ class _Schema:
         for path in history:
             parsed, header = _parse(path)
             self.writers[header] = parsed
-        self.previous_header = _parse(history[0])[1] if history else self.header
-        """The header of the newest earlier version: same bytes for messages without BYTES."""
 
-    def encode(
-        self, record: Mapping[str, Any], *, uses_new: bool = True, framed: bool = True
-    ) -> bytes:
-        """Encode ``record``; ``uses_new=False`` writes the previous version's fingerprint.
-
-        ``framed=False``: the bare Avro body, no single-object header.
-        """
+    def encode(self, record: Mapping[str, Any], *, framed: bool = True) -> bytes:
+        """Encode ``record`` with the current schema (``framed=False``: no 10-byte header)."""
         buf = io.BytesIO()
         if framed:
-            buf.write(self.header if uses_new else self.previous_header)
+            buf.write(self.header)
         fastavro.schemaless_writer(buf, self.parsed, record)
         return buf.getvalue()
 
@@ -345,10 +340,6 @@ class InferenceResponse:
             raise ReplyError(self.id, self.error.code, self.error.message)
 
 
-def _uses_bytes(tensors: Sequence[Tensor]) -> bool:
-    return any(t.datatype == BYTES for t in tensors)
-
-
 def encode_request(request: InferenceRequest) -> bytes:
     """Encode a request as an Avro single-object message."""
     return _REQUEST.encode(
@@ -359,8 +350,7 @@ def encode_request(request: InferenceRequest) -> bytes:
             "inputs": [_tensor_to_avro(t) for t in request.inputs],
             "parameters": request.parameters,
             "deadline_ms": request.deadline_ms,
-        },
-        uses_new=_uses_bytes(request.inputs),
+        }
     )
 
 
@@ -398,7 +388,7 @@ def _request(rec: Mapping[str, Any]) -> InferenceRequest:
 
 def encode_response(response: InferenceResponse) -> bytes:
     """Encode a response as an Avro single-object message."""
-    return _RESPONSE.encode(_response_record(response), uses_new=_uses_bytes(response.outputs))
+    return _RESPONSE.encode(_response_record(response))
 
 
 def encode_response_body(response: InferenceResponse) -> bytes:

@@ -376,6 +376,12 @@ class Settings(BaseSettings):
             raise ValueError("audit.topic needs kafka enabled (the records go to Kafka)")
         return self
 
+    def topics(self) -> list[str]:
+        """Every topic the worker needs at start (it creates them when it manages topics)."""
+        kafka = self.kafka
+        topics = [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic]
+        return [*topics, *filter(None, [self.audit.topic])]
+
     @classmethod
     def settings_customise_sources(
         cls,
