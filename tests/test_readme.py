@@ -1,4 +1,9 @@
-"""The README and docs tell the truth: examples run against the real broker, tables are complete."""
+"""The README and docs tell the truth: examples run against the real broker, tables are complete.
+
+The README is a short front door; the rest lives in docs/. Code blocks are found on every page
+(README first), so a block moved between pages is still run, and every relative link (and its
+anchor) on the README and the docs pages resolves.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import re
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,12 +25,26 @@ from worker.settings import SECRETS_DIR_VAR, Settings, env_var_names
 
 from .conftest import MODELS, ROOT, running_worker, worker_env
 
-README = (ROOT / "README.md").read_text()
-SETTINGS = (ROOT / "docs" / "settings.md").read_text()
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = [README, *sorted(DOCS.glob("*.md"))]
+"""The README and every docs page, README first."""
+SETTINGS = (DOCS / "settings.md").read_text()
+README_MAX_LINES = 200
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
+def python_blocks() -> list[tuple[str, str]]:
+    """Every python code block of the README and the docs pages, with the page it is on."""
+    return [
+        (page.relative_to(ROOT).as_posix(), block)
+        for page in PAGES
+        for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL)
+    ]
+
+
+def python_block(containing: str) -> tuple[str, str]:
+    """The first python block (README first, then docs/ by name) that contains ``containing``."""
+    return next((page, b) for page, b in python_blocks() if containing in b)
 
 
 def test_every_setting_is_in_the_readme_table() -> None:
@@ -65,10 +85,10 @@ def test_every_documented_default_is_the_real_one() -> None:
 
 
 def test_wire_format_snippet_interoperates_with_the_worker_codec() -> None:
-    """The README's plain-fastavro snippet writes requests we accept and reads our replies."""
+    """The docs' plain-fastavro snippet writes requests we accept and reads our replies."""
     namespace: dict[str, Any] = {}
-    block = next(b for b in python_blocks() if "def decode_reply" in b)
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README's code
+    page, block = python_block("def decode_reply")
+    exec(compile(block, page, "exec"), namespace)  # noqa: S102 - our own docs' code
     pixels = np.arange(64, dtype=np.float32).reshape(1, 64)
     request = decode_request(namespace["encode_request"]("abc", pixels))
     assert request.id == "abc"
@@ -89,7 +109,7 @@ async def test_client_example_and_predict_command_run(
     settings: Settings, repository: ModelRepository
 ) -> None:
     """The README's client example and `python -m worker predict` get real replies."""
-    block = next(b for b in python_blocks() if "InferenceClient" in b)
+    _, block = python_block("async with InferenceClient(")
     env = worker_env(settings)
     example_request = str(MODELS / "digits" / "example_request.json")
 
@@ -114,9 +134,38 @@ async def test_client_example_and_predict_command_run(
     uuid.UUID(reply["id"])
 
 
-def test_doc_links_point_at_files_that_exist() -> None:
-    """Every relative link in the README and docs/ names a file of the repository."""
-    pages = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
-    for page in pages:
-        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
-            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+def without_code(markdown: str) -> str:
+    """``markdown`` without its fenced code blocks (a ``# comment`` there is no heading)."""
+    return re.sub(r"^```.*?^```", "", markdown, flags=re.DOTALL | re.MULTILINE)
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub makes for ``page``'s headings (lowercase, punctuation dropped)."""
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", without_code(page.read_text()), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        if count:
+            seen[f"{slug}-{count}"] = 1
+    return set(seen)
+
+
+def test_doc_links_point_at_files_and_anchors_that_exist() -> None:
+    """Every relative link in the README and docs/ names a file, and a heading, that exist."""
+    for page in PAGES:
+        for target, anchor in re.findall(
+            r"\]\(([^)#:\s]*)(?:#([^)\s]*))?\)", without_code(page.read_text())
+        ):
+            linked = (page.parent / target).resolve() if target else page
+            assert linked.exists(), f"{page.name} links to missing {target}"
+            if anchor and linked.suffix == ".md":
+                assert anchor in anchors(linked), f"{page.name} links to missing {target}#{anchor}"
+
+
+def test_readme_is_a_short_front_door_linking_every_docs_page() -> None:
+    """The README stays short, and every docs page can be reached from it."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= README_MAX_LINES
+    linked = set(re.findall(r"\]\(docs/([^)#]+\.md)(?:#[^)]*)?\)", text))
+    assert linked >= {page.name for page in DOCS.glob("*.md")}
