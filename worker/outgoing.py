@@ -223,14 +223,15 @@ def reply(
     refused = requested is not None and not destinations.allows(requested)
     topic = destinations.replies_topic if requested is None or refused else requested
     trace = continue_trace(headers.get("traceparent"))
+    response, value, content_headers = _encoded(destinations, source, response)
     reply_headers = [
         ("correlation_id", headers.get("correlation_id") or response.id.encode()),
         ("traceparent", trace.traceparent),
     ]
     for name in ECHOED_HEADERS:
-        value = headers.get(name)
-        if value is not None:
-            reply_headers.append((name, value))
+        echoed = headers.get(name)
+        if echoed is not None:
+            reply_headers.append((name, echoed))
     timing = response.timing
     model, version = response.model_name[:SHOWN_CHARS], (response.model_version or "")[:SHOWN_CHARS]
     meta = ReplyMeta(
@@ -244,7 +245,6 @@ def reply(
         labels=(model, version) if served else (UNSERVED, UNSERVED),
         refused_topic=refused,
     )
-    value, content_headers = destinations.codecs.encode(source.value, source.headers, response)
     message = Outgoing(
         source, response.id, topic, value, reply_headers + content_headers, meta=meta,
         response=response,
@@ -254,6 +254,42 @@ def reply(
     latency_s = max(0.0, time.time() * 1000 - source.timestamp_ms) / 1000
     record = json.dumps(audit_record(message, meta, latency_s)).encode()
     return [message, Outgoing(source, response.id, destinations.audit_topic, record, [])]
+
+
+def _encoded(
+    destinations: Destinations, source: Source, response: InferenceResponse
+) -> tuple[InferenceResponse, bytes, list[tuple[str, bytes]]]:
+    """The response and its encoding in the request's format; never raises.
+
+    A response whose text the format cannot carry (a string that is not Unicode, say) becomes
+    an INTERNAL error reply with that text made safe, so one such request costs only itself.
+    """
+    try:
+        response.id.encode()
+        value, added = destinations.codecs.encode(source.value, source.headers, response)
+    except Exception as exc:  # noqa: BLE001 - any encoder failure: answer with what can be said
+        log.warning(
+            "reply could not be encoded; an INTERNAL error reply is sent instead",
+            error=f"{type(exc).__name__}: {_safe(str(exc))}",
+            offset=source.offset,
+        )
+        response = InferenceResponse(
+            id=_safe(response.id),
+            model_name=_safe(response.model_name),
+            model_version=_safe(response.model_version) if response.model_version else None,
+            error=ErrorInfo(
+                str(ErrorCode.INTERNAL),
+                f"the reply could not be encoded ({type(exc).__name__}); its text was made "
+                "safe and its outputs dropped",
+            ),
+        )
+        value, added = destinations.codecs.encode(source.value, source.headers, response)
+    return response, value, added
+
+
+def _safe(text: str) -> str:
+    """``text`` as UTF-8 can carry it (lone surrogates become ``?``), cut for a message."""
+    return text[:SHOWN_CHARS].encode(errors="replace").decode()
 
 
 def dead_letter(

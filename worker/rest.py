@@ -37,7 +37,7 @@ from worker.direct import HTTP_STATUS, Direct
 from worker.errors import DecodeError, ErrorCode
 from worker.repository import ModelRepository
 from worker.settings import EndpointSettings
-from worker.v2json import encode_rest_response, parse_json_body, request_from_body
+from worker.v2json import encode_rest_response, is_unicode, parse_json_body, request_from_body
 
 __all__ = [
     "SERVER_NAME",
@@ -170,10 +170,17 @@ async def _infer(api: V2Api, request: web.Request, wait_s: float) -> web.Respons
             raise ValueError(length)  # noqa: TRY301
     except ValueError:
         return _error(400, f"{HEADER_LENGTH} must be a length within the body ({len(body)} bytes)")
+    if not is_unicode(name + (version or "")):
+        return _error(400, "the model name or version in the URL is not UTF-8 text")
     headers = [("model_name", name.encode())]
     if version:
         headers.append(("model_version", version.encode()))
-    passed = [(h, request.headers[h].encode()) for h in PASSED_HEADERS if h in request.headers]
+    # aiohttp decodes header bytes with surrogateescape: this gives back exactly those bytes.
+    passed = [
+        (h, request.headers[h].encode(errors="surrogateescape"))
+        for h in PASSED_HEADERS
+        if h in request.headers
+    ]
     try:
         parsed = parse_json_body(memoryview(body)[:length])  # once, for inputs and outputs
         decoded = request_from_body(parsed, headers + passed, None, binary=body[length:])
@@ -253,7 +260,7 @@ def _auth(settings: EndpointSettings) -> Callable[..., Awaitable[web.StreamRespo
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         if token is not None and not request.path.startswith("/v2/health/"):
-            given = request.headers.get("Authorization", "").encode()
+            given = request.headers.get("Authorization", "").encode(errors="surrogateescape")
             if not hmac.compare_digest(given, b"Bearer " + token):
                 return _error(401, "a bearer token is required (Authorization: Bearer ...)")
         return await handler(request)

@@ -1,4 +1,4 @@
-"""KServe V2 JSON on Kafka: the body of ``POST /v2/models/{name}/infer``, as MLServer takes it.
+r"""KServe V2 JSON on Kafka: the body of ``POST /v2/models/{name}/infer``, as MLServer takes it.
 
 A record with header ``content-type: application/json`` (or Seldon's ``seldon-infer-type:
 json/inferModelRequest``) holds::
@@ -17,11 +17,16 @@ application/json``::
 
 An error reply has ``"error": "<message>"`` (as V2 REST errors do) and its code in
 ``parameters.error_code``.
+
+JSON can spell text that is not Unicode: a lone surrogate (the escape ``\ud800`` unpaired, or
+its raw bytes, which Python's ``json`` passes through). Such a body is refused here, at the
+boundary, so no id, name or string that cannot be written as UTF-8 ever reaches a reply.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import Any
@@ -42,11 +47,16 @@ __all__ = [
     "decode_json_request",
     "encode_json_response",
     "encode_rest_response",
+    "is_unicode",
     "parse_json_body",
     "request_from_body",
 ]
 
 CONTENT_TYPE = "application/json"
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of a surrogate (paired ones are fine; only then are the strings checked)."""
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def decode_json_request(
@@ -62,13 +72,41 @@ def decode_json_request(
 
 def parse_json_body(value: bytes | memoryview) -> dict[str, Any]:
     """The JSON object of a V2 body; DecodeError if it is not JSON or not an object."""
+    raw = bytes(value)
     try:
-        body = json.loads(bytes(value))
+        # Strict UTF-8 first: json.loads(bytes) would let encoded surrogates through.
+        body = json.loads(raw.decode("utf-8-sig"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise DecodeError(f"record is not JSON: {str(exc)[:200]}") from exc
+        raise DecodeError(f"record is not JSON in UTF-8: {str(exc)[:200]}") from exc
     if not isinstance(body, dict):
         raise DecodeError(f"V2 JSON request must be an object, not {type(body).__name__}")
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+        raise DecodeError(
+            "V2 JSON request holds a lone surrogate escape (\\ud800-\\udfff without its pair): "
+            "that is not Unicode text and cannot be answered in UTF-8"
+        )
     return body
+
+
+def is_unicode(text: str) -> bool:
+    """False if ``text`` holds a lone surrogate: it cannot be written as UTF-8."""
+    return _LONE_SURROGATE.search(text) is None
+
+
+def _has_lone_surrogate(doc: Any) -> bool:
+    """True if a string (key or value) anywhere in the parsed JSON ``doc`` holds one."""
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not is_unicode(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def request_from_body(
