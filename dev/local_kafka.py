@@ -49,18 +49,28 @@ def _log(message: str) -> None:
     print(f"local-kafka: {message}", file=sys.stderr, flush=True)
 
 
-def resolve_jars() -> Path:
-    """Copy the broker's runtime classpath into ``.kafka/lib`` unless the pom is unchanged."""
-    pom = TEMPLATES / "pom.xml"
+def resolve_jars(
+    pom: Path = TEMPLATES / "pom.xml",
+    lib: Path = LIB,
+    *,
+    expect: str = "kafka_2.13-*.jar",
+    what: str = "Apache Kafka (first run downloads ~70 MB from Maven Central)",
+) -> Path:
+    """Copy ``pom``'s runtime classpath into ``lib`` unless the pom is unchanged; return ``lib``.
+
+    Maven resolves the pinned versions (``mvn dependency:copy-dependencies``); ``lib`` is
+    stamped with the pom's sha256, so a changed pom is resolved again from scratch. A jar
+    matching ``expect`` must be among those copied. Defaults: the broker's (``dev/kafka``).
+    """
     digest = hashlib.sha256(pom.read_bytes()).hexdigest()
-    stamp = LIB / ".pom-sha256"
+    stamp = lib / ".pom-sha256"
     if stamp.is_file() and stamp.read_text().strip() == digest:
-        return LIB
-    _log("resolving Apache Kafka with Maven (first run downloads ~70 MB from Maven Central)")
-    if LIB.exists():
-        for jar in LIB.glob("*.jar"):
+        return lib
+    _log(f"resolving {what} with Maven")
+    if lib.exists():
+        for jar in lib.glob("*.jar"):
             jar.unlink()
-    LIB.mkdir(parents=True, exist_ok=True)
+    lib.mkdir(parents=True, exist_ok=True)
     cmd = [
         "mvn",
         "-q",
@@ -69,15 +79,15 @@ def resolve_jars() -> Path:
         str(pom),
         "dependency:copy-dependencies",
         "-DincludeScope=runtime",
-        f"-DoutputDirectory={LIB}",
+        f"-DoutputDirectory={lib}",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise BrokerError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    if not any(LIB.glob("kafka_2.13-*.jar")):
-        raise BrokerError(f"Maven finished but no kafka_2.13 jar is in {LIB}")
+    if not any(lib.glob(expect)):
+        raise BrokerError(f"Maven finished but no {expect} is in {lib}")
     stamp.write_text(digest + "\n")
-    return LIB
+    return lib
 
 
 def metadata_ok(bootstrap: str, timeout: float = 5.0) -> bool:
