@@ -19,8 +19,15 @@ fi
 
 HARNESS=${COMPOSE_HARNESS:-../shared/compose/run.sh}
 if [ -f "$HARNESS" ]; then
+  # shared/ is laid read-only; the harness copies its files into images and Kafka's start-up
+  # rewrites one of them, so it runs from a writable copy.
+  copy=$(mktemp -d)
+  trap 'rm -rf "$copy"' EXIT
+  cp -r "$(dirname "$HARNESS")/." "$copy"
+  chmod -R u+w "$copy"
   echo "compose-check: running $HARNESS (local stand-ins for the public images)" >&2
-  exec bash "$HARNESS"
+  bash "$copy/$(basename "$HARNESS")"
+  exit
 fi
 
 if ! docker compose version >/dev/null 2>&1; then
