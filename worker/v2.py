@@ -22,10 +22,13 @@ import numpy as np
 
 from worker.codec import BYTES, DATATYPES, InferenceResponse, Tensor
 from worker.errors import DecodeError, shown
+from worker.model_config import MAX_SHAPE_DIMENSIONS
 
 __all__ = [
+    "MAX_DIMENSION",
     "MAX_ID_BYTES",
     "Headers",
+    "checked_shape",
     "first_header",
     "reply_parameters",
     "request_id",
@@ -38,6 +41,8 @@ Headers = Sequence[tuple[str, bytes]]
 
 MAX_ID_BYTES = 1024
 """Longest correlation id, model name or version taken from headers or the key."""
+MAX_DIMENSION = 2**31 - 1
+"""Largest size of one dimension of a decoded shape (far beyond any request the limits let in)."""
 MODEL_HEADERS = ("model_name", "mlserver-model")
 VERSION_HEADERS = ("model_version", "mlserver-version")
 
@@ -79,11 +84,9 @@ def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: A
     BYTES values are strings (UTF-8) or bytes. The values' count must equal the shape's
     product; numbers must fit the datatype.
     """
-    dims = tuple(int(d) for d in shape)
+    dims = checked_shape(name, shape)
     if not isinstance(values, list | tuple):
         raise DecodeError(f"input {shown(name)}: data must be a list, not {type(values).__name__}")
-    if any(d < 0 for d in dims):
-        raise DecodeError(f"input {shown(name)}: shape {list(dims)[:8]} has a negative dimension")
     if datatype == BYTES:
         items = _flat_strings(name, values)
         _check_count(name, dims, len(items))
@@ -110,6 +113,10 @@ def _value_problem(array: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> str | N
     """Why ``array`` cannot be held in ``dtype`` without changing a value (None: it can)."""
     if array.dtype.kind not in "biuf":
         return f"values of kind {array.dtype}"
+    if dtype.kind == "f" and dtype.itemsize < array.dtype.itemsize and array.size:
+        finite = np.abs(array[np.isfinite(array)])
+        if finite.size and finite.max() > np.finfo(dtype).max:  # the cast would make it inf
+            return f"values outside the range of {dtype.name}"
     if dtype.kind in "iu" and array.size:
         if array.dtype.kind == "f":
             return "floating-point values for an integer datatype"
@@ -120,12 +127,41 @@ def _value_problem(array: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> str | N
     return None
 
 
+def checked_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """``shape`` as a tuple, if it has at most 32 dimensions, each 0..:data:`MAX_DIMENSION`.
+
+    Every V2 decoder checks a shape with this before it is used.
+
+    Checked before anything is computed from it: no product of huge numbers, no message that
+    prints them.
+    """
+    if len(shape) > MAX_SHAPE_DIMENSIONS:
+        raise DecodeError(
+            f"input {shown(name)}: shape has {len(shape)} dimensions; at most "
+            f"{MAX_SHAPE_DIMENSIONS} are accepted"
+        )
+    dims = tuple(int(d) for d in shape)
+    for i, d in enumerate(dims):
+        if d < 0:
+            raise DecodeError(f"input {shown(name)}: shape has a negative dimension ({i})")
+        if d > MAX_DIMENSION:  # not printed: it may have thousands of digits
+            raise DecodeError(
+                f"input {shown(name)}: shape dimension {i} is larger than {MAX_DIMENSION}"
+            )
+    return dims
+
+
 def _check_count(name: str, dims: tuple[int, ...], count: int) -> None:
+    """DecodeError unless ``dims`` (checked) hold exactly ``count`` values."""
     if math.prod(dims) != count:
         raise DecodeError(
-            f"input {shown(name)}: shape {list(dims)[:8]} needs {math.prod(dims)} values; "
+            f"input {shown(name)}: shape {_shown_shape(dims)} needs {math.prod(dims)} values; "
             f"data has {count}"
         )
+
+
+def _shown_shape(dims: tuple[int, ...]) -> str:
+    return shown(str(list(dims)), 120)
 
 
 def _flat_strings(name: str, values: Any) -> list[bytes]:

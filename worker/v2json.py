@@ -35,6 +35,7 @@ from worker.codec import InferenceRequest, InferenceResponse, Parameters, Tensor
 from worker.errors import DecodeError, shown
 from worker.v2 import (
     Headers,
+    checked_shape,
     reply_parameters,
     request_id,
     request_model,
@@ -144,7 +145,8 @@ def _request(
                 raise DecodeError(
                     f"inputs[{i}] declares {size} bytes of binary data; {len(binary)} are left"
                 )
-            tensors.append(Tensor(name_, datatype, tuple(shape), bytes(binary[:size])))
+            dims = checked_shape(name_, shape)
+            tensors.append(Tensor(name_, datatype, dims, bytes(binary[:size])))
             binary = binary[size:]
             continue
         if "data" not in raw:

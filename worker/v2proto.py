@@ -22,7 +22,14 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 from worker.codec import BYTES, InferenceRequest, InferenceResponse, Parameters, Tensor
 from worker.errors import DecodeError, shown
 from worker.oip import pb
-from worker.v2 import Headers, reply_parameters, request_id, request_model, tensor_from_values
+from worker.v2 import (
+    Headers,
+    checked_shape,
+    reply_parameters,
+    request_id,
+    request_model,
+    tensor_from_values,
+)
 
 __all__ = [
     "CONTENT_TYPE",
@@ -77,7 +84,7 @@ def _request(message: Any, headers: Headers, key: bytes | None) -> InferenceRequ
         )
     tensors = []
     for i, tensor in enumerate(message.inputs):
-        shape = tuple(int(d) for d in tensor.shape)
+        shape = checked_shape(tensor.name, tensor.shape)
         if raw:
             tensors.append(Tensor(tensor.name, tensor.datatype, shape, bytes(raw[i])))
             continue

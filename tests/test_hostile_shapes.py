@@ -1,0 +1,110 @@
+"""Shapes are checked before anything is computed from them, in every V2 decoder.
+
+A shape of hundreds of dimensions, or of numbers with thousands of digits, once made the JSON
+and Protobuf decoders multiply them out (seconds of event loop, growing quadratically) and then
+raise ``ValueError`` instead of a coded error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from worker.codec import InferenceRequest
+from worker.errors import DecodeError, ErrorCode
+from worker.formats import PLAIN
+from worker.oip import pb
+from worker.v2 import MAX_DIMENSION
+
+JSON = [("content-type", b"application/json"), ("model_name", b"digits")]
+PROTO = [("content-type", b"application/x-protobuf")]
+
+LOOSE_BOUND_S = 1.0
+"""Far above what a checked shape costs (well under a millisecond); the worst cases took 2.9 s
+(JSON) and 8.1 s (Protobuf) before, growing quadratically with the record."""
+
+
+def json_body(shape: list[int], data: Any = (), datatype: str = "FP32") -> bytes:
+    """A V2 JSON request with one input of ``shape``."""
+    tensor = {"name": "x", "datatype": datatype, "shape": shape, "data": list(data)}
+    return json.dumps({"id": "s", "inputs": [tensor]}).encode()
+
+
+def proto_body(shape: list[int], *, raw: bool) -> bytes:
+    """A Protobuf request with one FP32 input of ``shape`` (raw or typed contents)."""
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=shape)
+    fields: dict[str, Any] = {"model_name": "digits", "id": "s", "inputs": [tensor]}
+    if raw:
+        fields["raw_input_contents"] = [b""]
+    return bytes(pb.ModelInferRequest(**fields).SerializeToString())
+
+
+WORST = {
+    "json: 200 dimensions of 4,299 digits": (json_body([int("9" * 4299)] * 200), JSON),
+    "json: 20 dimensions of 4,299 digits": (json_body([int("9" * 4299)] * 20), JSON),
+    "json: [0, 10**30]": (json_body([0, 10**30]), JSON),
+    "json: 65 dimensions": (json_body([1] * 65, [1.0]), JSON),
+    "protobuf typed: 40,000 dimensions of 2**62": (proto_body([2**62] * 40_000, raw=False), PROTO),
+    "protobuf raw: 40,000 dimensions of 2**62": (proto_body([2**62] * 40_000, raw=True), PROTO),
+    "protobuf raw: [0, 2**62]": (proto_body([0, 2**62], raw=True), PROTO),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WORST))
+def test_the_worst_shapes_are_a_quick_coded_decode_error(case: str) -> None:
+    """Each is INVALID_ARGUMENT naming the shape problem, in far less than a second."""
+    value, headers = WORST[case]
+    started = time.perf_counter()
+    with pytest.raises(DecodeError) as caught:
+        PLAIN.decode(value, headers, None)
+    elapsed = time.perf_counter() - started
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert "dimension" in caught.value.message
+    assert len(caught.value.message) < 300, "no huge number printed"
+    assert elapsed < LOOSE_BOUND_S, f"{case}: {elapsed:.2f}s"
+
+
+def decoded(value: bytes, headers: list[tuple[str, bytes]]) -> InferenceRequest | DecodeError:
+    """The request, or the DecodeError it raised (any other exception escapes: a failure)."""
+    try:
+        return PLAIN.decode(value, headers, None)
+    except DecodeError as exc:
+        return exc
+
+
+DIMS = st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(0, 8), st.just(MAX_DIMENSION + 1))
+
+
+@given(st.lists(DIMS, max_size=80), st.lists(st.floats(allow_nan=False), max_size=20))
+@example(shape=[], data=[3.4028235677973366e38])  # beyond FP32: once cast silently to inf
+@example(shape=[1], data=[1e39])
+def test_any_json_shape_is_a_request_of_that_shape_or_a_decode_error(
+    shape: list[int], data: list[float]
+) -> None:
+    """Never another exception; a decoded tensor has the declared shape and all the data."""
+    request = decoded(json_body(shape, data), JSON)
+    if isinstance(request, DecodeError):
+        assert request.code is ErrorCode.INVALID_ARGUMENT
+        return
+    [tensor] = request.inputs
+    assert list(tensor.shape) == shape
+    assert len(shape) <= 32
+    assert tensor.to_numpy().size == len(data)
+
+
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=80), st.booleans())
+def test_any_protobuf_shape_is_a_request_or_a_decode_error(shape: list[int], raw: bool) -> None:
+    """Raw or typed contents: a request whose shape was checked, or INVALID_ARGUMENT."""
+    request = decoded(proto_body(shape, raw=raw), PROTO)
+    if isinstance(request, DecodeError):
+        assert request.code is ErrorCode.INVALID_ARGUMENT
+        return
+    [tensor] = request.inputs
+    assert list(tensor.shape) == shape
+    assert len(shape) <= 32
+    assert all(0 <= d <= MAX_DIMENSION for d in shape)
