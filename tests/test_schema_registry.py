@@ -9,17 +9,21 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from worker.codec import schema_text
 from worker.errors import ConfigError, ErrorCode, RequestError
 from worker.schema_registry import MAX_NEW_IDS, SchemaRegistry
-from worker.settings import SchemaRegistrySettings
+from worker.settings import SchemaRegistrySettings, load_settings, redacted_url
 
 from .pki import Pki, make_pki
 
@@ -139,3 +143,38 @@ def test_registry_settings_pair_their_fields() -> None:
     assert (
         json.loads(SchemaRegistrySettings(url="http://r/").model_dump_json())["url"] == "http://r"
     )
+
+
+NO_AT = st.characters(exclude_characters="@")
+
+
+@given(st.text(max_size=20), st.text(min_size=1, max_size=20), st.text(NO_AT, max_size=20))
+def test_credentials_in_a_url_are_never_shown(user: str, password: str, path: str) -> None:
+    """redacted_url hides any user:password@ of a URL, whatever characters they hold.
+
+    (A path with an ``@`` is hidden up to it too: over-hiding is the safe side.)
+    """
+    url = f"https://{user}:{password}@registry.example:8081/{path}"
+    assert redacted_url(url) == f"https://***@registry.example:8081/{path}"
+    assert redacted_url("http://registry:8081/x") == "http://registry:8081/x"
+
+
+async def test_a_registry_url_with_credentials_never_reaches_logs_or_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unreachable, refused or badly written: the password in the URL is not in the message."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens
+    url = f"http://worker:{PASSWORD}@127.0.0.1:{port}"
+    settings = SchemaRegistrySettings(url=url, retry_s=0.0, timeout_s=2.0)
+    with capture_logs() as logs, pytest.raises(ConfigError) as caught:
+        async with SchemaRegistry(settings, reply_subject="r-value"):
+            pass
+    assert "cannot be reached" in str(caught.value)
+    assert PASSWORD not in str(caught.value)
+    assert PASSWORD not in repr(logs)
+    monkeypatch.setenv("WORKER_SCHEMA_REGISTRY__URL", f"ftp://worker:{PASSWORD}@host")
+    with pytest.raises(ConfigError, match="must start with http") as bad:
+        load_settings()
+    assert PASSWORD not in str(bad.value)

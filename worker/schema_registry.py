@@ -38,7 +38,7 @@ from worker.codec import schema_text
 from worker.errors import ConfigError, ErrorCode, RequestError
 from worker.formats import WireFormat, framed_schema_id, wire_format
 from worker.kafka import Headers
-from worker.settings import SchemaRegistrySettings
+from worker.settings import SchemaRegistrySettings, redacted_url
 
 __all__ = ["MAX_NEW_IDS", "MAX_SCHEMA_BYTES", "SchemaRegistry"]
 
@@ -92,7 +92,9 @@ class SchemaRegistry:
         except BaseException:
             await self._session.close()
             raise
-        log.info("schema registry ready", url=settings.url, reply_schema_id=self.reply_id)
+        log.info(
+            "schema registry ready", url=redacted_url(settings.url), reply_schema_id=self.reply_id
+        )
         return self
 
     async def __aexit__(
@@ -104,7 +106,7 @@ class SchemaRegistry:
     async def _reply_schema(self) -> int:
         """Register our response schema (or check the given id is it); its id."""
         ours = schema_text("inference_response")
-        url = self._settings.url
+        url = redacted_url(self._settings.url)
         given = self._settings.reply_schema_id
         try:
             if given is None:
@@ -119,7 +121,10 @@ class SchemaRegistry:
                 return int(body["id"])
             status, body = await self._call("GET", f"/schemas/ids/{given}")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ConfigError(f"schema registry {url} cannot be reached: {exc!r}") from exc
+            problem = str(exc).replace(self._settings.url, url)  # aiohttp may name the URL
+            raise ConfigError(
+                f"schema registry {url} cannot be reached: {type(exc).__name__}: {problem}"
+            ) from exc
         if status != 200 or _canonical(body.get("schema")) != _canonical(ours):  # noqa: PLR2004
             raise ConfigError(
                 f"WORKER_SCHEMA_REGISTRY__REPLY_SCHEMA_ID={given} is not this worker's response "

@@ -325,7 +325,7 @@ class SchemaRegistrySettings(BaseModel):
     @classmethod
     def _url(cls, value: str) -> str:
         if value and not value.startswith(("http://", "https://")):
-            raise ValueError(f"url {value!r} must start with http:// or https://")
+            raise ValueError(f"url {redacted_url(value)!r} must start with http:// or https://")
         return value.rstrip("/")
 
     @model_validator(mode="after")
@@ -394,6 +394,18 @@ class Settings(BaseSettings):
         """Arguments, then environment, then files in the secrets folder (nested by ``__``)."""
         del settings_cls, dotenv_settings  # no .env files: the environment is the interface
         return init_settings, env_settings, NestedSecretsSettingsSource(file_secret_settings)
+
+
+def redacted_url(url: str) -> str:
+    """``url`` for logs and messages: anything between ``://`` and its last ``@`` is ``***``.
+
+    Cut by hand, not parsed: a password holding ``?``, ``#`` or ``/`` would mislead a parser
+    into showing it as a query or a path.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 def env_var_names() -> set[str]:
