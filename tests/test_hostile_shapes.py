@@ -11,11 +11,12 @@ import json
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from worker.codec import InferenceRequest
+from worker.codec import DATATYPES, InferenceRequest
 from worker.errors import DecodeError, ErrorCode
 from worker.formats import PLAIN
 from worker.oip import pb
@@ -108,3 +109,39 @@ def test_any_protobuf_shape_is_a_request_or_a_decode_error(shape: list[int], raw
     assert list(tensor.shape) == shape
     assert len(shape) <= 32
     assert all(0 <= d <= MAX_DIMENSION for d in shape)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "says"),
+    [
+        ("FP32", ["1e5"], "strings, not numbers"),
+        ("FP32", ["nan"], "strings, not numbers"),
+        ("BOOL", [5], "true/false"),
+        ("FP32", [True], "true/false"),
+        ("INT64", [10**30], "outside the range of int64"),
+        ("FP64", [10**400], "too large"),
+        ("FP16", [70_000], "outside the range of float16"),
+        ("FP32", [None], "not numbers"),
+        ("INT8", [1.5], "floating-point values"),
+    ],
+)
+def test_values_are_numbers_of_their_datatype_or_refused(
+    datatype: str, data: list[Any], says: str
+) -> None:
+    """No string parsed as a number, no number as a boolean, nothing cast out of its range."""
+    body = json_body([len(data)], data, datatype)
+    with pytest.raises(DecodeError) as caught:
+        PLAIN.decode(body, JSON, None)
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert says in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [("BOOL", [True, False]), ("FP32", [1, 2.5]), ("UINT64", [2**64 - 1]), ("FP32", [10**30])],
+)
+def test_numbers_of_the_datatype_decode_exactly(datatype: str, data: list[Any]) -> None:
+    """Booleans for BOOL, integers for floats and integers, big integers as floats: as given."""
+    [tensor] = PLAIN.decode(json_body([len(data)], data, datatype), JSON, None).inputs
+    assert tensor.datatype == datatype
+    assert tensor.to_numpy().tolist() == np.array(data, dtype=DATATYPES[datatype]).tolist()

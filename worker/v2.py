@@ -98,10 +98,10 @@ def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: A
             f"{', '.join(DATATYPES)}, {BYTES}"
         )
     try:
-        array = np.asarray(values, dtype=np.float64 if dtype.kind == "f" else None)
+        array = _numbers(np.asarray(values), dtype)
+        problem = _value_problem(array, dtype)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise DecodeError(f"input {shown(name)}: data is not {datatype} values: {exc}") from exc
-    problem = _value_problem(array, dtype)
+        problem = str(exc)[:200]
     if problem:
         raise DecodeError(f"input {shown(name)}: data is not {datatype} values: {problem}")
     _check_count(name, dims, array.size)
@@ -109,10 +109,32 @@ def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: A
     return Tensor.from_numpy(name, converted)
 
 
+def _numbers(array: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """The values as numbers a float ``dtype`` can be checked against (float64), else as given.
+
+    numpy makes an object array of integers beyond 64 bits (or of anything mixed with them):
+    only plain numbers pass, as float64 for a float datatype (an integer one is refused later).
+    Strings are never parsed as numbers.
+    """
+    if array.dtype.kind == "O":
+        if not all(type(v) in (int, float) for v in array.flat):
+            raise ValueError("values that are not numbers")
+        if dtype.kind != "f":
+            raise ValueError(f"integers outside the range of {dtype.name}")
+        return array.astype(np.float64)  # OverflowError beyond float64
+    if dtype.kind == "f" and array.dtype.kind in "iu":
+        return array.astype(np.float64)
+    return array
+
+
 def _value_problem(array: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> str | None:
     """Why ``array`` cannot be held in ``dtype`` without changing a value (None: it can)."""
+    if array.dtype.kind in "US":
+        return "strings, not numbers (numbers are never parsed from text)"
     if array.dtype.kind not in "biuf":
         return f"values of kind {array.dtype}"
+    if array.size and (array.dtype.kind == "b") != (dtype.kind == "b"):
+        return "true/false for BOOL only, and only true/false for BOOL"
     if dtype.kind == "f" and dtype.itemsize < array.dtype.itemsize and array.size:
         finite = np.abs(array[np.isfinite(array)])
         if finite.size and finite.max() > np.finfo(dtype).max:  # the cast would make it inf
