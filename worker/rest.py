@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import importlib.metadata
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -41,12 +42,14 @@ from worker.v2json import encode_rest_response, is_unicode, parse_json_body, req
 
 __all__ = [
     "SERVER_NAME",
+    "TIMEOUT_HEADER",
     "V2Api",
     "endpoint_ssl",
     "model_metadata",
     "serve_rest",
     "server_version",
     "warn_if_open",
+    "whole_number",
 ]
 
 log = structlog.get_logger(__name__)
@@ -164,11 +167,8 @@ async def _infer(api: V2Api, request: web.Request, wait_s: float) -> web.Respons
     name, version = request.match_info["name"], request.match_info.get("version")
     body = await request.read()
     split = request.headers.get(HEADER_LENGTH)
-    try:
-        length = len(body) if split is None else int(split)
-        if not 0 <= length <= len(body):
-            raise ValueError(length)  # noqa: TRY301
-    except ValueError:
+    length = len(body) if split is None else whole_number(split)
+    if length is None or not 0 <= length <= len(body):
         return _error(400, f"{HEADER_LENGTH} must be a length within the body ({len(body)} bytes)")
     if not is_unicode(name + (version or "")):
         return _error(400, "the model name or version in the URL is not UTF-8 text")
@@ -202,13 +202,25 @@ def _timeout(request: web.Request) -> float | None:
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is None:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value <= 0:
-        raise DecodeError(f"{TIMEOUT_HEADER} must be a whole number of milliseconds above 0")
+    value = whole_number(raw)
+    if value is None or value <= 0:
+        raise DecodeError(
+            f"{TIMEOUT_HEADER} must be a whole number of milliseconds, 1 to {_MAX_WHOLE_NUMBER}"
+        )
     return value / 1000
+
+
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,15}")
+_MAX_WHOLE_NUMBER = 10**15 - 1
+
+
+def whole_number(raw: str) -> int | None:
+    """A header's plain decimal number (ASCII digits only, at most 15), else None.
+
+    ``int()`` would also take ``" 5 "``, ``"1_000"``, other scripts' digits and numbers too
+    big for a float or a timer.
+    """
+    return int(raw) if _WHOLE_NUMBER.fullmatch(raw) else None
 
 
 def _outputs(body: dict[str, Any]) -> tuple[list[str], set[str]]:

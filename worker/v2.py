@@ -116,6 +116,8 @@ def _numbers(array: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[An
     only plain numbers pass, as float64 for a float datatype (an integer one is refused later).
     Strings are never parsed as numbers.
     """
+    if array.dtype.kind in "US":
+        raise ValueError("strings, not numbers (numbers are never parsed from text)")
     if array.dtype.kind == "O":
         if not all(type(v) in (int, float) for v in array.flat):
             raise ValueError("values that are not numbers")
@@ -129,8 +131,6 @@ def _numbers(array: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[An
 
 def _value_problem(array: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> str | None:
     """Why ``array`` cannot be held in ``dtype`` without changing a value (None: it can)."""
-    if array.dtype.kind in "US":
-        return "strings, not numbers (numbers are never parsed from text)"
     if array.dtype.kind not in "biuf":
         return f"values of kind {array.dtype}"
     if array.size and (array.dtype.kind == "b") != (dtype.kind == "b"):
