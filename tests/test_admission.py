@@ -16,6 +16,7 @@ from worker.codec import InferenceRequest, Tensor, decode_response, encode_reque
 from worker.errors import RequestError
 from worker.outgoing import DLQ_HEADER_PREFIX, UNSERVED, Destinations, Outgoing, Source
 from worker.repository import ModelRepository
+from worker.v2 import MAX_ID_BYTES
 
 from .conftest import TEXT_MODELS, configure
 
@@ -276,6 +277,35 @@ def test_request_strings_of_any_length_are_cut_in_messages(repository: ModelRepo
                                    DEST, now=0.0))  # fmt: skip
     assert code == "INVALID_ARGUMENT"
     assert len(message) < 1000
+
+
+@pytest.mark.parametrize("length", [MAX_ID_BYTES + 1, 1_000_000])
+def test_an_id_over_the_bound_is_invalid_and_answered_under_its_first_part(
+    repository: ModelRepository, length: int
+) -> None:
+    """Over MAX_ID_BYTES characters: INVALID_ARGUMENT under a cut id, never a megabyte header."""
+    long_id = "é" * length
+    [message] = answered(admit(record(request(rid=long_id)), repository, LIMITS, DEST, now=0.0))
+    response = decode_response(message.value or b"")
+    assert response.error is not None
+    assert response.error.code == "INVALID_ARGUMENT"
+    assert f"request id is {length} characters" in response.error.message
+    assert response.id == long_id[:MAX_ID_BYTES]
+    assert len(dict(message.headers)["correlation_id"]) <= 4 * MAX_ID_BYTES
+    ok = admit(record(request(rid="é" * MAX_ID_BYTES)), repository, LIMITS, DEST, now=0.0)
+    assert isinstance(ok, Admitted), "an id of exactly the bound is served"
+
+
+def test_an_undecodable_record_is_answered_under_a_bounded_header_id(
+    repository: ModelRepository,
+) -> None:
+    """A megabyte correlation_id header on garbage: the error reply carries its first part."""
+    headers = [("correlation_id", b"c" * 1_000_000)]
+    copy, error = answered(
+        admit(record(b"\xc3\x01junk", headers), repository, LIMITS, DEST, now=0.0)
+    )
+    assert copy.is_dead_letter
+    assert decode_response(error.value or b"").id == "c" * MAX_ID_BYTES
 
 
 def test_a_reply_topic_not_allowed_is_refused_before_the_model_runs(

@@ -34,6 +34,7 @@ from worker.outgoing import (
 )
 from worker.repository import ModelRepository
 from worker.shadow import Comparison
+from worker.v2 import MAX_ID_BYTES
 
 __all__ = ["Admitted", "Answered", "Job", "Limits", "admit", "check_limits"]
 
@@ -137,6 +138,14 @@ def _admit(
             "request id is empty; set it to a correlation id (the reply carries it)",
         )
         return Answered(reply(destinations, source, error_response(request, empty)))
+    if len(request.id) > MAX_ID_BYTES:
+        # Answered under its first MAX_ID_BYTES characters: never a megabyte of log or header.
+        long_id = RequestError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"request id is {len(request.id)} characters; at most {MAX_ID_BYTES} are accepted",
+        )
+        request = replace(request, id=request.id[:MAX_ID_BYTES])
+        return Answered(reply(destinations, source, error_response(request, long_id)))
     route = None
     try:
         check_limits(limits, source, request)
@@ -228,6 +237,7 @@ def _undecodable(source: Source, exc: DecodeError, destinations: Destinations) -
     raw_id = header(source.headers, "correlation_id")
     if exc.request_id:  # a V2 body's own id
         raw_id = exc.request_id.encode()
+    raw_id = raw_id[:MAX_ID_BYTES] if raw_id is not None else None
     log.warning(
         "undecodable record dead-lettered",
         partition=source.tp.partition,
