@@ -39,6 +39,7 @@ from worker.errors import ConfigError, ErrorCode, RequestError
 from worker.formats import WireFormat, framed_schema_id, wire_format
 from worker.kafka import Headers
 from worker.settings import SchemaRegistrySettings, redacted_url
+from worker.writer_schemas import writer_problem
 
 __all__ = ["MAX_NEW_IDS", "MAX_SCHEMA_BYTES", "SchemaRegistry"]
 
@@ -147,7 +148,7 @@ class SchemaRegistry:
                 return response.status, {"error": f"answer over {MAX_SCHEMA_BYTES} bytes"}
             try:
                 body = json.loads(raw) if raw else {}
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, or nested past the parser
                 body = {"error": raw[:200].decode(errors="replace")}
             return response.status, body if isinstance(body, dict) else {"error": str(body)[:200]}
 
@@ -236,7 +237,11 @@ class SchemaRegistry:
         try:
             if kind != "AVRO" or not isinstance(text, str):
                 raise ValueError(f"a {kind} schema, not Avro")  # noqa: TRY301
-            parsed = fastavro.parse_schema(json.loads(text))
+            document = json.loads(text)
+            problem = writer_problem(document)
+            if problem:
+                raise ValueError(f"refused: it {problem}")  # noqa: TRY301
+            parsed = fastavro.parse_schema(document)
         except Exception as exc:  # noqa: BLE001 - any unusable schema is reported per record
             self._fail(
                 schema_id, ErrorCode.INVALID_ARGUMENT,
