@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from worker.codec import schema_text
 from worker.errors import ConfigError, ErrorCode, RequestError
-from worker.schema_registry import MAX_NEW_IDS, SchemaRegistry
+from worker.schema_registry import SchemaRegistry
 from worker.settings import SchemaRegistrySettings, load_settings, redacted_url
 
 from .pki import Pki, make_pki
@@ -116,22 +116,52 @@ async def test_wrong_credentials_or_no_client_certificate_fail_the_start(tmp_pat
                 pass
 
 
-async def test_ids_beyond_the_per_batch_bound_are_answered_unavailable(tmp_path: Path) -> None:
-    """More new ids at once than MAX_NEW_IDS: the rest are not looked up (send again)."""
+async def test_unknown_ids_ahead_of_a_good_one_never_starve_it(tmp_path: Path) -> None:
+    """50 unknown ids, then a good one, in one batch: all looked up; the good one is served."""
     pki = make_pki(tmp_path / "pki")
     seen: list[str] = []
     values: list[tuple[bytes | None, list[tuple[str, bytes]]]] = [
         (b"\x00" + (100 + i).to_bytes(4, "big") + b"x", []) for i in range(50)
     ]
+    values.append((b"\x00" + (7).to_bytes(4, "big") + b"x", []))
     async with (
         https_registry(pki, seen) as port,
         SchemaRegistry(registry_settings(pki, port), reply_subject="r-value") as reg,
     ):
         await reg.prepare(values)
-        with pytest.raises(RequestError, match="more than 32 new ids") as caught:
-            reg.writer(100 + MAX_NEW_IDS)
-    assert caught.value.code is ErrorCode.UNAVAILABLE
-    assert len(seen) == 1 + MAX_NEW_IDS
+        assert reg.writer(7) is not None
+        with pytest.raises(RequestError, match="not in the schema registry") as caught:
+            reg.writer(149)
+        await reg.prepare(values)  # all remembered: nothing asked again
+    assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert len(seen) == 1 + 51
+
+
+async def test_while_the_registry_is_down_new_ids_fail_at_once_not_each_after_retries(
+    tmp_path: Path,
+) -> None:
+    """40 new ids, registry gone: all UNAVAILABLE as unreachable, none for want of time.
+
+    Retried one by one (4 at a time, 0.5 s each) they would need 5 s: twice the budget.
+    """
+    pki = make_pki(tmp_path / "pki")
+    values: list[tuple[bytes | None, list[tuple[str, bytes]]]] = [
+        (b"\x00" + (100 + i).to_bytes(4, "big") + b"x", []) for i in range(40)
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        server = contextlib.AsyncExitStack()
+        port = await server.enter_async_context(https_registry(pki, []))
+        settings = registry_settings(pki, port, retry_s=0.5, timeout_s=2.0)
+        reg = await stack.enter_async_context(SchemaRegistry(settings, reply_subject="r-value"))
+        await server.aclose()  # the registry goes away after the worker started
+        await reg.prepare(values)
+    problems = []
+    for i in range(40):
+        with pytest.raises(RequestError) as caught:
+            reg.writer(100 + i)
+        assert caught.value.code is ErrorCode.UNAVAILABLE
+        problems.append(caught.value.message)
+    assert all(p.startswith("schema registry cannot be reached") for p in problems), problems
 
 
 def test_registry_settings_pair_their_fields() -> None:

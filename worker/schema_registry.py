@@ -1,14 +1,16 @@
 """A Confluent-compatible schema registry: writer schemas by id, and our reply schema's id.
 
 Records in the registry's wire format carry a schema id (:mod:`worker.formats`). Before a
-fetched batch is admitted, :meth:`SchemaRegistry.prepare` looks up the ids it has not seen
-(``GET /schemas/ids/{id}``), at most :data:`MAX_NEW_IDS` per batch, a few at a time; decoding
+fetched batch is admitted, :meth:`SchemaRegistry.prepare` looks up every id of it that it has
+not seen (``GET /schemas/ids/{id}``), a few at a time, all within one time budget per batch
+(``retry_s + timeout_s``), so unknown ids put in front of a good one cannot starve it; decoding
 then only reads the cache (:meth:`SchemaRegistry.writer`). The cache is bounded (least recently
-used go first). An id the registry does not have (404) or whose schema is not Avro is
-remembered as such for a minute: its records are answered INVALID_ARGUMENT without asking
-again. While the registry cannot be reached, a new id is retried for ``retry_s``, then its
-records are answered UNAVAILABLE (and dead-lettered, so they can be replayed); ids already
-cached keep working throughout.
+used go first). An id the registry does not have (404), whose schema is not Avro or whose
+writer schema is refused (:mod:`worker.writer_schemas`) is remembered as such for a minute: its
+records are answered INVALID_ARGUMENT without asking again. While the registry cannot be
+reached, a new id is retried for ``retry_s``, then its records are answered UNAVAILABLE (and
+dead-lettered, so they can be replayed); the other new ids of that moment fail at once instead
+of each waiting out its own retries; ids already cached keep working throughout.
 
 At start the response schema is registered under ``<replies topic>-value`` (TopicNameStrategy)
 and replies are framed with the id the registry gives; with ``reply_schema_id`` set, that id
@@ -41,18 +43,17 @@ from worker.kafka import Headers
 from worker.settings import SchemaRegistrySettings, redacted_url
 from worker.writer_schemas import writer_problem
 
-__all__ = ["MAX_NEW_IDS", "MAX_SCHEMA_BYTES", "SchemaRegistry"]
+__all__ = ["MAX_SCHEMA_BYTES", "SchemaRegistry"]
 
 log = structlog.get_logger(__name__)
 
-MAX_NEW_IDS = 32
-"""Most new schema ids looked up for one fetched batch (the rest: UNAVAILABLE, send again)."""
 MAX_SCHEMA_BYTES = 1 << 20
 """Largest registry answer read."""
 LOOKUPS_AT_ONCE = 4
 REMEMBER_MISSING_S = 60.0
 """How long an id the registry does not have is answered without asking again."""
 REMEMBER_OUTAGE_S = 1.0
+"""How long the registry counts as down after a lookup gave up on it: new ids fail at once."""
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 
 
@@ -74,6 +75,8 @@ class SchemaRegistry:
         self._known: OrderedDict[int, Any] = OrderedDict()
         self._failed: OrderedDict[int, tuple[RequestError, float]] = OrderedDict()
         self._gate = asyncio.Semaphore(LOOKUPS_AT_ONCE)
+        self._down_until = 0.0
+        """Until then (``time.monotonic()``) the registry counts as unreachable."""
         self.reply_id = -1
         """The response schema's id (set on entry)."""
 
@@ -163,32 +166,43 @@ class SchemaRegistry:
             raise failed[0]
         raise RequestError(
             ErrorCode.UNAVAILABLE,
-            f"schema id {schema_id} was not looked up: more than {MAX_NEW_IDS} new ids arrived "
-            "at once; send the request again",
+            f"schema id {schema_id} was not looked up before its record was read; send the "
+            "request again",
         )
 
     async def prepare(self, records: Iterable[tuple[bytes | None, Headers]]) -> None:
-        """Look up the new schema ids of a fetched batch's framed records (bounded, retried)."""
+        """Look up every new schema id of a fetched batch (a few at a time, one time budget)."""
         now = time.monotonic()
         for stale, (_, until) in list(self._failed.items()):
             if until < now:
                 del self._failed[stale]
-        wanted: list[int] = []
+        wanted: dict[int, None] = {}  # distinct, in order of arrival
         for value, headers in records:
             schema_id = framed_schema_id(value)
             if (
                 schema_id is None
                 or schema_id in self._known
                 or schema_id in self._failed
-                or schema_id in wanted
                 or wire_format(value, headers) is not WireFormat.REGISTRY
             ):
                 continue
-            wanted.append(schema_id)
-            if len(wanted) == MAX_NEW_IDS:
-                break
-        if wanted:
-            await asyncio.gather(*(self._look_up(i) for i in wanted))
+            wanted[schema_id] = None
+        if not wanted:
+            return
+        budget = self._settings.retry_s + self._settings.timeout_s
+        try:
+            async with asyncio.timeout(budget):
+                await asyncio.gather(*(self._look_up(i) for i in wanted))
+        except TimeoutError:
+            late = [i for i in wanted if i not in self._known and i not in self._failed]
+            log.warning("schema registry lookups out of time", ids=len(late), budget_s=budget)
+            for schema_id in late:
+                self._fail(
+                    schema_id, ErrorCode.UNAVAILABLE,
+                    f"schema id {schema_id} could not be looked up within {budget:.0f}s "
+                    f"({len(wanted)} new ids arrived at once); send the request again",
+                    REMEMBER_OUTAGE_S,
+                )  # fmt: skip
 
     async def _look_up(self, schema_id: int) -> None:
         """Fetch one schema into the cache, or remember why it cannot be had."""
@@ -196,6 +210,15 @@ class SchemaRegistry:
         pause = 0.1
         async with self._gate:
             while True:
+                if time.monotonic() < self._down_until:  # another lookup just gave up on it
+                    self._count("unavailable")
+                    self._fail(
+                        schema_id, ErrorCode.UNAVAILABLE,
+                        f"schema registry cannot be reached for schema id {schema_id}; send "
+                        "the request again",
+                        REMEMBER_OUTAGE_S,
+                    )  # fmt: skip
+                    return
                 try:
                     status, body = await self._call("GET", f"/schemas/ids/{schema_id}")
                 except (aiohttp.ClientError, TimeoutError) as exc:
@@ -217,6 +240,7 @@ class SchemaRegistry:
                     problem = f"schema registry answered HTTP {status}"
                 if time.monotonic() + pause > deadline:
                     log.warning("schema registry lookup failed", schema_id=schema_id, error=problem)
+                    self._down_until = time.monotonic() + REMEMBER_OUTAGE_S
                     self._count("unavailable")
                     self._fail(
                         schema_id, ErrorCode.UNAVAILABLE,
