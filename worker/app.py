@@ -3,6 +3,7 @@
 One request's path, a module a step::
 
     intake       consumer.getmany ─> (new schema ids looked up) ─> OffsetTracker.track ─> Source
+    pipeline     Pipeline.dispatch: admission, then the tokenizer stage or lanes (every origin)
     admission    decode (any wire format) ─> limits ─> route (primary + shadow) ─> validate ─> Job
                      (or the error reply / dead-letter copy that answers it now)
     tokenizing   text jobs only: what has arrived, tokenised in one call, in its own thread
@@ -36,11 +37,10 @@ import structlog
 import torch
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from worker.admission import Admitted, Limits, admit
+from worker.admission import Limits
 from worker.audit import AuditLog
-from worker.codec import ErrorInfo, InferenceResponse
 from worker.direct import Direct
-from worker.errors import DrainTimeoutError, ErrorCode
+from worker.errors import DrainTimeoutError
 from worker.formats import Codecs
 from worker.grpc_api import serve_grpc
 from worker.http import Probes, serve_http
@@ -49,6 +49,7 @@ from worker.kafka import ensure_topics, make_producer
 from worker.lanes import Lanes
 from worker.metrics import Metrics
 from worker.outgoing import Destinations, Outgoing, Source, Stage, dead_letter
+from worker.pipeline import Pipeline, router
 from worker.replies import Replier, TopicCache
 from worker.repository import ModelRepository
 from worker.rest import V2Api, serve_rest, server_version
@@ -179,7 +180,11 @@ class Worker:
             _freeze_heap()
             stack.callback(gc.unfreeze)  # let exit-time collection see everything again
             async with asyncio.TaskGroup() as group:
-                route = self._router(replier)
+                route = router(
+                    audit_topic=self._destinations.audit_topic,
+                    acknowledged=self._acknowledged,
+                    publish=replier.submit if replier is not None else None,
+                )
                 lanes = Lanes(
                     group,
                     threads=settings.models.threads,
@@ -220,41 +225,6 @@ class Worker:
         await stack.enter_async_context(self._intake.running())
         return self._make_replier(producer)
 
-    def _router(self, replier: Replier | None) -> Callable[[Sequence[Outgoing]], None]:
-        """Where answers go: a record's to the replier; a direct request's to its caller.
-
-        A direct request's reply is handed to its caller and counted at once; its audit-topic
-        record is published (not tracked: it has no offset). A direct request that got only a
-        dead-letter copy (a bug answering its batch) gets an INTERNAL error naming the stage;
-        the copy itself is not published (its caller has the error).
-        """
-        audit_topic = self._destinations.audit_topic
-
-        def route(items: Sequence[Outgoing]) -> None:
-            published: list[Outgoing] = []
-            answered: list[Outgoing] = []
-            failed: dict[int, Outgoing] = {}
-            for item in items:
-                respond = item.source.respond
-                if respond is None:
-                    published.append(item)
-                elif item.meta is not None and item.response is not None:
-                    respond(item.response, item.headers)
-                    answered.append(item)
-                elif item.is_dead_letter:
-                    failed[id(item.source)] = item
-                elif audit_topic and item.topic == audit_topic:
-                    published.append(item)
-            for item in failed.values():  # respond() ignores a second answer to one request
-                assert item.source.respond is not None
-                item.source.respond(_failed(item), [])
-            if answered:
-                self._acknowledged(answered)
-            if published and replier is not None:  # none without Kafka (nothing to publish)
-                replier.submit(published)
-
-        return route
-
     async def _serve(
         self,
         group: asyncio.TaskGroup,
@@ -274,19 +244,10 @@ class Worker:
                 group.create_task(supervisor.lag_loop()),
             ]
 
-        def dispatch(source: Source) -> None:
-            """Admit one record; queue its job, or publish its answer now."""
-            outcome = admit(
-                source, self.repository, self._limits, self._destinations,
-                now=time.monotonic(), tokenize=False,
-            )  # fmt: skip
-            if isinstance(outcome, Admitted):
-                if outcome.job.prepared.pending:  # a text model's strings: tokenised batch-wise
-                    tokenizing.put(outcome)
-                else:
-                    lanes.put(outcome)
-            else:
-                route(outcome.outgoing)
+        pipeline = Pipeline(
+            lambda: self.repository, self._limits, self._destinations, tokenizing, lanes, route
+        )
+        dispatch = pipeline.dispatch
 
         def unparseable(source: Source, error: Exception) -> None:
             route([dead_letter(self._destinations, source, Stage.FETCH, error)])
@@ -417,19 +378,6 @@ class Worker:
             self.repository = repository
             _freeze_heap()
             log.info("model repository reloaded", models=_names(repository), failed=len(errors))
-
-
-def _failed(copy: Outgoing) -> InferenceResponse:
-    """The answer to a direct request whose only outcome was a dead-letter copy."""
-    request = copy.source.request
-    return InferenceResponse(
-        id=copy.correlation_id or (request.id if request else ""),
-        model_name=request.model_name if request else "",
-        error=ErrorInfo(
-            str(ErrorCode.INTERNAL),
-            f"the worker failed at stage {copy.stage} answering this request; see its log",
-        ),
-    )
 
 
 def _names(repository: ModelRepository) -> list[str]:
