@@ -81,6 +81,7 @@ async def test_demo_waits_for_a_worker_started_after_it(
             code, out, err = await demo.finish(timeout=120)
     assert code == 0, err
     assert "digits demo: 40 requests, accuracy" in out
+    assert '"level": "error"' not in err, "a new user sees no error lines on a fresh broker"
 
 
 async def test_predict_gives_up_after_its_timeout_naming_the_missing_topics(

@@ -25,6 +25,7 @@ from typing import Any, Self
 
 import numpy.typing as npt
 import structlog
+from aiokafka import TopicPartition
 
 from worker.codec import (
     InferenceRequest,
@@ -93,6 +94,9 @@ class InferenceClient:
     async def _assign_reply_partitions(self) -> None:
         await self._topics_exist()
         partitions = await self._producer.partitions_for(self.reply_topic)
+        # A topic created a moment ago may not have its leaders ready yet: end_offsets waits
+        # for them quietly, where the fetcher's position lookup logs an error per partition.
+        await self._consumer.end_offsets([TopicPartition(self.reply_topic, p) for p in partitions])
         await assign_all(self._consumer, self.reply_topic, partitions, from_end=True)
 
     async def _topics_exist(self) -> None:
