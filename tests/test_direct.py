@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -25,9 +26,11 @@ class Answering:
     def __init__(self, answer: bool = True) -> None:
         self.sources: list[Source] = []
         self.answer = answer
+        self.arrived = asyncio.Event()
 
     def __call__(self, source: Source) -> None:
         self.sources.append(source)
+        self.arrived.set()
         assert source.request is not None
         assert source.respond is not None
         if self.answer:
@@ -73,12 +76,50 @@ async def test_over_the_bound_or_while_stopping_nothing_is_dispatched() -> None:
 async def test_a_request_nobody_answers_times_out_with_a_deadline_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """No answer within the wait (plus grace): DEADLINE_EXCEEDED, and the slot is freed."""
-    direct = Direct(Answering(answer=False), records_in_flight=lambda: 0, max_in_flight=10)
+    """No answer within the wait: DEADLINE_EXCEEDED; the place is held until the answer comes."""
+    dispatch = Answering(answer=False)
+    direct = Direct(dispatch, records_in_flight=lambda: 0, max_in_flight=10)
     monkeypatch.setattr(worker.direct, "GRACE_S", 0.0)
     response = (await direct.infer("rest", REQUEST, timeout_s=0.05)).response
     assert response.error is not None
     assert response.error.code == "DEADLINE_EXCEEDED"
+    assert direct.pending == 1, "its job is still queued: it still counts"
+    [source] = dispatch.sources
+    assert source.respond is not None
+    source.respond(InferenceResponse("late", "digits", "1"), [])
+    assert direct.pending == 0
+
+
+async def test_a_place_is_given_back_once_by_whoever_ends_the_request() -> None:
+    """Not dispatched: release() gives it back; dispatched: only the answer does, once."""
+    dispatch = Answering(answer=False)
+    direct = Direct(dispatch, records_in_flight=lambda: 0, max_in_flight=2)
+    unread = direct.take()
+    assert unread is not None
+    with unread:  # e.g. a body over the bound: refused before dispatch
+        assert direct.pending == 1
+    assert direct.pending == 0
+    first, second = direct.take(), direct.take()
+    assert first is not None
+    assert second is not None
+    assert direct.take() is None, "the bound is full before any body is read"
+    with second:
+        pass
+    with first:
+        waiting = asyncio.create_task(direct.infer("rest", REQUEST, timeout_s=30, place=first))
+        await dispatch.arrived.wait()
+    assert direct.pending == 1, "dispatched: leaving the with block keeps it"
+    [source] = dispatch.sources
+    assert source.respond is not None
+    source.respond(InferenceResponse("x", "digits", "1"), [])
+    source.respond(InferenceResponse("x", "digits", "1"), [])
+    assert direct.pending == 0, "given back once, not twice"
+    assert (await waiting).response.id == "x"
+    direct.closing = True
+    stopping = direct.take()
+    answer = await direct.infer("rest", REQUEST, place=stopping)
+    assert answer.response.error is not None
+    assert answer.response.error.code == "UNAVAILABLE"
     assert direct.pending == 0
 
 

@@ -9,8 +9,12 @@ transport named). A batch may mix Kafka and direct requests.
 
 Backpressure: direct requests count toward ``max_in_flight`` together with the Kafka records
 in flight; at the bound a new one is refused at once with RESOURCE_EXHAUSTED (HTTP 429), never
-queued. A deadline (gRPC's, or the REST ``Request-Timeout-Ms`` header) becomes the request's
-``deadline_ms``: past it, the request is answered DEADLINE_EXCEEDED without running.
+queued. A request holds its :class:`Place` from before its body is read (REST takes it with
+:meth:`Direct.take`) until its answer is produced, whether or not its caller still waits: a
+caller that gives up (its timeout, a cancelled call) leaves its job queued, and the job keeps
+its place until it leaves the batcher or tokenizer. A deadline (gRPC's, or the REST
+``Request-Timeout-Ms`` header) becomes the request's ``deadline_ms``: past it, the request is
+answered DEADLINE_EXCEEDED without running.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from worker.codec import ErrorInfo, InferenceRequest, InferenceResponse
 from worker.errors import ErrorCode
 from worker.outgoing import Source
 
-__all__ = ["HTTP_STATUS", "Answer", "Direct"]
+__all__ = ["HTTP_STATUS", "Answer", "Direct", "Place"]
 
 HTTP_STATUS = {
     ErrorCode.INVALID_ARGUMENT: 400,
@@ -42,6 +46,40 @@ HTTP_STATUS = {
 
 GRACE_S = 5.0
 """How long past its deadline a caller waits for the answer (the answer says why it is late)."""
+
+
+class Place:
+    """One place of the in-flight bound, held by one direct request.
+
+    Given back by :meth:`release` while its request was not dispatched (refused, or its body
+    unreadable); once dispatched, only the request's answer gives it back, so a job whose
+    caller left still counts until it leaves the batcher or tokenizer.
+    """
+
+    __slots__ = ("_direct", "_held", "dispatched")
+
+    def __init__(self, direct: Direct) -> None:
+        self._direct = direct
+        self._held = True
+        self.dispatched = False
+        """Its request was handed to the pipeline: only its answer gives the place back."""
+
+    def release(self) -> None:
+        """Give the place back, unless its request was dispatched (its answer does that)."""
+        if not self.dispatched:
+            self.answered()
+
+    def answered(self) -> None:
+        """The request's answer is produced: give the place back (once)."""
+        if self._held:
+            self._held = False
+            self._direct.pending -= 1
+
+    def __enter__(self) -> Place:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.release()
 
 
 class Direct:
@@ -59,13 +97,29 @@ class Direct:
         self._max = max_in_flight
         self._numbers = itertools.count()
         self.pending = 0
-        """Direct requests admitted and not yet answered."""
+        """Direct requests holding a place: being read or decoded, or dispatched and not yet
+        answered (whether or not their callers still wait)."""
         self.closing = False
         """The worker is stopping: new requests are answered UNAVAILABLE."""
 
     def room(self) -> int:
         """Requests that may still be admitted (Kafka records and direct requests together)."""
         return self._max - self._records() - self.pending
+
+    def take(self) -> Place | None:
+        """A place of the in-flight bound for a request about to be read; None when full."""
+        if self.room() <= 0:
+            return None
+        self.pending += 1
+        return Place(self)
+
+    @property
+    def full_message(self) -> str:
+        """Why a request is refused at the bound (RESOURCE_EXHAUSTED, HTTP 429)."""
+        return (
+            f"the worker holds {self._max} requests in flight (WORKER_RUNTIME__MAX_IN_FLIGHT); "
+            "send again later"
+        )
 
     async def infer(
         self,
@@ -75,16 +129,23 @@ class Direct:
         *,
         timeout_s: float | None = None,
         wait_s: float = 60.0,
+        place: Place | None = None,
     ) -> Answer:
         """Serve one request; its response (errors included: see ``response.error``).
 
         ``timeout_s``: the caller's deadline, from now; ``wait_s``: how long to wait for an
-        answer when there is none.
+        answer when there is none. ``place``: one taken (:meth:`take`) before the request was
+        read; without one, one is taken now (RESOURCE_EXHAUSTED when none is left). Returning
+        early (the wait over, or the caller cancelled) leaves a dispatched request its place.
         """
         if self.closing:
+            if place is not None:
+                place.release()
             return Answer(_error(request, ErrorCode.UNAVAILABLE, "the worker is stopping"))
-        if self.room() <= 0:
-            return Answer(_refused(request, self._max))
+        if place is None:
+            place = self.take()
+            if place is None:
+                return Answer(_error(request, ErrorCode.RESOURCE_EXHAUSTED, self.full_message))
         now_ms = int(time.time() * 1000)
         if not request.id:  # optional over REST and gRPC; the answer carries the one given
             request = replace(request, id=uuid.uuid4().hex)
@@ -93,8 +154,10 @@ class Direct:
             if request.deadline_ms is None or deadline < request.deadline_ms:
                 request = replace(request, deadline_ms=deadline)
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        held = place
 
         def respond(response: InferenceResponse, headers: list[tuple[str, bytes]]) -> None:
+            held.answered()  # the job has left the batcher or tokenizer
             if not future.done():
                 future.set_result(Answer(response, headers))
 
@@ -102,18 +165,19 @@ class Direct:
             TopicPartition(transport, 0), next(self._numbers), None, None, list(headers), now_ms,
             request=request, respond=respond,
         )  # fmt: skip
-        self.pending += 1
+        place.dispatched = True
         try:
             self._dispatch(source)
-            wait = (timeout_s if timeout_s is not None else wait_s) + GRACE_S
-            try:
-                async with asyncio.timeout(wait):
-                    return await future
-            except TimeoutError:
-                late = f"no answer within {wait:.1f} s"
-                return Answer(_error(request, ErrorCode.DEADLINE_EXCEEDED, late))
-        finally:
-            self.pending -= 1
+        except BaseException:
+            place.answered()  # not queued: nothing will answer it
+            raise
+        wait = (timeout_s if timeout_s is not None else wait_s) + GRACE_S
+        try:
+            async with asyncio.timeout(wait):
+                return await future
+        except TimeoutError:
+            late = f"no answer within {wait:.1f} s"
+            return Answer(_error(request, ErrorCode.DEADLINE_EXCEEDED, late))
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,12 +198,3 @@ def _error(request: InferenceRequest, code: ErrorCode, message: str) -> Inferenc
         id=request.id, model_name=request.model_name, model_version=request.model_version,
         error=ErrorInfo(str(code), message),
     )  # fmt: skip
-
-
-def _refused(request: InferenceRequest, bound: int) -> InferenceResponse:
-    return _error(
-        request,
-        ErrorCode.RESOURCE_EXHAUSTED,
-        f"the worker holds {bound} requests in flight (WORKER_RUNTIME__MAX_IN_FLIGHT); "
-        "send again later",
-    )
