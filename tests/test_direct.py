@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 import worker.direct
 from worker.codec import InferenceRequest, InferenceResponse, Tensor, Timing
@@ -192,3 +197,38 @@ def test_requested_outputs_tolerate_odd_parameters_and_refuse_nameless_outputs()
     assert _outputs(json.loads(some)) == (["a", "b"], {"a"})
     with pytest.raises(DecodeError, match="each of outputs needs a name"):
         _outputs({"outputs": [{"parameters": {}}]})
+
+
+tensors = st.sampled_from(["FP32", "INT64", "BOOL", "BYTES", "FP16"]).flatmap(
+    lambda datatype: st.integers(0, 40).map(lambda n: _tensor(datatype, n))
+)
+
+
+def _tensor(datatype: str, n: int) -> Tensor:
+    rng = np.random.default_rng(n)
+    if datatype == "BYTES":
+        return Tensor.from_strings("s", [bytes(rng.integers(0, 256, n % 5)) for _ in range(n)])
+    kinds = {"FP32": np.float32, "INT64": np.int64, "BOOL": np.bool_, "FP16": np.float16}
+    values: npt.NDArray[Any] = (rng.standard_normal(n) * 1e3).astype(kinds[datatype])
+    return Tensor.from_numpy(datatype.lower(), values.reshape(n, 1) if n % 2 else values)
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(
+    outputs=st.lists(tensors, max_size=4),
+    wanted=st.lists(st.sampled_from(["fp32", "int64", "bool", "s", "fp16", "x"]), max_size=3),
+    binary=st.sets(st.sampled_from(["fp32", "int64", "bool", "s", "fp16"])),
+    per_slice=st.integers(1, 7),
+)
+def test_a_reply_written_in_slices_is_the_codec_s_reply_byte_for_byte(
+    outputs: list[Tensor], wanted: list[str], binary: set[str], per_slice: int
+) -> None:
+    """Any outputs, any asked and binary ones, any slice size: the same bytes and header length."""
+    response = InferenceResponse(
+        "r", "digits", "1", outputs, timing=Timing(1, 2, 3), parameters={"p": 1.5, "q": "é"}
+    )
+    from worker.rest import rest_response_in_slices  # noqa: PLC0415 - new in #22
+
+    sliced = rest_response_in_slices(response, wanted=wanted, binary=binary,
+                                     values_per_slice=per_slice)  # fmt: skip
+    assert sliced == encode_rest_response(response, wanted=wanted, binary=binary)

@@ -9,21 +9,38 @@ batches, routing and errors as Kafka), with the call's deadline as the request's
 the call with the gRPC status of the same name as the error code. Trace context comes from
 the ``traceparent`` metadata. Optional TLS (mutual with a client CA) and a bearer token in the
 ``authorization`` metadata (health calls excepted).
+
+Bounds: at most ``max_concurrent_rpcs`` calls at once (grpcio refuses one more with
+RESOURCE_EXHAUSTED before reading it); a ModelInfer that finds no place in flight is refused
+RESOURCE_EXHAUSTED before its message is read or parsed; a message over ``max_request_bytes``
+(by default the runtime's) is refused RESOURCE_EXHAUSTED by grpcio from its length prefix. A
+message with more than :data:`DECODE_ON_LOOP_VALUES` typed values is turned into tensors in
+the endpoint's codec thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 
+from worker.direct import Direct
 from worker.errors import DecodeError
 from worker.oip import pb, pb_grpc
-from worker.rest import EXTENSIONS, SERVER_NAME, V2Api, model_metadata, warn_if_open
-from worker.settings import EndpointSettings
+from worker.rest import (
+    EXTENSIONS,
+    SERVER_NAME,
+    V2Api,
+    model_metadata,
+    request_bytes,
+    warn_if_open,
+)
+from worker.settings import EndpointSettings, GrpcSettings
 from worker.v2proto import request_from_message, response_message
 
 __all__ = ["serve_grpc"]
@@ -31,12 +48,18 @@ __all__ = ["serve_grpc"]
 PASSED_METADATA = ("traceparent", "tracestate", "correlation_id")
 OPEN_METHODS = ("ServerLive", "ServerReady")
 """Health calls, answered without a token."""
+INFER_METHOD = "ModelInfer"
+DECODE_ON_LOOP_VALUES = 8192
+"""Requests with up to this many typed values become tensors on the event loop (a few
+milliseconds at most); larger ones in the endpoint's codec thread. Raw contents are bytes,
+cheap to take at any size."""
 
 
 class _Service(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, api: V2Api, wait_s: float) -> None:
+    def __init__(self, api: V2Api, wait_s: float, codec: ThreadPoolExecutor) -> None:
         self._api = api
         self._wait_s = wait_s
+        self._codec = codec
 
     async def ServerLive(self, request: Any, context: Any) -> Any:
         return pb.ServerLiveResponse(live=True)
@@ -69,7 +92,12 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if k in PASSED_METADATA}
         headers = [(k, v.encode() if isinstance(v, str) else v) for k, v in metadata.items()]
         try:
-            decoded = request_from_message(request, headers, None)
+            if _typed_values(request) <= DECODE_ON_LOOP_VALUES:
+                decoded = request_from_message(request, headers, None)
+            else:
+                decoded = await asyncio.get_running_loop().run_in_executor(
+                    self._codec, request_from_message, request, headers, None
+                )
         except DecodeError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
         remaining = context.time_remaining()
@@ -84,6 +112,35 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
             code = getattr(grpc.StatusCode, response.error.code, grpc.StatusCode.UNKNOWN)
             await context.abort(code, response.error.message)
         return response_message(response)
+
+
+def _typed_values(request: Any) -> int:
+    """How many typed values (``contents``) a ModelInferRequest carries; raw ones are bytes."""
+    return sum(len(values) for t in request.inputs for _, values in t.contents.ListFields())
+
+
+class _Room(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuses ModelInfer while the in-flight bound is full, before its message is read."""
+
+    def __init__(self, direct: Direct) -> None:
+        self._direct = direct
+
+        async def refuse(_: Any, context: Any) -> Any:
+            if self._direct.closing:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is stopping")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._direct.full_message)
+
+        # A request-streaming handler: grpcio reads nothing before it runs, and it reads nothing.
+        self._refuse = grpc.stream_unary_rpc_method_handler(refuse)
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
+    ) -> Any:
+        direct = self._direct
+        full = direct.closing or direct.room() <= 0
+        if full and details.method.rsplit("/", 1)[-1] == INFER_METHOD:
+            return self._refuse
+        return await continuation(details)
 
 
 class _Token(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -127,18 +184,27 @@ async def serve_grpc(api: V2Api, settings: EndpointSettings) -> AsyncIterator[in
     """Serve the gRPC service while open; yields the bound port (``port=0``: any)."""
     warn_if_open("gRPC", settings)
     token = settings.token.get_secret_value() if settings.token else None
-    server = grpc.aio.server(interceptors=[_Token(token)] if token else None)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        _Service(api, settings.request_timeout_s), server
-    )  # type: ignore[no-untyped-call]
-    address = f"{settings.host}:{settings.port}"
-    credentials = _credentials(settings)
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
-    await server.start()
-    try:
-        yield port
-    finally:
-        await server.stop(grace=1.0)
+    interceptors: list[Any] = [_Token(token)] if token else []
+    interceptors.append(_Room(api.direct))  # after the token: strangers learn nothing
+    limits = settings if isinstance(settings, GrpcSettings) else GrpcSettings()
+    max_bytes = request_bytes(settings)
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", max_bytes)],
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+    )
+    with ThreadPoolExecutor(1, thread_name_prefix="grpc-codec") as codec:
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            _Service(api, settings.request_timeout_s, codec), server
+        )  # type: ignore[no-untyped-call]
+        address = f"{settings.host}:{settings.port}"
+        credentials = _credentials(settings)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+        await server.start()
+        try:
+            yield port
+        finally:
+            await server.stop(grace=1.0)

@@ -17,35 +17,52 @@ or ``binary_data_output`` on the request). Inference goes through :mod:`worker.d
 same lanes, batches, routing and errors as Kafka. Errors are ``{"error": "..."}`` with the
 status of their code (:data:`worker.direct.HTTP_STATUS`). Optional TLS (mutual with a client
 CA) and a bearer token (:class:`worker.settings.EndpointSettings`).
+
+Bounds, in the order a request meets them: at most ``max_connections`` open connections (one
+more is answered 503 and closed); a place of the in-flight bound taken before the body is read
+(none left: 429 at once); a body over ``max_request_bytes`` (by default the runtime's) refused
+before more of it is read (413); the body's arrival bounded by the request's wait (408). A body
+over :data:`DECODE_ON_LOOP_BYTES` is parsed in the endpoint's codec thread, one at a time, and
+a reply with more than :data:`ENCODE_ON_LOOP_VALUES` JSON values is written there in slices,
+so no request holds the event loop (which the Kafka consumer's heartbeats share) for long.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import importlib.metadata
+import json
+import math
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from worker.codec import InferenceResponse
-from worker.direct import HTTP_STATUS, Direct
+from worker.codec import BYTES, InferenceRequest, InferenceResponse, Tensor
+from worker.direct import HTTP_STATUS, Direct, Place
 from worker.errors import DecodeError, ErrorCode
 from worker.repository import ModelRepository
-from worker.settings import EndpointSettings
+from worker.settings import EndpointSettings, RestSettings, RuntimeSettings
+from worker.v2 import tensor_values
 from worker.v2json import encode_rest_response, is_unicode, parse_json_body, request_from_body
 
 __all__ = [
+    "DECODE_ON_LOOP_BYTES",
+    "ENCODE_ON_LOOP_VALUES",
     "SERVER_NAME",
     "TIMEOUT_HEADER",
     "V2Api",
     "endpoint_ssl",
     "model_metadata",
+    "request_bytes",
+    "rest_response_in_slices",
     "serve_rest",
     "server_version",
     "warn_if_open",
@@ -61,7 +78,12 @@ TIMEOUT_HEADER = "Request-Timeout-Ms"
 """A REST request's deadline, in milliseconds from now."""
 PASSED_HEADERS = ("traceparent", "tracestate", "correlation_id")
 """HTTP request headers handed on with the request (trace context continues)."""
-MAX_BODY = 64 << 20
+DECODE_ON_LOOP_BYTES = 16 << 10
+"""Bodies up to this size are parsed on the event loop (at most a few milliseconds); larger
+ones in the endpoint's codec thread."""
+ENCODE_ON_LOOP_VALUES = 8192
+"""Replies with up to this many JSON values are written on the event loop; larger ones in the
+codec thread, a slice of this many values at a time (each slice a few milliseconds)."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +139,23 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def _routes(api: V2Api, wait_s: float) -> list[web.RouteDef]:
+@dataclass(frozen=True)
+class _Endpoint:
+    """What an infer call needs besides the API: its bounds and the codec thread."""
+
+    wait_s: float
+    max_bytes: int
+    codec: ThreadPoolExecutor
+
+
+def request_bytes(settings: EndpointSettings) -> int:
+    """The most bytes of one request an endpoint reads (its own bound, else the runtime's)."""
+    if settings.max_request_bytes is not None:
+        return settings.max_request_bytes
+    return RuntimeSettings().max_request_bytes  # settings built outside Settings (tests)
+
+
+def _routes(api: V2Api, endpoint: _Endpoint) -> list[web.RouteDef]:
     async def live(_: web.Request) -> web.Response:
         return web.json_response({"live": True})
 
@@ -146,7 +184,7 @@ def _routes(api: V2Api, wait_s: float) -> list[web.RouteDef]:
         return web.json_response({"name": name, "ready": ok}, status=200 if ok else 503)
 
     async def infer(request: web.Request) -> web.Response:
-        return await _infer(api, request, wait_s)
+        return await _infer(api, request, endpoint)
 
     model = "/v2/models/{name}"
     version = "/v2/models/{name}/versions/{version}"
@@ -163,15 +201,46 @@ def _routes(api: V2Api, wait_s: float) -> list[web.RouteDef]:
     ]
 
 
-async def _infer(api: V2Api, request: web.Request, wait_s: float) -> web.Response:
+class _RefusedError(Exception):
+    """An infer call answered with an error status before it reached the pipeline."""
+
+    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close
+
+
+async def _infer(api: V2Api, request: web.Request, endpoint: _Endpoint) -> web.Response:
+    """Bounds first (a place in flight, the body's size), then read, decode, infer, reply."""
+    direct = api.direct
+    if direct.closing:
+        return _error(503, "the worker is stopping")
+    place = direct.take()  # before a byte of the body is read
+    if place is None:
+        return _error(429, direct.full_message)
+    with place:  # given back here unless the request was dispatched (then by its answer)
+        try:
+            return await _infer_in_place(api, request, endpoint, place)
+        except _RefusedError as refused:
+            reply = _error(refused.status, refused.message)
+            if refused.close:  # the rest of the body is not waited for
+                reply.force_close()
+            return reply
+
+
+async def _infer_in_place(
+    api: V2Api, request: web.Request, endpoint: _Endpoint, place: Place
+) -> web.Response:
     name, version = request.match_info["name"], request.match_info.get("version")
-    body = await request.read()
-    split = request.headers.get(HEADER_LENGTH)
-    length = len(body) if split is None else whole_number(split)
-    if length is None or not 0 <= length <= len(body):
-        return _error(400, f"{HEADER_LENGTH} must be a length within the body ({len(body)} bytes)")
-    if not is_unicode(name + (version or "")):
-        return _error(400, "the model name or version in the URL is not UTF-8 text")
+    header_length, timeout_s = _headers(request, name + (version or ""))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    body = await _received(request, endpoint, timeout_s)
+    length = len(body) if header_length is None else header_length
+    if not length <= len(body):
+        within = f"{HEADER_LENGTH} must be a length within the body ({len(body)} bytes)"
+        raise _RefusedError(400, within)
     headers = [("model_name", name.encode())]
     if version:
         headers.append(("model_version", version.encode()))
@@ -182,20 +251,92 @@ async def _infer(api: V2Api, request: web.Request, wait_s: float) -> web.Respons
         if h in request.headers
     ]
     try:
-        parsed = parse_json_body(memoryview(body)[:length])  # once, for inputs and outputs
-        decoded = request_from_body(parsed, headers + passed, None, binary=body[length:])
-        timeout_s = _timeout(request)
-        wanted, binary = _outputs(parsed)
+        if len(body) <= DECODE_ON_LOOP_BYTES:
+            decoded, wanted, binary = _decode(body, length, headers + passed)
+        else:
+            decoded, wanted, binary = await loop.run_in_executor(
+                endpoint.codec, _decode, body, length, headers + passed
+            )
     except DecodeError as exc:
-        return _error(400, exc.message)
+        raise _RefusedError(400, exc.message) from None
+    del body  # the tensors hold their own bytes
     if decoded.model_name != name or (version and decoded.model_version != version):
-        return _error(400, "the body names another model than the URL")
-    answer = await api.direct.infer("rest", decoded, passed, timeout_s=timeout_s, wait_s=wait_s)
-    reply = _respond(answer.response, wanted, binary)
+        raise _RefusedError(400, "the body names another model than the URL")
+    if timeout_s is not None:  # the deadline counts from the request's arrival
+        timeout_s = max(0.0, timeout_s - (loop.time() - started))
+    answer = await api.direct.infer(
+        "rest", decoded, passed, timeout_s=timeout_s, wait_s=endpoint.wait_s, place=place
+    )
+    reply = await _respond(answer.response, wanted, binary, endpoint.codec)
     trace = answer.header("traceparent")
     if trace is not None:  # the worker's span in the caller's trace
         reply.headers["traceparent"] = trace
     return reply
+
+
+def _headers(request: web.Request, model: str) -> tuple[int | None, float | None]:
+    """The binary header's length and the timeout, read before the body; _RefusedError if bad."""
+    split = request.headers.get(HEADER_LENGTH)
+    header_length = None if split is None else whole_number(split)
+    if split is not None and header_length is None:
+        raise _RefusedError(400, f"{HEADER_LENGTH} must be a whole number of bytes within the body")
+    try:
+        timeout_s = _timeout(request)
+    except DecodeError as exc:
+        raise _RefusedError(400, exc.message) from None
+    if not is_unicode(model):
+        raise _RefusedError(400, "the model name or version in the URL is not UTF-8 text")
+    return header_length, timeout_s
+
+
+async def _received(request: web.Request, endpoint: _Endpoint, timeout_s: float | None) -> bytes:
+    """The body, within the request's wait and the byte bound; _RefusedError (408, 413) if not."""
+    wait_s = timeout_s if timeout_s is not None else endpoint.wait_s
+    try:
+        async with asyncio.timeout(wait_s):
+            body = await _read_body(request, endpoint.max_bytes)
+    except TimeoutError:
+        raise _RefusedError(
+            408, f"the request body did not arrive within {wait_s:.1f} s", close=True
+        ) from None
+    if body is None:
+        raise _RefusedError(413, _too_large(request.content_length, endpoint.max_bytes))
+    return body
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it is known to be over ``limit`` bytes.
+
+    Over: a ``Content-Length`` above it (nothing is read), or more bytes arriving (after any
+    ``Content-Encoding``) than it allows (at most one chunk more is held).
+    """
+    if (request.content_length or 0) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def _too_large(content_length: int | None, limit: int) -> str:
+    size = f"is {content_length} bytes" if content_length else "is larger"
+    return (
+        f"the request body {size}; this endpoint reads at most {limit} "
+        "(WORKER_REST__MAX_REQUEST_BYTES, by default WORKER_RUNTIME__MAX_REQUEST_BYTES); "
+        "large tensors take the fewest bytes as binary data (Inference-Header-Content-Length)"
+    )
+
+
+def _decode(
+    body: bytes, length: int, headers: list[tuple[str, bytes]]
+) -> tuple[InferenceRequest, list[str], set[str]]:
+    """The request, the outputs it asks for and those wanted binary; DecodeError if bad."""
+    parsed = parse_json_body(memoryview(body)[:length])  # once, for inputs and outputs
+    decoded = request_from_body(parsed, headers, None, binary=body[length:])
+    wanted, binary = _outputs(parsed)
+    return decoded, wanted, binary
 
 
 def _timeout(request: web.Request) -> float | None:
@@ -248,13 +389,24 @@ def _parameters(holder: dict[str, Any]) -> dict[str, Any]:
     return given if isinstance(given, dict) else {}
 
 
-def _respond(response: InferenceResponse, wanted: list[str], binary: set[str]) -> web.Response:
+async def _respond(
+    response: InferenceResponse, wanted: list[str], binary: set[str], codec: ThreadPoolExecutor
+) -> web.Response:
     if response.error is not None:
         code = ErrorCode(response.error.code)
         return _error(HTTP_STATUS.get(code, 500), response.error.message)
     if "*" in binary:
         binary = {t.name for t in response.outputs}
-    body, header_length = encode_rest_response(response, wanted=wanted, binary=binary)
+    values = sum(
+        math.prod(t.shape) for t in response.outputs
+        if (not wanted or t.name in wanted) and t.name not in binary
+    )  # fmt: skip
+    if values <= ENCODE_ON_LOOP_VALUES:
+        body, header_length = encode_rest_response(response, wanted=wanted, binary=binary)
+    else:
+        body, header_length = await asyncio.get_running_loop().run_in_executor(
+            codec, _in_slices, response, wanted, binary
+        )
     if header_length is None:
         return web.Response(body=body, content_type="application/json")
     return web.Response(
@@ -262,6 +414,67 @@ def _respond(response: InferenceResponse, wanted: list[str], binary: set[str]) -
         content_type="application/octet-stream",
         headers={HEADER_LENGTH: str(header_length)},
     )
+
+
+def _in_slices(
+    response: InferenceResponse, wanted: list[str], binary: set[str]
+) -> tuple[bytes, int | None]:
+    return rest_response_in_slices(response, wanted=wanted, binary=binary)
+
+
+def rest_response_in_slices(
+    response: InferenceResponse, *, wanted: Sequence[str] = (), binary: Collection[str] = (),
+    values_per_slice: int = ENCODE_ON_LOOP_VALUES,
+) -> tuple[bytes, int | None]:  # fmt: skip
+    """What :func:`~worker.v2json.encode_rest_response` makes, byte for byte, written in slices.
+
+    ``json.dumps`` holds the interpreter lock for a whole list (a second for a million
+    floats), so a thread writing a large reply in one call would stall the event loop as
+    much as the loop itself; here each call writes ``values_per_slice`` values, and the lock
+    is given up between them.
+    """
+    outputs = [t for t in response.outputs if not wanted or t.name in wanted]
+    as_binary = {t.name for t in outputs if t.name in binary}
+    everything = replace(response, outputs=outputs)
+    skeleton, header_length = encode_rest_response(everything, binary=[t.name for t in outputs])
+    if not outputs:
+        return skeleton, None
+    assert header_length is not None
+    meta = json.loads(skeleton[:header_length])
+    described = meta.pop("outputs")
+    parts = [_dumps(meta)[:-1], ',"outputs":[']
+    for i, (tensor, output) in enumerate(zip(outputs, described, strict=True)):
+        parts.append("," if i else "")
+        if tensor.name in as_binary:
+            parts.append(_dumps(output))
+            continue
+        del output["parameters"]  # binary_data_size: this one goes as JSON data
+        parts += [_dumps(output)[:-1], ',"data":[', *_value_slices(tensor, values_per_slice)]
+        parts.append("]}")
+    parts.append("]}")
+    header = "".join(parts).encode()
+    if not as_binary:
+        return header, None
+    blobs = [t.data for t in outputs if t.name in as_binary]
+    return b"".join([header, *blobs]), len(header)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _value_slices(tensor: Tensor, size: int) -> list[str]:
+    """A tensor's values as JSON, ``size`` values a call, joined by commas (no brackets)."""
+    if tensor.datatype == BYTES:
+        values: Any = tensor_values(tensor)  # Python code: gives up the lock as it goes
+    else:
+        values = tensor.to_numpy().ravel()
+    out: list[str] = []
+    for start in range(0, len(values), size):
+        chunk = values[start : start + size]
+        text = _dumps(chunk if isinstance(chunk, list) else chunk.tolist())
+        out += ["," if out else "", text[1:-1]]
+    return out
 
 
 def _auth(settings: EndpointSettings) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -296,15 +509,108 @@ def warn_if_open(kind: str, settings: EndpointSettings) -> None:
 async def serve_rest(api: V2Api, settings: EndpointSettings) -> AsyncIterator[int]:
     """Serve the V2 REST API while open; yields the bound port (``port=0``: any)."""
     warn_if_open("REST", settings)
-    app = web.Application(middlewares=[_auth(settings)], client_max_size=MAX_BODY)
-    app.add_routes(_routes(api, settings.request_timeout_s))
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, settings.host, settings.port, ssl_context=endpoint_ssl(settings))
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        yield int(sockets[0].getsockname()[1]) if sockets else settings.port
-    finally:
-        await runner.cleanup()
+    max_bytes = request_bytes(settings)
+    rest = settings if isinstance(settings, RestSettings) else RestSettings()
+    app = web.Application(middlewares=[_auth(settings)], client_max_size=max_bytes)
+    with ThreadPoolExecutor(1, thread_name_prefix="rest-codec") as codec:
+        endpoint = _Endpoint(settings.request_timeout_s, max_bytes, codec)
+        app.add_routes(_routes(api, endpoint))
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            assert runner.server is not None
+            gate = _ConnectionGate(runner.server, rest.max_connections)
+            server = await asyncio.get_running_loop().create_server(
+                gate, settings.host, settings.port, ssl=endpoint_ssl(settings), backlog=128
+            )
+            try:
+                yield int(server.sockets[0].getsockname()[1]) if server.sockets else settings.port
+            finally:
+                server.close()
+        finally:
+            await runner.cleanup()
+
+
+class _ConnectionGate:
+    """The REST server's protocol factory: at most ``limit`` open connections reach aiohttp.
+
+    Counted from ``connection_made`` (after any TLS handshake) to ``connection_lost``, one
+    callback at a time, so the count is exact. A connection over the bound is answered 503
+    with ``Connection: close``, its input read and dropped until the client closes it or
+    :data:`REFUSED_LINGER_S` pass (closing with unread input would reset the connection and
+    could lose the answer); past ``limit`` such connections, more are closed at once.
+    """
+
+    def __init__(self, server: web.Server, limit: int) -> None:
+        self.server = server
+        self.limit = limit
+        self.open = 0
+        self.refusing = 0
+        body = json.dumps({"error": (
+            f"the worker holds {limit} REST connections (WORKER_REST__MAX_CONNECTIONS); "
+            "connect again later"
+        )}).encode()  # fmt: skip
+        self.refusal = (
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\nRetry-After: 1\r\n\r\n%s"
+            % (len(body), body)
+        )
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Gated(self)
+
+
+REFUSED_LINGER_S = 1.0
+"""How long a connection refused for the connection bound is kept to deliver its 503."""
+
+
+class _Gated(asyncio.Protocol):
+    """One connection: aiohttp's own protocol when admitted, else the 503 and the close."""
+
+    def __init__(self, gate: _ConnectionGate) -> None:
+        self._gate = gate
+        self._inner: asyncio.Protocol | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gate = self._gate
+        if gate.open < gate.limit:
+            gate.open += 1
+            self._inner = gate.server()
+            self._inner.connection_made(transport)
+            return
+        assert isinstance(transport, asyncio.WriteTransport)
+        gate.refusing += 1
+        transport.write(gate.refusal)
+        if gate.refusing > gate.limit:  # a flood: no lingering for these
+            transport.close()
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._inner is not None:
+            return self._inner.eof_received()
+        return None  # the transport closes itself
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is not None:
+            self._gate.open -= 1
+            self._inner.connection_lost(exc)
+            return
+        self._gate.refusing -= 1
+        if self._timer is not None:
+            self._timer.cancel()

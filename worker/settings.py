@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -18,6 +18,7 @@ from pydantic import (
     FilePath,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -259,7 +260,12 @@ class EndpointSettings(BaseModel):
     """Bearer token every call must carry (``authorization: Bearer ...``), best from the
     secrets folder; health checks excepted. None: no token asked."""
     request_timeout_s: float = Field(default=60.0, gt=0)
-    """How long a request without a deadline may wait for its answer."""
+    """How long a request without a deadline may wait for its answer (its body's arrival
+    included, over REST)."""
+    max_request_bytes: int | None = Field(default=None, ge=1)
+    """Most bytes of one request as received: a REST body (after any Content-Encoding), a gRPC
+    message; a larger one is refused before it is read (413 / RESOURCE_EXHAUSTED). None:
+    ``runtime.max_request_bytes``, filled in when :class:`Settings` is built."""
 
     @model_validator(mode="after")
     def _tls(self) -> EndpointSettings:
@@ -277,16 +283,24 @@ class EndpointSettings(BaseModel):
         )
 
 
+Endpoint = TypeVar("Endpoint", bound=EndpointSettings)
+
+
 class RestSettings(EndpointSettings):
     """KServe V2 REST (``/v2/...``), on Triton's default HTTP port."""
 
     port: int = Field(default=8000, ge=0, le=65535)
+    max_connections: int = Field(default=256, ge=1)
+    """Most open connections (HTTP/1.1: each carries one request at a time); one more is
+    answered 503 and closed."""
 
 
 class GrpcSettings(EndpointSettings):
     """``inference.GRPCInferenceService``, on Triton's default gRPC port."""
 
     port: int = Field(default=8001, ge=0, le=65535)
+    max_concurrent_rpcs: int = Field(default=512, ge=1)
+    """Most calls being served at once; one more is refused RESOURCE_EXHAUSTED at once."""
 
 
 class AuditSettings(BaseModel):
@@ -365,8 +379,17 @@ class Settings(BaseSettings):
     audit: AuditSettings = AuditSettings()
     log: LogSettings = LogSettings()
     schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
-    rest: RestSettings = RestSettings()
-    grpc: GrpcSettings = GrpcSettings()
+    rest: RestSettings = Field(default=RestSettings(), validate_default=True)
+    grpc: GrpcSettings = Field(default=GrpcSettings(), validate_default=True)
+
+    @field_validator("rest", "grpc")
+    @classmethod
+    def _endpoint_request_bytes(cls, value: Endpoint, info: ValidationInfo) -> Endpoint:
+        """An endpoint without its own ``max_request_bytes`` reads the runtime's."""
+        runtime = info.data.get("runtime")
+        if value.max_request_bytes is None and isinstance(runtime, RuntimeSettings):
+            return value.model_copy(update={"max_request_bytes": runtime.max_request_bytes})
+        return value
 
     @model_validator(mode="after")
     def _something_to_serve(self) -> Settings:
