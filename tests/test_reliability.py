@@ -39,7 +39,16 @@ from worker.outgoing import DLQ_HEADER_PREFIX, model_response
 from worker.repository import ModelRepository
 from worker.settings import Settings
 
-from .conftest import MODELS, Reply, changed, group_lag, reply_reader, running_worker, wait_for
+from .conftest import (
+    MODELS,
+    Reply,
+    changed,
+    group_lag,
+    partitions_of,
+    reply_reader,
+    running_worker,
+    wait_for,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -552,6 +561,39 @@ async def test_a_record_the_client_cannot_parse_is_stepped_past_and_dead_lettere
     assert b"UnicodeDecodeError" in copy.headers[DLQ_HEADER_PREFIX + "exception.class.name"]
     expected = {f"before-{i}" for i in range(5)} | {f"after-{i}" for i in range(5)}
     assert set(by_id(replies)) == expected
+
+
+async def test_an_unparseable_record_costs_no_record_of_another_partition(
+    settings: Settings, repository: ModelRepository, testset: TestSet, tmp_path: Path
+) -> None:
+    """Good records on every partition around the bad one, all in the worker's first fetch.
+
+    The fetch that fails on the bad partition has drained the others already: they are put
+    back where they stood, so every good record is answered and nothing is committed past one.
+    """
+    kafka = settings.kafka
+    tensor = Tensor.from_numpy("pixels", testset[0][:1])
+
+    def goods(stage: str) -> list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]:
+        return [(f"k-{i}".encode(), request_value(f"{stage}-{i}", tensor), []) for i in range(30)]
+
+    await publish(settings, goods("before"))
+    script = tmp_path / "bad_header.py"
+    script.write_text(BAD_HEADER_PRODUCER)
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(script), kafka.bootstrap_servers, kafka.requests_topic],
+        env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    await publish(settings, goods("after"))
+    partitions = await partitions_of(settings, kafka.requests_topic)
+    assert len(partitions) > 1
+    replies, dlq, _ = await serve_until_settled(settings, repository, replies=60, copies=1)
+    assert set(by_id(replies)) == {f"{s}-{i}" for s in ("before", "after") for i in range(30)}
+    assert len(replies) == 60
+    assert [c.headers[DLQ_HEADER_PREFIX + "stage"] for c in dlq] == [b"FETCH"]
 
 
 async def test_a_dead_letter_copy_that_cannot_be_published_stops_the_worker_uncommitted(

@@ -107,6 +107,9 @@ class Intake:
             if paused:
                 consumer.resume(*consumer.paused())
                 paused = False
+            # Where each partition stands before the fetch: a fetch that fails to parse one
+            # partition has already moved the others past records it never returned.
+            before = {tp: await consumer.position(tp) for tp in consumer.assignment()}
             try:
                 fetched = await consumer.getmany(timeout_ms=100, max_records=min(room, max_records))
             except KafkaError as exc:  # transient (a rebalance, a reset); the watchdog bounds it
@@ -116,6 +119,7 @@ class Intake:
                 continue
             except Exception as exc:  # noqa: BLE001 - a record the client cannot parse
                 self._metrics.fetch_errors.inc()
+                await self._rewind(before)
                 await self._step_past(exc, dispatch, unparseable)
                 continue
             if prepare is not None and fetched:
@@ -135,6 +139,22 @@ class Intake:
                 Source(tp, record.offset, record.key, record.value, record.headers,
                        record.timestamp)
             )  # fmt: skip
+
+    async def _rewind(self, before: dict[TopicPartition, int]) -> None:
+        """Put every assigned partition back where it stood before a fetch that failed.
+
+        A partition assigned during the fetch goes back to its committed offset (or the start,
+        as the group's reset policy says): nothing of it was handed on yet.
+        """
+        consumer = self.consumer
+        for tp in consumer.assignment():
+            offset = before.get(tp)
+            if offset is None:
+                offset = await consumer.committed(tp)
+            if offset is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, offset)
 
     async def _step_past(
         self,
