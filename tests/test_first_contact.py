@@ -100,11 +100,15 @@ async def test_predict_gives_up_after_its_timeout_naming_the_missing_topics(
     assert "Traceback" not in err
 
 
-async def test_demo_stops_at_once_on_sigterm(settings: Settings) -> None:
-    """SIGTERM ends a waiting `demo` with exit code 143 (as PID 1 in a container it must)."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_demo_stops_at_once_on_sigterm_or_ctrl_c(
+    settings: Settings, sig: signal.Signals
+) -> None:
+    """SIGTERM (as PID 1 in a container it must) or Ctrl-C ends a waiting `demo`: one line."""
     async with command(settings, "demo", "--timeout", "600") as demo:
         await demo.wait_for_stderr(WAITING)
-        demo.proc.send_signal(signal.SIGTERM)
+        demo.proc.send_signal(sig)
         code, _, err = await demo.finish(timeout=20)
-    assert code == 128 + signal.SIGTERM
-    assert "stopped by SIGTERM" in err
+    assert code == 128 + sig
+    assert f"stopped by {sig.name}" in err
+    assert "Traceback" not in err

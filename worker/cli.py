@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import sys
@@ -20,10 +21,11 @@ import numpy as np
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from worker.client import InferenceClient
-from worker.codec import BYTES, DATATYPES, InferenceResponse, Tensor
-from worker.errors import ConnectError, WorkerError
+from worker.codec import BYTES, InferenceResponse, Tensor
+from worker.errors import ConfigError, ConnectError, DecodeError, WorkerError
 from worker.logs import configure_logging
 from worker.settings import Settings, load_settings
+from worker.v2json import parse_json_body, request_from_body
 
 if TYPE_CHECKING:
     from worker.app import Worker
@@ -31,22 +33,12 @@ if TYPE_CHECKING:
 __all__ = ["main", "response_to_json", "summary", "tensors_from_json"]
 
 
-def tensors_from_json(doc: dict[str, Any]) -> list[Tensor]:
-    """KServe V2 JSON inputs (``{"inputs": [{name, datatype, shape, data}]}``) -> tensors."""
-    tensors = []
-    for item in doc["inputs"]:
-        datatype = item["datatype"]
-        if datatype == BYTES:
-            strings = np.asarray(item["data"], dtype=object).reshape(item["shape"])
-            tensors.append(Tensor.from_numpy(item["name"], strings))
-            continue
-        if datatype not in DATATYPES:
-            raise ValueError(
-                f"input {item['name']!r}: datatype must be one of {[*DATATYPES, BYTES]}"
-            )
-        array = np.asarray(item["data"], dtype=DATATYPES[datatype]).reshape(item["shape"])
-        tensors.append(Tensor.from_numpy(item["name"], array))
-    return tensors
+def tensors_from_json(body: bytes) -> list[Tensor]:
+    """KServe V2 JSON inputs (``{"inputs": [{name, datatype, shape, data}]}``) -> tensors.
+
+    Read by the worker's own V2 JSON decoder, with its checks; DecodeError says what is wrong.
+    """
+    return request_from_body(parse_json_body(body), [("model_name", b"-")], None).inputs
 
 
 def response_to_json(response: InferenceResponse) -> dict[str, Any]:
@@ -150,10 +142,15 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _predict(settings: Settings, args: argparse.Namespace) -> int:
-    if args.text:
-        tensors = [Tensor.from_strings(args.text_input, args.text)]
+    if args.text:  # as the shell gave them: bytes that are not UTF-8 stay those bytes
+        tensors = [Tensor.from_strings(args.text_input, [os.fsencode(t) for t in args.text])]
     else:
-        tensors = tensors_from_json(json.loads(await asyncio.to_thread(Path(args.input).read_text)))
+        try:
+            tensors = tensors_from_json(await asyncio.to_thread(Path(args.input).read_bytes))
+        except OSError as exc:
+            raise ConfigError(f"--input {args.input}: {exc.strerror or exc}") from None
+        except DecodeError as exc:
+            raise ConfigError(f"--input {args.input}: {exc.message}") from None
     client = InferenceClient(settings.kafka, timeout=args.timeout, wait_for_topics=args.timeout)
     async with client:
         reply = await client.infer(args.model, tensors, version=args.version)
@@ -165,7 +162,14 @@ async def _predict(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _demo(settings: Settings, args: argparse.Namespace) -> int:
-    testset = np.load(settings.models.repository / "digits" / "testset.npz")
+    path = settings.models.repository / "digits" / "testset.npz"
+    try:
+        testset = np.load(path)
+    except OSError as exc:
+        raise ConfigError(
+            f"the digits test split {path} cannot be read ({exc.strerror or exc}); run from "
+            "the checkout or set WORKER_MODELS__REPOSITORY to its models folder"
+        ) from None
     pixels = testset["pixels"].astype(np.float32)[: args.limit]
     labels = testset["labels"][: args.limit]
     client = InferenceClient(settings.kafka, timeout=args.timeout, wait_for_topics=args.timeout)
@@ -188,22 +192,43 @@ async def _demo(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if accuracy >= args.min_accuracy else 1
 
 
-async def _until_sigterm(command: Coroutine[Any, Any, int]) -> int:
-    """Run a client command; SIGTERM stops it at once with exit code 143.
+async def _until_signal(command: Coroutine[Any, Any, int]) -> int:
+    """Run a client command; SIGTERM or SIGINT stops it at once (exit code 128 + signal).
 
     In a container the command may be PID 1, which the kernel never stops for a signal it has
     no handler for: without this, ``docker stop`` waits out its grace period and kills it.
+    Ctrl-C gets a one-line message instead of a traceback.
     """
     task = asyncio.ensure_future(command)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    received: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        received.append(sig)
+        task.cancel()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
     try:
         return await task
     except asyncio.CancelledError:
         current = asyncio.current_task()
-        if current is not None and current.cancelling():
+        if not received or (current is not None and current.cancelling()):
             raise
-        print("stopped by SIGTERM", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        print(f"stopped by {received[0].name}", file=sys.stderr)
+        return 128 + received[0]
+
+
+def _positive(kind: Callable[[str], int | float]) -> Callable[[str], Any]:
+    """An argparse type: a finite number above 0."""
+
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -227,10 +252,12 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--json", action="store_true", help="with --text: print the whole reply as JSON"
     )
-    predict.add_argument("--timeout", type=float, default=30.0)
+    predict.add_argument("--timeout", type=_positive(float), default=30.0)
     demo = sub.add_parser("demo", help="send the digits test split; print accuracy and requests/s")
-    demo.add_argument("--limit", type=int, default=None, help="send only the first N images")
-    demo.add_argument("--timeout", type=float, default=60.0)
+    demo.add_argument(
+        "--limit", type=_positive(int), default=None, help="send only the first N images"
+    )
+    demo.add_argument("--timeout", type=_positive(float), default=60.0)
     demo.add_argument(
         "--min-accuracy", type=float, default=0.95, help="exit 1 if accuracy is below this"
     )
@@ -259,8 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": lambda: _serve(settings),
         "echo": lambda: _reference(settings, "echo"),
         "plain": lambda: _reference(settings, "plain"),
-        "predict": lambda: _until_sigterm(_predict(settings, args)),
-        "demo": lambda: _until_sigterm(_demo(settings, args)),
+        "predict": lambda: _until_signal(_predict(settings, args)),
+        "demo": lambda: _until_signal(_demo(settings, args)),
         "bench": lambda: _bench(settings, args),
     }
     try:
