@@ -24,6 +24,7 @@ help:
 	@echo "check       ruff + mypy --strict + test"
 	@echo "demo        broker + worker + digits demo client; prints accuracy and requests/s"
 	@echo "compose-check  docker compose up for real (needs a Docker engine): demo, --scale worker=3, down"
+	@echo "              (COMPOSE_HARNESS=../shared/compose/run.sh: with local stand-ins for the images)"
 	@echo "train       retrain the models (models/*/train.py; needs scikit-learn)"
 
 install:
@@ -68,7 +69,7 @@ demo: install
 	PY=$(PY) bash dev/demo.sh
 
 compose-check:
-	bash dev/compose_check.sh
+	COMPOSE_HARNESS="$(COMPOSE_HARNESS)" bash dev/compose_check.sh
 
 train: install
 	$(PY) models/digits/train.py --version 1 --arch mlp
