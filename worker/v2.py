@@ -175,9 +175,11 @@ def checked_shape(name: str, shape: Sequence[int]) -> tuple[int, ...]:
 
 def _check_count(name: str, dims: tuple[int, ...], count: int) -> None:
     """DecodeError unless ``dims`` (checked) hold exactly ``count`` values."""
-    if math.prod(dims) != count:
+    needs = math.prod(dims)
+    if needs != count:
+        said = str(needs) if needs < 10**18 else "more than 10^18"  # never hundreds of digits
         raise DecodeError(
-            f"input {shown(name)}: shape {_shown_shape(dims)} needs {math.prod(dims)} values; "
+            f"input {shown(name)}: shape {_shown_shape(dims)} needs {said} values; "
             f"data has {count}"
         )
 

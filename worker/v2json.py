@@ -76,7 +76,7 @@ def parse_json_body(value: bytes | memoryview) -> dict[str, Any]:
     raw = bytes(value)
     try:
         # Strict UTF-8 first: json.loads(bytes) would let encoded surrogates through.
-        body = json.loads(raw.decode("utf-8-sig"))
+        body = json.loads(raw.decode("utf-8-sig"), parse_constant=_not_json)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise DecodeError(f"record is not JSON in UTF-8: {str(exc)[:200]}") from exc
     if not isinstance(body, dict):
@@ -87,6 +87,11 @@ def parse_json_body(value: bytes | memoryview) -> dict[str, Any]:
             "that is not Unicode text and cannot be answered in UTF-8"
         )
     return body
+
+
+def _not_json(literal: str) -> Any:
+    """``NaN`` and ``Infinity`` are Python's extensions, not JSON: refused."""
+    raise ValueError(f"{literal} is not a JSON value")
 
 
 def is_unicode(text: str) -> bool:
