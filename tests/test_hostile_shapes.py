@@ -11,6 +11,7 @@ import json
 import time
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from hypothesis import example, given
@@ -20,10 +21,19 @@ from worker.codec import DATATYPES, InferenceRequest
 from worker.errors import DecodeError, ErrorCode
 from worker.formats import PLAIN
 from worker.oip import pb
+from worker.repository import ModelRepository
+from worker.settings import Settings
 from worker.v2 import MAX_DIMENSION
+
+from .conftest import reply_reader, wait_for
+from .test_endpoints import infer_message, rest, serving, stub, v2_body, with_endpoints
+from .test_formats_kafka import json_value
+from .test_pipeline_property import PIXELS
+from .test_reliability import publish
 
 JSON = [("content-type", b"application/json"), ("model_name", b"digits")]
 PROTO = [("content-type", b"application/x-protobuf")]
+FORMATS_JSON = [*JSON, ("mlserver-version", b"1")]
 
 LOOSE_BOUND_S = 1.0
 """Far above what a checked shape costs (well under a millisecond); the worst cases took 2.9 s
@@ -156,3 +166,48 @@ def test_numbers_of_the_datatype_decode_exactly(datatype: str, data: list[Any]) 
     [tensor] = PLAIN.decode(json_body([len(data)], data, datatype), JSON, None).inputs
     assert tensor.datatype == datatype
     assert tensor.to_numpy().tolist() == np.array(data, dtype=DATATYPES[datatype]).tolist()
+
+
+async def test_the_worst_shapes_over_kafka_rest_and_grpc_cost_only_themselves(
+    settings: Settings, repository: ModelRepository
+) -> None:
+    """Real broker and endpoints: each hostile shape is refused, the good requests are served."""
+    settings = with_endpoints(settings)
+    pixels = PIXELS[:4]
+    huge = [int("9" * 4299)] * 200
+    kafka_records: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]] = [
+        (None, json_body(huge), [*JSON, ("correlation_id", b"bad-json")]),
+        (None, proto_body([2**62] * 40_000, raw=True), [*PROTO, ("correlation_id", b"bad-pb")]),
+        *((None, json_value(f"good-{i}", pixels[i]), FORMATS_JSON) for i in range(2)),
+    ]
+    async with (
+        serving(settings, repository) as worker,
+        reply_reader(settings) as replies,
+    ):
+        await publish(settings, kafka_records)
+        port, grpc_port = worker.rest_port, worker.grpc_port
+        assert port is not None
+        assert grpc_port is not None
+        path = "/v2/models/digits/infer"
+        bad_rest = await rest(port, path, json.loads(json_body(huge)))
+        good_rest = await rest(port, path, v2_body(pixels[2:3]))
+        async with stub(grpc_port) as service:
+            hostile = pb.ModelInferRequest.InferInputTensor(
+                name="pixels", datatype="FP32", shape=[2**62] * 40_000
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await service.ModelInfer(pb.ModelInferRequest(
+                    model_name="digits", inputs=[hostile], raw_input_contents=[b""]))  # fmt: skip
+            good_grpc = await service.ModelInfer(infer_message(pixels[3:4], "good-grpc"))
+        await wait_for(lambda: len(replies) >= 4, timeout=60, what="four Kafka replies")
+    by_id = {r.headers["correlation_id"].decode(): r for r in replies}
+    assert sorted(by_id) == ["bad-json", "bad-pb", "good-0", "good-1"]
+    assert "dimensions" in json.loads(by_id["bad-json"].value)["error"]
+    bad_pb = pb.ModelInferResponse.FromString(by_id["bad-pb"].value)
+    assert "dimensions" in bad_pb.parameters["error"].string_param
+    assert "error" not in json.loads(by_id["good-0"].value)
+    assert bad_rest[0] == 400
+    assert "dimensions" in bad_rest[1]["error"]
+    assert good_rest[0] == 200
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert good_grpc.id == "good-grpc"
