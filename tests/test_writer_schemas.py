@@ -130,6 +130,80 @@ def test_a_vetted_schema_decodes_any_short_record_quickly(schema: Any, data: byt
     assert time.perf_counter() - started < 1.0, "a few bytes never take a second"
 
 
+def smallest(schema: Any) -> Any:
+    """The value of ``schema`` that encodes in the fewest bytes (schemas() makes no names)."""
+    if isinstance(schema, list):
+        return smallest(schema[0])
+    if isinstance(schema, str):
+        return {"null": None, "boolean": False, "string": "", "bytes": b"",
+                "float": 0.0, "double": 0.0}.get(schema, 0)  # fmt: skip
+    kind = schema["type"]
+    if kind == "fixed":
+        return b"\0" * schema["size"]
+    if kind == "record":
+        return {f["name"]: smallest(f["type"]) for f in schema["fields"]}
+    return [] if kind == "array" else {}
+
+
+def zero_byte_items(schema: Any) -> bool:
+    """Oracle: True if an array or map of ``schema`` holds items fastavro writes in no bytes."""
+    inner: list[Any] = []
+    if isinstance(schema, list):
+        inner = schema
+    elif isinstance(schema, dict) and schema["type"] in ("array", "map"):
+        items = schema["items" if schema["type"] == "array" else "values"]
+        buf = io.BytesIO()
+        fastavro.schemaless_writer(buf, fastavro.parse_schema(items), smallest(items))
+        if not buf.getvalue():
+            return True
+        inner = [items]
+    elif isinstance(schema, dict) and schema["type"] == "record":
+        inner = [f["type"] for f in schema["fields"]]
+    return any(zero_byte_items(i) for i in inner)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(schemas())
+def test_a_schema_is_refused_exactly_when_fastavro_writes_an_item_in_no_bytes(schema: Any) -> None:
+    """Checked against fastavro's own encoding of each array's or map's smallest item."""
+    assert (writer_problem(schema) is not None) == zero_byte_items(schema)
+
+
+def test_the_depth_bound_is_exact_and_the_message_names_array_or_map() -> None:
+    """Nesting of MAX_SCHEMA_DEPTH is accepted, one more refused; arrays and maps named."""
+    assert writer_problem(nested(MAX_SCHEMA_DEPTH)) is None
+    assert writer_problem(nested(MAX_SCHEMA_DEPTH + 1)) == "nests deeper than 32 levels"
+    in_record = {"type": "record", "name": "R", "fields": [{"name": "f", "type": nested(31)}]}
+    assert writer_problem(in_record) is None
+    in_union = ["null", nested(MAX_SCHEMA_DEPTH)]
+    assert writer_problem(in_union) is not None
+    assert "an array whose items" in str(writer_problem({"type": "array", "items": "null"}))
+    assert "a map whose values" in str(writer_problem({"type": "map", "values": "null"}))
+
+
+def test_named_types_count_as_their_definition() -> None:
+    """A fixed(1), an enum or a non-empty record take bytes; an empty error type takes none."""
+    fixed_one = {"type": "fixed", "name": "One", "size": 1}
+    assert writer_problem({"type": "array", "items": fixed_one}) is None
+    enum = {"type": "enum", "name": "E", "symbols": ["A"]}
+    assert writer_problem({"type": "map", "values": enum}) is None
+    error = {"type": "error", "name": "Oops", "fields": []}
+    assert writer_problem({"type": "array", "items": error}) is not None
+    short_name = {
+        "type": "record", "name": "Outer", "namespace": "n",
+        "fields": [{"name": "e", "type": {"type": "record", "name": "In", "fields": []}},
+                   {"name": "l", "type": {"type": "array", "items": "In"}}],
+    }  # fmt: skip
+    assert writer_problem(short_name) is not None
+    full_name = {
+        "type": "record", "name": "n.Outer",
+        "fields": [{"name": "e", "type": {"type": "record", "name": "n.In", "fields": [
+            {"name": "x", "type": "int"}]}}, {"name": "l", "type": {"type": "array",
+                                                                    "items": "n.In"}}],
+    }  # fmt: skip
+    assert writer_problem(full_name) is None
+
+
 def claiming(value: bytes, items: int) -> bytes:
     """A framed record whose trailing empty array (``00``) claims ``items`` items instead."""
     assert value.endswith(b"\x00")
