@@ -17,7 +17,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from worker.codec import DATATYPES, InferenceRequest
+from worker.codec import DATATYPES, InferenceRequest, Tensor
 from worker.errors import DecodeError, ErrorCode
 from worker.formats import PLAIN
 from worker.oip import pb
@@ -89,6 +89,18 @@ def decoded(value: bytes, headers: list[tuple[str, bytes]]) -> InferenceRequest 
         return exc
 
 
+def checked_tensor(request: InferenceRequest | DecodeError, shape: list[int]) -> Tensor | None:
+    """The one input of a decoded request, checked to have ``shape`` (None: refused)."""
+    if isinstance(request, DecodeError):
+        assert request.code is ErrorCode.INVALID_ARGUMENT
+        return None
+    [tensor] = request.inputs
+    assert list(tensor.shape) == shape
+    assert len(shape) <= 32
+    assert all(0 <= d <= MAX_DIMENSION for d in shape)
+    return tensor
+
+
 DIMS = st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(0, 8), st.just(MAX_DIMENSION + 1))
 
 
@@ -99,27 +111,15 @@ def test_any_json_shape_is_a_request_of_that_shape_or_a_decode_error(
     shape: list[int], data: list[float]
 ) -> None:
     """Never another exception; a decoded tensor has the declared shape and all the data."""
-    request = decoded(json_body(shape, data), JSON)
-    if isinstance(request, DecodeError):
-        assert request.code is ErrorCode.INVALID_ARGUMENT
-        return
-    [tensor] = request.inputs
-    assert list(tensor.shape) == shape
-    assert len(shape) <= 32
-    assert tensor.to_numpy().size == len(data)
+    tensor = checked_tensor(decoded(json_body(shape, data), JSON), shape)
+    if tensor is not None:
+        assert tensor.to_numpy().size == len(data)
 
 
 @given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=80), st.booleans())
 def test_any_protobuf_shape_is_a_request_or_a_decode_error(shape: list[int], raw: bool) -> None:
     """Raw or typed contents: a request whose shape was checked, or INVALID_ARGUMENT."""
-    request = decoded(proto_body(shape, raw=raw), PROTO)
-    if isinstance(request, DecodeError):
-        assert request.code is ErrorCode.INVALID_ARGUMENT
-        return
-    [tensor] = request.inputs
-    assert list(tensor.shape) == shape
-    assert len(shape) <= 32
-    assert all(0 <= d <= MAX_DIMENSION for d in shape)
+    checked_tensor(decoded(proto_body(shape, raw=raw), PROTO), shape)
 
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])

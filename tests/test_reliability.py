@@ -530,15 +530,9 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 """
 
 
-async def test_a_record_the_client_cannot_parse_is_stepped_past_and_dead_lettered(
-    settings: Settings, repository: ModelRepository, testset: TestSet, tmp_path: Path
-) -> None:
-    """A non-UTF-8 header key (the broker takes it, aiokafka cannot parse it) is stepped past."""
+async def publish_unparseable(settings: Settings, tmp_path: Path) -> tuple[int, int]:
+    """Publish one record aiokafka cannot parse (key ``bad-key``); its partition and offset."""
     kafka = settings.kafka
-    tensor = Tensor.from_numpy("pixels", testset[0][:1])
-    await publish(
-        settings, [(b"bad-key", request_value(f"before-{i}", tensor), []) for i in range(5)]
-    )
     script = tmp_path / "bad_header.py"
     script.write_text(BAD_HEADER_PRODUCER)
     done = await asyncio.to_thread(
@@ -549,6 +543,18 @@ async def test_a_record_the_client_cannot_parse_is_stepped_past_and_dead_lettere
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     partition, offset = (int(v) for v in done.stdout.split())
+    return partition, offset
+
+
+async def test_a_record_the_client_cannot_parse_is_stepped_past_and_dead_lettered(
+    settings: Settings, repository: ModelRepository, testset: TestSet, tmp_path: Path
+) -> None:
+    """A non-UTF-8 header key (the broker takes it, aiokafka cannot parse it) is stepped past."""
+    tensor = Tensor.from_numpy("pixels", testset[0][:1])
+    await publish(
+        settings, [(b"bad-key", request_value(f"before-{i}", tensor), []) for i in range(5)]
+    )
+    partition, offset = await publish_unparseable(settings, tmp_path)
     await publish(
         settings, [(b"bad-key", request_value(f"after-{i}", tensor), []) for i in range(5)]
     )
@@ -578,15 +584,7 @@ async def test_an_unparseable_record_costs_no_record_of_another_partition(
         return [(f"k-{i}".encode(), request_value(f"{stage}-{i}", tensor), []) for i in range(30)]
 
     await publish(settings, goods("before"))
-    script = tmp_path / "bad_header.py"
-    script.write_text(BAD_HEADER_PRODUCER)
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, str(script), kafka.bootstrap_servers, kafka.requests_topic],
-        env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    await publish_unparseable(settings, tmp_path)
     await publish(settings, goods("after"))
     partitions = await partitions_of(settings, kafka.requests_topic)
     assert len(partitions) > 1
