@@ -179,8 +179,7 @@ def _check_count(name: str, dims: tuple[int, ...], count: int) -> None:
     if needs != count:
         said = str(needs) if needs < 10**18 else "more than 10^18"  # never hundreds of digits
         raise DecodeError(
-            f"input {shown(name)}: shape {_shown_shape(dims)} needs {said} values; "
-            f"data has {count}"
+            f"input {shown(name)}: shape {_shown_shape(dims)} needs {said} values; data has {count}"
         )
 
 
