@@ -50,6 +50,9 @@ class FakeConsumer:
     def paused(self) -> set[TopicPartition]:
         return set(self.paused_now)
 
+    async def position(self, tp: TopicPartition) -> int:
+        return self.next_offset[tp]
+
     def pause(self, *tps: TopicPartition) -> None:
         self.paused_now |= set(tps)
         self.log.append(("pause", set(tps)))
