@@ -235,3 +235,16 @@ def test_the_stage_cost_of_a_request_counts_each_string_at_most_cut_bytes() -> N
     text = encoder(256)
     strings = np.array([b"x" * 10, b"y" * (4 << 20), b""], dtype=object)
     assert text.cost(strings) == 10 + text.cut_bytes
+
+
+NEWER_PUNCTUATION = ["\u2e4f", "\u061d", "\u0a76", "\u2e52", "\U00010ead"]
+"""Punctuation in Python's Unicode tables that tokenizers 0.23's older tables do not split at."""
+
+
+@pytest.mark.parametrize("mark", NEWER_PUNCTUATION)
+@pytest.mark.parametrize("lead", [" " * 16382, " " * 16378, "\u200b" * 6000])
+def test_a_cut_never_falls_at_punctuation_the_tokenizer_does_not_know(lead: str, mark: str) -> None:
+    """Only ASCII marks end a piece: 'ab' + U+2E4F + 'cd' near the cut stays one word."""
+    text = encoder(256)
+    whole = lead + f"ab{mark}cd efg hij"
+    assert_exact(text, encoded(text, whole), 0, whole)

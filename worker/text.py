@@ -24,7 +24,9 @@ Nothing here touches Kafka, asyncio or torch.
 
 from __future__ import annotations
 
+import functools
 import string
+import sys
 import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -122,6 +124,8 @@ class TextEncoder:
         tokenizer.no_padding()
         tokenizer.no_truncation()  # truncated here, by count: no overflow is ever built
         self._tokenizer = tokenizer
+        self._separators = _separators(tokenizer)
+        """Characters a word always ends before, in this tokenizer's own view."""
         self._template = _template(tokenizer, path)
         self.max_length = max_length
         self.content_length = max_length - self._template.specials
@@ -211,7 +215,7 @@ class TextEncoder:
             end = start + len(window)
         else:
             end = start + len(data[:cut].decode("utf-8", "ignore"))  # whole characters only
-        split = _last_separator(text, start + 1, end)
+        split = _last_separator(text, start + 1, end, self._separators)
         kind = "split" if split > 0 else "word"
         end = self._clear_of_added(text, start, split if split > 0 else end)
         piece = text[start:end]
@@ -261,7 +265,7 @@ class TextEncoder:
         words = encoding.word_ids
         last = words[-1]
         final = 0 if last is None else words.index(last)  # tokens before the last word's
-        if last is not None and _separator(text[start + offsets[final][0]]):
+        if last is not None and text[start + offsets[final][0]] in self._separators:
             final = len(ids)  # the last word is a punctuation mark: whole (split off alone)
         if final > need or (final == need and final < len(ids)):  # known, and more follow
             reading.finish(ids[:need], truncated=True)
@@ -352,25 +356,47 @@ def _groups(pieces: list[tuple[_Reading, _Piece]]) -> Iterator[list[tuple[_Readi
         yield group
 
 
-def _last_separator(text: str, low: int, high: int) -> int:
-    """The last index from ``low`` to ``high`` (included) of whitespace or punctuation; -1."""
-    space = text.rfind(" ", low, high + 1)
+def _last_separator(text: str, low: int, high: int, separators: frozenset[str]) -> int:
+    """The last index from ``low`` to ``high`` (included) of one of ``separators``; -1."""
+    space = text.rfind(" ", low, high + 1) if " " in separators else -1
     for i in range(high, max(space, low - 1), -1):
-        if _separator(text[i]):
+        if text[i] in separators:
             return i
     return space
 
 
-def _separator(char: str) -> bool:
-    """Whitespace or punctuation: a word ends before it, whatever comes before and after.
+def _separators(tokenizer: Tokenizer) -> frozenset[str]:
+    """Whitespace and punctuation this tokenizer itself always splits a word at.
 
-    (BERT's pre-tokenizer splits at both; neither is changed by its normalizer, and neither is
-    a combining mark, so the text on either side is normalised alone.)
+    Probed, not assumed: which characters count as punctuation depends on the Unicode tables
+    the tokenizer was built with, older than Python's (U+2E4F is punctuation to Python, not to
+    tokenizers 0.23, so a cut there would split a word the whole string keeps). A candidate
+    counts if, between two letters, the normalizer keeps it apart and the pre-tokenizer ends
+    the first letter's word at it. (A piece of a long string is cut only before one of these,
+    or else by word ids.)
     """
-    return char in _ALWAYS_SEPARATES or unicodedata.category(char) in _SEPARATING_CATEGORIES
+    normalizer, pre = tokenizer.normalizer, tokenizer.pre_tokenizer
+    found = []
+    for char in _candidates():
+        probe = f"a{char}b"
+        normal = normalizer.normalize_str(probe) if normalizer is not None else probe
+        words = [w for w, _ in pre.pre_tokenize_str(normal)] if pre is not None else [normal]
+        if len(words) >= 2 and words[0] == "a" and words[-1] == "b":  # noqa: PLR2004
+            found.append(char)
+    return frozenset(found)
 
 
-_ALWAYS_SEPARATES = frozenset(" \t\n\r" + string.punctuation)
+@functools.cache
+def _candidates() -> tuple[str, ...]:
+    """ASCII whitespace and punctuation, and Python's Unicode spaces and punctuation."""
+    unicode = (
+        chr(c)
+        for c in range(0x80, sys.maxunicode + 1)
+        if unicodedata.category(chr(c)) in _SEPARATING_CATEGORIES
+    )
+    return (*" \t\n\r", *string.punctuation, *unicode)
+
+
 _SEPARATING_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po"})
 
 
