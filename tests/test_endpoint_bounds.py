@@ -24,6 +24,7 @@ import numpy.typing as npt
 import pytest
 
 from worker import direct as direct_module
+from worker import rest as rest_module
 from worker.model import LoadedModel
 from worker.oip import pb
 from worker.repository import ModelRepository
@@ -118,7 +119,7 @@ def test_the_endpoints_byte_bound_is_the_runtime_s_unless_given(
     """WORKER_RUNTIME__MAX_REQUEST_BYTES bounds REST bodies and gRPC messages; each may say more."""
     for name in ("WORKER_RUNTIME__MAX_REQUEST_BYTES", "WORKER_REST__MAX_REQUEST_BYTES",
                  "WORKER_GRPC__MAX_REQUEST_BYTES"):  # fmt: skip
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name)
     default = load_settings()
     assert default.rest.max_request_bytes == RuntimeSettings().max_request_bytes
     assert default.grpc.max_request_bytes == RuntimeSettings().max_request_bytes
@@ -336,3 +337,40 @@ async def test_a_large_json_reply_is_written_without_holding_the_event_loop(
     body = json.loads(raw)  # after the measurement: the test's own parse is not the worker's
     assert len(body["outputs"][0]["data"]) == 600_000
     assert len(body["outputs"][1]["data"]) == 60_000
+
+
+async def test_silent_and_trickling_connections_do_not_hold_the_connection_bound(
+    settings: Settings, repository: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clients that send nothing, or a byte now and then, are closed after IDLE_S; others get in.
+
+    (Before, aiohttp kept such a connection for an hour: 256 of them locked REST out.)
+    """
+    monkeypatch.setattr(rest_module, "IDLE_S", 0.5)
+    monkeypatch.setattr(rest_module, "IDLE_CHECK_S", 0.1)
+    settings = changed(with_endpoints(settings), "rest", max_connections=2)
+    live = "GET /v2/health/live HTTP/1.1\nHost: w\n\n"
+    async with serving(settings, repository) as worker:
+        port = worker.rest_port
+        assert port is not None
+        silent = await asyncio.open_connection("127.0.0.1", port)
+        trickle = await asyncio.open_connection("127.0.0.1", port)
+        assert (await raw_http(port, live))[0] == 503, "both places are held"
+
+        async def dripping() -> None:
+            for byte in b"GET /v2/health/live HTTP/1.1\r\n":
+                trickle[1].write(bytes([byte]))
+                await asyncio.sleep(0.1)
+
+        async with asyncio.TaskGroup() as group:
+            group.create_task(dripping())
+            async with asyncio.timeout(10):
+                assert await silent[0].read() == b"", "the silent one is closed"
+                assert await trickle[0].read() == b"", "the trickling one is closed"
+
+        async def admitted() -> bool:
+            return (await raw_http(port, live))[0] == 200
+
+        await wait_for(admitted, timeout=10, what="a connection admitted again")
+    silent[1].close()
+    trickle[1].close()

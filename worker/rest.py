@@ -562,6 +562,10 @@ class _ConnectionGate:
 
 REFUSED_LINGER_S = 1.0
 """How long a connection refused for the connection bound is kept to deliver its 503."""
+IDLE_S = 15.0
+"""How long an admitted connection may go without a request being served or starting:
+silent and trickling clients cannot hold the connection bound (keep-alive included)."""
+IDLE_CHECK_S = 1.0
 
 
 class _Gated(asyncio.Protocol):
@@ -571,6 +575,10 @@ class _Gated(asyncio.Protocol):
         self._gate = gate
         self._inner: asyncio.Protocol | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._transport: asyncio.BaseTransport | None = None
+        self._busy_at = 0.0
+        """When a request was last seen starting or in progress (``loop.time()``)."""
+        self._requests = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self._gate
@@ -578,6 +586,10 @@ class _Gated(asyncio.Protocol):
             gate.open += 1
             self._inner = gate.server()
             self._inner.connection_made(transport)
+            self._transport = transport
+            loop = asyncio.get_running_loop()
+            self._busy_at = loop.time()
+            self._timer = loop.call_later(IDLE_CHECK_S, self._close_if_idle)
             return
         assert isinstance(transport, asyncio.WriteTransport)
         gate.refusing += 1
@@ -588,6 +600,22 @@ class _Gated(asyncio.Protocol):
         if transport.can_write_eof():
             transport.write_eof()
         self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
+
+    def _close_if_idle(self) -> None:
+        """Close an admitted connection that served or began no request for :data:`IDLE_S`.
+
+        aiohttp keeps its request count and an in-progress flag on its protocol (not public:
+        if they are ever missing, the connection counts as busy and is never closed here).
+        """
+        loop = asyncio.get_running_loop()
+        requests = getattr(self._inner, "_request_count", None)
+        if getattr(self._inner, "_request_in_progress", True) or requests != self._requests:
+            self._requests, self._busy_at = requests or 0, loop.time()
+        elif loop.time() - self._busy_at >= IDLE_S:
+            assert self._transport is not None
+            self._transport.close()
+            return
+        self._timer = loop.call_later(IDLE_CHECK_S, self._close_if_idle)
 
     def data_received(self, data: bytes) -> None:
         if self._inner is not None:
@@ -609,6 +637,8 @@ class _Gated(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._inner is not None:
             self._gate.open -= 1
+            if self._timer is not None:
+                self._timer.cancel()
             self._inner.connection_lost(exc)
             return
         self._gate.refusing -= 1
