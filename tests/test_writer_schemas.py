@@ -173,10 +173,13 @@ def test_the_depth_bound_is_exact_and_the_message_names_array_or_map() -> None:
     """Nesting of MAX_SCHEMA_DEPTH is accepted, one more refused; arrays and maps named."""
     assert writer_problem(nested(MAX_SCHEMA_DEPTH)) is None
     assert writer_problem(nested(MAX_SCHEMA_DEPTH + 1)) == "nests deeper than 32 levels"
-    in_record = {"type": "record", "name": "R", "fields": [{"name": "f", "type": nested(31)}]}
-    assert writer_problem(in_record) is None
-    in_union = ["null", nested(MAX_SCHEMA_DEPTH)]
-    assert writer_problem(in_union) is not None
+
+    def in_record(depth: int) -> dict[str, Any]:
+        return {"type": "record", "name": "R", "fields": [{"name": "f", "type": nested(depth)}]}
+
+    for wrap in (in_record, lambda d: ["null", nested(d)], lambda d: {"type": nested(d)}):
+        assert writer_problem(wrap(MAX_SCHEMA_DEPTH - 1)) is None  # one level for the wrapper
+        assert writer_problem(wrap(MAX_SCHEMA_DEPTH)) is not None
     assert "an array whose items" in str(writer_problem({"type": "array", "items": "null"}))
     assert "a map whose values" in str(writer_problem({"type": "map", "values": "null"}))
 
@@ -202,6 +205,19 @@ def test_named_types_count_as_their_definition() -> None:
                                                                     "items": "n.In"}}],
     }  # fmt: skip
     assert writer_problem(full_name) is None
+    by_namespace = {
+        "type": "record", "name": "Outer",
+        "fields": [{"name": "e", "type": {"type": "record", "name": "In", "namespace": "n",
+                                          "fields": []}},
+                   {"name": "l", "type": {"type": "array", "items": "n.In"}}],
+    }  # fmt: skip
+    assert writer_problem(by_namespace) is not None
+    by_short_name = {
+        "type": "record", "name": "n.Outer",
+        "fields": [{"name": "e", "type": {"type": "record", "name": "n.In", "fields": []}},
+                   {"name": "l", "type": {"type": "array", "items": "In"}}],
+    }  # fmt: skip
+    assert writer_problem(by_short_name) is not None
 
 
 def claiming(value: bytes, items: int) -> bytes:
