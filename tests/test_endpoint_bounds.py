@@ -119,7 +119,7 @@ def test_the_endpoints_byte_bound_is_the_runtime_s_unless_given(
     """WORKER_RUNTIME__MAX_REQUEST_BYTES bounds REST bodies and gRPC messages; each may say more."""
     for name in ("WORKER_RUNTIME__MAX_REQUEST_BYTES", "WORKER_REST__MAX_REQUEST_BYTES",
                  "WORKER_GRPC__MAX_REQUEST_BYTES"):  # fmt: skip
-        monkeypatch.delenv(name)
+        monkeypatch.delenv(name, raising=False)
     default = load_settings()
     assert default.rest.max_request_bytes == RuntimeSettings().max_request_bytes
     assert default.grpc.max_request_bytes == RuntimeSettings().max_request_bytes
