@@ -26,13 +26,22 @@ DEST = Destinations("replies", "dlq", "g")
 LIMITS = Limits(max_request_bytes=4 << 20, max_request_elements=1_000_000)
 
 
-def admitted(repository: ModelRepository, offset: int, strings: list[bytes]) -> Admitted:
+def admitted(
+    repository: ModelRepository,
+    offset: int,
+    strings: list[bytes],
+    *,
+    deadline_ms: int | None = None,
+    limits: Limits = LIMITS,
+    timestamp_ms: int = 1_000,
+) -> Admitted:
     """A text request admitted as the worker admits it: strings checked, left pending."""
-    value = encode_request(
-        InferenceRequest(f"r-{offset}", "minilm", [Tensor.from_strings("text", strings)])
+    request = InferenceRequest(
+        f"r-{offset}", "minilm", [Tensor.from_strings("text", strings)], deadline_ms=deadline_ms
     )
-    source = Source(TopicPartition("requests", 0), offset, None, value, [], 1_000)
-    outcome = admit(source, repository, LIMITS, DEST, now=0.0, tokenize=False)
+    source = Source(TopicPartition("requests", 0), offset, None, encode_request(request), [],
+                    timestamp_ms)  # fmt: skip
+    outcome = admit(source, repository, limits, DEST, now=0.0, tokenize=False)
     assert isinstance(outcome, Admitted), outcome
     assert outcome.job.prepared.pending
     return outcome

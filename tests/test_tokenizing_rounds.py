@@ -11,40 +11,17 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from aiokafka import TopicPartition
 
 from worker import tokenizing
-from worker.admission import Admitted, Job, Limits, admit
-from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.admission import Admitted, Job, Limits
+from worker.codec import decode_response
 from worker.errors import RequestError
 from worker.model import LoadedModel, Prepared
-from worker.outgoing import Destinations, Outgoing, Source
+from worker.outgoing import Outgoing
 from worker.repository import ModelRepository
 from worker.tokenizing import Tokenizing
 
-DEST = Destinations("replies", "dlq", "g")
-LIMITS = Limits(max_request_bytes=4 << 20, max_request_elements=1_000_000)
-
-
-def admitted(
-    repository: ModelRepository,
-    offset: int,
-    strings: list[bytes],
-    *,
-    deadline_ms: int | None = None,
-    limits: Limits = LIMITS,
-    timestamp_ms: int = 1_000,
-) -> Admitted:
-    """A text request admitted as the worker admits it: strings checked, left pending."""
-    request = InferenceRequest(
-        f"r-{offset}", "minilm", [Tensor.from_strings("text", strings)], deadline_ms=deadline_ms
-    )
-    source = Source(TopicPartition("requests", 0), offset, None, encode_request(request), [],
-                    timestamp_ms)  # fmt: skip
-    outcome = admit(source, repository, limits, DEST, now=0.0, tokenize=False)
-    assert isinstance(outcome, Admitted), outcome
-    assert outcome.job.prepared.pending
-    return outcome
+from .test_tokenizing import DEST, admitted
 
 
 async def test_rounds_keep_to_the_byte_budget_oldest_first_and_nothing_starves(
