@@ -19,7 +19,11 @@ from worker.codec import InferenceRequest, InferenceResponse, Tensor, Timing
 from worker.direct import Direct
 from worker.errors import DecodeError
 from worker.outgoing import Source
-from worker.v2json import decode_json_request, encode_rest_response
+from worker.v2json import (
+    decode_json_request,
+    encode_rest_response,
+    encode_rest_response_in_slices,
+)
 
 ROW = np.arange(64, dtype=np.float32)[None]
 REQUEST = InferenceRequest("", "digits", [Tensor.from_numpy("pixels", ROW)])
@@ -227,8 +231,6 @@ def test_a_reply_written_in_slices_is_the_codec_s_reply_byte_for_byte(
     response = InferenceResponse(
         "r", "digits", "1", outputs, timing=Timing(1, 2, 3), parameters={"p": 1.5, "q": "é"}
     )
-    from worker.rest import rest_response_in_slices  # noqa: PLC0415 - new in #22
-
-    sliced = rest_response_in_slices(response, wanted=wanted, binary=binary,
+    sliced = encode_rest_response_in_slices(response, wanted=wanted, binary=binary,
                                      values_per_slice=per_slice)  # fmt: skip
     assert sliced == encode_rest_response(response, wanted=wanted, binary=binary)

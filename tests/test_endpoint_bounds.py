@@ -23,8 +23,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from worker import connections
 from worker import direct as direct_module
-from worker import rest as rest_module
 from worker.model import LoadedModel
 from worker.oip import pb
 from worker.repository import ModelRepository
@@ -166,6 +166,7 @@ async def test_a_body_or_message_over_the_byte_bound_is_refused_before_it_is_rea
     assert declared[0] == 413
     assert f"is {bound + 1} bytes; this endpoint reads at most {bound}" in declared[1]["error"]
     assert inflated[0] == 413, "the bound holds for the body as decompressed"
+    assert "is larger (once decompressed)" in inflated[1]["error"], "not the compressed size"
     assert chunked[0] == 413, "a body without a length is cut off past the bound"
     assert fits[0] == 200
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -346,8 +347,8 @@ async def test_silent_and_trickling_connections_do_not_hold_the_connection_bound
 
     (Before, aiohttp kept such a connection for an hour: 256 of them locked REST out.)
     """
-    monkeypatch.setattr(rest_module, "IDLE_S", 0.5)
-    monkeypatch.setattr(rest_module, "IDLE_CHECK_S", 0.1)
+    monkeypatch.setattr(connections, "IDLE_S", 0.5)
+    monkeypatch.setattr(connections, "IDLE_CHECK_S", 0.1)
     settings = changed(with_endpoints(settings), "rest", max_connections=2)
     live = "GET /v2/health/live HTTP/1.1\nHost: w\n\n"
     async with serving(settings, repository) as worker:

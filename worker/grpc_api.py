@@ -180,18 +180,17 @@ def _credentials(settings: EndpointSettings) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def serve_grpc(api: V2Api, settings: EndpointSettings) -> AsyncIterator[int]:
+async def serve_grpc(api: V2Api, settings: GrpcSettings) -> AsyncIterator[int]:
     """Serve the gRPC service while open; yields the bound port (``port=0``: any)."""
     warn_if_open("gRPC", settings)
     token = settings.token.get_secret_value() if settings.token else None
     interceptors: list[Any] = [_Token(token)] if token else []
     interceptors.append(_Room(api.direct))  # after the token: strangers learn nothing
-    limits = settings if isinstance(settings, GrpcSettings) else GrpcSettings()
     max_bytes = request_bytes(settings)
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", max_bytes)],
-        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     with ThreadPoolExecutor(1, thread_name_prefix="grpc-codec") as codec:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(

@@ -33,25 +33,30 @@ import asyncio
 import contextlib
 import hmac
 import importlib.metadata
-import json
 import math
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from worker.codec import BYTES, InferenceRequest, InferenceResponse, Tensor
+from worker.codec import InferenceRequest, InferenceResponse
+from worker.connections import ConnectionGate
 from worker.direct import HTTP_STATUS, Direct, Place
 from worker.errors import DecodeError, ErrorCode
 from worker.repository import ModelRepository
 from worker.settings import EndpointSettings, RestSettings, RuntimeSettings
-from worker.v2 import tensor_values
-from worker.v2json import encode_rest_response, is_unicode, parse_json_body, request_from_body
+from worker.v2json import (
+    encode_rest_response,
+    encode_rest_response_in_slices,
+    is_unicode,
+    parse_json_body,
+    request_from_body,
+)
 
 __all__ = [
     "DECODE_ON_LOOP_BYTES",
@@ -62,7 +67,6 @@ __all__ = [
     "endpoint_ssl",
     "model_metadata",
     "request_bytes",
-    "rest_response_in_slices",
     "serve_rest",
     "server_version",
     "warn_if_open",
@@ -321,7 +325,8 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
 
 
 def _too_large(content_length: int | None, limit: int) -> str:
-    size = f"is {content_length} bytes" if content_length else "is larger"
+    over = content_length is not None and content_length > limit  # else: found as it arrived
+    size = f"is {content_length} bytes" if over else "is larger (once decompressed)"
     return (
         f"the request body {size}; this endpoint reads at most {limit} "
         "(WORKER_REST__MAX_REQUEST_BYTES, by default WORKER_RUNTIME__MAX_REQUEST_BYTES); "
@@ -419,62 +424,9 @@ async def _respond(
 def _in_slices(
     response: InferenceResponse, wanted: list[str], binary: set[str]
 ) -> tuple[bytes, int | None]:
-    return rest_response_in_slices(response, wanted=wanted, binary=binary)
-
-
-def rest_response_in_slices(
-    response: InferenceResponse, *, wanted: Sequence[str] = (), binary: Collection[str] = (),
-    values_per_slice: int = ENCODE_ON_LOOP_VALUES,
-) -> tuple[bytes, int | None]:  # fmt: skip
-    """What :func:`~worker.v2json.encode_rest_response` makes, byte for byte, written in slices.
-
-    ``json.dumps`` holds the interpreter lock for a whole list (a second for a million
-    floats), so a thread writing a large reply in one call would stall the event loop as
-    much as the loop itself; here each call writes ``values_per_slice`` values, and the lock
-    is given up between them.
-    """
-    outputs = [t for t in response.outputs if not wanted or t.name in wanted]
-    as_binary = {t.name for t in outputs if t.name in binary}
-    everything = replace(response, outputs=outputs)
-    skeleton, header_length = encode_rest_response(everything, binary=[t.name for t in outputs])
-    if not outputs:
-        return skeleton, None
-    assert header_length is not None
-    meta = json.loads(skeleton[:header_length])
-    described = meta.pop("outputs")
-    parts = [_dumps(meta)[:-1], ',"outputs":[']
-    for i, (tensor, output) in enumerate(zip(outputs, described, strict=True)):
-        parts.append("," if i else "")
-        if tensor.name in as_binary:
-            parts.append(_dumps(output))
-            continue
-        del output["parameters"]  # binary_data_size: this one goes as JSON data
-        parts += [_dumps(output)[:-1], ',"data":[', *_value_slices(tensor, values_per_slice)]
-        parts.append("]}")
-    parts.append("]}")
-    header = "".join(parts).encode()
-    if not as_binary:
-        return header, None
-    blobs = [t.data for t in outputs if t.name in as_binary]
-    return b"".join([header, *blobs]), len(header)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
-
-def _value_slices(tensor: Tensor, size: int) -> list[str]:
-    """A tensor's values as JSON, ``size`` values a call, joined by commas (no brackets)."""
-    if tensor.datatype == BYTES:
-        values: Any = tensor_values(tensor)  # Python code: gives up the lock as it goes
-    else:
-        values = tensor.to_numpy().ravel()
-    out: list[str] = []
-    for start in range(0, len(values), size):
-        chunk = values[start : start + size]
-        text = _dumps(chunk if isinstance(chunk, list) else chunk.tolist())
-        out += ["," if out else "", text[1:-1]]
-    return out
+    return encode_rest_response_in_slices(
+        response, wanted=wanted, binary=binary, values_per_slice=ENCODE_ON_LOOP_VALUES
+    )
 
 
 def _auth(settings: EndpointSettings) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -506,11 +458,10 @@ def warn_if_open(kind: str, settings: EndpointSettings) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serve_rest(api: V2Api, settings: EndpointSettings) -> AsyncIterator[int]:
+async def serve_rest(api: V2Api, settings: RestSettings) -> AsyncIterator[int]:
     """Serve the V2 REST API while open; yields the bound port (``port=0``: any)."""
     warn_if_open("REST", settings)
     max_bytes = request_bytes(settings)
-    rest = settings if isinstance(settings, RestSettings) else RestSettings()
     app = web.Application(middlewares=[_auth(settings)], client_max_size=max_bytes)
     with ThreadPoolExecutor(1, thread_name_prefix="rest-codec") as codec:
         endpoint = _Endpoint(settings.request_timeout_s, max_bytes, codec)
@@ -519,7 +470,7 @@ async def serve_rest(api: V2Api, settings: EndpointSettings) -> AsyncIterator[in
         await runner.setup()
         try:
             assert runner.server is not None
-            gate = _ConnectionGate(runner.server, rest.max_connections)
+            gate = ConnectionGate(runner.server, settings.max_connections)
             server = await asyncio.get_running_loop().create_server(
                 gate, settings.host, settings.port, ssl=endpoint_ssl(settings), backlog=128
             )
@@ -529,118 +480,3 @@ async def serve_rest(api: V2Api, settings: EndpointSettings) -> AsyncIterator[in
                 server.close()
         finally:
             await runner.cleanup()
-
-
-class _ConnectionGate:
-    """The REST server's protocol factory: at most ``limit`` open connections reach aiohttp.
-
-    Counted from ``connection_made`` (after any TLS handshake) to ``connection_lost``, one
-    callback at a time, so the count is exact. A connection over the bound is answered 503
-    with ``Connection: close``, its input read and dropped until the client closes it or
-    :data:`REFUSED_LINGER_S` pass (closing with unread input would reset the connection and
-    could lose the answer); past ``limit`` such connections, more are closed at once.
-    """
-
-    def __init__(self, server: web.Server, limit: int) -> None:
-        self.server = server
-        self.limit = limit
-        self.open = 0
-        self.refusing = 0
-        body = json.dumps({"error": (
-            f"the worker holds {limit} REST connections (WORKER_REST__MAX_CONNECTIONS); "
-            "connect again later"
-        )}).encode()  # fmt: skip
-        self.refusal = (
-            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\nConnection: close\r\nRetry-After: 1\r\n\r\n%s"
-            % (len(body), body)
-        )
-
-    def __call__(self) -> asyncio.Protocol:
-        return _Gated(self)
-
-
-REFUSED_LINGER_S = 1.0
-"""How long a connection refused for the connection bound is kept to deliver its 503."""
-IDLE_S = 15.0
-"""How long an admitted connection may go without a request being served or starting:
-silent and trickling clients cannot hold the connection bound (keep-alive included)."""
-IDLE_CHECK_S = 1.0
-
-
-class _Gated(asyncio.Protocol):
-    """One connection: aiohttp's own protocol when admitted, else the 503 and the close."""
-
-    def __init__(self, gate: _ConnectionGate) -> None:
-        self._gate = gate
-        self._inner: asyncio.Protocol | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._transport: asyncio.BaseTransport | None = None
-        self._busy_at = 0.0
-        """When a request was last seen starting or in progress (``loop.time()``)."""
-        self._requests = 0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        gate = self._gate
-        if gate.open < gate.limit:
-            gate.open += 1
-            self._inner = gate.server()
-            self._inner.connection_made(transport)
-            self._transport = transport
-            loop = asyncio.get_running_loop()
-            self._busy_at = loop.time()
-            self._timer = loop.call_later(IDLE_CHECK_S, self._close_if_idle)
-            return
-        assert isinstance(transport, asyncio.WriteTransport)
-        gate.refusing += 1
-        transport.write(gate.refusal)
-        if gate.refusing > gate.limit:  # a flood: no lingering for these
-            transport.close()
-            return
-        if transport.can_write_eof():
-            transport.write_eof()
-        self._timer = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, transport.close)
-
-    def _close_if_idle(self) -> None:
-        """Close an admitted connection that served or began no request for :data:`IDLE_S`.
-
-        aiohttp keeps its request count and an in-progress flag on its protocol (not public:
-        if they are ever missing, the connection counts as busy and is never closed here).
-        """
-        loop = asyncio.get_running_loop()
-        requests = getattr(self._inner, "_request_count", None)
-        if getattr(self._inner, "_request_in_progress", True) or requests != self._requests:
-            self._requests, self._busy_at = requests or 0, loop.time()
-        elif loop.time() - self._busy_at >= IDLE_S:
-            assert self._transport is not None
-            self._transport.close()
-            return
-        self._timer = loop.call_later(IDLE_CHECK_S, self._close_if_idle)
-
-    def data_received(self, data: bytes) -> None:
-        if self._inner is not None:
-            self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        if self._inner is not None:
-            return self._inner.eof_received()
-        return None  # the transport closes itself
-
-    def pause_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self._inner is not None:
-            self._inner.resume_writing()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._inner is not None:
-            self._gate.open -= 1
-            if self._timer is not None:
-                self._timer.cancel()
-            self._inner.connection_lost(exc)
-            return
-        self._gate.refusing -= 1
-        if self._timer is not None:
-            self._timer.cancel()

@@ -31,7 +31,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import Any
 
-from worker.codec import InferenceRequest, InferenceResponse, Parameters, Tensor
+from worker.codec import BYTES, InferenceRequest, InferenceResponse, Parameters, Tensor
 from worker.errors import DecodeError, shown
 from worker.v2 import (
     Headers,
@@ -48,6 +48,7 @@ __all__ = [
     "decode_json_request",
     "encode_json_response",
     "encode_rest_response",
+    "encode_rest_response_in_slices",
     "is_unicode",
     "parse_json_body",
     "request_from_body",
@@ -243,3 +244,58 @@ def _response_body(response: InferenceResponse, binary: set[str]) -> dict[str, A
         outputs.append(output)
     body["outputs"] = outputs
     return body
+
+
+def encode_rest_response_in_slices(
+    response: InferenceResponse, *, wanted: Sequence[str] = (), binary: Collection[str] = (),
+    values_per_slice: int = 8192,
+) -> tuple[bytes, int | None]:  # fmt: skip
+    """What :func:`~worker.v2json.encode_rest_response` makes, byte for byte, written in slices.
+
+    ``json.dumps`` holds the interpreter lock for a whole list (a second for a million
+    floats), so a thread writing a large reply in one call would stall the event loop as
+    much as the loop itself; here each call writes ``values_per_slice`` values, and the lock
+    is given up between them.
+    """
+    outputs = [t for t in response.outputs if not wanted or t.name in wanted]
+    as_binary = {t.name for t in outputs if t.name in binary}
+    everything = replace(response, outputs=outputs)
+    skeleton, header_length = encode_rest_response(everything, binary=[t.name for t in outputs])
+    if not outputs:
+        return skeleton, None
+    assert header_length is not None
+    meta = json.loads(skeleton[:header_length])
+    described = meta.pop("outputs")
+    parts = [_dumps(meta)[:-1], ',"outputs":[']
+    for i, (tensor, output) in enumerate(zip(outputs, described, strict=True)):
+        parts.append("," if i else "")
+        if tensor.name in as_binary:
+            parts.append(_dumps(output))
+            continue
+        del output["parameters"]  # binary_data_size: this one goes as JSON data
+        parts += [_dumps(output)[:-1], ',"data":[', *_value_slices(tensor, values_per_slice)]
+        parts.append("]}")
+    parts.append("]}")
+    header = "".join(parts).encode()
+    if not as_binary:
+        return header, None
+    blobs = [t.data for t in outputs if t.name in as_binary]
+    return b"".join([header, *blobs]), len(header)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _value_slices(tensor: Tensor, size: int) -> list[str]:
+    """A tensor's values as JSON, ``size`` values a call, joined by commas (no brackets)."""
+    if tensor.datatype == BYTES:
+        values: Any = tensor_values(tensor)  # Python code: gives up the lock as it goes
+    else:
+        values = tensor.to_numpy().ravel()
+    out: list[str] = []
+    for start in range(0, len(values), size):
+        chunk = values[start : start + size]
+        text = _dumps(chunk if isinstance(chunk, list) else chunk.tolist())
+        out += ["," if out else "", text[1:-1]]
+    return out
