@@ -379,15 +379,20 @@ def error_response(request: InferenceRequest, exc: RequestError) -> InferenceRes
 
 
 def expired_response(
-    request: InferenceRequest, version: str, deadline_ms: int, now_ms: float
+    request: InferenceRequest,
+    version: str,
+    deadline_ms: int,
+    now_ms: float,
+    *,
+    before: str = "its batch ran",
 ) -> InferenceResponse:
-    """DEADLINE_EXCEEDED from ``version``: the deadline passed before the batch ran."""
+    """DEADLINE_EXCEEDED from ``version``: the deadline passed ``before`` (the batch ran)."""
     response = error_response(
         request,
         RequestError(
             ErrorCode.DEADLINE_EXCEEDED,
-            f"deadline {deadline_ms} (Unix ms) passed {now_ms - deadline_ms:.0f} ms before its "
-            "batch ran; the model was not run",
+            f"deadline {deadline_ms} (Unix ms) passed {now_ms - deadline_ms:.0f} ms before "
+            f"{before}; the model was not run",
         ),
     )
     return replace(response, model_version=version)

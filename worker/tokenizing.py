@@ -28,11 +28,18 @@ from dataclasses import replace
 import structlog
 
 from worker.admission import Admitted, Job
-from worker.codec import InferenceResponse
-from worker.errors import ErrorCode, RequestError
+from worker.errors import RequestError
 from worker.inbox import Inbox
 from worker.model import LoadedModel, Prepared
-from worker.outgoing import Destinations, Outgoing, Stage, dead_letter, error_response, reply
+from worker.outgoing import (
+    Destinations,
+    Outgoing,
+    Stage,
+    dead_letter,
+    error_response,
+    expired_response,
+    reply,
+)
 from worker.text import PASS_BYTES
 
 __all__ = ["ROUND_BYTES", "Tokenizing"]
@@ -116,7 +123,11 @@ class Tokenizing:
             job = admitted.job
             if job.deadline_ms is not None and job.deadline_ms < now_ms:
                 self._waiting.popleft()
-                expired += reply(self._destinations, job.source, _expired(job, now_ms), served=True)
+                late = expired_response(
+                    job.request, job.model.version, job.deadline_ms, now_ms,
+                    before="its strings were tokenised",
+                )  # fmt: skip
+                expired += reply(self._destinations, job.source, late, served=True)
                 continue
             cost = _cost(admitted)
             if batch and spent + cost > self._round_bytes:
@@ -166,14 +177,3 @@ def _cost(admitted: Admitted) -> int:
         for j in (admitted.job, admitted.shadow)
         if j is not None and j.model.text is not None
     )
-
-
-def _expired(job: Job, now_ms: float) -> InferenceResponse:
-    """DEADLINE_EXCEEDED: the deadline passed before the job's strings were tokenised."""
-    assert job.deadline_ms is not None
-    error = RequestError(
-        ErrorCode.DEADLINE_EXCEEDED,
-        f"deadline {job.deadline_ms} (Unix ms) passed {now_ms - job.deadline_ms:.0f} ms before "
-        "its strings were tokenised; the model was not run",
-    )
-    return replace(error_response(job.request, error), model_version=job.model.version)
