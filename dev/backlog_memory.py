@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from aiokafka import TopicPartition
 
-from worker.codec import InferenceRequest, Tensor, encode_request
+from worker.codec import encode_request
+from worker.domain import InferenceRequest, Tensor
 from worker.kafka import ensure_topics, make_consumer, make_producer
 from worker.settings import KafkaSettings
 

@@ -29,7 +29,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from worker.app import Worker
-from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.codec import decode_response, encode_request
+from worker.domain import InferenceRequest, Tensor
 from worker.kafka import assign_all, ensure_topics, make_consumer, make_producer
 from worker.repository import ModelRepository
 from worker.settings import (

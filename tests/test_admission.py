@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.admission import Admitted, Answered, Limits, admit, check_limits
-from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.codec import decode_response, encode_request
+from worker.domain import InferenceRequest, Tensor
 from worker.errors import RequestError
 from worker.outgoing import DLQ_HEADER_PREFIX, UNSERVED, Destinations, Outgoing, Source
 from worker.repository import ModelRepository

@@ -14,19 +14,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker.codec import (
-    DATATYPES,
-    MAX_STRINGS,
     SOE_MARKER,
-    ErrorInfo,
-    InferenceRequest,
-    InferenceResponse,
-    Tensor,
-    Timing,
     decode_request,
     decode_response,
     encode_request,
     encode_response,
     schema_dir,
+)
+from worker.domain import (
+    DATATYPES,
+    MAX_STRINGS,
+    ErrorInfo,
+    InferenceRequest,
+    InferenceResponse,
+    Tensor,
+    Timing,
 )
 from worker.errors import DecodeError, ErrorCode, ReplyError, RequestError
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from tests.conftest import MODELS, TEXT_MODELS
-from worker.codec import InferenceRequest, Tensor, Timing
 from worker.device import is_out_of_memory, resolve_device
+from worker.domain import InferenceRequest, Tensor, Timing
 from worker.errors import ConfigError, ErrorCode, RequestError
 from worker.forward import run_batches, run_isolated, stack_inputs
 from worker.model import LoadedModel, Prepared

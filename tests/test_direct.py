@@ -15,8 +15,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 import worker.direct
-from worker.codec import InferenceRequest, InferenceResponse, Tensor, Timing
 from worker.direct import Direct
+from worker.domain import InferenceRequest, InferenceResponse, Tensor, Timing
 from worker.errors import DecodeError
 from worker.outgoing import Source
 from worker.v2json import (

@@ -17,16 +17,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from worker.admission import Admitted, admit
-from worker.codec import (
-    ErrorInfo,
-    InferenceRequest,
-    InferenceResponse,
-    Tensor,
-    Timing,
-    decode_response,
-    encode_request,
-    schema_text,
-)
+from worker.codec import decode_response, encode_request, schema_text
+from worker.domain import ErrorInfo, InferenceRequest, InferenceResponse, Tensor, Timing
 from worker.errors import DecodeError, ErrorCode, RequestError
 from worker.formats import PLAIN, Codecs, WireFormat, framed_schema_id, wire_format
 from worker.oip import pb

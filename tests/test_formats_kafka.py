@@ -25,7 +25,8 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from worker.codec import InferenceRequest, Tensor, decode_response, encode_request, schema_text
+from worker.codec import decode_response, encode_request, schema_text
+from worker.domain import InferenceRequest, Tensor
 from worker.oip import pb
 from worker.repository import ModelRepository
 from worker.settings import Settings

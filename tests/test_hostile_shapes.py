@@ -17,7 +17,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from worker.codec import DATATYPES, InferenceRequest, Tensor
+from worker.domain import DATATYPES, InferenceRequest, Tensor
 from worker.errors import DecodeError, ErrorCode
 from worker.formats import PLAIN
 from worker.oip import pb

@@ -15,13 +15,8 @@ from aiokafka import TopicPartition
 from tests.test_device import sized_model
 from tests.test_lanes import DEST, make_lanes
 from worker.admission import Admitted, Limits, admit
-from worker.codec import (
-    InferenceRequest,
-    InferenceResponse,
-    Tensor,
-    decode_response,
-    encode_request,
-)
+from worker.codec import decode_response, encode_request
+from worker.domain import InferenceRequest, InferenceResponse, Tensor
 from worker.instances import Instances, split_threads
 from worker.metrics import Metrics
 from worker.model import LoadedModel

@@ -33,18 +33,8 @@ from hypothesis import HealthCheck, Phase, example, given
 from hypothesis import strategies as st
 
 from worker.client import InferenceClient
-from worker.codec import (
-    BYTES,
-    DATATYPES,
-    SOE_MARKER,
-    ErrorInfo,
-    InferenceResponse,
-    Tensor,
-    Timing,
-    decode_response,
-    encode_response,
-    schema_dir,
-)
+from worker.codec import SOE_MARKER, decode_response, encode_response, schema_dir
+from worker.domain import BYTES, DATATYPES, ErrorInfo, InferenceResponse, Tensor, Timing
 from worker.errors import ErrorCode
 from worker.kafka import ensure_topics, make_producer
 from worker.repository import ModelRepository

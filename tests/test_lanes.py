@@ -9,13 +9,8 @@ import numpy as np
 from aiokafka import TopicPartition
 
 from worker.admission import Admitted, Limits, admit
-from worker.codec import (
-    InferenceRequest,
-    InferenceResponse,
-    Tensor,
-    decode_response,
-    encode_request,
-)
+from worker.codec import decode_response, encode_request
+from worker.domain import InferenceRequest, InferenceResponse, Tensor
 from worker.lanes import Lanes
 from worker.metrics import Metrics
 from worker.outgoing import Destinations, Outgoing, Source

@@ -13,7 +13,7 @@ import numpy.typing as npt
 import pytest
 import torch
 
-from worker.codec import InferenceRequest, Tensor
+from worker.domain import InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError
 from worker.forward import run_isolated, split_outputs, stack_inputs
 from worker.model import LoadedModel, Prepared

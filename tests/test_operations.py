@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from worker.app import Worker
 from worker.client import InferenceClient
-from worker.codec import Tensor
+from worker.domain import Tensor
 from worker.kafka import make_producer
 from worker.model import LoadedModel
 from worker.outgoing import UNSERVED

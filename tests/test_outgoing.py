@@ -7,7 +7,8 @@ import json
 from aiokafka import TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError
 
-from worker.codec import InferenceRequest, Tensor, Timing, decode_response
+from worker.codec import decode_response
+from worker.domain import InferenceRequest, Tensor, Timing
 from worker.errors import DecodeError, ErrorCode, RequestError
 from worker.outgoing import (
     DEAD_LETTER_CLASS_NAME,

@@ -33,8 +33,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.admission import Limits
-from worker.codec import InferenceRequest, Tensor, decode_response, encode_request, schema_text
+from worker.codec import decode_response, encode_request, schema_text
 from worker.direct import Answer, Direct
+from worker.domain import InferenceRequest, Tensor
 from worker.errors import DecodeError
 from worker.formats import Codecs
 from worker.lanes import Lanes

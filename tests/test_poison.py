@@ -20,7 +20,8 @@ from aiokafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.codec import InferenceResponse, Tensor, decode_response
+from worker.codec import decode_response
+from worker.domain import InferenceResponse, Tensor
 from worker.errors import DecodeError
 from worker.kafka import ensure_topics, make_producer
 from worker.oip import pb

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from worker.codec import InferenceResponse, Tensor, decode_request, encode_response
+from worker.codec import decode_request, encode_response
+from worker.domain import InferenceResponse, Tensor
 from worker.repository import ModelRepository
 from worker.settings import SECRETS_DIR_VAR, Settings, env_var_names
 

@@ -23,15 +23,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 import worker.lanes as lanes_module
 from worker.app import Worker
 from worker.client import InferenceClient
-from worker.codec import (
-    InferenceRequest,
-    InferenceResponse,
-    Tensor,
-    decode_response,
-    encode_request,
-    encode_response,
-    schema_dir,
-)
+from worker.codec import decode_response, encode_request, encode_response, schema_dir
+from worker.domain import InferenceRequest, InferenceResponse, Tensor
 from worker.errors import ErrorCode, WatchdogError, WorkerError
 from worker.kafka import ensure_topics, make_producer
 from worker.model import LoadedModel

@@ -14,7 +14,7 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
-from worker.codec import InferenceResponse
+from worker.domain import InferenceResponse
 from worker.errors import WorkerError
 from worker.offsets import OffsetTracker
 from worker.outgoing import Destinations, Outgoing, Source, Stage, reply

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.codec import Tensor
+from worker.domain import Tensor
 from worker.shadow import Comparison, Outcome
 
 

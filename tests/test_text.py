@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from worker.bench.corpus import paragraphs
 from worker.bench.targets import reference_folder
-from worker.codec import InferenceRequest, Tensor
+from worker.domain import InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError
 from worker.forward import run_isolated
 from worker.model import LoadedModel

@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from worker.bench.corpus import paragraphs
 from worker.client import InferenceClient
-from worker.codec import Tensor
+from worker.domain import Tensor
 from worker.forward import run_isolated
 from worker.repository import ModelRepository
 from worker.settings import Settings, env_vars
@@ -36,7 +36,7 @@ def text_settings(settings: Settings) -> Settings:
 def alone(repository: ModelRepository, text: str) -> np.ndarray:
     """MiniLM's embedding of one string, in process, batch of one."""
     model = repository.route("minilm", None, "").primary
-    from worker.codec import InferenceRequest  # noqa: PLC0415
+    from worker.domain import InferenceRequest  # noqa: PLC0415
 
     request = InferenceRequest("r", "minilm", [Tensor.from_strings("text", [text])])
     result = run_isolated(model, [model.validate(request)])[0]

@@ -13,7 +13,8 @@ from aiokafka import TopicPartition
 
 from worker.admission import Admitted, Limits, admit
 from worker.bench.corpus import paragraphs
-from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.codec import decode_response, encode_request
+from worker.domain import InferenceRequest, Tensor
 from worker.errors import RequestError
 from worker.model import LoadedModel, Prepared
 from worker.outgoing import Destinations, Outgoing, Source, Stage

@@ -16,7 +16,7 @@ import pytest
 
 from worker.app import Worker
 from worker.client import InferenceClient
-from worker.codec import InferenceResponse
+from worker.domain import InferenceResponse
 from worker.model import LoadedModel
 from worker.repository import ModelRepository
 from worker.settings import Settings

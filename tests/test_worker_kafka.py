@@ -12,12 +12,8 @@ from aiokafka.partitioner import murmur2
 
 from worker.app import Worker
 from worker.client import InferenceClient
-from worker.codec import (
-    InferenceRequest,
-    Tensor,
-    decode_response,
-    encode_request,
-)
+from worker.codec import decode_response, encode_request
+from worker.domain import InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode
 from worker.kafka import ensure_topics, make_producer
 from worker.repository import ModelRepository

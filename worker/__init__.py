@@ -5,17 +5,8 @@ these names are promised to stay.
 """
 
 from worker.client import InferenceClient
-from worker.codec import (
-    ErrorInfo,
-    InferenceRequest,
-    InferenceResponse,
-    Tensor,
-    Timing,
-    decode_request,
-    decode_response,
-    encode_request,
-    encode_response,
-)
+from worker.codec import decode_request, decode_response, encode_request, encode_response
+from worker.domain import ErrorInfo, InferenceRequest, InferenceResponse, Tensor, Timing
 from worker.errors import (
     ClientError,
     ConfigError,

@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from worker.codec import InferenceRequest
+from worker.domain import InferenceRequest
 from worker.errors import SHOWN_CHARS, DecodeError, ErrorCode, RequestError, shown
-from worker.kafka import header
+from worker.headers import header
 from worker.model import LoadedModel, Prepared
 from worker.model_config import MAX_SHAPE_DIMENSIONS
 from worker.outgoing import (

@@ -21,7 +21,7 @@ import numpy as np
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from worker.client import InferenceClient
-from worker.codec import BYTES, InferenceResponse, Tensor
+from worker.domain import BYTES, InferenceResponse, Tensor
 from worker.errors import ConfigError, ConnectError, DecodeError, WorkerError
 from worker.logs import configure_logging
 from worker.settings import Settings, load_settings

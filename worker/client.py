@@ -27,14 +27,9 @@ import numpy.typing as npt
 import structlog
 from aiokafka import TopicPartition
 
-from worker.codec import (
-    InferenceRequest,
-    InferenceResponse,
-    Tensor,
-    decode_response,
-    encode_request,
-)
+from worker.codec import decode_response, encode_request
 from worker.correlation import Arrival, ReplyMatcher
+from worker.domain import InferenceRequest, InferenceResponse, Tensor
 from worker.errors import ConfigError, DecodeError, ReplyTimeoutError
 from worker.kafka import assign_all, check_connection, make_consumer, make_producer
 from worker.settings import KafkaSettings

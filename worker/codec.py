@@ -15,27 +15,33 @@ earlier version adds the current schema as a known writer schema (Java:
 ``BinaryMessageDecoder.addSchema``) and resolves into its own. Schemas are read and parsed once,
 at import.
 
-Strings (``BYTES``): each element is a 4-byte little-endian length, then its bytes, as the Open
-Inference Protocol's binary tensor format lays them out; :meth:`Tensor.to_numpy` gives a numpy
-object array of ``bytes``.
+The domain types (:class:`Tensor`, :class:`InferenceRequest`, ...) live in :mod:`worker.domain`;
+they are re-exported here, where 0.1 and 0.2 callers found them.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
 import fastavro
-import numpy as np
-import numpy.typing as npt
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from worker.errors import DecodeError, ErrorCode, ReplyError, RequestError, shown
+from worker.domain import (
+    BYTES,
+    DATATYPES,
+    MAX_STRINGS,
+    ErrorInfo,
+    InferenceRequest,
+    InferenceResponse,
+    Parameters,
+    Tensor,
+    Timing,
+)
+from worker.errors import DecodeError, shown
 
 __all__ = [
     "BYTES",
@@ -45,6 +51,7 @@ __all__ = [
     "ErrorInfo",
     "InferenceRequest",
     "InferenceResponse",
+    "Parameters",
     "Tensor",
     "Timing",
     "decode_request",
@@ -59,32 +66,6 @@ __all__ = [
 
 SOE_MARKER = b"\xc3\x01"
 """First two bytes of every Avro single-object encoded message."""
-
-DATATYPES: Mapping[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
-"""Open Inference Protocol datatype -> little-endian numpy dtype."""
-
-BYTES = "BYTES"
-"""The Open Inference Protocol's datatype for strings and byte strings."""
-
-MAX_STRINGS = 65_536
-"""Most elements a ``BYTES`` tensor may hold (each is parsed on its own)."""
-
-_DATATYPE_OF_KIND: dict[tuple[str, int], str] = {
-    (dt.kind, dt.itemsize): name for name, dt in DATATYPES.items()
-}
 
 
 def schema_dir() -> Path:
@@ -168,176 +149,12 @@ _ERROR_RECORD = "inference.v2.Error"
 _TIMING_RECORD = "inference.v2.Timing"
 
 
-@dataclass(frozen=True, slots=True)
-class Tensor:
-    """A named tensor as it travels: OIP datatype, shape and raw little-endian bytes."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    data: bytes
-
-    @classmethod
-    def from_numpy(cls, name: str, array: npt.ArrayLike) -> Tensor:
-        """Wrap an array; its dtype picks the datatype (little-endian, row-major bytes).
-
-        Arrays of ``str`` or ``bytes`` (numpy ``U``, ``S`` or object dtype) become ``BYTES``
-        tensors, ``str`` encoded as UTF-8.
-        """
-        arr = np.asarray(array)
-        if arr.dtype.kind in "OUS":
-            return cls.from_strings(name, arr.ravel().tolist(), shape=arr.shape)
-        key = ("b", 1) if arr.dtype == np.bool_ else (arr.dtype.kind, arr.dtype.itemsize)
-        datatype = _DATATYPE_OF_KIND.get(key)
-        if datatype is None:
-            raise ValueError(f"numpy dtype {arr.dtype} has no Open Inference Protocol datatype")
-        wire = arr.astype(DATATYPES[datatype], copy=False)
-        return cls(name, datatype, tuple(int(d) for d in arr.shape), wire.tobytes(order="C"))
-
-    @classmethod
-    def from_strings(
-        cls, name: str, items: Sequence[str | bytes], shape: Sequence[int] | None = None
-    ) -> Tensor:
-        """A ``BYTES`` tensor of ``items`` (``str`` as UTF-8); shape ``[len(items)]`` by default."""
-        parts: list[bytes] = []
-        for item in items:
-            raw = item.encode() if isinstance(item, str) else bytes(item)
-            parts += (len(raw).to_bytes(4, "little"), raw)
-        dims = (len(items),) if shape is None else tuple(int(d) for d in shape)
-        return cls(name, BYTES, dims, b"".join(parts))
-
-    def to_numpy(self) -> npt.NDArray[Any]:
-        """A read-only view of ``data`` with the declared dtype and shape (no copy).
-
-        ``BYTES``: a new object array of ``bytes``, one per element. Raises
-        :class:`RequestError` (INVALID_ARGUMENT) if the datatype is unknown, a dimension is
-        negative, or the byte length does not match the shape.
-        """
-        if self.datatype == BYTES:
-            return self._strings()
-        dtype = DATATYPES.get(self.datatype)
-        if dtype is None:
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"input {shown(self.name)}: unknown datatype {shown(self.datatype)}; "
-                f"expected one of {', '.join(DATATYPES)}",
-            )
-        if any(d < 0 for d in self.shape):
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"input {shown(self.name)}: shape {shown(str(list(self.shape)))} has a negative "
-                "dimension",
-            )
-        count = math.prod(self.shape)
-        if count * dtype.itemsize != len(self.data):
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"input {shown(self.name)}: shape {list(self.shape)} of {self.datatype} needs "
-                f"{count * dtype.itemsize} bytes, data has {len(self.data)}",
-            )
-        return np.frombuffer(self.data, dtype=dtype).reshape(self.shape)
-
-    def _strings(self) -> npt.NDArray[Any]:
-        def invalid(why: str) -> RequestError:
-            return RequestError(
-                ErrorCode.INVALID_ARGUMENT, f"input {shown(self.name)}: BYTES tensor {why}"
-            )
-
-        if any(d < 0 for d in self.shape):
-            raise invalid("shape has a negative dimension")
-        count = 1
-        for dim in self.shape:  # stops early: no huge products from hostile shapes
-            count *= dim
-            if count > MAX_STRINGS:
-                raise invalid(f"holds more than {MAX_STRINGS} elements")
-        data = self.data
-        if count * 4 > len(data):
-            raise invalid(f"of {count} elements needs at least {count * 4} bytes, has {len(data)}")
-        out = np.empty(count, dtype=object)
-        at = 0
-        for i in range(count):
-            if at + 4 > len(data):
-                raise invalid(f"ends inside the length of element {i}")
-            size = int.from_bytes(data[at : at + 4], "little")
-            at += 4
-            if at + size > len(data):
-                raise invalid(f"element {i} declares {size} bytes; {len(data) - at} are left")
-            out[i] = data[at : at + size]
-            at += size
-        if at != len(data):
-            raise invalid(f"has {len(data) - at} bytes after its {count} elements")
-        return out.reshape(self.shape)
-
-
 def _tensor_to_avro(t: Tensor) -> dict[str, Any]:
     return {"name": t.name, "datatype": t.datatype, "shape": t.shape, "data": t.data}
 
 
 def _tensor_from_avro(rec: Mapping[str, Any]) -> Tensor:
     return Tensor(rec["name"], rec["datatype"], tuple(rec["shape"]), rec["data"])
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorInfo:
-    """Why a request failed: an :class:`~worker.errors.ErrorCode` value and a message."""
-
-    code: str
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """Where the time went for one reply."""
-
-    queue_us: int
-    compute_us: int
-    batch_size: int
-
-
-Parameters = dict[str, str | int | float | bool]
-
-
-@dataclass(frozen=True, slots=True)
-class InferenceRequest:
-    """An inference request (``schemas/inference_request.avsc``)."""
-
-    id: str
-    model_name: str
-    inputs: list[Tensor]
-    model_version: str | None = None
-    parameters: Parameters | None = None
-    deadline_ms: int | None = None
-    """Unix epoch milliseconds after which the answer is useless (None: no deadline)."""
-
-    def input(self, name: str) -> Tensor | None:
-        """The input tensor called ``name``, if present."""
-        return next((t for t in self.inputs if t.name == name), None)
-
-
-@dataclass(frozen=True, slots=True)
-class InferenceResponse:
-    """A reply (``schemas/inference_response.avsc``): outputs, or an error."""
-
-    id: str
-    model_name: str
-    model_version: str | None = None
-    outputs: list[Tensor] = field(default_factory=list)
-    error: ErrorInfo | None = None
-    timing: Timing | None = None
-    parameters: Parameters | None = None
-
-    def output(self, name: str) -> npt.NDArray[Any]:
-        """The output called ``name`` as a numpy array; raises on an error reply."""
-        self.raise_for_error()
-        for tensor in self.outputs:
-            if tensor.name == name:
-                return tensor.to_numpy()
-        raise KeyError(f"no output {name!r}; outputs are {[t.name for t in self.outputs]}")
-
-    def raise_for_error(self) -> None:
-        """Raise :class:`~worker.errors.ReplyError` if this is an error reply."""
-        if self.error is not None:
-            raise ReplyError(self.id, self.error.code, self.error.message)
 
 
 def encode_request(request: InferenceRequest) -> bytes:

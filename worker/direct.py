@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 from aiokafka import TopicPartition
 
-from worker.codec import ErrorInfo, InferenceRequest, InferenceResponse
+from worker.domain import ErrorInfo, InferenceRequest, InferenceResponse
 from worker.errors import ErrorCode
 from worker.outgoing import Source
 

@@ -28,16 +28,10 @@ import enum
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from worker.codec import (
-    InferenceRequest,
-    InferenceResponse,
-    decode_request,
-    decode_request_body,
-    encode_response,
-    encode_response_body,
-)
+from worker.codec import decode_request, decode_request_body, encode_response, encode_response_body
+from worker.domain import InferenceRequest, InferenceResponse
 from worker.errors import DecodeError, RequestError
-from worker.kafka import Headers
+from worker.headers import Headers
 from worker.v2 import first_header
 from worker.v2json import CONTENT_TYPE as JSON_CONTENT_TYPE
 from worker.v2json import decode_json_request, encode_json_response

@@ -23,8 +23,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from worker.codec import Tensor
 from worker.device import is_out_of_memory, release_cache
+from worker.domain import Tensor
 from worker.errors import ErrorCode, RequestError
 
 if TYPE_CHECKING:

@@ -23,7 +23,8 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from worker.kafka import Headers, make_consumer
+from worker.headers import Headers
+from worker.kafka import make_consumer
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker
 from worker.outgoing import Source

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
@@ -39,12 +39,10 @@ from worker.errors import ConfigError, ConnectError
 from worker.settings import ENCRYPTED_PROTOCOLS, KafkaSettings
 
 __all__ = [
-    "Headers",
     "assign_all",
     "check_connection",
     "consumer_config",
     "ensure_topics",
-    "header",
     "make_consumer",
     "make_producer",
     "producer_config",
@@ -54,18 +52,7 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-Headers = Sequence[tuple[str, bytes]]
-
 _TOPIC_ALREADY_EXISTS = 36
-
-
-def header(headers: Headers | None, name: str) -> bytes | None:
-    """The last value of header ``name``, or None."""
-    found = None
-    for key, value in headers or ():
-        if key == name:
-            found = value
-    return found
 
 
 def ssl_context(settings: KafkaSettings) -> ssl.SSLContext:

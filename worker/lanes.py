@@ -32,8 +32,8 @@ import structlog
 
 from worker.admission import Admitted, Job
 from worker.batching import Batcher
-from worker.codec import Timing
 from worker.device import memory
+from worker.domain import Timing
 from worker.errors import SHOWN_CHARS, ErrorCode, RequestError
 from worker.forward import Run, run_batches
 from worker.instances import Instances

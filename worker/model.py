@@ -31,8 +31,8 @@ import numpy.typing as npt
 import torch
 from torch.export.passes import move_to_device_pass
 
-from worker.codec import BYTES, DATATYPES, InferenceRequest, Tensor
 from worker.device import resolve_device, torch_dtype
+from worker.domain import BYTES, DATATYPES, InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError, shown
 from worker.forward import Staged, stack_inputs
 from worker.handler import HANDLER_FILE, Handler

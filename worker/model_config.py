@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker.codec import BYTES, DATATYPES
+from worker.domain import BYTES, DATATYPES
 from worker.errors import ConfigError
 
 __all__ = [

@@ -27,10 +27,10 @@ from typing import Any
 import structlog
 from aiokafka import TopicPartition  # a plain named tuple: (topic, partition)
 
-from worker.codec import ErrorInfo, InferenceRequest, InferenceResponse, Tensor, Timing
+from worker.domain import ErrorInfo, InferenceRequest, InferenceResponse, Tensor, Timing
 from worker.errors import SHOWN_CHARS, ErrorCode, RequestError
 from worker.formats import PLAIN, Codecs
-from worker.kafka import Headers, header
+from worker.headers import Headers, header
 from worker.tracing import continue_trace
 
 __all__ = [

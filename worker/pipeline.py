@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from worker.admission import Admitted, Limits, admit
-from worker.codec import ErrorInfo, InferenceResponse
+from worker.domain import ErrorInfo, InferenceResponse
 from worker.errors import ErrorCode
 from worker.lanes import Lanes
 from worker.outgoing import Destinations, Outgoing, Source

@@ -44,9 +44,9 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from worker.codec import InferenceRequest, InferenceResponse
 from worker.connections import ConnectionGate
 from worker.direct import HTTP_STATUS, Direct, Place
+from worker.domain import InferenceRequest, InferenceResponse
 from worker.errors import DecodeError, ErrorCode
 from worker.repository import ModelRepository
 from worker.settings import EndpointSettings, RestSettings, RuntimeSettings

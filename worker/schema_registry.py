@@ -39,7 +39,7 @@ from prometheus_client import Counter
 from worker.codec import schema_text
 from worker.errors import ConfigError, ErrorCode, RequestError
 from worker.formats import WireFormat, framed_schema_id, wire_format
-from worker.kafka import Headers
+from worker.headers import Headers
 from worker.settings import SchemaRegistrySettings, redacted_url
 from worker.writer_schemas import writer_problem
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from worker.codec import Tensor
+from worker.domain import Tensor
 
 __all__ = ["Comparison", "Outcome"]
 

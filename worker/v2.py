@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.codec import BYTES, DATATYPES, InferenceResponse, Tensor
+from worker.domain import BYTES, DATATYPES, InferenceResponse, Tensor
 from worker.errors import DecodeError, shown
 from worker.model_config import MAX_SHAPE_DIMENSIONS
 

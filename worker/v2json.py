@@ -31,7 +31,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import Any
 
-from worker.codec import BYTES, InferenceRequest, InferenceResponse, Parameters, Tensor
+from worker.domain import BYTES, InferenceRequest, InferenceResponse, Parameters, Tensor
 from worker.errors import DecodeError, shown
 from worker.v2 import (
     Headers,

@@ -19,7 +19,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
-from worker.codec import BYTES, InferenceRequest, InferenceResponse, Parameters, Tensor
+from worker.domain import BYTES, InferenceRequest, InferenceResponse, Parameters, Tensor
 from worker.errors import DecodeError, shown
 from worker.oip import pb
 from worker.v2 import (

@@ -24,8 +24,9 @@ from aiokafka import AIOKafkaProducer
 
 from worker.bench.corpus import paragraphs
 from worker.bench.targets import input_of
-from worker.codec import InferenceRequest, Tensor, decode_response, encode_request
+from worker.codec import decode_response, encode_request
 from worker.correlation import Arrival, ReplyMatcher
+from worker.domain import InferenceRequest, Tensor
 from worker.errors import DecodeError, WorkerError
 from worker.kafka import assign_all, make_consumer, make_producer
 from worker.settings import KafkaSettings

@@ -20,9 +20,11 @@ from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
 
-from worker.codec import InferenceResponse, Tensor, decode_request, encode_response
+from worker.codec import decode_request, encode_response
+from worker.domain import InferenceResponse, Tensor
 from worker.forward import stack_inputs
-from worker.kafka import ensure_topics, header, make_consumer, make_producer
+from worker.headers import header
+from worker.kafka import ensure_topics, make_consumer, make_producer
 from worker.repository import ModelRepository
 from worker.settings import Settings
 
