@@ -1,34 +1,32 @@
-"""Forward passes over batches: assembling inputs, running them, cutting outputs back.
+"""Forward passes over batches: running them, pipelined, and isolating the requests that fail.
 
-:func:`stack_inputs` pads and concatenates the :class:`~worker.model.Prepared` inputs of a
-batch (into pinned host memory on a GPU); :func:`split_outputs` cuts the outputs back into
-each request's rows and length. :func:`run_batches` runs a run of batches with the next
-batch's assembly and copy overlapping the current one's compute (the three steps of
+:func:`run_batches` runs a run of batches with the next batch's assembly and copy overlapping
+the current one's compute (the three steps of a :class:`~worker.program.Program` such as
 :class:`~worker.model.LoadedModel`: upload, launch, download); a batch that fails (a bad
 request, or out of memory) is split in halves until the failing requests are alone
 (:func:`run_isolated`); a request that alone does not fit in memory gets RESOURCE_EXHAUSTED.
+Assembling a batch and cutting its outputs back (:func:`stack_inputs`, :func:`split_outputs`,
+re-exported here) is :mod:`worker.stacking`; the copies to and from the device
+:mod:`worker.staging`.
 
 Blocking calls, no Kafka, no asyncio: the worker runs them in a version's instances.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import torch
 
 from worker.device import is_out_of_memory, release_cache
 from worker.domain import Tensor
 from worker.errors import ErrorCode, RequestError
-
-if TYPE_CHECKING:
-    from worker.model import LoadedModel, Prepared
+from worker.prepared import Prepared
+from worker.program import Program
+from worker.stacking import Empty, split_outputs, stack_inputs
+from worker.staging import Staged
 
 __all__ = [
     "Empty",
@@ -41,111 +39,7 @@ __all__ = [
 ]
 
 
-@dataclass(slots=True)
-class Staged:
-    """A batch's program arguments on its device (the copy may still be under way)."""
-
-    args: list[torch.Tensor]
-    ready: torch.cuda.Event | None = None
-    """CUDA: recorded on the copy stream after the copies; the compute stream waits on it."""
-    host: list[torch.Tensor] = field(default_factory=list)
-    """CUDA: the pinned host buffers, kept alive until the copies are done."""
-
-
-Empty = Callable[[tuple[int, ...], "np.dtype[Any]"], npt.NDArray[Any]]
-"""Allocates an uninitialised array (``np.empty``, or pinned host memory for a GPU)."""
-
-
-def stack_inputs(
-    model: LoadedModel, per_request: Sequence[Prepared], *, empty: Empty | None = None
-) -> dict[str, Any]:
-    """The batch's program inputs by name: concatenated, sequences padded to the longest.
-
-    ``empty``: where the batch is assembled (default: ordinary memory; a lone fixed-shape
-    request is then passed as it is, without a copy).
-    """
-    if empty is None:
-        if len(per_request) == 1 and not model.config.is_sequence:
-            return {
-                a.name: array
-                for a, array in zip(model.arguments, per_request[0].arrays, strict=True)
-            }
-        empty = _empty
-    longest = max(p.length for p in per_request)
-    batch: dict[str, Any] = {}
-    for i, argument in enumerate(model.arguments):
-        if argument.extra:
-            batch[argument.name] = _extra(argument.name, per_request, longest, empty)
-        elif argument.sequence:
-            batch[argument.name] = _pad_concat([p.arrays[i] for p in per_request], longest,
-                                               argument.pad_value, empty)  # fmt: skip
-        else:
-            arrays = [p.arrays[i] for p in per_request]
-            first = arrays[0]
-            out = empty((sum(a.shape[0] for a in arrays), *first.shape[1:]), first.dtype)
-            batch[argument.name] = np.concatenate(arrays, axis=0, out=out)
-    return batch
-
-
-def _empty(shape: tuple[int, ...], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
-    return np.empty(shape, dtype)
-
-
-def _pad_concat(
-    arrays: Sequence[npt.NDArray[Any]], longest: int, pad_value: float, empty: Empty = _empty
-) -> npt.NDArray[Any]:
-    """Arrays of shape [rows, length, ...] as one [sum(rows), longest, ...], padded."""
-    first = arrays[0]
-    out = empty((sum(a.shape[0] for a in arrays), longest, *first.shape[2:]), first.dtype)
-    row = 0
-    for array in arrays:
-        rows, length = array.shape[0], array.shape[1]
-        out[row : row + rows, :length] = array
-        out[row : row + rows, length:] = pad_value
-        row += rows
-    return out
-
-
-def _extra(
-    name: str, per_request: Sequence[Prepared], longest: int, empty: Empty = _empty
-) -> npt.NDArray[np.int64]:
-    """``attention_mask`` ([rows, longest]: 1 real, 0 padding) or ``lengths`` ([rows])."""
-    if name == "lengths":
-        out = empty((sum(p.rows for p in per_request),), np.dtype(np.int64))
-        return np.concatenate([np.full(p.rows, p.length, np.int64) for p in per_request], out=out)
-    masks = [np.ones((p.rows, p.length), np.int64) for p in per_request]
-    return _pad_concat(masks, longest, 0, empty)
-
-
-def split_outputs(
-    model: LoadedModel, outputs: Mapping[str, npt.NDArray[Any]], per_request: Sequence[Prepared]
-) -> list[list[Tensor]]:
-    """Cut batch outputs back into each request's rows (and length), as wire tensors."""
-    total = sum(p.rows for p in per_request)
-    for spec in model.config.outputs:
-        if outputs[spec.name].shape[0] != total:
-            raise RuntimeError(
-                f"model {model.name} v{model.version} output {spec.name!r} has "
-                f"{outputs[spec.name].shape[0]} rows for a batch of {total}"
-            )
-    bounds = np.cumsum([0, *(p.rows for p in per_request)]).tolist()
-    return [
-        [
-            Tensor.from_numpy(
-                spec.name,
-                outputs[spec.name][lo:hi, : p.length]
-                if spec.is_sequence
-                else outputs[spec.name][lo:hi],
-            )
-            for spec in model.config.outputs
-        ]
-        for p, (lo, hi) in zip(per_request, itertools.pairwise(bounds), strict=True)
-    ]
-
-
-def run_isolated(
-    model: LoadedModel, per_request: Sequence[Prepared]
-) -> list[list[Tensor] | Exception]:
+def run_isolated(model: Program, per_request: Sequence[Prepared]) -> list[list[Tensor] | Exception]:
     """Run a batch; if the model raises, split it in halves until the failing requests are alone.
 
     Every request gets its outputs, or the exception its own rows raise: one bad request costs
@@ -162,7 +56,7 @@ def run_isolated(
 
 
 def _isolate(
-    model: LoadedModel, per_request: Sequence[Prepared], exc: Exception
+    model: Program, per_request: Sequence[Prepared], exc: Exception
 ) -> list[list[Tensor] | Exception]:
     """After ``exc`` on the whole batch: each half on its own (a lone request gets the error)."""
     if is_out_of_memory(exc):
@@ -175,7 +69,7 @@ def _isolate(
     return run_isolated(model, per_request[:middle]) + run_isolated(model, per_request[middle:])
 
 
-def _too_big(model: LoadedModel, alone: Prepared, exc: Exception) -> RequestError:
+def _too_big(model: Program, alone: Prepared, exc: Exception) -> RequestError:
     shape = f"{alone.rows} row(s)" + (f" x {alone.length}" if model.config.is_sequence else "")
     error = RequestError(
         ErrorCode.RESOURCE_EXHAUSTED,
@@ -190,7 +84,7 @@ Run = list[tuple[float, float, list[list[Tensor] | Exception]]]
 """Per batch of a run: when it began (seconds after the first), its compute time, results."""
 
 
-def run_batches(model: LoadedModel, batches: Sequence[Sequence[Prepared]]) -> Run:
+def run_batches(model: Program, batches: Sequence[Sequence[Prepared]]) -> Run:
     """Run batches back to back (blocking): each batch's outputs, or its requests' errors.
 
     Pipelined: once a batch is launched, the next one is assembled and its copy started while
@@ -224,7 +118,7 @@ def run_batches(model: LoadedModel, batches: Sequence[Sequence[Prepared]]) -> Ru
 
 
 def _finish(
-    model: LoadedModel, batch: Sequence[Prepared]
+    model: Program, batch: Sequence[Prepared]
 ) -> Callable[[tuple[torch.Tensor, ...]], list[list[Tensor]]]:
     """Outputs of a launched batch, back on the host and cut per request."""
     return lambda launched: split_outputs(model, model.download(launched), batch)

@@ -7,7 +7,7 @@ loaded program (its weights are only read). Per thread:
 
 - on the CPU, torch's intra-op threads are split between the instances (``threads // N``, at
   least one), so concurrent batches do not fight over the cores;
-- on a GPU, the thread has its own CUDA stream (and a copy stream, :mod:`worker.model`), so
+- on a GPU, the thread has its own CUDA stream (and a copy stream, :mod:`worker.staging`), so
   one instance's copies and kernels overlap another's.
 
 Busy time per instance is counted (``inference_instance_busy_seconds_total``: its rate is the

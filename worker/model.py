@@ -1,18 +1,19 @@
-"""One model version: loading its program, validating requests, the batched forward call.
+"""One model version: loading its program and checking it, and the three steps of a forward pass.
 
 A model takes its inputs positionally in ``config.toml`` order (:mod:`worker.model_config`) and
 returns one tensor, or a tuple in ``outputs`` order. The first dimension of every input and
 output is the batch. A ``[tokenizer]`` model takes the tokenizer's feeds instead (token ids,
 attention mask); a sequence model without one may take an extra last argument (attention mask
-or lengths) that :func:`stack_inputs` builds while padding the batch.
+or lengths): :mod:`worker.prepared` says which arguments, :mod:`worker.stacking` builds them.
 
-:meth:`LoadedModel.validate` turns a request into :class:`Prepared` inputs (tokenised, checked);
-:mod:`worker.forward` assembles batches of them, runs them and cuts the outputs back.
-A version runs on its device and precision (:mod:`worker.device`). A forward pass is three
-steps: :meth:`LoadedModel.upload` (on a GPU: the batch assembled in pinned host memory, copied
-on a copy stream without blocking), :meth:`LoadedModel.launch` (the program, on the thread's
-compute stream), :meth:`LoadedModel.download` (outputs copied back once per batch).
-Pipelining a run of batches and isolating failures is :mod:`worker.forward`'s.
+:meth:`LoadedModel.validate` turns a request into :class:`Prepared` inputs (tokenised, checked;
+:mod:`worker.validation`); :mod:`worker.forward` assembles batches of them, runs them and cuts
+the outputs back. A version runs on its device and precision (:mod:`worker.device`). A forward
+pass is three steps: :meth:`LoadedModel.upload` (on a GPU: the batch assembled in pinned host
+memory, copied on a copy stream without blocking: :mod:`worker.staging`),
+:meth:`LoadedModel.launch` (the program, on the thread's compute stream),
+:meth:`LoadedModel.download` (outputs copied back once per batch). Pipelining a run of batches
+and isolating failures is :mod:`worker.forward`'s.
 
 Nothing here touches Kafka or asyncio: these are blocking calls that the worker runs off the
 event loop.
@@ -20,9 +21,7 @@ event loop.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,8 @@ import torch
 from torch.export.passes import move_to_device_pass
 
 from worker.device import resolve_device, torch_dtype
-from worker.domain import BYTES, DATATYPES, InferenceRequest, Tensor
-from worker.errors import ConfigError, ErrorCode, RequestError, shown
-from worker.forward import Staged, stack_inputs
+from worker.domain import DATATYPES, InferenceRequest
+from worker.errors import ConfigError, RequestError
 from worker.handler import HANDLER_FILE, Handler
 from worker.model_config import (
     CONFIG_FILE,
@@ -43,41 +41,15 @@ from worker.model_config import (
     ON_CPU,
     Execution,
     ModelConfig,
-    TensorSpec,
 )
+from worker.prepared import Argument, Prepared, program_arguments
 from worker.quantize import quantize_int8
-from worker.text import TextEncoder, Tokenized
+from worker.stacking import stack_inputs
+from worker.staging import Staged, pinned, to_device, to_host, torch_dtype_of
+from worker.text import TextEncoder
+from worker.validation import tokenize_pending, validate_request
 
 __all__ = ["Argument", "LoadedModel", "Prepared", "export_model"]
-
-
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """One request's inputs as the program takes them, and what batching needs to know."""
-
-    arrays: list[npt.NDArray[Any]]
-    """One array per program input (the extra mask or lengths argument excepted)."""
-    rows: int
-    length: int = 1
-    """Sequence models: the request's length (second dimension); 1 otherwise."""
-    tokens: int = 1
-    """Real tokens (rows x length; for strings, their token counts): padding efficiency."""
-    truncated: int = 0
-    """Strings cut to the tokenizer's ``max_length``."""
-    pending: bool = False
-    """Strings not tokenised yet (``arrays`` holds them): :meth:`LoadedModel.tokenize` does it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Argument:
-    """One positional argument of the program."""
-
-    name: str
-    sequence: bool = False
-    """Padded along its second dimension to the batch's longest request."""
-    pad_value: float = 0.0
-    extra: bool = False
-    """Built by :func:`stack_inputs` (attention mask or lengths), not taken from requests."""
 
 
 class LoadedModel:
@@ -101,14 +73,14 @@ class LoadedModel:
         self.handler = handler
         self.text = text
         """The tokenizer step of a ``[tokenizer]`` model."""
-        self.arguments = _arguments(config, text)
+        self.arguments = program_arguments(config, text)
         """The program's positional arguments, in order (the names :meth:`predict` takes)."""
         self.execution = execution
         """Device asked for, precision, instances."""
         self.device = device or torch.device("cpu")
         """Where it runs (``auto`` resolved)."""
         self._dtype = torch_dtype(execution.precision)
-        self._out_dtypes = tuple(_torch_dtype_of(DATATYPES[s.datatype]) for s in config.outputs)
+        self._out_dtypes = tuple(torch_dtype_of(DATATYPES[s.datatype]) for s in config.outputs)
 
     @classmethod
     def load(
@@ -203,7 +175,7 @@ class LoadedModel:
         """A request of one row of zeros (or one short string): the load-time check."""
         if self.text is not None:
             strings = np.array([b"warm up"], dtype=object)
-            return self._tokenize(self.config.inputs[0], strings)
+            return Prepared.from_tokenized(self.text.encode(self.config.inputs[0].name, strings))
         arrays = [
             np.zeros((1, *(max(d, 1) for d in s.shape[1:])), DATATYPES[s.datatype])
             for s in self.config.inputs
@@ -218,71 +190,12 @@ class LoadedModel:
         :mod:`worker.tokenizing`, batch-wise) to finish. Raises :class:`RequestError`
         (INVALID_ARGUMENT) saying what was wrong and what the model expects.
         """
-        expected = {s.name for s in self.config.inputs}
-        for given in request.inputs:
-            if given.name not in expected:
-                raise RequestError(
-                    ErrorCode.INVALID_ARGUMENT,
-                    f"unknown input {shown(given.name)} for model {self.name!r}; expected inputs: "
-                    + ", ".join(s.describe() for s in self.config.inputs),
-                )
-        arrays = []
-        rows = None
-        for spec in self.config.inputs:
-            tensor = request.input(spec.name)
-            if tensor is None:
-                raise RequestError(
-                    ErrorCode.INVALID_ARGUMENT,
-                    f"missing input {spec.describe()} for model {self.name!r}",
-                )
-            _check_spec(tensor, spec)
-            array = tensor.to_numpy()
-            if self.text is not None:
-                if tokenize:
-                    return self._tokenize(spec, array)
-                return Prepared([array], rows=len(array), length=0, tokens=0, pending=True)
-            if array.dtype.kind == "f" and not spec.allow_non_finite:
-                _check_finite(spec, array)
-            if rows is not None and array.shape[0] != rows:
-                raise RequestError(
-                    ErrorCode.INVALID_ARGUMENT,
-                    f"inputs disagree on the batch dimension ({rows} vs {array.shape[0]})",
-                )
-            rows = array.shape[0]
-            arrays.append(array)
-        assert rows is not None
-        length = self._length(arrays)
-        return Prepared(arrays, rows, length, rows * length)
+        return validate_request(self.config, self.text, request, tokenize=tokenize)
 
     def tokenize_many(self, pending: Sequence[Prepared]) -> list[Prepared | RequestError]:
         """Tokenise several pending requests' strings in one call (blocking; off the loop)."""
         assert self.text is not None
-        name = self.config.inputs[0].name
-        return [
-            r if isinstance(r, RequestError) else _prepared(r)
-            for r in self.text.encode_many([(name, p.arrays[0]) for p in pending])
-        ]
-
-    def _tokenize(self, spec: TensorSpec, strings: npt.NDArray[Any]) -> Prepared:
-        assert self.text is not None
-        return _prepared(self.text.encode(spec.name, strings))
-
-    def _length(self, arrays: Sequence[npt.NDArray[Any]]) -> int:
-        """The one length all sequence inputs of a request share (1 for fixed shapes)."""
-        lengths = {
-            int(a.shape[1])
-            for a, s in zip(arrays, self.config.inputs, strict=True)
-            if s.is_sequence
-        }
-        if not lengths:
-            return 1
-        if len(lengths) > 1 or 0 in lengths:
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"sequence inputs of model {self.name!r} must share one length of at least 1 "
-                f"(the second dimension); got {sorted(lengths)}",
-            )
-        return lengths.pop()
+        return tokenize_pending(self.config, self.text, pending)
 
     def predict(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         """Run one forward pass on a batch (blocking), inputs keyed by :attr:`arguments` name.
@@ -294,8 +207,8 @@ class LoadedModel:
 
     def stage(self, per_request: Sequence[Prepared]) -> Staged:
         """Assemble a batch (in pinned memory on a GPU) and start its copy to the device."""
-        pinned = self.device.type == "cuda"
-        return self.upload(stack_inputs(self, per_request, empty=_pinned if pinned else None))
+        on_gpu = self.device.type == "cuda"
+        return self.upload(stack_inputs(self, per_request, empty=pinned if on_gpu else None))
 
     def upload(self, inputs: Mapping[str, npt.NDArray[Any]]) -> Staged:
         """The handler's ``preprocess``, then the arguments to the device (not waiting on a GPU)."""
@@ -304,14 +217,7 @@ class LoadedModel:
         if handler is not None and handler.preprocess is not None:
             given = handler.preprocess(dict(inputs))
             values = [given[a.name] for a in self.arguments] if isinstance(given, dict) else given
-        host = [torch.from_numpy(_writable(np.asarray(v))) for v in values]
-        if self.device.type != "cuda":
-            return Staged(host)
-        with torch.cuda.stream(_copy_stream(self.device)):
-            args = [t.to(self.device, non_blocking=True) for t in host]
-            ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            ready.record()
-        return Staged(args, ready, host)
+        return to_device(values, self.device)
 
     def launch(self, staged: Staged) -> tuple[torch.Tensor, ...]:
         """Run the program on a staged batch (on a GPU: queued on the thread's stream)."""
@@ -335,10 +241,7 @@ class LoadedModel:
                 t.to(want) if t.dtype == self._dtype and want is not None else t
                 for t, want in zip(tensors, wants, strict=False)
             ]
-        if self.device.type == "cuda":
-            tensors = [t.to("cpu", non_blocking=True) for t in tensors]
-            torch.cuda.current_stream(self.device).synchronize()
-        arrays = tuple(t.detach().cpu().numpy() for t in tensors)
+        arrays = to_host(tensors, self.device)
         handler = self.handler
         if handler is not None and handler.postprocess is not None:
             made = handler.postprocess(arrays)
@@ -349,45 +252,6 @@ class LoadedModel:
                 f"config declares {len(self.config.outputs)}"
             )
         return {spec.name: a for spec, a in zip(self.config.outputs, arrays, strict=True)}
-
-
-_streams = threading.local()
-
-
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    """The calling thread's stream for host-to-device copies (so they overlap compute)."""
-    stream: torch.cuda.Stream | None = getattr(_streams, "copy", None)
-    if stream is None:
-        stream = _streams.copy = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-    return stream
-
-
-def _pinned(shape: tuple[int, ...], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
-    """An uninitialised array in page-locked host memory (fast, non-blocking copies)."""
-    return torch.empty(shape, dtype=_torch_dtype_of(dtype), pin_memory=True).numpy()
-
-
-def _torch_dtype_of(dtype: np.dtype[Any]) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype)).dtype
-
-
-def _prepared(tokenized: Tokenized) -> Prepared:
-    return Prepared(
-        tokenized.arrays,
-        rows=len(tokenized.lengths),
-        length=max(tokenized.lengths),
-        tokens=sum(tokenized.lengths),
-        truncated=tokenized.truncated,
-    )
-
-
-def _arguments(config: ModelConfig, text: TextEncoder | None) -> tuple[Argument, ...]:
-    if text is not None:
-        return tuple(Argument(f, sequence=True, pad_value=text.pad_value(f)) for f in text.feeds)
-    arguments = [Argument(s.name, s.is_sequence, s.pad_value) for s in config.inputs]
-    if config.extra_input != "none":
-        arguments.append(Argument(config.extra_input, extra=True))
-    return tuple(arguments)
 
 
 def export_model(module: torch.nn.Module, features: int, path: Path) -> None:
@@ -401,46 +265,3 @@ def export_model(module: torch.nn.Module, features: int, path: Path) -> None:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, path)
-
-
-def _writable(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    """Torch wants writable memory; a lone request's array is a read-only view of its bytes."""
-    if array.flags.writeable and array.flags.c_contiguous:
-        return array
-    return np.array(array, order="C")
-
-
-def _check_finite(spec: TensorSpec, array: npt.NDArray[Any]) -> None:
-    finite = np.isfinite(array)
-    if not finite.all():
-        first = tuple(int(i) for i in np.argwhere(~finite)[0])
-        raise RequestError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"input {spec.name!r} holds {int((~finite).sum())} NaN or infinite value(s), the "
-            f"first at index {list(first)}; this model accepts finite values only",
-        )
-
-
-def _check_spec(tensor: Tensor, spec: TensorSpec) -> None:
-    if tensor.datatype != spec.datatype:
-        if spec.datatype == BYTES:
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"input {spec.name!r} has datatype {tensor.datatype}; expected {spec.describe()} "
-                "(strings: each a 4-byte little-endian length, then UTF-8 bytes)",
-            )
-        raise RequestError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"input {spec.name!r} has datatype {tensor.datatype}; expected {spec.describe()}",
-        )
-    shape = tensor.shape
-    if (
-        len(shape) != len(spec.shape)
-        or shape[0] < 1
-        or any(want not in (-1, got) for want, got in zip(spec.shape[1:], shape[1:], strict=True))
-    ):
-        raise RequestError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"input {spec.name!r} has shape {list(shape)}; expected {spec.describe()} "
-            "(-1 is any size, the first dimension is the batch and must be at least 1)",
-        )

@@ -1,0 +1,83 @@
+"""A batch between host and device memory: its arguments to the device, its outputs back.
+
+On a GPU a batch is assembled in page-locked host memory (:func:`pinned`) and copied on the
+calling thread's copy stream without blocking (:func:`to_device`), so the copy overlaps the
+compute of the batch before it; the compute stream waits on the copy's event
+(:class:`Staged`). Outputs come back with one wait per batch (:func:`to_host`). On the CPU
+the arrays are used where they are. These are the upload and download ends of
+:class:`~worker.model.LoadedModel`'s three steps.
+
+Blocking calls, no Kafka, no asyncio.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+__all__ = ["Staged", "pinned", "to_device", "to_host", "torch_dtype_of"]
+
+
+@dataclass(slots=True)
+class Staged:
+    """A batch's program arguments on its device (the copy may still be under way)."""
+
+    args: list[torch.Tensor]
+    ready: torch.cuda.Event | None = None
+    """CUDA: recorded on the copy stream after the copies; the compute stream waits on it."""
+    host: list[torch.Tensor] = field(default_factory=list)
+    """CUDA: the pinned host buffers, kept alive until the copies are done."""
+
+
+def to_device(values: Sequence[Any], device: torch.device) -> Staged:
+    """Arrays to ``device``: on a GPU, copied on the thread's copy stream (not waited for)."""
+    host = [torch.from_numpy(_writable(np.asarray(v))) for v in values]
+    if device.type != "cuda":
+        return Staged(host)
+    with torch.cuda.stream(_copy_stream(device)):
+        args = [t.to(device, non_blocking=True) for t in host]
+        ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        ready.record()
+    return Staged(args, ready, host)
+
+
+def to_host(tensors: Sequence[torch.Tensor], device: torch.device) -> tuple[npt.NDArray[Any], ...]:
+    """Tensors on ``device`` as host arrays (on a GPU: one wait for the whole batch)."""
+    if device.type == "cuda":
+        tensors = [t.to("cpu", non_blocking=True) for t in tensors]
+        torch.cuda.current_stream(device).synchronize()
+    return tuple(t.detach().cpu().numpy() for t in tensors)
+
+
+_streams = threading.local()
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """The calling thread's stream for host-to-device copies (so they overlap compute)."""
+    stream: torch.cuda.Stream | None = getattr(_streams, "copy", None)
+    if stream is None:
+        stream = _streams.copy = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+    return stream
+
+
+def pinned(shape: tuple[int, ...], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+    """An uninitialised array in page-locked host memory (fast, non-blocking copies)."""
+    return torch.empty(shape, dtype=torch_dtype_of(dtype), pin_memory=True).numpy()
+
+
+def torch_dtype_of(dtype: np.dtype[Any]) -> torch.dtype:
+    """The torch dtype of a numpy dtype."""
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
+def _writable(array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Torch wants writable memory; a lone request's array is a read-only view of its bytes."""
+    if array.flags.writeable and array.flags.c_contiguous:
+        return array
+    return np.array(array, order="C")
