@@ -18,18 +18,16 @@ truncated, and the string counts as truncated exactly when the whole string woul
 (``tests/test_text_bounds.py``). Reading stops early, and the string counts as truncated, only
 after :attr:`TextEncoder.read_bytes`, or at a piece that is one word from start to end (a run
 of ``cut_bytes`` without whitespace or punctuation that the tokenizer reads as one word).
+Those bounds, and where a string is cut into pieces, are :mod:`worker.text_reading`; here, the
+tokenizer itself and the tokens of each piece.
 
 Nothing here touches Kafka, asyncio or torch.
 """
 
 from __future__ import annotations
 
-import functools
-import string
-import sys
-import unicodedata
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,17 @@ from tokenizers import Encoding, Tokenizer
 
 from worker.errors import ConfigError, ErrorCode, RequestError, shown
 from worker.model_config import TOKENIZER_FEEDS
+from worker.text_reading import (
+    BYTES_PER_TOKEN,
+    PASS_BYTES,
+    READ_BYTES_PER_TOKEN,
+    Piece,
+    Reading,
+    groups,
+    next_piece,
+    separators_of,
+    transparent,
+)
 
 __all__ = [
     "BYTES_PER_TOKEN",
@@ -56,26 +65,6 @@ and the ``tokenizers.Encoding`` attribute each comes from."""
 
 MAX_TOKENIZER_BYTES = 64 * 1024 * 1024
 """Largest ``tokenizer.json`` loaded (a config file is read as hostile input too)."""
-
-BYTES_PER_TOKEN = 64
-"""The tokenizer sees at most ``max_length`` times this many bytes of one string at once.
-
-Generous for any ordinary text: the longest token in MiniLM's vocabulary is 18 bytes
-("telecommunications"), English prose takes about 4 bytes a token with its space (the bench
-corpus: 3.9), Chinese 3 (one token per character), and WordPiece reads at most 100 characters
-(400 bytes) as one word. So one piece of ``max_length`` x 64 bytes (16 KiB for MiniLM) holds
-``max_length`` tokens of ordinary text many times over, and a long string costs one piece.
-Sparser text (runs of whitespace or of characters the tokenizer drops) is read on, piece by
-piece, up to :data:`READ_BYTES_PER_TOKEN`."""
-
-READ_BYTES_PER_TOKEN = 1024
-"""At most ``max_length`` times this many bytes of one string are read (256 KiB for MiniLM):
-text that holds fewer than ``max_length`` tokens in that much is not prose; what was read is
-used and the string counts as truncated."""
-
-PASS_BYTES = 1024 * 1024
-"""Bytes of strings one ``encode_batch`` call takes (at least one piece): the tokenizer's
-memory grows with what it holds at once (about 32 MiB per MiB of prose, measured)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +113,7 @@ class TextEncoder:
         tokenizer.no_padding()
         tokenizer.no_truncation()  # truncated here, by count: no overflow is ever built
         self._tokenizer = tokenizer
-        self._separators = _separators(tokenizer)
+        self._separators = separators_of(tokenizer)
         """Characters a word always ends before, in this tokenizer's own view."""
         self._template = _template(tokenizer, path)
         self.max_length = max_length
@@ -174,7 +163,7 @@ class TextEncoder:
         Per request (input name, strings): its :class:`Tokenized`, or the
         :class:`RequestError` that refuses it (the others are not affected).
         """
-        readings: list[_Reading] = []
+        readings: list[Reading] = []
         spans: list[tuple[int, int] | RequestError] = []
         for name, strings in requests:
             try:
@@ -183,18 +172,21 @@ class TextEncoder:
                 spans.append(exc)
                 continue
             spans.append((len(readings), len(readings) + len(decoded)))
-            readings += (_Reading(text, size) for text, size in decoded)
+            readings += (Reading(text, size) for text, size in decoded)
         self._read(readings)
         return [
             span if isinstance(span, RequestError) else self._pack(readings[span[0] : span[1]])
             for span in spans
         ]
 
-    def _read(self, readings: Sequence[_Reading]) -> None:
+    def _read(self, readings: Sequence[Reading]) -> None:
         """Tokenise every string: all first pieces, then the next pieces of those not done."""
         active = list(readings)
         while active:
-            for group in _groups([(r, self._next_piece(r)) for r in active]):
+            pieces = [
+                (r, next_piece(r, self.cut_bytes, self._separators, self._added)) for r in active
+            ]
+            for group in groups(pieces):
                 encodings = self._tokenizer.encode_batch(
                     [piece.text for _, piece in group], add_special_tokens=False
                 )
@@ -202,39 +194,7 @@ class TextEncoder:
                     self._take(reading, piece, encoding)
             active = [r for r in active if not r.done]
 
-    def _next_piece(self, reading: _Reading) -> _Piece:
-        """The next piece of a string: the rest if it fits, else up to its last separator."""
-        text, start, cut = reading.text, reading.position, self.cut_bytes
-        if start == 0 and reading.size <= cut:
-            return _Piece(text, len(text), reading.size, "end")
-        window = text[start : start + cut]  # cut characters: at least cut bytes, if there are
-        data = window.encode()
-        if len(data) <= cut:
-            if start + len(window) == len(text):
-                return _Piece(window, len(text), len(data), "end")
-            end = start + len(window)
-        else:
-            end = start + len(data[:cut].decode("utf-8", "ignore"))  # whole characters only
-        split = _last_separator(text, start + 1, end, self._separators)
-        kind = "split" if split > 0 else "word"
-        end = self._clear_of_added(text, start, split if split > 0 else end)
-        piece = text[start:end]
-        return _Piece(piece, end, len(piece.encode()), kind)
-
-    def _clear_of_added(self, text: str, start: int, end: int) -> int:
-        """``end``, or the start of an added token (``[SEP]``, say) that it would cut in two."""
-        moved = True
-        while moved:
-            moved = False
-            for content, normalized in self._added:
-                for i in range(max(start + 1, end - len(content) + 1), end):
-                    got = text[i : i + len(content)]
-                    if got == content or (normalized and got.lower() == content.lower()):
-                        end, moved = i, True
-                        break
-        return end
-
-    def _take(self, reading: _Reading, piece: _Piece, encoding: Encoding) -> None:
+    def _take(self, reading: Reading, piece: Piece, encoding: Encoding) -> None:
         """Keep what a piece's tokens settle; mark the string done when its tokens are known."""
         reading.read += piece.size
         if piece.kind == "word":
@@ -252,7 +212,7 @@ class TextEncoder:
             if reading.read >= self.read_bytes:
                 reading.finish([], truncated=True)
 
-    def _take_word(self, reading: _Reading, piece: _Piece, encoding: Encoding) -> None:
+    def _take_word(self, reading: Reading, piece: Piece, encoding: Encoding) -> None:
         """A piece cut within a run without separators: its last word may go on past the cut."""
         ids = encoding.ids
         need = self.content_length - len(reading.ids)
@@ -273,12 +233,12 @@ class TextEncoder:
         if final:
             # After the last whole word (and any marks that belong to it), up to the next one.
             after = start + max(end for _, end in offsets[:final])
-            while after < piece.end and _transparent(text[after]):
+            while after < piece.end and transparent(text[after]):
                 after += 1
         else:
             # The piece is one word so far: from where that word starts, marks before it too.
             after = start + offsets[0][0]
-            while after > start and _transparent(text[after - 1]):
+            while after > start and transparent(text[after - 1]):
                 after -= 1
         if after == start or reading.read >= self.read_bytes:
             reading.finish(ids[:need], truncated=True)  # one word from start to cut, or read enough
@@ -286,7 +246,7 @@ class TextEncoder:
         reading.ids += ids[:final]
         reading.position = after
 
-    def _pack(self, readings: Sequence[_Reading]) -> Tokenized:
+    def _pack(self, readings: Sequence[Reading]) -> Tokenized:
         template = self._template
         lengths = [len(r.ids) + template.specials for r in readings]
         width = max(lengths)
@@ -306,116 +266,6 @@ class TextEncoder:
             arrays.append(out)
         truncated = sum(1 for r in readings if r.truncated)
         return Tokenized(arrays, lengths, truncated)
-
-
-@dataclass(slots=True)
-class _Reading:
-    """One string being tokenised: where reading goes on, and the tokens settled so far."""
-
-    text: str
-    size: int
-    """Its UTF-8 bytes."""
-    position: int = 0
-    """Character where the next piece starts."""
-    read: int = 0
-    """Bytes given to the tokenizer so far."""
-    ids: list[int] = field(default_factory=list)
-    truncated: bool = False
-    done: bool = False
-
-    def finish(self, ids: list[int], *, truncated: bool) -> None:
-        """The last tokens are known."""
-        self.ids += ids
-        self.truncated = truncated
-        self.done = True
-
-
-@dataclass(frozen=True, slots=True)
-class _Piece:
-    text: str
-    end: int
-    """Character of the string where the piece ends."""
-    size: int
-    """UTF-8 bytes."""
-    kind: str
-    """``end`` (the rest of the string), ``split`` (ends before whitespace or punctuation), or
-    ``word`` (cut within a run of ``cut_bytes`` without either: its last word may go on)."""
-
-
-def _groups(pieces: list[tuple[_Reading, _Piece]]) -> Iterator[list[tuple[_Reading, _Piece]]]:
-    """Consecutive pieces of at most :data:`PASS_BYTES` together (at least one)."""
-    group: list[tuple[_Reading, _Piece]] = []
-    size = 0
-    for item in pieces:
-        if group and size + item[1].size > PASS_BYTES:
-            yield group
-            group, size = [], 0
-        group.append(item)
-        size += item[1].size
-    if group:
-        yield group
-
-
-def _last_separator(text: str, low: int, high: int, separators: frozenset[str]) -> int:
-    """The last index from ``low`` to ``high`` (included) of one of ``separators``; -1."""
-    space = text.rfind(" ", low, high + 1) if " " in separators else -1
-    for i in range(high, max(space, low - 1), -1):
-        if text[i] in separators:
-            return i
-    return space
-
-
-def _separators(tokenizer: Tokenizer) -> frozenset[str]:
-    """Whitespace and punctuation this tokenizer itself always splits a word at.
-
-    Probed, not assumed: which characters count as punctuation depends on the Unicode tables
-    the tokenizer was built with, older than Python's (U+2E4F is punctuation to Python, not to
-    tokenizers 0.23, so a cut there would split a word the whole string keeps). A candidate
-    counts if, between two letters, the normalizer keeps it apart and the pre-tokenizer ends
-    the first letter's word at it. (A piece of a long string is cut only before one of these,
-    or else by word ids.)
-    """
-    normalizer, pre = tokenizer.normalizer, tokenizer.pre_tokenizer
-    found = []
-    for char in _candidates():
-        probe = f"a{char}b"
-        normal = normalizer.normalize_str(probe) if normalizer is not None else probe
-        words = [w for w, _ in pre.pre_tokenize_str(normal)] if pre is not None else [normal]
-        if len(words) >= 2 and words[0] == "a" and words[-1] == "b":  # noqa: PLR2004
-            found.append(char)
-    return frozenset(found)
-
-
-@functools.cache
-def _candidates() -> tuple[str, ...]:
-    """ASCII whitespace and punctuation, and Python's Unicode spaces and punctuation."""
-    unicode = (
-        chr(c)
-        for c in range(0x80, sys.maxunicode + 1)
-        if unicodedata.category(chr(c)) in _SEPARATING_CATEGORIES
-    )
-    return (*" \t\n\r", *string.punctuation, *unicode)
-
-
-_SEPARATING_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po"})
-
-
-def _transparent(char: str) -> bool:
-    """A character that never ends a word: one BERT's normalizer drops, or a combining mark.
-
-    Only looked at between a word's last token and the next separator, or between the piece's
-    start and its one word: where the tokenizer made no token of it, so it cannot be a word's.
-    """
-    if char in "\t\n\r":
-        return False
-    return (
-        unicodedata.combining(char) != 0
-        or unicodedata.category(char) in _DROPPED_CATEGORIES
-        or char == "\ufffd"
-    )
-
-
-_DROPPED_CATEGORIES = frozenset({"Mn", "Cc", "Cf", "Co", "Cs"})
 
 
 def _template(tokenizer: Tokenizer, path: Path) -> _Template:
