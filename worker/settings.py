@@ -2,7 +2,9 @@
 
 Every field maps to an environment variable with the prefix ``WORKER_`` and ``__`` between
 nested names, e.g. ``WORKER_KAFKA__BOOTSTRAP_SERVERS`` or ``WORKER_BATCHING__MAX_BATCH_SIZE``.
-No other module reads the environment.
+No other module reads the environment. :class:`Settings` is composed of one section per
+prefix: the Kafka section is :mod:`worker.kafka_settings`, the HTTP, REST and gRPC endpoints'
+:mod:`worker.endpoint_settings` (both re-exported here), the others are defined here.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -25,13 +27,14 @@ from pydantic import (
 from pydantic_settings import (
     BaseSettings,
     NestedSecretsSettingsSource,
-    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
+from worker.config_sections import MAX_INSTANCES, Execution, check_device
+from worker.endpoint_settings import EndpointSettings, GrpcSettings, HttpSettings, RestSettings
 from worker.errors import ConfigError
-from worker.model_config import MAX_INSTANCES, Execution, check_device
+from worker.kafka_settings import ENCRYPTED_PROTOCOLS, KafkaSettings
 
 __all__ = [
     "ENCRYPTED_PROTOCOLS",
@@ -52,107 +55,13 @@ __all__ = [
     "env_var_names",
     "env_vars",
     "load_settings",
+    "redacted_url",
     "unknown_env_vars",
 ]
 
 ENV_PREFIX = "WORKER_"
 SECRETS_DIR_VAR = "WORKER_SECRETS_DIR"
 """Names a folder whose files set settings: file ``WORKER_KAFKA__SASL_PASSWORD`` sets that one."""
-ENCRYPTED_PROTOCOLS = ("SSL", "SASL_SSL")
-
-
-class KafkaSettings(BaseModel):
-    """Where the broker is, which topics and group the worker uses, and client tuning."""
-
-    enabled: bool = True
-    """Serve the requests topic; off: REST and/or gRPC only (no broker needed)."""
-    bootstrap_servers: str = "127.0.0.1:9092"
-    """Comma-separated ``host:port`` list of brokers."""
-    client_id: str = "inference-worker"
-    group_id: str = "inference-workers"
-    """Consumer group shared by all workers serving the same requests topic."""
-    requests_topic: str = "inference.requests"
-    replies_topic: str = "inference.replies"
-    """Default reply topic; a request's ``reply_to`` header overrides it."""
-    dead_letter_topic: str = "inference.dlq"
-    """Where records that cannot be decoded, or whose reply cannot be published, are copied."""
-    reply_topics: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """Topics a request may name in ``reply_to`` besides ``replies_topic``: names, or prefixes
-    ending in ``*``; comma-separated in the environment. The requests, dead-letter and audit
-    topics are never allowed."""
-    manage_topics: bool = True
-    """Create missing topics at start; false: managed elsewhere, a missing topic is an error."""
-    topic_partitions: int = Field(default=6, ge=1)
-    """Partitions for topics the worker creates; it bounds how many workers share the load."""
-    topic_replication_factor: int = Field(default=1, ge=1)
-    session_timeout_ms: int = Field(default=10_000, ge=1)
-    heartbeat_interval_ms: int = Field(default=3_000, ge=1)
-    max_poll_interval_ms: int = Field(default=300_000, ge=1)
-    request_timeout_ms: int = Field(default=30_000, ge=1)
-    fetch_max_records: int = Field(default=500, ge=1)
-    """Most records taken from the consumer in one fetch round."""
-    linger_ms: int = Field(default=0, ge=0)
-    """How long the producer waits to fill a batch; 0: replies are batched by the worker."""
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    """``SSL``: TLS; ``SASL_SSL``: TLS plus SASL authentication; ``SASL_PLAINTEXT``: no TLS."""
-    refuse_plaintext: bool = False
-    """Refuse to start unless ``security_protocol`` is ``SSL`` or ``SASL_SSL``."""
-    ssl_cafile: FilePath | None = None
-    """PEM file of the CA(s) that signed the brokers' certificates (unset: the system's CAs)."""
-    ssl_certfile: FilePath | None = None
-    """PEM client certificate (chain) for mutual TLS; may also hold the key."""
-    ssl_keyfile: FilePath | None = None
-    """PEM private key of ``ssl_certfile``."""
-    ssl_key_password: SecretStr | None = None
-    """Password of an encrypted ``ssl_keyfile``."""
-    ssl_check_hostname: bool = True
-    """Check that the broker's certificate names the host connected to."""
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    """Required with ``SASL_*`` protocols."""
-    sasl_username: SecretStr | None = None
-    sasl_password: SecretStr | None = None
-    """Never logged or shown; best set through a file in ``WORKER_SECRETS_DIR``."""
-
-    @field_validator("reply_topics", mode="before")
-    @classmethod
-    def _split_reply_topics(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
-    @model_validator(mode="after")
-    def _check_security(self) -> KafkaSettings:
-        protocol = self.security_protocol
-        if self.refuse_plaintext and protocol not in ENCRYPTED_PROTOCOLS:
-            raise ValueError(
-                f"security_protocol={protocol} sends data unencrypted and refuse_plaintext is "
-                "set; use SSL or SASL_SSL"
-            )
-        tls = {
-            "ssl_cafile": self.ssl_cafile,
-            "ssl_certfile": self.ssl_certfile,
-            "ssl_keyfile": self.ssl_keyfile,
-            "ssl_key_password": self.ssl_key_password,
-        }
-        given = sorted(name for name, value in tls.items() if value is not None)
-        if given and protocol not in ENCRYPTED_PROTOCOLS:
-            raise ValueError(
-                f"{', '.join(given)} set, but security_protocol={protocol} does not use TLS"
-            )
-        if self.ssl_keyfile is not None and self.ssl_certfile is None:
-            raise ValueError("ssl_keyfile needs ssl_certfile (the certificate of that key)")
-        sasl = {
-            "sasl_mechanism": self.sasl_mechanism,
-            "sasl_username": self.sasl_username,
-            "sasl_password": self.sasl_password,
-        }
-        if protocol.startswith("SASL_"):
-            missing = sorted(name for name, value in sasl.items() if value is None)
-            if missing:
-                raise ValueError(f"security_protocol={protocol} needs {', '.join(missing)}")
-        elif any(value is not None for value in sasl.values()):
-            raise ValueError(f"sasl_* settings set, but security_protocol={protocol} has no SASL")
-        return self
 
 
 class BatchingSettings(BaseModel):
@@ -235,72 +144,7 @@ class RuntimeSettings(BaseModel):
     """No progress for this long while there is work: exit non-zero. 0 disables the watchdog."""
 
 
-class HttpSettings(BaseModel):
-    """The metrics and health endpoint."""
-
-    enabled: bool = True
-    host: str = "0.0.0.0"  # noqa: S104 - probes and Prometheus reach a container from outside
-    port: int = Field(default=9464, ge=0, le=65535)
-    """``/metrics``, ``/healthz``, ``/readyz``; 0 picks a free port."""
-
-
-class EndpointSettings(BaseModel):
-    """An Open Inference Protocol endpoint (REST or gRPC): off unless enabled."""
-
-    enabled: bool = False
-    host: str = "0.0.0.0"  # noqa: S104 - callers reach a container from outside
-    port: int = Field(default=0, ge=0, le=65535)
-    """0 picks a free port (tests)."""
-    cert_file: FilePath | None = None
-    """PEM server certificate: serve TLS (with ``key_file``)."""
-    key_file: FilePath | None = None
-    client_ca_file: FilePath | None = None
-    """PEM CA of client certificates: mutual TLS, a client without one is refused."""
-    token: SecretStr | None = None
-    """Bearer token every call must carry (``authorization: Bearer ...``), best from the
-    secrets folder; health checks excepted. None: no token asked."""
-    request_timeout_s: float = Field(default=60.0, gt=0)
-    """How long a request without a deadline may wait for its answer (its body's arrival
-    included, over REST)."""
-    max_request_bytes: int | None = Field(default=None, ge=1)
-    """Most bytes of one request as received: a REST body (after any Content-Encoding), a gRPC
-    message; a larger one is refused before it is read (413 / RESOURCE_EXHAUSTED). None:
-    ``runtime.max_request_bytes``, filled in when :class:`Settings` is built."""
-
-    @model_validator(mode="after")
-    def _tls(self) -> EndpointSettings:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together (TLS)")
-        if self.client_ca_file is not None and self.cert_file is None:
-            raise ValueError("client_ca_file (mutual TLS) needs cert_file and key_file")
-        return self
-
-    @property
-    def secured(self) -> bool:
-        """Clients are authenticated (a token, or client certificates) over TLS."""
-        return self.cert_file is not None and (
-            self.token is not None or self.client_ca_file is not None
-        )
-
-
 Endpoint = TypeVar("Endpoint", bound=EndpointSettings)
-
-
-class RestSettings(EndpointSettings):
-    """KServe V2 REST (``/v2/...``), on Triton's default HTTP port."""
-
-    port: int = Field(default=8000, ge=0, le=65535)
-    max_connections: int = Field(default=256, ge=1)
-    """Most open connections (HTTP/1.1: each carries one request at a time); one more is
-    answered 503 and closed."""
-
-
-class GrpcSettings(EndpointSettings):
-    """``inference.GRPCInferenceService``, on Triton's default gRPC port."""
-
-    port: int = Field(default=8001, ge=0, le=65535)
-    max_concurrent_rpcs: int = Field(default=512, ge=1)
-    """Most calls being served at once; one more is refused RESOURCE_EXHAUSTED at once."""
 
 
 class AuditSettings(BaseModel):
