@@ -30,9 +30,8 @@ from typing import Any
 import grpc
 
 from worker.direct import Direct
-from worker.errors import DecodeError
-from worker.oip import pb, pb_grpc
-from worker.rest import (
+from worker.endpoint_settings import EndpointSettings, GrpcSettings
+from worker.endpoints import (
     EXTENSIONS,
     SERVER_NAME,
     V2Api,
@@ -40,7 +39,8 @@ from worker.rest import (
     request_bytes,
     warn_if_open,
 )
-from worker.settings import EndpointSettings, GrpcSettings
+from worker.errors import DecodeError
+from worker.oip import pb, pb_grpc
 from worker.v2proto import request_from_message, response_message
 
 __all__ = ["serve_grpc"]
