@@ -12,10 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.admission import Admitted, Answered, Limits, admit, check_limits
+from worker.answers import UNSERVED
 from worker.codec import decode_response, encode_request
 from worker.domain import InferenceRequest, Tensor
 from worker.errors import RequestError
-from worker.outgoing import DLQ_HEADER_PREFIX, UNSERVED, Destinations, Outgoing, Source
+from worker.formats import PLAIN
+from worker.origins import Call, Record
+from worker.outgoing import DLQ_HEADER_PREFIX, Destinations, Outgoing, messages
 from worker.repository import ModelRepository
 from worker.v2 import MAX_ID_BYTES
 
@@ -28,8 +31,8 @@ ROW = np.arange(64, dtype=np.float32)[None] % 17
 
 def record(
     value: bytes | None, headers: list[tuple[str, bytes]] | None = None, timestamp: int = 1_000
-) -> Source:
-    return Source(TopicPartition("requests", 0), 5, b"key", value, headers or [], timestamp)
+) -> Record:
+    return Record(TopicPartition("requests", 0), 5, b"key", value, headers or [], timestamp)
 
 
 def request(
@@ -44,20 +47,24 @@ def request(
 
 
 def answered(outcome: Admitted | Answered) -> list[Outgoing]:
+    """What is published for a record answered at admission (its reply, dead-letter copy)."""
     assert isinstance(outcome, Answered), outcome
-    return outcome.outgoing
+    return [m for answer in outcome.answers for m in messages(DEST, PLAIN, answer)]
 
 
 def error_of(outcome: Admitted | Answered) -> tuple[str, str]:
-    [message] = answered(outcome)
-    response = decode_response(message.value or b"")
-    assert response.error is not None
-    return response.error.code, response.error.message
+    """The code and message of the one error reply a request got at admission."""
+    assert isinstance(outcome, Answered), outcome
+    [answer] = outcome.answers
+    assert answer.failed is None
+    assert answer.response is not None
+    assert answer.response.error is not None
+    return answer.response.error.code, answer.response.error.message
 
 
 def test_a_valid_request_becomes_a_job_for_its_version(repository: ModelRepository) -> None:
     """Decoded, routed to the default version, validated into arrays, no shadow."""
-    outcome = admit(record(request()), repository, LIMITS, DEST, now=42.0)
+    outcome = admit(record(request()), repository, LIMITS, DEST, PLAIN, now=42.0)
     assert isinstance(outcome, Admitted)
     job = outcome.job
     assert outcome.shadow is None
@@ -71,7 +78,7 @@ def test_a_valid_request_becomes_a_job_for_its_version(repository: ModelReposito
 
 def test_a_named_version_is_served(repository: ModelRepository) -> None:
     """A request naming v1 gets v1."""
-    outcome = admit(record(request(version="1")), repository, LIMITS, DEST, now=0.0)
+    outcome = admit(record(request(version="1")), repository, LIMITS, DEST, PLAIN, now=0.0)
     assert isinstance(outcome, Admitted)
     assert outcome.job.model.version == "1"
 
@@ -79,8 +86,8 @@ def test_a_named_version_is_served(repository: ModelRepository) -> None:
 def test_deadline_from_the_request_or_the_default_timeout(repository: ModelRepository) -> None:
     """deadline_ms wins; without it, the record timestamp plus default_timeout_ms; else none."""
     timed = Limits(4 << 20, 1_000_000, default_timeout_ms=250)
-    own = admit(record(request(deadline_ms=9_999)), repository, timed, DEST, now=0.0)
-    default = admit(record(request(), timestamp=1_000), repository, timed, DEST, now=0.0)
+    own = admit(record(request(deadline_ms=9_999)), repository, timed, DEST, PLAIN, now=0.0)
+    default = admit(record(request(), timestamp=1_000), repository, timed, DEST, PLAIN, now=0.0)
     assert isinstance(own, Admitted)
     assert isinstance(default, Admitted)
     assert own.job.deadline_ms == 9_999
@@ -111,7 +118,7 @@ def test_requests_that_cannot_be_served_are_answered_with_a_code(
     repository: ModelRepository, value: bytes, code: str, words: str
 ) -> None:
     """Unknown model or version, wrong tensors: one error reply with its code, no job."""
-    outcome = admit(record(value), repository, LIMITS, DEST, now=0.0)
+    outcome = admit(record(value), repository, LIMITS, DEST, PLAIN, now=0.0)
     got_code, message = error_of(outcome)
     assert got_code == code
     assert words in message
@@ -121,11 +128,11 @@ def test_limits_answer_resource_exhausted(repository: ModelRepository) -> None:
     """Over the byte limit or the element limit: RESOURCE_EXHAUSTED naming the setting."""
     value = request()
     small = Limits(max_request_bytes=len(value) - 1, max_request_elements=1_000_000)
-    code, message = error_of(admit(record(value), repository, small, DEST, now=0.0))
+    code, message = error_of(admit(record(value), repository, small, DEST, PLAIN, now=0.0))
     assert code == "RESOURCE_EXHAUSTED"
     assert "MAX_REQUEST_BYTES" in message
     few = Limits(max_request_bytes=4 << 20, max_request_elements=63)
-    code, message = error_of(admit(record(value), repository, few, DEST, now=0.0))
+    code, message = error_of(admit(record(value), repository, few, DEST, PLAIN, now=0.0))
     assert code == "RESOURCE_EXHAUSTED"
     assert "MAX_REQUEST_ELEMENTS" in message
 
@@ -134,12 +141,12 @@ def test_undecodable_record_is_dead_lettered_and_answered_if_it_has_an_id(
     repository: ModelRepository,
 ) -> None:
     """Garbage goes to the DLQ; with a correlation_id header, the caller gets an error too."""
-    [copy] = answered(admit(record(b"\xc3\x01garbage"), repository, LIMITS, DEST, now=0.0))
+    [copy] = answered(admit(record(b"\xc3\x01garbage"), repository, LIMITS, DEST, PLAIN, now=0.0))
     assert copy.is_dead_letter
     assert copy.topic == "dlq"
     assert dict(copy.headers)[DLQ_HEADER_PREFIX + "stage"] == b"DECODE"
     headers = [("correlation_id", b"c-9")]
-    copy, error = answered(admit(record(b"", headers), repository, LIMITS, DEST, now=0.0))
+    copy, error = answered(admit(record(b"", headers), repository, LIMITS, DEST, PLAIN, now=0.0))
     assert copy.is_dead_letter
     assert error.topic == "replies"
     response = decode_response(error.value or b"")
@@ -170,8 +177,8 @@ def test_text_requests_are_tokenised_at_admission_unless_the_worker_defers_it(
     del text_repository  # fails the test loudly when MiniLM is not exported
     repository = text_shadowed(tmp_path)
     value = request("t-1", "minilm", tensors=[Tensor.from_strings("text", ["hello there"])])
-    now = admit(record(value), repository, LIMITS, DEST, now=0.0)
-    later = admit(record(value), repository, LIMITS, DEST, now=0.0, tokenize=False)
+    now = admit(record(value), repository, LIMITS, DEST, PLAIN, now=0.0)
+    later = admit(record(value), repository, LIMITS, DEST, PLAIN, now=0.0, tokenize=False)
     assert isinstance(now, Admitted)
     assert isinstance(later, Admitted)
     assert now.shadow is not None
@@ -193,7 +200,7 @@ def test_strings_the_primary_refuses_are_answered_when_a_shadow_is_configured(
     del text_repository
     repository = text_shadowed(tmp_path)
     bad = request("t-2", "minilm", tensors=[Tensor.from_strings("text", [b"\xff"])])
-    code, message = error_of(admit(record(bad), repository, LIMITS, DEST, now=0.0))
+    code, message = error_of(admit(record(bad), repository, LIMITS, DEST, PLAIN, now=0.0))
     assert code == "INVALID_ARGUMENT"
     assert "not UTF-8" in message
 
@@ -202,7 +209,7 @@ def test_shadow_copy_only_for_requests_naming_no_version(repo_dir: Path) -> None
     """With shadow = 2: unnamed requests get a shadow copy sharing one comparison."""
     configure(repo_dir, "digits", '[routing]\ndefault_version = "1"\nshadow = "2"')
     repository = ModelRepository.load(repo_dir)
-    outcome = admit(record(request()), repository, LIMITS, DEST, now=0.0)
+    outcome = admit(record(request()), repository, LIMITS, DEST, PLAIN, now=0.0)
     assert isinstance(outcome, Admitted)
     assert outcome.shadow is not None
     assert outcome.job.model.version == "1"
@@ -213,7 +220,7 @@ def test_shadow_copy_only_for_requests_naming_no_version(repo_dir: Path) -> None
     assert comparison is not None
     assert comparison is outcome.shadow.comparison
     assert comparison.output == "label"
-    named = admit(record(request(version="1")), repository, LIMITS, DEST, now=0.0)
+    named = admit(record(request(version="1")), repository, LIMITS, DEST, PLAIN, now=0.0)
     assert isinstance(named, Admitted)
     assert named.shadow is None
 
@@ -222,7 +229,7 @@ def test_no_shadow_onto_the_version_that_answers(repo_dir: Path) -> None:
     """A split that picks the shadow version itself gets no copy (it would compare with itself)."""
     configure(repo_dir, "digits", '[routing]\nsplit = { "2" = 1 }\nshadow = "2"')
     repository = ModelRepository.load(repo_dir)
-    outcome = admit(record(request()), repository, LIMITS, DEST, now=0.0)
+    outcome = admit(record(request()), repository, LIMITS, DEST, PLAIN, now=0.0)
     assert isinstance(outcome, Admitted)
     assert outcome.job.model.version == "2"
     assert outcome.shadow is None
@@ -245,7 +252,7 @@ def test_hostile_shapes_are_answered_quickly_with_a_short_message(
     """Shapes with huge or many dimensions get a coded reply; counting never blows up."""
     tensor = Tensor("pixels", "FP32", tuple(dims), b"\0" * 4)
     got_code, message = error_of(admit(record(request(tensors=[tensor])), repository, LIMITS,
-                                       DEST, now=0.0))  # fmt: skip
+                                       DEST, PLAIN, now=0.0))  # fmt: skip
     assert got_code == code
     assert len(message) < 500
 
@@ -254,14 +261,16 @@ def test_an_empty_id_is_invalid_and_the_reply_carries_the_header_id(
     repository: ModelRepository,
 ) -> None:
     """Five zero bytes decode as a request with no id: INVALID_ARGUMENT, never a NOT_FOUND."""
-    [message] = answered(admit(record(b"\0" * 5), repository, LIMITS, DEST, now=0.0))
+    [message] = answered(admit(record(b"\0" * 5), repository, LIMITS, DEST, PLAIN, now=0.0))
     response = decode_response(message.value or b"")
     assert response.error is not None
     assert response.error.code == "INVALID_ARGUMENT"
     assert "id is empty" in response.error.message
     assert response.id == "", "no header: the reply keeps the (empty) id it was given"
     headers = [("correlation_id", b"from-header")]
-    [message] = answered(admit(record(b"\0" * 5, headers), repository, LIMITS, DEST, now=0.0))
+    [message] = answered(
+        admit(record(b"\0" * 5, headers), repository, LIMITS, DEST, PLAIN, now=0.0)
+    )
     assert decode_response(message.value or b"").id == "from-header"
     assert dict(message.headers)["correlation_id"] == b"from-header"
 
@@ -269,13 +278,13 @@ def test_an_empty_id_is_invalid_and_the_reply_carries_the_header_id(
 def test_request_strings_of_any_length_are_cut_in_messages(repository: ModelRepository) -> None:
     """A megabyte model name or input name is named in the error, cut short."""
     code, message = error_of(admit(record(request(model="m" * 1_000_000)), repository, LIMITS,
-                                   DEST, now=0.0))  # fmt: skip
+                                   DEST, PLAIN, now=0.0))  # fmt: skip
     assert code == "NOT_FOUND"
     assert len(message) < 500
     assert "more characters" in message
     tensor = Tensor.from_numpy("x" * 1_000_000, ROW)
     code, message = error_of(admit(record(request(tensors=[tensor])), repository, LIMITS,
-                                   DEST, now=0.0))  # fmt: skip
+                                   DEST, PLAIN, now=0.0))  # fmt: skip
     assert code == "INVALID_ARGUMENT"
     assert len(message) < 1000
 
@@ -286,14 +295,16 @@ def test_an_id_over_the_bound_is_invalid_and_answered_under_its_first_part(
 ) -> None:
     """Over MAX_ID_BYTES characters: INVALID_ARGUMENT under a cut id, never a megabyte header."""
     long_id = "é" * length
-    [message] = answered(admit(record(request(rid=long_id)), repository, LIMITS, DEST, now=0.0))
+    [message] = answered(
+        admit(record(request(rid=long_id)), repository, LIMITS, DEST, PLAIN, now=0.0)
+    )
     response = decode_response(message.value or b"")
     assert response.error is not None
     assert response.error.code == "INVALID_ARGUMENT"
     assert f"request id is {length} characters" in response.error.message
     assert response.id == long_id[:MAX_ID_BYTES]
     assert len(dict(message.headers)["correlation_id"]) <= 4 * MAX_ID_BYTES
-    ok = admit(record(request(rid="é" * MAX_ID_BYTES)), repository, LIMITS, DEST, now=0.0)
+    ok = admit(record(request(rid="é" * MAX_ID_BYTES)), repository, LIMITS, DEST, PLAIN, now=0.0)
     assert isinstance(ok, Admitted), "an id of exactly the bound is served"
 
 
@@ -303,7 +314,7 @@ def test_an_undecodable_record_is_answered_under_a_bounded_header_id(
     """A megabyte correlation_id header on garbage: the error reply carries its first part."""
     headers = [("correlation_id", b"c" * 1_000_000)]
     copy, error = answered(
-        admit(record(b"\xc3\x01junk", headers), repository, LIMITS, DEST, now=0.0)
+        admit(record(b"\xc3\x01junk", headers), repository, LIMITS, DEST, PLAIN, now=0.0)
     )
     assert copy.is_dead_letter
     assert decode_response(error.value or b"").id == "c" * MAX_ID_BYTES
@@ -315,7 +326,9 @@ def test_a_reply_topic_not_allowed_is_refused_before_the_model_runs(
     """reply_to naming the requests topic: INVALID_ARGUMENT on the default topic, no job."""
     policy = Destinations("replies", "dlq", "g", requests_topic="requests")
     headers = [("reply_to", b"requests")]
-    [message] = answered(admit(record(request(), headers), repository, LIMITS, policy, now=0.0))
+    [message] = answered(
+        admit(record(request(), headers), repository, LIMITS, policy, PLAIN, now=0.0)
+    )
     assert message.topic == "replies"
     response = decode_response(message.value or b"")
     assert response.error is not None
@@ -329,11 +342,13 @@ def test_metric_labels_come_from_the_repository_not_the_request(
     repository: ModelRepository,
 ) -> None:
     """NOT_FOUND is labelled UNSERVED; an invalid request to a served model names its version."""
-    [missing] = answered(admit(record(request(model="x" * 50)), repository, LIMITS, DEST, now=0.0))
+    [missing] = answered(
+        admit(record(request(model="x" * 50)), repository, LIMITS, DEST, PLAIN, now=0.0)
+    )
     assert missing.meta is not None
     assert missing.meta.labels == (UNSERVED, UNSERVED)
     tensor = Tensor.from_numpy("pixels", ROW[:, :3])
-    [invalid] = answered(admit(record(request(tensors=[tensor])), repository, LIMITS, DEST,
+    [invalid] = answered(admit(record(request(tensors=[tensor])), repository, LIMITS, DEST, PLAIN,
                                now=0.0))  # fmt: skip
     assert invalid.meta is not None
     assert invalid.meta.labels == ("digits", "2")
@@ -348,9 +363,9 @@ HYPOTHESIS = settings(
 @given(value=st.one_of(st.none(), st.binary(max_size=512)))
 def test_any_bytes_get_an_outcome(repository: ModelRepository, value: bytes | None) -> None:
     """Whatever the value, admission returns an outcome and never raises."""
-    outcome = admit(record(value), repository, LIMITS, DEST, now=0.0)
+    outcome = admit(record(value), repository, LIMITS, DEST, PLAIN, now=0.0)
     if isinstance(outcome, Answered):
-        assert outcome.outgoing
+        assert outcome.answers
 
 
 DATATYPES = ["FP32", "FP64", "INT64", "INT8", "UINT8", "BOOL", "FP16"]
@@ -382,7 +397,7 @@ def test_structurally_valid_requests_get_an_outcome(  # noqa: PLR0917 - hypothes
     length = min(max(0, math.prod(shape) * size + extra), 1 << 20) if len(shape) < 8 else 4
     tensor = Tensor(name, datatype, tuple(shape), b"\x01" * length)
     value = encode_request(InferenceRequest("id", model, [tensor], version))
-    outcome = admit(record(value), repository, LIMITS, DEST, now=0.0)
+    outcome = admit(record(value), repository, LIMITS, DEST, PLAIN, now=0.0)
     if isinstance(outcome, Answered):
         code, message = error_of(outcome)
         assert code in {"NOT_FOUND", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
@@ -401,7 +416,7 @@ def test_an_unexpected_exception_becomes_a_dead_letter_copy(
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(repository, "route", broken)
-    [copy] = answered(admit(record(request()), repository, LIMITS, DEST, now=0.0))
+    [copy] = answered(admit(record(request()), repository, LIMITS, DEST, PLAIN, now=0.0))
     headers = dict(copy.headers)
     assert copy.is_dead_letter
     assert headers[DLQ_HEADER_PREFIX + "stage"] == b"ADMISSION"
@@ -435,7 +450,7 @@ def test_a_correlation_id_header_that_is_not_utf8_is_still_answered(
 ) -> None:
     """Undecodable or id-less records with a non-UTF-8 correlation_id header get a reply."""
     outgoing = answered(admit(record(value, [("correlation_id", b"\xff\xfe1")]), repository,
-                              LIMITS, DEST, now=0.0))  # fmt: skip
+                              LIMITS, DEST, PLAIN, now=0.0))  # fmt: skip
     replies = [o for o in outgoing if not o.is_dead_letter]
     assert len(replies) == 1
     assert decode_response(replies[0].value or b"").id == "\ufffd\ufffd1"
@@ -448,9 +463,9 @@ def test_a_direct_request_is_held_to_the_byte_limit_by_its_tensors(
     """REST/gRPC requests have no record value: their tensor bytes count against the limit."""
     rows = Tensor.from_numpy("pixels", np.zeros((100, 64), np.float32))
     big = InferenceRequest("d", "digits", [rows])
-    source = Source(TopicPartition("rest", 0), 1, None, None, [], 1_000, request=big)
+    source = Call("rest", 1, big, [], 1_000, lambda _response, _headers: None)
     small = Limits(max_request_bytes=1_000, max_request_elements=1_000_000)
-    code, message = error_of(admit(source, repository, small, DEST, now=0.0))
+    code, message = error_of(admit(source, repository, small, DEST, PLAIN, now=0.0))
     assert code == "RESOURCE_EXHAUSTED"
     assert "request is 25600 bytes" in message
-    assert isinstance(admit(source, repository, LIMITS, DEST, now=0.0), Admitted)
+    assert isinstance(admit(source, repository, LIMITS, DEST, PLAIN, now=0.0), Admitted)

@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from tests.conftest import MODELS, TEXT_MODELS
+from worker.answers import model_response
 from worker.device import is_out_of_memory, resolve_device
 from worker.domain import InferenceRequest, Tensor, Timing
 from worker.errors import ConfigError, ErrorCode, RequestError
 from worker.forward import run_batches, run_isolated, stack_inputs
 from worker.model import LoadedModel, Prepared
 from worker.model_config import DEVICE_PATTERN, Execution, ModelConfig, check_device
-from worker.outgoing import model_response
 from worker.repository import LoadOptions, ModelRepository
 from worker.settings import ModelSettings
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+from aiokafka import TopicPartition
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -18,7 +19,8 @@ import worker.direct
 from worker.direct import Direct
 from worker.domain import InferenceRequest, InferenceResponse, Tensor, Timing
 from worker.errors import DecodeError
-from worker.outgoing import Source
+from worker.inflight import InFlight
+from worker.origins import Call
 from worker.v2json import (
     decode_json_request,
     encode_rest_response,
@@ -30,37 +32,42 @@ REQUEST = InferenceRequest("", "digits", [Tensor.from_numpy("pixels", ROW)])
 
 
 class Answering:
-    """A dispatch that answers each source at once, and remembers them."""
+    """A dispatch that answers each call at once, and remembers them."""
 
     def __init__(self, answer: bool = True) -> None:
-        self.sources: list[Source] = []
+        self.calls: list[Call] = []
         self.answer = answer
         self.arrived = asyncio.Event()
 
-    def __call__(self, source: Source) -> None:
-        self.sources.append(source)
+    def __call__(self, call: Call) -> None:
+        self.calls.append(call)
         self.arrived.set()
-        assert source.request is not None
-        assert source.respond is not None
         if self.answer:
-            source.respond(InferenceResponse(source.request.id, "digits", "1"), [("t", b"1")])
+            call.respond(InferenceResponse(call.request.id, "digits", "1"), [("t", b"1")])
 
 
-async def test_a_direct_request_is_a_source_answered_through_its_caller() -> None:
-    """The request travels as a source of its transport; an id and a deadline are set."""
+def bounded(limit: int, records: int = 0) -> InFlight:
+    """An in-flight bound of ``limit`` with ``records`` Kafka records already in flight."""
+    in_flight = InFlight(limit)
+    for offset in range(records):
+        in_flight.records.track(TopicPartition("requests", 0), offset)
+    return in_flight
+
+
+async def test_a_direct_request_is_a_call_answered_through_its_caller() -> None:
+    """The request travels as a call of its transport; an id and a deadline are set."""
     dispatch = Answering()
-    direct = Direct(dispatch, records_in_flight=lambda: 0, max_in_flight=10)
+    direct = Direct(dispatch, bounded(10))
     before = int(time.time() * 1000)
     answer = await direct.infer("grpc", REQUEST, [("traceparent", b"x")], timeout_s=2.0)
     response = answer.response
     assert answer.header("t") == "1", "the reply's headers come with it"
-    [source] = dispatch.sources
-    assert source.tp.topic == "grpc"
-    assert source.request is not None
-    assert source.request.id, "an id was made up"
-    assert response.id == source.request.id
-    assert source.headers == [("traceparent", b"x")]
-    deadline = source.request.deadline_ms
+    [call] = dispatch.calls
+    assert call.transport == "grpc"
+    assert call.request.id, "an id was made up"
+    assert response.id == call.request.id
+    assert call.headers == [("traceparent", b"x")]
+    deadline = call.request.deadline_ms
     assert deadline is not None
     assert before + 2000 <= deadline <= int(time.time() * 1000) + 2000
     assert direct.pending == 0
@@ -69,17 +76,17 @@ async def test_a_direct_request_is_a_source_answered_through_its_caller() -> Non
 async def test_over_the_bound_or_while_stopping_nothing_is_dispatched() -> None:
     """Records and direct requests share the bound; refusals come at once, with codes."""
     dispatch = Answering()
-    full = Direct(dispatch, records_in_flight=lambda: 10, max_in_flight=10)
+    full = Direct(dispatch, bounded(10, records=10))
     refused = (await full.infer("rest", REQUEST)).response
     assert refused.error is not None
     assert refused.error.code == "RESOURCE_EXHAUSTED"
     assert full.room() == 0
-    stopping = Direct(dispatch, records_in_flight=lambda: 0, max_in_flight=10)
+    stopping = Direct(dispatch, bounded(10))
     stopping.closing = True
     closed = (await stopping.infer("rest", REQUEST)).response
     assert closed.error is not None
     assert closed.error.code == "UNAVAILABLE"
-    assert dispatch.sources == []
+    assert dispatch.calls == []
 
 
 async def test_a_request_nobody_answers_times_out_with_a_deadline_error(
@@ -87,22 +94,21 @@ async def test_a_request_nobody_answers_times_out_with_a_deadline_error(
 ) -> None:
     """No answer within the wait: DEADLINE_EXCEEDED; the place is held until the answer comes."""
     dispatch = Answering(answer=False)
-    direct = Direct(dispatch, records_in_flight=lambda: 0, max_in_flight=10)
+    direct = Direct(dispatch, bounded(10))
     monkeypatch.setattr(worker.direct, "GRACE_S", 0.0)
     response = (await direct.infer("rest", REQUEST, timeout_s=0.05)).response
     assert response.error is not None
     assert response.error.code == "DEADLINE_EXCEEDED"
     assert direct.pending == 1, "its job is still queued: it still counts"
-    [source] = dispatch.sources
-    assert source.respond is not None
-    source.respond(InferenceResponse("late", "digits", "1"), [])
+    [call] = dispatch.calls
+    call.respond(InferenceResponse("late", "digits", "1"), [])
     assert direct.pending == 0
 
 
 async def test_a_place_is_given_back_once_by_whoever_ends_the_request() -> None:
     """Not dispatched: release() gives it back; dispatched: only the answer does, once."""
     dispatch = Answering(answer=False)
-    direct = Direct(dispatch, records_in_flight=lambda: 0, max_in_flight=2)
+    direct = Direct(dispatch, bounded(2))
     unread = direct.take()
     assert unread is not None
     with unread:  # e.g. a body over the bound: refused before dispatch
@@ -118,10 +124,9 @@ async def test_a_place_is_given_back_once_by_whoever_ends_the_request() -> None:
         waiting = asyncio.create_task(direct.infer("rest", REQUEST, timeout_s=30, place=first))
         await dispatch.arrived.wait()
     assert direct.pending == 1, "dispatched: leaving the with block keeps it"
-    [source] = dispatch.sources
-    assert source.respond is not None
-    source.respond(InferenceResponse("x", "digits", "1"), [])
-    source.respond(InferenceResponse("x", "digits", "1"), [])
+    [call] = dispatch.calls
+    call.respond(InferenceResponse("x", "digits", "1"), [])
+    call.respond(InferenceResponse("x", "digits", "1"), [])
     assert direct.pending == 0, "given back once, not twice"
     assert (await waiting).response.id == "x"
     direct.closing = True

@@ -24,9 +24,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from worker.answering import RunAnswers
 from worker.app import Worker
 from worker.client import InferenceClient
-from worker.lanes import Lanes
 from worker.model import LoadedModel
 from worker.oip import pb, pb_grpc
 from worker.repository import ModelRepository
@@ -413,7 +413,7 @@ async def test_a_direct_request_whose_batch_cannot_be_answered_gets_an_internal_
     def broken(*_: Any, **__: Any) -> Any:
         raise RuntimeError("a bug while answering")
 
-    monkeypatch.setattr(Lanes, "_answer", broken)
+    monkeypatch.setattr(RunAnswers, "_answer", broken)
     async with serving(with_endpoints(settings), repository) as worker:
         assert worker.rest_port is not None
         status, body = await asyncio.wait_for(

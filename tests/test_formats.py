@@ -424,9 +424,8 @@ def test_an_undecodable_v2_body_is_answered_in_kind_under_its_own_id(
     body = json.dumps({"id": "j9", "inputs": [
         {"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": [1, 2]}
     ]}).encode()  # fmt: skip
-    outgoing = answered(
-        admit(record(body, [*JSON, ("model_name", b"digits")]), repository, LIMITS, DEST, now=0.0)
-    )
+    request = record(body, [*JSON, ("model_name", b"digits")])
+    outgoing = answered(admit(request, repository, LIMITS, DEST, PLAIN, now=0.0))
     dead, reply = outgoing
     assert dead.topic == "dlq"
     assert reply.topic == "replies"
@@ -443,9 +442,9 @@ def test_a_v2_json_request_is_admitted_like_an_avro_one(repository: ModelReposit
         {"name": "pixels", "datatype": "FP32", "shape": [1, 64], "data": ROW.ravel().tolist()}
     ]}).encode()  # fmt: skip
     outcome = admit(record(body, [*JSON, ("model_name", b"digits")]), repository, LIMITS, DEST,
-                    now=0.0)  # fmt: skip
+                    PLAIN, now=0.0)  # fmt: skip
     same = encode_request(InferenceRequest("j1", "digits", [Tensor.from_numpy("pixels", ROW)]))
-    avro = admit(record(same), repository, LIMITS, DEST, now=0.0)
+    avro = admit(record(same), repository, LIMITS, DEST, PLAIN, now=0.0)
     assert isinstance(outcome, Admitted)
     assert isinstance(avro, Admitted)
     assert outcome.job.request == avro.job.request

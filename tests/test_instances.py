@@ -15,12 +15,14 @@ from aiokafka import TopicPartition
 from tests.test_device import sized_model
 from tests.test_lanes import DEST, make_lanes
 from worker.admission import Admitted, Limits, admit
-from worker.codec import decode_response, encode_request
+from worker.answers import Answer
+from worker.codec import encode_request
 from worker.domain import InferenceRequest, InferenceResponse, Tensor
+from worker.formats import PLAIN
 from worker.instances import Instances, split_threads
 from worker.metrics import Metrics
 from worker.model import LoadedModel
-from worker.outgoing import Outgoing, Source
+from worker.origins import Record
 from worker.repository import ModelRepository, ServedModel
 from worker.settings import BatchingSettings
 
@@ -109,22 +111,28 @@ def blocking_repository(count: int, barrier: threading.Barrier) -> ModelReposito
 
 async def answers_through_lanes(repository: ModelRepository, count: int) -> list[InferenceResponse]:
     """``count`` one-row requests, each its own batch, through lanes; their replies in order."""
-    submitted: list[Outgoing] = []
+    delivered: list[Answer] = []
     limits = Limits(4 << 20, 10**6)
     with ThreadPoolExecutor(1) as shadow:
         async with asyncio.TaskGroup() as group:
             batching = BatchingSettings(max_batch_size=1, max_batch_delay_ms=0)
-            lanes = make_lanes(group, shadow, submitted, batching)
+            lanes = make_lanes(group, shadow, delivered, batching)
             lanes.open(repository)
             for i in range(count):
                 x = Tensor.from_numpy("x", np.full((1, 2), float(i), np.float32))
                 value = encode_request(InferenceRequest(f"r-{i}", "sized", [x]))
-                source = Source(TopicPartition("requests", 0), i, None, value, [], 1_000)
-                outcome = admit(source, repository, limits, DEST, now=0.0)
+                source = Record(TopicPartition("requests", 0), i, None, value, [], 1_000)
+                outcome = admit(source, repository, limits, DEST, PLAIN, now=0.0)
                 assert isinstance(outcome, Admitted)
                 lanes.put(outcome)
             await lanes.drain()
-    return [decode_response(s.value or b"") for s in submitted]
+    replies = []
+    for answer in delivered:
+        assert isinstance(answer.origin, Record)
+        assert answer.response is not None
+        assert answer.response.id == f"r-{answer.origin.offset}", "answered for its own record"
+        replies.append(answer.response)
+    return replies
 
 
 async def test_a_version_with_two_instances_runs_two_batches_at_once() -> None:

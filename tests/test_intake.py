@@ -8,11 +8,12 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from worker.inflight import InFlight
 from worker.intake import Intake
 from worker.metrics import Metrics
-from worker.outgoing import Source
+from worker.origins import Record
+from worker.progress import Progress
 from worker.settings import KafkaSettings, RuntimeSettings
-from worker.supervision import Progress
 
 from .conftest import wait_for
 
@@ -20,7 +21,7 @@ PARTITIONS = [TopicPartition("requests", 0), TopicPartition("requests", 1)]
 
 
 @dataclass
-class Record:
+class ConsumerRecord:
     """The fields of a consumer record that intake reads."""
 
     offset: int
@@ -66,16 +67,16 @@ class FakeConsumer:
         *,
         timeout_ms: int,  # noqa: ARG002 - aiokafka's signature
         max_records: int,
-    ) -> dict[Any, list[Record]]:
+    ) -> dict[Any, list[ConsumerRecord]]:
         self.log.append(("fetch while paused" if self.paused_now else "fetch", max_records))
         await asyncio.sleep(0)
-        out: dict[Any, list[Record]] = {}
+        out: dict[Any, list[ConsumerRecord]] = {}
         budget = max_records
         for tp in PARTITIONS:
             take = min(budget, 3)
             if take and tp not in self.paused_now:
                 first = self.next_offset[tp]
-                out[tp] = [Record(first + i) for i in range(take)]
+                out[tp] = [ConsumerRecord(first + i) for i in range(take)]
                 self.next_offset[tp] = first + take
                 budget -= take
         return out
@@ -87,6 +88,7 @@ def intake_over(consumer: FakeConsumer, max_in_flight: int) -> tuple[Intake, Pro
     intake = Intake(
         KafkaSettings(fetch_max_records=4),
         RuntimeSettings(max_in_flight=max_in_flight),
+        InFlight(max_in_flight),
         metrics=metrics,
         progress=progress,
     )
@@ -94,14 +96,27 @@ def intake_over(consumer: FakeConsumer, max_in_flight: int) -> tuple[Intake, Pro
     return intake, progress, metrics
 
 
+@dataclass
+class Handed:
+    """A scripted pipeline: keeps what intake hands it."""
+
+    records: list[Record]
+
+    def dispatch(self, origin: Record, /) -> None:
+        self.records.append(origin)
+
+    def unparseable(self, record: Record, error: Exception, /) -> None:
+        raise AssertionError(f"no record here is unparseable: {record.where()} {error!r}")
+
+
 async def test_fetching_pauses_every_partition_at_the_bound_and_resumes_when_answered() -> None:
     """At max_in_flight the loop pauses all partitions and stops fetching until replies land."""
     consumer = FakeConsumer()
     intake, progress, metrics = intake_over(consumer, max_in_flight=10)
     stopping = asyncio.Event()
-    handed: list[Source] = []
+    handed: list[Record] = []
     async with asyncio.TaskGroup() as group:
-        group.create_task(intake.consume(stopping, handed.append, lambda _s, _e: None))
+        group.create_task(intake.consume(stopping, Handed(handed)))
         await wait_for(lambda: bool(consumer.paused_now), timeout=5, what="a pause")
         assert len(handed) == 10, "never more than max_in_flight records handed out"
         assert consumer.paused_now == set(PARTITIONS)

@@ -9,11 +9,14 @@ import numpy as np
 from aiokafka import TopicPartition
 
 from worker.admission import Admitted, Limits, admit
-from worker.codec import decode_response, encode_request
+from worker.answers import Answer
+from worker.codec import encode_request
 from worker.domain import InferenceRequest, InferenceResponse, Tensor
+from worker.formats import PLAIN
 from worker.lanes import Lanes
 from worker.metrics import Metrics
-from worker.outgoing import Destinations, Outgoing, Source
+from worker.origins import Record
+from worker.outgoing import Destinations
 from worker.repository import ModelRepository
 from worker.settings import BatchingSettings
 
@@ -23,13 +26,13 @@ DEST = Destinations("replies", "dlq", "g")
 def make_lanes(
     group: asyncio.TaskGroup,
     shadow_pool: ThreadPoolExecutor,
-    submitted: list[Outgoing],
+    delivered: list[Answer],
     batching: BatchingSettings | None = None,
 ) -> Lanes:
-    """Lanes whose answers are collected into ``submitted`` (one torch thread, fresh metrics)."""
+    """Lanes whose answers are collected into ``delivered`` (one torch thread, fresh metrics)."""
     return Lanes(
         group, threads=1, shadow_executor=shadow_pool, batching=batching or BatchingSettings(),
-        destinations=DEST, submit=submitted.extend, metrics=Metrics(), shadow_queue_limit=10,
+        deliver=delivered.extend, metrics=Metrics(), shadow_queue_limit=10,
     )  # fmt: skip
 
 
@@ -37,19 +40,22 @@ async def answer_of(
     request: InferenceRequest, admitted_by: ModelRepository, served: ModelRepository | None
 ) -> InferenceResponse:
     """Admit one request, put it into lanes opened for ``served`` (None: no lane), drain."""
-    source = Source(TopicPartition("requests", 0), 3, None, encode_request(request), [], 1_000)
-    outcome = admit(source, admitted_by, Limits(4 << 20, 10**6), DEST, now=0.0)
+    source = Record(TopicPartition("requests", 0), 3, None, encode_request(request), [], 1_000)
+    outcome = admit(source, admitted_by, Limits(4 << 20, 10**6), DEST, PLAIN, now=0.0)
     assert isinstance(outcome, Admitted)
-    submitted: list[Outgoing] = []
+    delivered: list[Answer] = []
     with ThreadPoolExecutor(1) as pool:
         async with asyncio.TaskGroup() as group:
-            lanes = make_lanes(group, pool, submitted)
+            lanes = make_lanes(group, pool, delivered)
             if served is not None:
                 lanes.open(served)
             lanes.put(outcome)
             await lanes.drain()
-    [answer] = submitted
-    return decode_response(answer.value or b"")
+    [answer] = delivered
+    assert answer.origin is source
+    assert answer.failed is None
+    assert answer.response is not None
+    return answer.response
 
 
 async def test_a_job_whose_version_was_unloaded_meanwhile_is_answered_unavailable(

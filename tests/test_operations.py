@@ -13,12 +13,12 @@ import numpy.typing as npt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from worker.answers import UNSERVED
 from worker.app import Worker
 from worker.client import InferenceClient
 from worker.domain import Tensor
 from worker.kafka import make_producer
 from worker.model import LoadedModel
-from worker.outgoing import UNSERVED
 from worker.repository import ModelRepository
 from worker.settings import Settings
 from worker.supervision import Supervisor

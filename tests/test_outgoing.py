@@ -1,4 +1,4 @@
-"""Unit tests of reply and dead-letter building (worker.outgoing), without a broker."""
+"""Unit tests of what a record's answer publishes (worker.outgoing), without a broker."""
 
 from __future__ import annotations
 
@@ -7,20 +7,27 @@ import json
 from aiokafka import TopicPartition
 from aiokafka.errors import MessageSizeTooLargeError
 
+from worker.answers import (
+    Answer,
+    ReplyMeta,
+    Stage,
+    error_response,
+    expired_response,
+    model_response,
+)
 from worker.codec import decode_response
-from worker.domain import InferenceRequest, Tensor, Timing
+from worker.domain import InferenceRequest, InferenceResponse, Tensor, Timing
 from worker.errors import DecodeError, ErrorCode, RequestError
+from worker.formats import PLAIN
+from worker.origins import Call, Record
 from worker.outgoing import (
     DEAD_LETTER_CLASS_NAME,
     DLQ_HEADER_PREFIX,
     Destinations,
-    Source,
-    Stage,
+    Outgoing,
+    audit_message,
     dead_letter,
-    error_response,
-    expired_response,
-    model_response,
-    reply,
+    messages,
     without_value,
 )
 
@@ -28,10 +35,20 @@ DEST = Destinations("replies", "dlq", "g")
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 
 
-def source(headers: list[tuple[str, bytes]] | None = None, key: bytes | None = b"k") -> Source:
-    return Source(
+def source(headers: list[tuple[str, bytes]] | None = None, key: bytes | None = b"k") -> Record:
+    return Record(
         TopicPartition("requests", 4), 17, key, b"value", headers or [], 1_700_000_000_000
     )
+
+
+def reply(
+    destinations: Destinations,
+    record: Record,
+    response: InferenceResponse,
+    batch_id: str | None = None,
+) -> list[Outgoing]:
+    """What is published for a record answered with ``response``."""
+    return messages(destinations, PLAIN, Answer(record, response, batch_id=batch_id))
 
 
 def request(rid: str = "r-1") -> InferenceRequest:
@@ -43,7 +60,7 @@ def test_dead_letter_copy_keeps_the_record_and_adds_connect_headers() -> None:
     copy = dead_letter(DEST, source([("h", b"1")]), Stage.DECODE, DecodeError("bad bytes"))
     headers = dict(copy.headers)
     assert copy.topic == "dlq"
-    assert (copy.source.key, copy.value) == (b"k", b"value")
+    assert (copy.key, copy.value) == (b"k", b"value")
     assert copy.timestamp_ms == 1_700_000_000_000
     assert copy.is_dead_letter
     assert copy.meta is None
@@ -61,9 +78,9 @@ def test_dead_letter_copy_keeps_the_record_and_adds_connect_headers() -> None:
 
 def test_dead_letter_of_an_empty_record_still_has_a_value() -> None:
     """A record with neither key nor value is copied with an empty value (Kafka needs one)."""
-    empty = Source(TopicPartition("t", 0), 0, None, None, [], 0)
+    empty = Record(TopicPartition("t", 0), 0, None, None, [], 0)
     assert dead_letter(DEST, empty, Stage.DECODE, DecodeError("empty")).value == b""
-    keyed = Source(TopicPartition("t", 0), 0, b"k", None, [], 0)
+    keyed = Record(TopicPartition("t", 0), 0, b"k", None, [], 0)
     assert dead_letter(DEST, keyed, Stage.DECODE, DecodeError("empty")).value is None
 
 
@@ -151,12 +168,44 @@ def test_reply_with_an_audit_topic_adds_its_audit_record() -> None:
     message, audit = reply(destinations, source(), response, batch_id="b-9")
     record = json.loads(audit.value or b"")
     assert audit.topic == "audit"
-    assert audit.source is message.source
+    assert audit.origin is message.origin
     assert record["correlation_id"] == "r-1"
     assert record["batch_id"] == "b-9"
     assert record["outcome"] == "ok"
     assert record["queue_ms"] == 2.0
     assert record["reply_topic"] == "replies"
+
+
+def test_a_failed_answer_is_a_dead_letter_copy_and_a_reply_when_there_is_one() -> None:
+    """A record's failure becomes its dead-letter copy; with a response, its reply follows."""
+    record = source([("h", b"1")])
+    [copy] = messages(DEST, PLAIN, Answer(record, failed=Stage.BATCH, error=ValueError("bug")))
+    assert copy.is_dead_letter
+    assert dict(copy.headers)[DLQ_HEADER_PREFIX + "stage"] == b"BATCH"
+    response = error_response(request(), RequestError(ErrorCode.INVALID_ARGUMENT, "x"))
+    both = messages(DEST, PLAIN, Answer(record, response, failed=Stage.DECODE, error=ValueError()))
+    assert [m.topic for m in both] == ["dlq", "replies"]
+
+
+def test_a_calls_audit_record_names_its_transport_and_no_topic() -> None:
+    """A call's audit record says rest or grpc; topic, partition, offset and reply topic: null."""
+    call = Call("grpc", 7, request(), [], 1_700_000_000_000, lambda _r, _h: None)
+
+    class Handed:
+        origin = call
+        meta = ReplyMeta("digits", "2", "ok", TRACE, None)
+        correlation_id = "r-1"
+        stage = None
+        topic = None
+
+    audit = audit_message(Destinations("replies", "dlq", "g", audit_topic="audit"), Handed())
+    record = json.loads(audit.value or b"")
+    assert audit.topic == "audit"
+    assert audit.key is None
+    assert record["transport"] == "grpc"
+    assert (record["topic"], record["partition"], record["offset"]) == (None, None, None)
+    assert record["reply_topic"] is None
+    assert record["correlation_id"] == "r-1"
 
 
 def test_model_response_is_outputs_or_internal() -> None:
@@ -187,7 +236,7 @@ def test_expired_response_says_by_how_much() -> None:
 
 def test_a_reduced_dead_letter_copy_keeps_context_and_says_what_was_dropped() -> None:
     """Without value and original headers; context kept; sizes and reason in headers."""
-    big = Source(TopicPartition("requests", 1), 9, b"k" * 5000, b"v" * 9000, [("h", b"x" * 7)], 5)
+    big = Record(TopicPartition("requests", 1), 9, b"k" * 5000, b"v" * 9000, [("h", b"x" * 7)], 5)
     copy = dead_letter(DEST, big, Stage.DECODE, DecodeError("bad"))
     reduced = without_value(copy, MessageSizeTooLargeError("too big"))
     headers = dict(reduced.headers)

@@ -1,7 +1,7 @@
 """The whole request path, fed anything: the worker's own stages with a scripted transport.
 
 A :class:`~worker.pipeline.Pipeline` is built exactly as the worker builds it (admission, the
-tokenizer stage, the lanes with the repository's real models, the router) around a real schema
+tokenizer stage, the lanes with the repository's real models) around a real schema
 registry client talking to a small in-process registry. Hypothesis sends batches of records of
 every format: good digits requests, arbitrary bytes under every content type, V2 JSON bodies
 with hostile text, shapes and values, Protobuf messages with any shape, registry-framed records
@@ -22,7 +22,6 @@ import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,21 +31,26 @@ from aiokafka import TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.admission import Limits
 from worker.codec import decode_response, encode_request, schema_text
 from worker.direct import Answer, Direct
 from worker.domain import InferenceRequest, Tensor
 from worker.errors import DecodeError
 from worker.formats import Codecs
-from worker.lanes import Lanes
+from worker.inflight import InFlight
 from worker.metrics import Metrics
 from worker.oip import pb
-from worker.outgoing import Destinations, Outgoing, Source
-from worker.pipeline import Pipeline, router
+from worker.origins import Record
+from worker.outgoing import Destinations, Outgoing
+from worker.pipeline import Pipeline
 from worker.repository import ModelRepository
 from worker.schema_registry import SchemaRegistry
-from worker.settings import BatchingSettings, SchemaRegistrySettings
-from worker.tokenizing import Tokenizing
+from worker.settings import (
+    BatchingSettings,
+    ModelSettings,
+    RuntimeSettings,
+    SchemaRegistrySettings,
+    Settings,
+)
 from worker.v2json import parse_json_body, request_from_body
 
 from .conftest import MODELS
@@ -100,37 +104,29 @@ async def run_batch(
     published: list[Outgoing] = []
     took: list[float] = []
     answers: list[Answer | DecodeError] = []
-    limits = Limits(1 << 20, 100_000, default_timeout_ms=batch.default_timeout_ms)
-    async with registry(batch.writers) as schemas_:
-        destinations = Destinations("replies", "dlq", "g", codecs=Codecs(schemas_))
-        route = router(audit_topic="", acknowledged=lambda _: None, publish=published.extend)
-        with ThreadPoolExecutor(1) as shadow_pool, ThreadPoolExecutor(1) as tokenizer_pool:
-            async with asyncio.TaskGroup() as group:
-                lanes = Lanes(
-                    group, threads=1, shadow_executor=shadow_pool,
-                    batching=BatchingSettings(max_batch_size=16, max_batch_delay_ms=2),
-                    destinations=destinations, submit=route, metrics=Metrics(),
-                    shadow_queue_limit=100,
-                )  # fmt: skip
-                lanes.open(repository)
-                tokenizing = Tokenizing(
-                    tokenizer_pool, forward=lanes.put, answer=route, destinations=destinations
-                )
-                tokenizer = group.create_task(tokenizing.run())
-                pipeline = Pipeline(
-                    lambda: repository, limits, destinations, tokenizing, lanes, route
-                )
-                direct = Direct(pipeline.dispatch, records_in_flight=lambda: 0, max_in_flight=64)
-                await schemas_.prepare([(s.value, s.headers) for s in batch.records])
-                for source in batch.records:
-                    started = time.perf_counter()
-                    pipeline.dispatch(source)
-                    took.append(time.perf_counter() - started)
-                answers = await asyncio.gather(*(ask(direct, body) for body in batch.bodies))
-                tokenizing.close()
-                await tokenizer
-                await lanes.drain()
-            lanes.close()
+    settings_ = Settings(
+        batching=BatchingSettings(max_batch_size=16, max_batch_delay_ms=2),
+        runtime=RuntimeSettings(
+            max_request_bytes=1 << 20, max_request_elements=100_000,
+            default_timeout_ms=batch.default_timeout_ms, max_in_flight=100,
+        ),
+        models=ModelSettings(repository=MODELS, torch_threads=1),
+    )  # fmt: skip
+    async with registry(batch.writers) as schemas_, asyncio.TaskGroup() as group:
+        pipeline = Pipeline(
+            group, settings_, repository=lambda: repository,
+            destinations=Destinations("replies", "dlq", "g"), codecs=Codecs(schemas_),
+            metrics=Metrics(), publish=published.extend, acknowledged=lambda _: None,
+        )  # fmt: skip
+        async with pipeline:
+            direct = Direct(pipeline.dispatch, InFlight(64))
+            await schemas_.prepare([(s.value, s.headers) for s in batch.records])
+            for source in batch.records:
+                started = time.perf_counter()
+                pipeline.dispatch(source)
+                took.append(time.perf_counter() - started)
+            answers = await asyncio.gather(*(ask(direct, body) for body in batch.bodies))
+            await pipeline.drain()
     return published, took, answers
 
 
@@ -162,16 +158,16 @@ VALUES = st.recursive(
 )
 
 
-def good(row: int) -> Source:
+def good(row: int) -> Record:
     """A digits request (id ``good-<row>``) that must get the label of ``PIXELS[row]``."""
     tensor = Tensor.from_numpy("pixels", PIXELS[row][None])
     return source(encode_request(InferenceRequest(f"good-{row}", "digits", [tensor])), [])
 
 
-def source(value: bytes | None, headers: list[tuple[str, bytes]], age_ms: int = 0) -> Source:
+def source(value: bytes | None, headers: list[tuple[str, bytes]], age_ms: int = 0) -> Record:
     """A fetched record written ``age_ms`` ago."""
     written = int(time.time() * 1000) - age_ms
-    return Source(TopicPartition("requests", 0), 0, None, value, headers, written)
+    return Record(TopicPartition("requests", 0), 0, None, value, headers, written)
 
 
 @st.composite
@@ -205,7 +201,7 @@ def v2_proto(draw: st.DrawFn) -> bytes:
 
 
 @st.composite
-def hostile(draw: st.DrawFn, registered: list[int]) -> Source:
+def hostile(draw: st.DrawFn, registered: list[int]) -> Record:
     """One record that is anything but a plain good request."""
     headers = draw(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=3))
     kind = draw(st.sampled_from(["bytes", "json", "proto", "framed", "text"]))
@@ -231,7 +227,7 @@ class Batch:
     """Writer schemas to register, records (good and hostile, shuffled), direct request bodies."""
 
     writers: dict[int, Any]
-    records: list[Source]
+    records: list[Record]
     bodies: list[bytes]
     goods: dict[str, int]
     """Good ids (records and direct requests) and the PIXELS row each must be labelled as."""
@@ -268,7 +264,7 @@ def test_any_batch_of_records_gets_one_outcome_each_and_good_ones_their_predicti
     """No stage fails; one reply or one dead-letter copy per record; good requests predicted."""
     published, took, answers = asyncio.run(run_batch(text_repository, batch))
     outcomes: Counter[tuple[int, bool]] = Counter(
-        (id(item.source), item.is_dead_letter) for item in published
+        (id(item.origin), item.is_dead_letter) for item in published
     )
     for record in batch.records:
         replies, copies = outcomes[(id(record), False)], outcomes[(id(record), True)]

@@ -20,12 +20,15 @@ from aiokafka import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
+from worker.answers import Answer
 from worker.codec import decode_response
 from worker.domain import InferenceResponse, Tensor
 from worker.errors import DecodeError
+from worker.formats import PLAIN
 from worker.kafka import ensure_topics, make_producer
 from worker.oip import pb
-from worker.outgoing import DLQ_HEADER_PREFIX, Destinations, Source, reply
+from worker.origins import Record
+from worker.outgoing import DLQ_HEADER_PREFIX, Destinations, messages
 from worker.repository import ModelRepository
 from worker.settings import Settings
 from worker.v2json import is_unicode, parse_json_body
@@ -92,7 +95,7 @@ def test_admission_dead_letters_such_a_record_and_answers_its_correlation_id(
     headers = [*JSON_HEADERS, ("correlation_id", b"c-7")]
     from worker.admission import admit  # noqa: PLC0415 - keeps the hypothesis tests light
 
-    copy, error = answered(admit(record(value, headers), repository, LIMITS, DEST, now=0.0))
+    copy, error = answered(admit(record(value, headers), repository, LIMITS, DEST, PLAIN, now=0.0))
     assert copy.is_dead_letter
     assert dict(copy.headers)[DLQ_HEADER_PREFIX + "stage"] == b"DECODE"
     assert json.loads(error.value or b"")["id"] == "c-7"
@@ -125,13 +128,13 @@ def decoded(kind: str, value: bytes) -> tuple[str, str | None]:
 def test_a_reply_is_encoded_whatever_text_its_response_carries(
     kind: str, rid: str, model: str, version: str, output: str
 ) -> None:
-    """reply() never raises: a reply is faithful, or INTERNAL with its text made safe."""
+    """messages() never raises: a reply is faithful, or INTERNAL with its text made safe."""
     response = InferenceResponse(
         rid, model, model_version=version or None,
         outputs=[Tensor.from_numpy(output, np.arange(3, dtype=np.int64))],
     )  # fmt: skip
-    source = Source(TopicPartition("requests", 0), 1, None, b"v", FORMATS[kind], 0)
-    [message] = reply(Destinations("replies", "dlq", "g"), source, response)
+    source = Record(TopicPartition("requests", 0), 1, None, b"v", FORMATS[kind], 0)
+    [message] = messages(Destinations("replies", "dlq", "g"), PLAIN, Answer(source, response))
     assert message.value is not None
     got_id, code = decoded(kind, message.value)
     assert dict(message.headers)["correlation_id"] == got_id.encode()

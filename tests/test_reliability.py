@@ -20,7 +20,8 @@ import numpy.typing as npt
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-import worker.lanes as lanes_module
+import worker.answering as answering_module
+from worker.answers import model_response
 from worker.app import Worker
 from worker.client import InferenceClient
 from worker.codec import decode_response, encode_request, encode_response, schema_dir
@@ -28,7 +29,7 @@ from worker.domain import InferenceRequest, InferenceResponse, Tensor
 from worker.errors import ErrorCode, WatchdogError, WorkerError
 from worker.kafka import ensure_topics, make_producer
 from worker.model import LoadedModel
-from worker.outgoing import DLQ_HEADER_PREFIX, model_response
+from worker.outgoing import DLQ_HEADER_PREFIX
 from worker.repository import ModelRepository
 from worker.settings import Settings
 
@@ -471,7 +472,7 @@ async def test_a_bug_while_answering_a_batch_dead_letters_it_and_the_worker_goes
             raise ZeroDivisionError("a bug in reply building")
         return real(request, *args, **kwargs)
 
-    monkeypatch.setattr(lanes_module, "model_response", buggy)
+    monkeypatch.setattr(answering_module, "model_response", buggy)
     tensor = Tensor.from_numpy("pixels", testset[0][:1])
     kafka = settings.kafka
     async with (

@@ -14,10 +14,13 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
 )
 
+from worker.answers import Answer, Stage
 from worker.domain import InferenceResponse
 from worker.errors import WorkerError
+from worker.formats import PLAIN
 from worker.offsets import OffsetTracker
-from worker.outgoing import Destinations, Outgoing, Source, Stage, reply
+from worker.origins import Record
+from worker.outgoing import Destinations, Outgoing, messages
 from worker.replies import Replier, TopicCache
 
 
@@ -125,8 +128,8 @@ async def publish_one(
         topic_exists=exists,
         retry_backoff_s=0.001,
     )
-    source = Source(TP, 5, b"k", b"request", [], 0)
-    replier.submit(reply(DEST, source, InferenceResponse("r-1", "m")))
+    source = Record(TP, 5, b"k", b"request", [], 0)
+    replier.submit(messages(DEST, PLAIN, Answer(source, InferenceResponse("r-1", "m"))))
     replier.close()
     await replier.run()
     return producer, tracker, published

@@ -13,7 +13,8 @@ from aiokafka.errors import IllegalStateError
 from worker.errors import WatchdogError
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker
-from worker.supervision import Progress, Supervisor
+from worker.progress import Progress
+from worker.supervision import Supervisor
 
 from .conftest import wait_for
 

@@ -12,12 +12,15 @@ import pytest
 from aiokafka import TopicPartition
 
 from worker.admission import Admitted, Limits, admit
+from worker.answers import Answer, Stage
 from worker.bench.corpus import paragraphs
-from worker.codec import decode_response, encode_request
+from worker.codec import encode_request
 from worker.domain import InferenceRequest, Tensor
 from worker.errors import RequestError
+from worker.formats import PLAIN
 from worker.model import LoadedModel, Prepared
-from worker.outgoing import Destinations, Outgoing, Source, Stage
+from worker.origins import Origin, Record
+from worker.outgoing import Destinations
 from worker.repository import ModelRepository
 from worker.tokenizing import Tokenizing
 
@@ -40,12 +43,18 @@ def admitted(
     request = InferenceRequest(
         f"r-{offset}", "minilm", [Tensor.from_strings("text", strings)], deadline_ms=deadline_ms
     )
-    source = Source(TopicPartition("requests", 0), offset, None, encode_request(request), [],
+    source = Record(TopicPartition("requests", 0), offset, None, encode_request(request), [],
                     timestamp_ms)  # fmt: skip
-    outcome = admit(source, repository, limits, DEST, now=0.0, tokenize=False)
+    outcome = admit(source, repository, limits, DEST, PLAIN, now=0.0, tokenize=False)
     assert isinstance(outcome, Admitted), outcome
     assert outcome.job.prepared.pending
     return outcome
+
+
+def offset(origin: Origin) -> int:
+    """The offset of a request record (every request here is one)."""
+    assert isinstance(origin, Record), origin
+    return origin.offset
 
 
 async def test_pending_jobs_are_tokenised_in_one_call_off_the_event_loop(
@@ -62,10 +71,9 @@ async def test_pending_jobs_are_tokenised_in_one_call_off_the_event_loop(
     monkeypatch.setattr(LoadedModel, "tokenize_many", counted)
     texts = paragraphs(12, seed=5)
     forwarded: list[Admitted] = []
-    answered: list[Outgoing] = []
+    answered: list[Answer] = []
     with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
-        stage = Tokenizing(pool, forward=forwarded.append, answer=answered.extend,
-                           destinations=DEST)  # fmt: skip
+        stage = Tokenizing(pool, forward=forwarded.append, deliver=answered.extend)
         for i, text in enumerate(texts):
             stage.put(admitted(text_repository, i, [text.encode()]))
         stage.put(admitted(text_repository, 99, [b"fine", b"\xff bad"]))
@@ -83,9 +91,11 @@ async def test_pending_jobs_are_tokenised_in_one_call_off_the_event_loop(
         )
         assert (prepared.rows, prepared.length, prepared.tokens) == (1, alone.length, alone.tokens)
         np.testing.assert_array_equal(prepared.arrays[0], alone.arrays[0])
-    assert [o.job.source.offset for o in forwarded] == list(range(12))
+    assert [offset(o.job.origin) for o in forwarded] == list(range(12))
     [refusal] = answered
-    response = decode_response(refusal.value or b"")
+    response = refusal.response
+    assert response is not None
+    assert offset(refusal.origin) == 99
     assert response.id == "r-99"
     assert response.error is not None
     assert response.error.code == "INVALID_ARGUMENT"
@@ -107,10 +117,9 @@ async def test_a_bug_while_tokenising_dead_letters_the_round_and_the_stage_goes_
 
     monkeypatch.setattr(LoadedModel, "tokenize_many", flaky)
     forwarded: list[Admitted] = []
-    answered: list[Outgoing] = []
+    answered: list[Answer] = []
     with ThreadPoolExecutor(1) as pool:
-        stage = Tokenizing(pool, forward=forwarded.append, answer=answered.extend,
-                           destinations=DEST)  # fmt: skip
+        stage = Tokenizing(pool, forward=forwarded.append, deliver=answered.extend)
         running = asyncio.create_task(stage.run())
         stage.put(admitted(text_repository, 1, [b"first"]))
         stage.put(admitted(text_repository, 2, [b"second"]))
@@ -118,8 +127,9 @@ async def test_a_bug_while_tokenising_dead_letters_the_round_and_the_stage_goes_
         stage.put(admitted(text_repository, 3, [b"third"]))
         stage.close()
         await asyncio.wait_for(running, 30)
-    assert [(o.stage, o.source.offset) for o in answered] == [
-        (Stage.TOKENIZE, 1),
-        (Stage.TOKENIZE, 2),
+    assert [(a.failed, offset(a.origin), a.response) for a in answered] == [
+        (Stage.TOKENIZE, 1, None),
+        (Stage.TOKENIZE, 2, None),
     ]
-    assert [a.job.source.offset for a in forwarded] == [3]
+    assert all(isinstance(a.error, RuntimeError) for a in answered)
+    assert [offset(a.job.origin) for a in forwarded] == [3]

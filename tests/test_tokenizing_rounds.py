@@ -14,14 +14,13 @@ import pytest
 
 from worker import tokenizing
 from worker.admission import Admitted, Job, Limits
-from worker.codec import decode_response
+from worker.answers import Answer
 from worker.errors import RequestError
 from worker.model import LoadedModel, Prepared
-from worker.outgoing import Outgoing
 from worker.repository import ModelRepository
 from worker.tokenizing import Tokenizing
 
-from .test_tokenizing import DEST, admitted
+from .test_tokenizing import admitted
 
 
 async def test_rounds_keep_to_the_byte_budget_oldest_first_and_nothing_starves(
@@ -55,10 +54,10 @@ async def test_rounds_keep_to_the_byte_budget_oldest_first_and_nothing_starves(
 
     monkeypatch.setattr(tokenizing, "tokenize_jobs", recorded)
     forwarded: list[Admitted] = []
-    answered: list[Outgoing] = []
+    answered: list[Answer] = []
     with ThreadPoolExecutor(1) as pool:
-        stage = Tokenizing(pool, forward=forwarded.append, answer=answered.extend,
-                           destinations=DEST, round_bytes=budget)  # fmt: skip
+        stage = Tokenizing(pool, forward=forwarded.append, deliver=answered.extend,
+                           round_bytes=budget)  # fmt: skip
         for job in [big, *first]:
             stage.put(job)
         await asyncio.wait_for(stage.run(), 30)
@@ -94,19 +93,20 @@ async def test_requests_past_their_deadline_are_answered_and_never_tokenised(
         admitted(text_repository, 5, [b"a minute left"], limits=timeout, timestamp_ms=soon),
     ]
     forwarded: list[Admitted] = []
-    answered: list[Outgoing] = []
+    answered: list[Answer] = []
     with ThreadPoolExecutor(1) as pool:
-        stage = Tokenizing(pool, forward=forwarded.append, answer=answered.extend,
-                           destinations=DEST)  # fmt: skip
+        stage = Tokenizing(pool, forward=forwarded.append, deliver=answered.extend)
         for job in jobs:
             stage.put(job)
         stage.close()
         await asyncio.wait_for(stage.run(), 30)
     assert tokenised == [[b"no deadline"], [b"an hour left"], [b"a minute left"]]
     assert [a.job.request.id for a in forwarded] == ["r-2", "r-4", "r-5"]
-    replies = [decode_response(o.value or b"") for o in answered]
-    assert [r.id for r in replies] == ["r-1", "r-3"]
+    assert all(a.failed is None for a in answered)
+    replies = [a.response for a in answered]
+    assert [r.id if r else None for r in replies] == ["r-1", "r-3"]
     for reply in replies:
+        assert reply is not None
         assert reply.error is not None
         assert reply.error.code == "DEADLINE_EXCEEDED"
         assert "before its strings were tokenised" in reply.error.message

@@ -8,8 +8,10 @@ import json
 import pytest
 from aiokafka import TopicPartition
 
-from worker.audit import AuditLog
-from worker.outgoing import Outgoing, ReplyMeta, Source, audit_record
+from worker.answers import ReplyMeta
+from worker.audit import AuditLog, audit_record
+from worker.origins import Record
+from worker.outgoing import Outgoing
 from worker.tracing import continue_trace
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -64,10 +66,10 @@ class CountingStream(io.StringIO):
 
 def test_audit_log_writes_one_json_line_per_record_in_one_write() -> None:
     """A group of records becomes JSON lines with the audit fields, in a single write."""
-    source = Source(TopicPartition("requests", 2), 41, None, b"v", [], 1_700_000_000_000)
+    source = Record(TopicPartition("requests", 2), 41, None, b"v", [], 1_700_000_000_000)
     meta = ReplyMeta("digits", "2", "ok", TRACE, "w-7", queue_s=0.002, compute_s=0.001)
     reply = Outgoing(source, "id-1", "replies", b"r", [], meta=meta)
-    records = [audit_record(reply, meta, 0.0125), audit_record(reply, meta, 0.02)]
+    records = [audit_record(reply, 0.0125), audit_record(reply, 0.02)]
     stream = CountingStream()
     AuditLog(stream).write(records)
     AuditLog(stream).write([])

@@ -2,14 +2,15 @@
 
 One plain function, :func:`admit`, no Kafka client and no event loop::
 
-    record bytes ─> decode ─> limits ─> route (primary + optional shadow) ─> validate
-        ─> Admitted(job, shadow job)            for the lanes (worker.lanes)
-        ─> Answered([error reply])              over a limit, unknown model, bad tensor
-        ─> Answered([dead-letter copy, reply?]) not a request at all (reply if the record
-                                                has a correlation_id header)
+    origin ─> decode (a record's bytes; a call comes decoded) ─> limits
+        ─> route (primary + optional shadow) ─> validate
+        ─> Admitted(job, shadow job)          for the lanes (worker.lanes)
+        ─> Answered([error reply])            over a limit, unknown model, bad tensor
+        ─> Answered([DECODE failure, reply?]) not a request at all (a reply too if the record
+                                              has a correlation_id header)
 
-The worker calls it once per fetched record and acts on the outcome; tests call it by the
-hundred without a broker.
+The pipeline (:mod:`worker.pipeline`) calls it once per request of any origin and acts on the
+outcome; tests call it by the hundred without a broker.
 """
 
 from __future__ import annotations
@@ -18,20 +19,15 @@ from dataclasses import dataclass, replace
 
 import structlog
 
+from worker.answers import Answer, Stage, error_response
 from worker.domain import InferenceRequest
 from worker.errors import SHOWN_CHARS, DecodeError, ErrorCode, RequestError, shown
+from worker.formats import Codecs
 from worker.headers import header
 from worker.model import LoadedModel, Prepared
 from worker.model_config import MAX_SHAPE_DIMENSIONS
-from worker.outgoing import (
-    Destinations,
-    Outgoing,
-    Source,
-    Stage,
-    dead_letter,
-    error_response,
-    reply,
-)
+from worker.origins import Origin, Record
+from worker.outgoing import Destinations
 from worker.repository import ModelRepository
 from worker.shadow import Comparison
 from worker.v2 import MAX_ID_BYTES
@@ -55,7 +51,7 @@ class Limits:
 class Job:
     """A decoded, validated request waiting for its batch (or a shadow copy of one)."""
 
-    source: Source
+    origin: Origin
     request: InferenceRequest
     model: LoadedModel
     prepared: Prepared
@@ -77,67 +73,70 @@ class Admitted:
 
 @dataclass(slots=True)
 class Answered:
-    """The record is answered without running a model: publish these."""
+    """The request is answered without running a model."""
 
-    outgoing: list[Outgoing]
+    answers: list[Answer]
 
 
 def admit(
-    source: Source,
+    origin: Origin,
     repository: ModelRepository,
     limits: Limits,
     destinations: Destinations,
+    codecs: Codecs,
     *,
     now: float,
     tokenize: bool = True,
 ) -> Admitted | Answered:
-    """Decide what happens to one fetched record (``now``: ``time.monotonic()``).
+    """Decide what happens to one request (``now``: ``time.monotonic()``).
 
     ``tokenize=False``: a text model's strings are checked but left pending (the worker
     tokenises them batch-wise in :mod:`worker.tokenizing`); see ``Job.prepared.pending``.
 
-    Never raises: an unexpected exception (a bug) is the last-resort guard's, which copies the
-    record to the dead-letter topic at stage ``ADMISSION``, naming the exception.
+    Never raises: an unexpected exception (a bug) is the last-resort guard's, which fails the
+    request at stage ``ADMISSION`` (a record is dead-lettered, naming the exception).
     """
     try:
-        return _admit(source, repository, limits, destinations, now=now, tokenize=tokenize)
+        return _admit(origin, repository, limits, destinations, codecs, now=now, tokenize=tokenize)
     except Exception as exc:
-        log.exception("admitting a record raised; it is dead-lettered", offset=source.offset)
-        return Answered([dead_letter(destinations, source, Stage.ADMISSION, exc)])
+        log.exception("admitting a request raised; it failed", origin=origin.where())
+        return Answered([Answer(origin, failed=Stage.ADMISSION, error=exc)])
 
 
 def _admit(
-    source: Source,
+    origin: Origin,
     repository: ModelRepository,
     limits: Limits,
     destinations: Destinations,
+    codecs: Codecs,
     *,
     now: float,
     tokenize: bool,
 ) -> Admitted | Answered:
-    try:
-        request = source.request or destinations.codecs.decode(
-            source.value, source.headers, source.key
-        )
-    except DecodeError as exc:
-        return Answered(_undecodable(source, exc, destinations))
-    requested = destinations.requested(source.headers)
-    if requested is not None and not destinations.allows(requested):
-        refused = RequestError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"reply topic {shown(requested)} is not allowed (WORKER_KAFKA__REPLY_TOPICS lists "
-            f"the allowed ones); this reply goes to {destinations.replies_topic!r}",
-        )
-        return Answered(reply(destinations, source, error_response(request, refused)))
+    if isinstance(origin, Record):
+        try:
+            request = codecs.decode(origin.value, origin.headers, origin.key)
+        except DecodeError as exc:
+            return Answered(_undecodable(origin, exc))
+        requested = destinations.requested(origin.headers)
+        if requested is not None and not destinations.allows(requested):
+            refused = RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"reply topic {shown(requested)} is not allowed (WORKER_KAFKA__REPLY_TOPICS "
+                f"lists the allowed ones); this reply goes to {destinations.replies_topic!r}",
+            )
+            return Answered([Answer(origin, error_response(request, refused))])
+    else:
+        request = origin.request
     if not request.id:
         # Answered under the record's correlation_id header, if any: an empty id matches nothing.
-        raw_id = header(source.headers, "correlation_id")
+        raw_id = header(origin.headers, "correlation_id")
         request = replace(request, id=raw_id.decode(errors="replace") if raw_id else "")
         empty = RequestError(
             ErrorCode.INVALID_ARGUMENT,
             "request id is empty; set it to a correlation id (the reply carries it)",
         )
-        return Answered(reply(destinations, source, error_response(request, empty)))
+        return Answered([Answer(origin, error_response(request, empty))])
     if len(request.id) > MAX_ID_BYTES:
         # Answered under its first MAX_ID_BYTES characters: never a megabyte of log or header.
         long_id = RequestError(
@@ -145,10 +144,10 @@ def _admit(
             f"request id is {len(request.id)} characters; at most {MAX_ID_BYTES} are accepted",
         )
         request = replace(request, id=request.id[:MAX_ID_BYTES])
-        return Answered(reply(destinations, source, error_response(request, long_id)))
+        return Answered([Answer(origin, error_response(request, long_id))])
     route = None
     try:
-        check_limits(limits, source, request)
+        check_limits(limits, origin, request)
         route = repository.route(request.model_name, request.model_version, request.id)
         prepared = route.primary.validate(request, tokenize=tokenize)
     except RequestError as exc:
@@ -163,12 +162,12 @@ def _admit(
         if route is not None:  # the version that refused it
             response = replace(response, model_version=route.primary.version)
         served = repository.serves(response.model_name, response.model_version)
-        return Answered(reply(destinations, source, response, served=served))
+        return Answered([Answer(origin, response, served=served)])
     deadline = request.deadline_ms
     if deadline is None and limits.default_timeout_ms:
-        deadline = source.timestamp_ms + limits.default_timeout_ms
+        deadline = origin.timestamp_ms + limits.default_timeout_ms
     model = route.primary
-    job = Job(source, request, model, prepared, now, deadline)
+    job = Job(origin, request, model, prepared, now, deadline)
     return Admitted(job, _shadow_copy(job, route.shadow, tokenize=tokenize))
 
 
@@ -188,7 +187,7 @@ def _shadow_copy(job: Job, shadow: LoadedModel | None, *, tokenize: bool) -> Job
     return replace(job, model=shadow, prepared=prepared, is_shadow=True)
 
 
-def check_limits(limits: Limits, source: Source, request: InferenceRequest) -> None:
+def check_limits(limits: Limits, origin: Origin, request: InferenceRequest) -> None:
     """Raise before any allocation for a request over a size limit or with impossible shapes.
 
     Over ``max_request_bytes`` or ``max_request_elements``: RESOURCE_EXHAUSTED; a negative
@@ -196,9 +195,10 @@ def check_limits(limits: Limits, source: Source, request: InferenceRequest) -> N
     the total passes the limit, so no shape of any size or value makes this slow or makes its
     message unprintable.
     """
-    size = len(source.value or b"")
-    if source.request is not None:  # a direct request (REST, gRPC): its tensors' bytes
-        size = sum(len(t.data) for t in source.request.inputs)
+    if isinstance(origin, Record):
+        size = len(origin.value or b"")
+    else:  # a call (REST, gRPC): its tensors' bytes
+        size = sum(len(t.data) for t in origin.request.inputs)
     if size > limits.max_request_bytes:
         raise RequestError(
             ErrorCode.RESOURCE_EXHAUSTED,
@@ -232,21 +232,20 @@ def check_limits(limits: Limits, source: Source, request: InferenceRequest) -> N
         total += count
 
 
-def _undecodable(source: Source, exc: DecodeError, destinations: Destinations) -> list[Outgoing]:
-    """A dead-letter copy; and an error reply too if the record names a correlation id."""
-    raw_id = header(source.headers, "correlation_id")
+def _undecodable(record: Record, exc: DecodeError) -> list[Answer]:
+    """A DECODE failure (a dead-letter copy); an error reply too if the record names an id."""
+    raw_id = header(record.headers, "correlation_id")
     if exc.request_id:  # a V2 body's own id
         raw_id = exc.request_id.encode()
     raw_id = raw_id[:MAX_ID_BYTES] if raw_id is not None else None
     log.warning(
         "undecodable record dead-lettered",
-        partition=source.tp.partition,
-        offset=source.offset,
+        partition=record.tp.partition,
+        offset=record.offset,
         error=exc.message,
         correlation_id=raw_id[:SHOWN_CHARS].decode(errors="replace") if raw_id else None,
     )
-    outgoing = [dead_letter(destinations, source, Stage.DECODE, exc)]
-    if raw_id is not None:
-        request = InferenceRequest(id=raw_id.decode(errors="replace"), model_name="", inputs=[])
-        outgoing += reply(destinations, source, error_response(request, exc))
-    return outgoing
+    if raw_id is None:
+        return [Answer(record, failed=Stage.DECODE, error=exc)]
+    request = InferenceRequest(id=raw_id.decode(errors="replace"), model_name="", inputs=[])
+    return [Answer(record, error_response(request, exc), failed=Stage.DECODE, error=exc)]

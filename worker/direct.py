@@ -1,20 +1,20 @@
 """Requests that arrive outside Kafka (REST, gRPC), fed into the same path as records.
 
-:meth:`Direct.infer` makes a :class:`~worker.outgoing.Source` of an already decoded request
-(its transport as the "topic", a sequence number as the "offset", the caller's headers) and
-hands it to the worker's dispatch: the same admission, routing (versions, canary, shadow),
-validation, lanes and batches as a Kafka record; its reply comes back through the source's
-``respond`` instead of a reply topic, and its audit record and metrics are the same (with the
-transport named). A batch may mix Kafka and direct requests.
+:meth:`Direct.infer` makes a :class:`~worker.origins.Call` of a request its endpoint decoded
+(its transport, a sequence number, the caller's trace headers) and hands it to the pipeline's
+dispatch (:mod:`worker.pipeline`): the same admission, routing (versions, canary, shadow),
+validation, lanes and batches as a Kafka record; its answer comes back through the call's
+``respond``, never encoded for Kafka, and its audit record and metrics name its transport. A
+batch may mix Kafka and direct requests.
 
-Backpressure: direct requests count toward ``max_in_flight`` together with the Kafka records
-in flight; at the bound a new one is refused at once with RESOURCE_EXHAUSTED (HTTP 429), never
-queued. A request holds its :class:`Place` from before its body is read (REST takes it with
-:meth:`Direct.take`) until its answer is produced, whether or not its caller still waits: a
-caller that gives up (its timeout, a cancelled call) leaves its job queued, and the job keeps
-its place until it leaves the batcher or tokenizer. A deadline (gRPC's, or the REST
-``Request-Timeout-Ms`` header) becomes the request's ``deadline_ms``: past it, the request is
-answered DEADLINE_EXCEEDED without running.
+Backpressure: calls count toward ``max_in_flight`` together with the Kafka records in flight
+(:class:`~worker.inflight.InFlight`); at the bound a new one is refused at once with
+RESOURCE_EXHAUSTED (HTTP 429), never queued. A request holds its :class:`Place` from before its
+body is read (REST takes it with :meth:`Direct.take`) until its answer is produced, whether or
+not its caller still waits: a caller that gives up (its timeout, a cancelled call) leaves its
+job queued, and the job keeps its place until it leaves the batcher or tokenizer. A deadline
+(gRPC's, or the REST ``Request-Timeout-Ms`` header) becomes the request's ``deadline_ms``: past
+it, the request is answered DEADLINE_EXCEEDED without running.
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from aiokafka import TopicPartition
-
 from worker.domain import ErrorInfo, InferenceRequest, InferenceResponse
 from worker.errors import ErrorCode
-from worker.outgoing import Source
+from worker.inflight import InFlight
+from worker.origins import Call
 
-__all__ = ["HTTP_STATUS", "Answer", "Direct", "Place"]
+__all__ = ["HTTP_STATUS", "Answer", "Direct", "Place"]  # HTTP_STATUS: see rest
 
 HTTP_STATUS = {
     ErrorCode.INVALID_ARGUMENT: 400,
@@ -73,7 +72,7 @@ class Place:
         """The request's answer is produced: give the place back (once)."""
         if self._held:
             self._held = False
-            self._direct.pending -= 1
+            self._direct.in_flight.calls -= 1
 
     def __enter__(self) -> Place:
         return self
@@ -83,41 +82,40 @@ class Place:
 
 
 class Direct:
-    """Admits direct requests through ``dispatch``; bounded with the records in flight."""
+    """Admits calls through ``dispatch`` (the pipeline's); bounded with the records in flight."""
 
-    def __init__(
-        self,
-        dispatch: Callable[[Source], None],
-        *,
-        records_in_flight: Callable[[], int],
-        max_in_flight: int,
-    ) -> None:
+    def __init__(self, dispatch: Callable[[Call], None], in_flight: InFlight) -> None:
         self._dispatch = dispatch
-        self._records = records_in_flight
-        self._max = max_in_flight
+        self.in_flight = in_flight
+        """The bound shared with the records; ``in_flight.calls`` counts the calls holding a
+        place: being read or decoded, or dispatched and not yet answered (whether or not their
+        callers still wait)."""
         self._numbers = itertools.count()
-        self.pending = 0
-        """Direct requests holding a place: being read or decoded, or dispatched and not yet
-        answered (whether or not their callers still wait)."""
         self.closing = False
         """The worker is stopping: new requests are answered UNAVAILABLE."""
 
+    @property
+    def pending(self) -> int:
+        """Calls holding a place of the in-flight bound."""
+        return self.in_flight.calls
+
     def room(self) -> int:
-        """Requests that may still be admitted (Kafka records and direct requests together)."""
-        return self._max - self._records() - self.pending
+        """Requests that may still be taken in (Kafka records and calls together)."""
+        return self.in_flight.room()
 
     def take(self) -> Place | None:
         """A place of the in-flight bound for a request about to be read; None when full."""
         if self.room() <= 0:
             return None
-        self.pending += 1
+        self.in_flight.calls += 1
         return Place(self)
 
     @property
     def full_message(self) -> str:
         """Why a request is refused at the bound (RESOURCE_EXHAUSTED, HTTP 429)."""
         return (
-            f"the worker holds {self._max} requests in flight (WORKER_RUNTIME__MAX_IN_FLIGHT); "
+            f"the worker holds {self.in_flight.limit} requests in flight "
+            "(WORKER_RUNTIME__MAX_IN_FLIGHT); "
             "send again later"
         )
 
@@ -161,13 +159,10 @@ class Direct:
             if not future.done():
                 future.set_result(Answer(response, headers))
 
-        source = Source(
-            TopicPartition(transport, 0), next(self._numbers), None, None, list(headers), now_ms,
-            request=request, respond=respond,
-        )  # fmt: skip
+        call = Call(transport, next(self._numbers), request, list(headers), now_ms, respond)
         place.dispatched = True
         try:
-            self._dispatch(source)
+            self._dispatch(call)
         except BaseException:
             place.answered()  # not queued: nothing will answer it
             raise

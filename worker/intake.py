@@ -2,10 +2,12 @@
 
 :class:`Intake` owns the group consumer, the :class:`~worker.offsets.OffsetTracker` and the
 assignment. It fetches records, tracks each, and hands it on as a
-:class:`~worker.outgoing.Source` to the worker's ``dispatch``; the replier marks records done
+:class:`~worker.origins.Record` to the pipeline (:meth:`~worker.pipeline.Pipeline.dispatch`);
+the replier marks records done
 once their replies are acknowledged, and the commit loop commits, per partition, the lowest
-offset not yet answered. At ``max_in_flight`` records between fetch and acknowledged reply it
-pauses its partitions (no background buffering either) until replies catch up.
+offset not yet answered. At the in-flight bound (records and calls together:
+:class:`~worker.inflight.InFlight`) it pauses its partitions (no background buffering either)
+until answers catch up.
 
 On a rebalance (eager: every partition is revoked first), it waits, bounded by the shutdown
 timeout, for the revoked partitions' requests to be answered, commits them, and forgets them.
@@ -17,21 +19,22 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker.headers import Headers
+from worker.inflight import InFlight
 from worker.kafka import make_consumer
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker
-from worker.outgoing import Source
+from worker.origins import Record
+from worker.progress import Progress
 from worker.settings import KafkaSettings, RuntimeSettings
-from worker.supervision import Progress
 
-__all__ = ["FETCH_RETRY_S", "Intake"]
+__all__ = ["FETCH_RETRY_S", "Dispatcher", "Intake"]
 
 FETCH_RETRY_S = 0.5
 """Pause after a failed fetch before the next one."""
@@ -39,30 +42,40 @@ FETCH_RETRY_S = 0.5
 log = structlog.get_logger(__name__)
 
 
+class Dispatcher(Protocol):
+    """Where intake hands records: the pipeline (:class:`worker.pipeline.Pipeline`)."""
+
+    def dispatch(self, origin: Record, /) -> None:
+        """Take one fetched record (it is tracked until its answer is acknowledged)."""
+
+    def unparseable(self, record: Record, error: Exception, /) -> None:
+        """Dead-letter the place of a record the Kafka client could not parse."""
+
+
 class Intake:
-    """Fetches request records for ``dispatch``; commits what is answered."""
+    """Fetches request records for the pipeline; commits what is answered."""
 
     def __init__(
         self,
         kafka: KafkaSettings,
         runtime: RuntimeSettings,
+        in_flight: InFlight,
         *,
         metrics: Metrics,
         progress: Progress,
     ) -> None:
         self._kafka = kafka
         self._runtime = runtime
+        self._in_flight = in_flight
         self._metrics = metrics
         self._progress = progress
-        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self.tracker: OffsetTracker[TopicPartition] = in_flight.records
         self.consumer: AIOKafkaConsumer
         """The group consumer; made by :meth:`running` (aiokafka needs the running loop)."""
         self.assigned: set[TopicPartition] = set()
         """Partitions assigned now."""
         self.joined = False
         """True once the consumer has joined its group and received an assignment."""
-        self.others_in_flight: Callable[[], int] = lambda: 0
-        """Requests in flight that are not records (REST, gRPC): they share the bound."""
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Intake]:
@@ -79,24 +92,22 @@ class Intake:
     async def consume(
         self,
         stopping: asyncio.Event,
-        dispatch: Callable[[Source], None],
-        unparseable: Callable[[Source, Exception], None],
+        pipeline: Dispatcher,
         prepare: Callable[[list[tuple[bytes | None, Headers]]], Awaitable[None]] | None = None,
     ) -> None:
-        """Fetch records and hand each to ``dispatch`` until ``stopping`` is set.
+        """Fetch records and hand each to ``pipeline`` until ``stopping`` is set.
 
         Records the Kafka client cannot parse (a header key that is not UTF-8, say) are
-        stepped past: each offset skipped goes to ``unparseable`` (bytes unknown) and is
+        stepped past: each offset skipped goes to ``pipeline.unparseable`` (bytes unknown) and is
         committed like an answered record once that is done. ``prepare`` is awaited with each
         fetched batch's (value, headers) before any of it is dispatched (schema lookups);
         records of partitions revoked meanwhile are left to their new owner.
         """
         consumer = self.consumer
-        max_in_flight = self._runtime.max_in_flight
         max_records = self._kafka.fetch_max_records
         paused = False
         while not stopping.is_set():
-            room = max_in_flight - self.tracker.pending - self.others_in_flight()
+            room = self._in_flight.room()
             if room <= 0:
                 if not paused:
                     # Stop the background fetcher too, not just our reads: no buffering.
@@ -121,25 +132,20 @@ class Intake:
             except Exception as exc:  # noqa: BLE001 - a record the client cannot parse
                 self._metrics.fetch_errors.inc()
                 await self._rewind(before)
-                await self._step_past(exc, dispatch, unparseable)
+                await self._step_past(exc, pipeline)
                 continue
             if prepare is not None and fetched:
                 await prepare([(r.value, r.headers) for rs in fetched.values() for r in rs])
                 assigned = consumer.assignment()
                 fetched = {tp: rs for tp, rs in fetched.items() if tp in assigned}
             for tp, records in fetched.items():
-                self._hand_on(tp, records, dispatch)
+                self._hand_on(tp, records, pipeline)
 
-    def _hand_on(
-        self, tp: TopicPartition, records: Sequence[Any], dispatch: Callable[[Source], None]
-    ) -> None:
-        """Track fetched records and hand each on as a :class:`Source`."""
-        for record in records:
-            self.tracker.track(tp, record.offset)
-            dispatch(
-                Source(tp, record.offset, record.key, record.value, record.headers,
-                       record.timestamp)
-            )  # fmt: skip
+    def _hand_on(self, tp: TopicPartition, records: Sequence[Any], pipeline: Dispatcher) -> None:
+        """Track fetched records and hand each on as a :class:`~worker.origins.Record`."""
+        for r in records:
+            self.tracker.track(tp, r.offset)
+            pipeline.dispatch(Record(tp, r.offset, r.key, r.value, r.headers, r.timestamp))
 
     async def _rewind(self, before: dict[TopicPartition, int]) -> None:
         """Put every assigned partition back where it stood before a fetch that failed.
@@ -157,19 +163,14 @@ class Intake:
             else:
                 consumer.seek(tp, offset)
 
-    async def _step_past(
-        self,
-        error: Exception,
-        dispatch: Callable[[Source], None],
-        unparseable: Callable[[Source, Exception], None],
-    ) -> None:
+    async def _step_past(self, error: Exception, pipeline: Dispatcher) -> None:
         """Find the partitions whose next records cannot be parsed, and step past those records.
 
         Each partition is fetched on its own; a healthy one is rewound (the main loop fetches
         it again). In a failing one, the records before the unparseable one are fetched one at
         a time and dispatched; then offsets are skipped one by one until a fetch parses again.
         The client parses a whole record batch, so the rest of the failing record's batch is
-        skipped too. Each skipped offset is tracked and handed to ``unparseable``, so it is
+        skipped too. Each skipped offset is tracked and handed to ``pipeline.unparseable``, so it is
         committed only once that is done.
         """
         consumer = self.consumer
@@ -183,16 +184,12 @@ class Intake:
                 raise
             except Exception:  # noqa: BLE001 - this partition holds it
                 consumer.seek(tp, start)
-                await self._skip_unparseable(tp, error, dispatch, unparseable)
+                await self._skip_unparseable(tp, error, pipeline)
             else:
                 consumer.seek(tp, start)
 
     async def _skip_unparseable(
-        self,
-        tp: TopicPartition,
-        error: Exception,
-        dispatch: Callable[[Source], None],
-        unparseable: Callable[[Source, Exception], None],
+        self, tp: TopicPartition, error: Exception, pipeline: Dispatcher
     ) -> None:
         consumer = self.consumer
         while True:  # the good records before it, one at a time (at most one fetch's worth)
@@ -204,7 +201,7 @@ class Intake:
                 break
             if not fetched:
                 return
-            self._hand_on(tp, fetched.get(tp, []), dispatch)
+            self._hand_on(tp, fetched.get(tp, []), pipeline)
         start = await consumer.position(tp)
         end = (await consumer.end_offsets([tp]))[tp]
         offset = start
@@ -227,7 +224,7 @@ class Intake:
         )
         for skipped in range(start, offset):
             self.tracker.track(tp, skipped)
-            unparseable(Source(tp, skipped, None, None, [], 0), error)
+            pipeline.unparseable(Record(tp, skipped, None, None, [], 0), error)
 
     async def commit_loop(self) -> None:
         """Commit what is answered, every ``commit_interval_ms``."""

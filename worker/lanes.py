@@ -1,9 +1,9 @@
 """Lanes: one batcher per served model version, running its batches through the model.
 
-A lane takes admitted jobs (:mod:`worker.admission`), forms batches (:mod:`worker.batching`),
-answers the jobs whose deadline passed without running them, runs the rest as one forward
-pass per batch off the event loop (bad requests isolated: :func:`worker.forward.run_isolated`),
-and hands the replies (:mod:`worker.outgoing`) to ``submit``. Each lane runs its batches in its
+A lane takes admitted jobs (:mod:`worker.admission`), forms batches (:mod:`worker.batching`)
+and hands each run of batches to :mod:`worker.answering`, which answers the expired jobs,
+runs the rest as one forward pass per batch off the event loop (bad requests isolated:
+:func:`worker.forward.run_isolated`) and delivers the answers. Each lane runs its batches in its
 version's instances (:mod:`worker.instances`): up to ``instances`` batches at once, so lanes
 of different models never wait behind each other. Under a backlog the batcher hands over
 several full batches at once (a run), and an instance runs them back to back, pipelined
@@ -19,10 +19,6 @@ has its lane retired: it answers everything it holds, then ends.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import secrets
-import time
-from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -31,35 +27,22 @@ from typing import Any
 import structlog
 
 from worker.admission import Admitted, Job
+from worker.answering import RunAnswers, Runner
+from worker.answers import Answer, Deliver, error_response
 from worker.batching import Batcher
 from worker.device import memory
-from worker.domain import Timing
-from worker.errors import SHOWN_CHARS, ErrorCode, RequestError
+from worker.errors import ErrorCode, RequestError
 from worker.forward import Run, run_batches
 from worker.instances import Instances
 from worker.metrics import Metrics
 from worker.model import LoadedModel, Prepared
-from worker.outgoing import (
-    Destinations,
-    Outgoing,
-    Stage,
-    dead_letter,
-    error_response,
-    expired_response,
-    model_response,
-    reply,
-)
 from worker.repository import ModelRepository
 from worker.settings import BatchingSettings
-from worker.shadow import Comparison, Outcome, Result
+from worker.shadow import Outcome
 
 __all__ = ["Lanes"]
 
 log = structlog.get_logger(__name__)
-
-
-Runner = Callable[[LoadedModel, list[list[Prepared]]], Awaitable[Run]]
-"""Runs a run of batches off the event loop (:func:`worker.forward.run_batches`)."""
 
 
 @dataclass(slots=True)
@@ -87,8 +70,7 @@ class Lanes:
         threads: int,
         shadow_executor: Executor,
         batching: BatchingSettings,
-        destinations: Destinations,
-        submit: Callable[[Sequence[Outgoing]], None],
+        deliver: Deliver,
         metrics: Metrics,
         shadow_queue_limit: int,
     ) -> None:
@@ -96,8 +78,8 @@ class Lanes:
         self._threads = threads
         self._shadow_executor = shadow_executor
         self._batching = batching
-        self._destinations = destinations
-        self._submit = submit
+        self._deliver = deliver
+        self._answers = RunAnswers(deliver, metrics)
         self._metrics = metrics
         self._shadow_queue_limit = shadow_queue_limit
         self._lanes: dict[tuple[str, str, bool], _Lane] = {}
@@ -105,8 +87,6 @@ class Lanes:
         self._retired: set[asyncio.Task[None]] = set()
         self._pools: set[Instances] = set()
         """Every lane's instances not closed yet (retired lanes' included)."""
-        self._batch_ids = itertools.count(1)
-        self._batch_prefix = secrets.token_hex(4)
         metrics.shadow_queued.set_function(self._shadow_queued)
 
     def open(self, repository: ModelRepository) -> None:
@@ -187,7 +167,7 @@ class Lanes:
             self._pools.add(instances)
             runner = _in(instances)
         batcher = Batcher(
-            partial(self._run, runner),
+            partial(self._answers.run, runner),
             max_batch_size=self._max_batch_size(model),
             max_batch_delay=delay_ms / 1000,
             max_concurrent_batches=1 if instances is None else instances.count,
@@ -228,7 +208,7 @@ class Lanes:
                 f"model {job.model.name} v{job.model.version} was unloaded while this request "
                 "waited; send it again",
             )
-            self._submit(reply(self._destinations, job.source, error_response(job.request, gone)))
+            self._deliver([Answer(job.origin, error_response(job.request, gone))])
             return
         budget, need = primary.batcher.max_batch_tokens, job.prepared.rows * job.prepared.length
         if budget is not None and need > budget:
@@ -239,7 +219,7 @@ class Lanes:
                 "batch (max_batch_tokens): send fewer or shorter strings per request",
             )
             response = replace(error_response(job.request, big), model_version=job.model.version)
-            self._submit(reply(self._destinations, job.source, response, served=True))
+            self._deliver([Answer(job.origin, response, served=True)])
             return
         if copy is not None:
             lane = self._lanes.get((copy.model.name, copy.model.version, True))
@@ -247,7 +227,7 @@ class Lanes:
                 lane.batcher.put(copy)
             else:
                 assert job.comparison is not None
-                self._count(job.comparison, Outcome.DROPPED)
+                self._answers.count(job.comparison, Outcome.DROPPED)
                 job.comparison = None
         primary.batcher.put(job)
 
@@ -264,97 +244,6 @@ class Lanes:
 
     def _max_batch_size(self, model: LoadedModel) -> int:
         return model.config.max_batch_size or self._batching.max_batch_size
-
-    async def _run(self, runner: Runner, batches: list[list[Job]]) -> None:
-        """Answer a run of batches: expired jobs at once, the rest in one hand-off."""
-        now_ms = time.time() * 1000
-        outgoing: list[Outgoing] = []
-        live_batches: list[list[Job]] = []
-        for jobs in batches:
-            live = []
-            for job in jobs:
-                if job.deadline_ms is None or job.deadline_ms >= now_ms:
-                    live.append(job)
-                    continue
-                self._compare(job, None)
-                if not job.is_shadow:
-                    response = expired_response(
-                        job.request, job.model.version, job.deadline_ms, now_ms
-                    )
-                    outgoing += reply(self._destinations, job.source, response, served=True)
-            if live:
-                live_batches.append(live)
-        if live_batches:
-            model = live_batches[0][0].model
-            started = time.monotonic()
-            runs = await runner(model, [[j.prepared for j in b] for b in live_batches])
-            for live, (offset_s, compute_s, results) in zip(live_batches, runs, strict=True):
-                try:
-                    outgoing += self._answer(model, live, started + offset_s, compute_s, results)
-                except Exception as exc:  # the last-resort guard: a bug must not stop the lane
-                    log.exception("answering a batch raised; its requests are dead-lettered")
-                    outgoing += [
-                        dead_letter(self._destinations, job.source, Stage.BATCH, exc)
-                        for job in live
-                        if not job.is_shadow
-                    ]
-        self._submit(outgoing)
-
-    def _answer(
-        self,
-        model: LoadedModel,
-        live: list[Job],
-        started: float,
-        compute_s: float,
-        results: list[Result],
-    ) -> list[Outgoing]:
-        """The replies to one batch's (non-shadow) jobs; metrics and shadow comparisons."""
-        batch_id = f"{self._batch_prefix}-{next(self._batch_ids)}"
-        labels = (model.name, model.version)
-        self._metrics.compute.labels(*labels).observe(compute_s)
-        self._metrics.batch_size.labels(*labels).observe(len(live))
-        if model.config.is_sequence:
-            longest = max(job.prepared.length for job in live)
-            padded = sum(job.prepared.rows for job in live) * longest
-            self._metrics.tokens.labels(*labels, "padded").inc(padded)
-            self._metrics.tokens.labels(*labels, "real").inc(
-                sum(job.prepared.tokens for job in live)
-            )
-        queue_wait = self._metrics.queue_wait.labels(*labels)
-        outgoing: list[Outgoing] = []
-        for job, result in zip(live, results, strict=True):
-            queue_wait.observe(started - job.enqueued)
-            self._compare(job, result)
-            if job.is_shadow:
-                continue
-            timing = Timing(int((started - job.enqueued) * 1e6), int(compute_s * 1e6), len(live))
-            response = model_response(
-                job.request, model.name, model.version, result, timing,
-                truncated=job.prepared.truncated,
-            )  # fmt: skip
-            outgoing += reply(self._destinations, job.source, response, batch_id, served=True)
-        return outgoing
-
-    def _compare(self, job: Job, result: Result | None) -> None:
-        comparison = job.comparison
-        if comparison is None:
-            return
-        outcome = comparison.record(result, shadow=job.is_shadow)
-        if outcome is None:
-            return
-        self._count(comparison, outcome)
-        if outcome is Outcome.DISAGREED:
-            log.info(
-                "shadow disagrees with primary",
-                correlation_id=job.request.id[:SHOWN_CHARS],
-                model=comparison.model,
-                output=comparison.output,
-            )
-
-    def _count(self, comparison: Comparison, outcome: Outcome) -> None:
-        self._metrics.shadow.labels(
-            comparison.model, comparison.primary_version, comparison.shadow_version, outcome
-        ).inc()
 
 
 def _measure(job: Job) -> tuple[int, int]:

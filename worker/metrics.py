@@ -12,7 +12,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from worker.outgoing import Outgoing
+from worker.answers import Settled
 
 __all__ = ["Metrics"]
 
@@ -145,7 +145,7 @@ class Metrics:
             registry=r,
         )
 
-    def acknowledged(self, items: Sequence[Outgoing], now_ms: float) -> None:
+    def acknowledged(self, items: Sequence[Settled], now_ms: float) -> None:
         """Count a group of acknowledged messages: replies by outcome, latency, dead letters."""
         outcomes: Tally[tuple[str, str, str]] = Tally()
         transports: Tally[tuple[str, str]] = Tally()
@@ -160,10 +160,9 @@ class Metrics:
                 self.reply_topic_refused.inc()
             labels = meta.labels
             outcomes[(*labels, meta.outcome)] += 1
-            transport = "kafka" if item.source.respond is None else item.source.tp.topic
-            transports[(transport, meta.outcome)] += 1
+            transports[(item.origin.transport, meta.outcome)] += 1
             child = latency.get(labels) or latency.setdefault(labels, self.latency.labels(*labels))
-            child.observe(max(0.0, now_ms - item.source.timestamp_ms) / 1000)
+            child.observe(max(0.0, now_ms - item.origin.timestamp_ms) / 1000)
         for labels_outcome, count in outcomes.items():
             self.requests.labels(*labels_outcome).inc(count)
         for transport_outcome, count in transports.items():

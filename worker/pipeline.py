@@ -1,112 +1,187 @@
-"""Where a request goes once it is in the worker, stated once for every origin.
+"""The request path, stated once: from a request's arrival to where its answer goes.
 
 ::
 
-    Source (a Kafka record, or a REST/gRPC request)
-      └─ Pipeline.dispatch ─> admission.admit ─┬─ Answered: route(messages) now
-                                               └─ Admitted ─┬─ strings pending ─> Tokenizing ─┐
-                                                            └─────────────────────> Lanes <───┘
-      Lanes: batch, run, answer ─> route(messages)
+    a Kafka record (worker.intake) or a call (worker.direct: REST, gRPC)
+      │  counted in InFlight (worker.inflight) until its answer is acknowledged
+      └─ Pipeline.dispatch ─> admission.admit ─┬─ Answered ───────────────────────────┐
+                                               └─ Admitted ─┬─ strings pending ─┐     │
+                                                            │   Tokenizing      │     │
+                                                            └─> Lanes <─────────┘     │
+                             Lanes: batch, run the model, answer (worker.answering)  │
+      Pipeline.deliver(answers) <─────────────────────────────────────────────────────┘
+        ├─ a record's: outgoing.messages (reply encoded in its wire format, audit record,
+        │   dead-letter copy) ─> publish (worker.replies) ─> acknowledged, committed
+        └─ a call's: its caller's respond (never encoded for Kafka) ─> acknowledged now;
+            its audit record ─> publish (not tracked: a call has no offset)
 
-``route`` is the worker's: a record's messages go to the replier, a direct request's answer to
-its caller. The worker (:mod:`worker.app`) builds one :class:`Pipeline` when it starts serving;
-tests build the same one around the same stages with a route of their own, so the whole path
-runs without Kafka.
+Every stage ends a request with an :class:`~worker.answers.Answer` and hands it to
+:meth:`Pipeline.deliver`, the one place that knows origins and sinks. The worker
+(:mod:`worker.app`) opens one :class:`Pipeline` when it starts serving; tests open the same one
+around the same stages with a scripted ``publish``, so the whole path runs without Kafka.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import TracebackType
 
 from worker.admission import Admitted, Limits, admit
-from worker.domain import ErrorInfo, InferenceResponse
-from worker.errors import ErrorCode
+from worker.answers import (
+    Answer,
+    ReplyMeta,
+    Settled,
+    Stage,
+    failed_response,
+    reply_meta,
+)
+from worker.formats import Codecs
+from worker.headers import header
 from worker.lanes import Lanes
-from worker.outgoing import Destinations, Outgoing, Source
+from worker.metrics import Metrics
+from worker.origins import Call, Origin, Record
+from worker.outgoing import Destinations, Outgoing, audit_message, messages
 from worker.repository import ModelRepository
+from worker.settings import Settings
 from worker.tokenizing import Tokenizing
+from worker.tracing import continue_trace
 
-__all__ = ["Pipeline", "router"]
+__all__ = ["Pipeline", "Returned"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class Returned:
+    """A call's answer, handed to its caller: what metrics and the audit trail see of it."""
+
+    origin: Call
+    meta: ReplyMeta
+    correlation_id: str
+    stage: Stage | None = None
+    topic: str | None = None
+    """Always None: a call's answer goes to its caller, not to a topic."""
+
+
 class Pipeline:
-    """Admission, the tokenizer stage and the lanes, joined; answers go to ``route``."""
+    """Admission, the tokenizer stage and the lanes, joined; every answer goes to its sink.
 
-    repository: Callable[[], ModelRepository]
-    """The repository serving now (a reload replaces it)."""
-    limits: Limits
-    destinations: Destinations
-    tokenizing: Tokenizing
-    lanes: Lanes
-    route: Callable[[Sequence[Outgoing]], None]
-
-    def dispatch(self, source: Source) -> None:
-        """Admit one request; queue its job, or hand its answer to ``route`` now."""
-        outcome = admit(
-            source, self.repository(), self.limits, self.destinations,
-            now=time.monotonic(), tokenize=False,
-        )  # fmt: skip
-        if isinstance(outcome, Admitted):
-            if outcome.job.prepared.pending:  # a text model's strings: tokenised batch-wise
-                self.tokenizing.put(outcome)
-            else:
-                self.lanes.put(outcome)
-        else:
-            self.route(outcome.outgoing)
-
-
-def router(
-    *,
-    audit_topic: str,
-    acknowledged: Callable[[Sequence[Outgoing]], None],
-    publish: Callable[[list[Outgoing]], None] | None,
-) -> Callable[[Sequence[Outgoing]], None]:
-    """Where answers go: a record's to ``publish`` (the replier); a direct request's to its caller.
-
-    A direct request's reply is handed to its caller and counted at once (``acknowledged``);
-    its audit-topic record is published (not tracked: it has no offset). A direct request that
-    got only a dead-letter copy (a bug answering its batch) gets an INTERNAL error naming the
-    stage; the copy itself is not published (its caller has the error). ``publish`` None: no
-    Kafka, nothing to publish.
+    ``publish``: the replier's submit (all messages of one record in one call); None without
+    Kafka (REST/gRPC only). ``acknowledged``: answers done (published, or handed to their
+    caller), for metrics, the audit log and progress. Open it (``async with``) to start the
+    tokenizer stage and the lanes in ``group``; :meth:`drain` answers all they hold.
     """
 
-    def route(items: Sequence[Outgoing]) -> None:
+    def __init__(
+        self,
+        group: asyncio.TaskGroup,
+        settings: Settings,
+        *,
+        repository: Callable[[], ModelRepository],
+        destinations: Destinations,
+        codecs: Codecs,
+        metrics: Metrics,
+        publish: Callable[[list[Outgoing]], None] | None,
+        acknowledged: Callable[[Sequence[Settled]], None],
+    ) -> None:
+        runtime = settings.runtime
+        self.repository = repository
+        """The repository serving now (a reload replaces it)."""
+        self.limits = Limits(
+            runtime.max_request_bytes, runtime.max_request_elements, runtime.default_timeout_ms
+        )
+        self.destinations = destinations
+        self.codecs = codecs
+        self._publish = publish
+        self._acknowledged = acknowledged
+        self._group = group
+        self._pools = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+            for name in ("shadow", "tokenize")
+        ]
+        self.lanes = Lanes(
+            group,
+            threads=settings.models.threads,
+            shadow_executor=self._pools[0],
+            batching=settings.batching,
+            deliver=self.deliver,
+            metrics=metrics,
+            shadow_queue_limit=runtime.max_in_flight,
+        )
+        self.tokenizing = Tokenizing(self._pools[1], forward=self.lanes.put, deliver=self.deliver)
+        self._tokenizer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Pipeline:
+        self.lanes.open(self.repository())
+        self._tokenizer = self._group.create_task(self.tokenizing.run())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._tokenizer is not None:
+            self._tokenizer.cancel()
+        self.lanes.close()  # each version's instances (threads)
+        for pool in self._pools:
+            # wait=False: a model call stuck forever must not keep the worker from exiting.
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def dispatch(self, origin: Origin) -> None:
+        """Admit one request; queue its job, or deliver its answer now."""
+        outcome = admit(
+            origin, self.repository(), self.limits, self.destinations, self.codecs,
+            now=time.monotonic(), tokenize=False,
+        )  # fmt: skip
+        if not isinstance(outcome, Admitted):
+            self.deliver(outcome.answers)
+        elif outcome.job.prepared.pending:  # a text model's strings: tokenised batch-wise
+            self.tokenizing.put(outcome)
+        else:
+            self.lanes.put(outcome)
+
+    def unparseable(self, record: Record, error: Exception) -> None:
+        """A record the Kafka client could not parse (bytes unknown): dead-letter its place."""
+        self.deliver([Answer(record, failed=Stage.FETCH, error=error)])
+
+    def deliver(self, answers: Sequence[Answer]) -> None:
+        """Send each answer where its origin says: a record's to Kafka, a call's to its caller."""
         published: list[Outgoing] = []
-        answered: list[Outgoing] = []
-        failed: dict[int, Outgoing] = {}
-        for item in items:
-            respond = item.source.respond
-            if respond is None:
-                published.append(item)
-            elif item.meta is not None and item.response is not None:
-                respond(item.response, item.headers)
-                answered.append(item)
-            elif item.is_dead_letter:
-                failed[id(item.source)] = item
-            elif audit_topic and item.topic == audit_topic:
-                published.append(item)
-        for item in failed.values():  # respond() ignores a second answer to one request
-            assert item.source.respond is not None
-            item.source.respond(_failed(item), [])
-        if answered:
-            acknowledged(answered)
-        if published and publish is not None:
-            publish(published)
+        returned: list[Returned] = []
+        for answer in answers:
+            origin = answer.origin
+            if isinstance(origin, Record):
+                published += messages(self.destinations, self.codecs, answer)
+            else:
+                returned.append(_return(origin, answer))
+        if returned:
+            self._acknowledged(returned)
+            if self.destinations.audit_topic:
+                published += [audit_message(self.destinations, r) for r in returned]
+        if published and self._publish is not None:
+            self._publish(published)
 
-    return route
+    def reload(self, repository: ModelRepository) -> None:
+        """Serve ``repository`` from now on: new lanes built first, changed ones retired."""
+        self.lanes.open(repository)
+
+    async def drain(self) -> None:
+        """Answer everything the tokenizer stage and the lanes hold, then let them end."""
+        self.tokenizing.close()
+        if self._tokenizer is not None:
+            await self._tokenizer
+        await self.lanes.drain()
 
 
-def _failed(copy: Outgoing) -> InferenceResponse:
-    """The answer to a direct request whose only outcome was a dead-letter copy."""
-    request = copy.source.request
-    return InferenceResponse(
-        id=copy.correlation_id or (request.id if request else ""),
-        model_name=request.model_name if request else "",
-        error=ErrorInfo(
-            str(ErrorCode.INTERNAL),
-            f"the worker failed at stage {copy.stage} answering this request; see its log",
-        ),
-    )
+def _return(call: Call, answer: Answer) -> Returned:
+    """Hand a call its answer (with the continued trace context); what was handed."""
+    response = answer.response
+    if response is None:  # only a failure (a bug answering it): the caller gets INTERNAL
+        response = failed_response(call, answer.failed or Stage.BATCH)
+    trace = continue_trace(header(call.headers, "traceparent"))
+    call.respond(response, [("traceparent", trace.traceparent)])
+    return Returned(call, reply_meta(answer, response, trace), response.id)

@@ -33,10 +33,12 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 
+from worker.answers import Stage
 from worker.errors import SHOWN_CHARS, WorkerError
 from worker.inbox import Inbox
 from worker.offsets import OffsetTracker
-from worker.outgoing import Destinations, Outgoing, Stage, dead_letter, without_value
+from worker.origins import Record
+from worker.outgoing import Destinations, Outgoing, dead_letter, without_value
 
 __all__ = ["TOO_LARGE", "Replier", "TopicCache"]
 
@@ -95,6 +97,10 @@ class Replier:
         failed += await self._send(ready)
         copies = []
         for item, error in failed:
+            record = item.origin
+            if not isinstance(record, Record):  # a call's audit record: its caller has the answer
+                log.warning("audit record of a call not published", error=repr(error)[:500])
+                continue
             if item.is_dead_letter:  # a DECODE-stage copy: only a smaller copy can still go
                 copies.append(self._smaller(item, error))
                 continue
@@ -102,12 +108,12 @@ class Replier:
                 "reply not published; the request is dead-lettered",
                 correlation_id=(item.correlation_id or "")[:SHOWN_CHARS],
                 reply_topic=item.topic,
-                partition=item.source.tp.partition,
-                offset=item.source.offset,
+                partition=record.tp.partition,
+                offset=record.offset,
                 error=repr(error),
                 dead_letter_topic=self._destinations.dead_letter_topic,
             )
-            copies.append(dead_letter(self._destinations, item.source, Stage.REPLY_PUBLISH, error))
+            copies.append(dead_letter(self._destinations, record, Stage.REPLY_PUBLISH, error))
         if copies:
             lost = await self._send(copies)
             if lost:
@@ -116,14 +122,14 @@ class Replier:
                 if unsent:
                     item, error = unsent[0]
                     raise WorkerError(
-                        f"dead-letter copy of {item.source.where()} not published to "
+                        f"dead-letter copy of {item.origin.where()} not published to "
                         f"{item.topic!r}: {error!r}; stopping without committing it"
                     ) from error
                 lost_ids = {id(item) for item, _ in lost}
                 copies = [c for c in copies if id(c) not in lost_ids] + smaller
         for item in group:
-            if item.source.respond is None:  # a record (a direct request's audit copy is not)
-                self._tracker.done(item.source.tp, item.source.offset)
+            if isinstance(item.origin, Record):  # a call's audit record is not tracked
+                self._tracker.done(item.origin.tp, item.origin.offset)
         not_published = {id(item) for item, _ in failed}
         self._on_published([o for o in group if id(o) not in not_published] + copies)
 
@@ -136,13 +142,12 @@ class Replier:
         """
         if copy.value_dropped or not isinstance(error, TOO_LARGE):
             raise WorkerError(
-                f"dead-letter copy of {copy.source.where()} not published to {copy.topic!r}: "
+                f"dead-letter copy of {copy.origin.where()} not published to {copy.topic!r}: "
                 f"{error!r}; stopping without committing it"
             ) from error
         log.error(
             "dead-letter copy too large; publishing it without the record's value and headers",
-            partition=copy.source.tp.partition,
-            offset=copy.source.offset,
+            origin=copy.origin.where(),
             error=repr(error)[:500],
         )
         return without_value(copy, error)

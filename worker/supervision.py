@@ -12,43 +12,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from typing import TYPE_CHECKING
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from worker.errors import WatchdogError
+from worker.intake import Intake
 from worker.metrics import Metrics
+from worker.progress import Progress
 
-if TYPE_CHECKING:
-    from worker.intake import Intake
-
-__all__ = ["Progress", "Supervisor"]
+__all__ = ["Supervisor"]
 
 log = structlog.get_logger(__name__)
-
-
-class Progress:
-    """Replies being acknowledged: when it last happened, and a way to wait for the next."""
-
-    def __init__(self) -> None:
-        self.last = time.monotonic()
-        self._event = asyncio.Event()
-
-    def note(self) -> None:
-        """Something was acknowledged just now."""
-        self.last = time.monotonic()
-        self._event.set()
-
-    async def wait(self, timeout: float) -> None:
-        """Return at the next :meth:`note`, or after ``timeout`` seconds."""
-        self._event.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._event.wait()
 
 
 class Supervisor:

@@ -28,18 +28,10 @@ from dataclasses import replace
 import structlog
 
 from worker.admission import Admitted, Job
+from worker.answers import Answer, Deliver, Stage, error_response, expired_response
 from worker.errors import RequestError
 from worker.inbox import Inbox
 from worker.model import LoadedModel, Prepared
-from worker.outgoing import (
-    Destinations,
-    Outgoing,
-    Stage,
-    dead_letter,
-    error_response,
-    expired_response,
-    reply,
-)
 from worker.text import PASS_BYTES
 
 __all__ = ["ROUND_BYTES", "Tokenizing"]
@@ -59,14 +51,12 @@ class Tokenizing:
         executor: Executor,
         *,
         forward: Callable[[Admitted], None],
-        answer: Callable[[Sequence[Outgoing]], None],
-        destinations: Destinations,
+        deliver: Deliver,
         round_bytes: int = ROUND_BYTES,
     ) -> None:
         self._executor = executor
         self._forward = forward
-        self._answer = answer
-        self._destinations = destinations
+        self._deliver = deliver
         self._round_bytes = round_bytes
         self._inbox: Inbox[Admitted] = Inbox()
         self._waiting: deque[Admitted] = deque()
@@ -101,10 +91,9 @@ class Tokenizing:
                 outcomes = await loop.run_in_executor(self._executor, tokenize_jobs, jobs)
             except Exception as exc:  # the last-resort guard: a bug must not stop the worker
                 log.exception("tokenising raised; its requests are dead-lettered")
-                self._answer(
-                    [dead_letter(self._destinations, a.job.source, Stage.TOKENIZE, exc)
-                     for a in batch]
-                )  # fmt: skip
+                self._deliver(
+                    [Answer(a.job.origin, failed=Stage.TOKENIZE, error=exc) for a in batch]
+                )
                 continue
             for admitted in batch:
                 self._settle(admitted, outcomes)
@@ -115,7 +104,7 @@ class Tokenizing:
         A job whose deadline has passed is answered on the way, without being tokenised.
         """
         now_ms = time.time() * 1000
-        expired: list[Outgoing] = []
+        expired: list[Answer] = []
         batch: list[Admitted] = []
         spent = 0
         while self._waiting:
@@ -127,7 +116,7 @@ class Tokenizing:
                     job.request, job.model.version, job.deadline_ms, now_ms,
                     before="its strings were tokenised",
                 )  # fmt: skip
-                expired += reply(self._destinations, job.source, late, served=True)
+                expired.append(Answer(job.origin, late, served=True))
                 continue
             cost = _cost(admitted)
             if batch and spent + cost > self._round_bytes:
@@ -136,7 +125,7 @@ class Tokenizing:
             batch.append(admitted)
             spent += cost
         if expired:
-            self._answer(expired)
+            self._deliver(expired)
         return batch
 
     def _settle(self, admitted: Admitted, outcomes: dict[int, Prepared | RequestError]) -> None:
@@ -146,7 +135,7 @@ class Tokenizing:
             response = replace(
                 error_response(job.request, outcome), model_version=job.model.version
             )
-            self._answer(reply(self._destinations, job.source, response, served=True))
+            self._deliver([Answer(job.origin, response, served=True)])
             return
         job.prepared = outcome
         if copy is not None:
