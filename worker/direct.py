@@ -31,17 +31,7 @@ from worker.errors import ErrorCode
 from worker.inflight import InFlight
 from worker.origins import Call
 
-__all__ = ["HTTP_STATUS", "Answer", "Direct", "Place"]  # HTTP_STATUS: see rest
-
-HTTP_STATUS = {
-    ErrorCode.INVALID_ARGUMENT: 400,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.DEADLINE_EXCEEDED: 504,
-    ErrorCode.RESOURCE_EXHAUSTED: 429,
-    ErrorCode.INTERNAL: 500,
-    ErrorCode.UNAVAILABLE: 503,
-}
-"""The HTTP status of each error code (REST); gRPC uses the status code of the same name."""
+__all__ = ["Answer", "Direct", "Place"]
 
 GRACE_S = 5.0
 """How long past its deadline a caller waits for the answer (the answer says why it is late)."""
