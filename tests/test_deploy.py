@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -143,23 +145,53 @@ def test_wheel_carries_the_schemas() -> None:
 
 
 K8S = ROOT / "deploy" / "k8s"
+BASE = K8S / "base"
 MONITORING = ROOT / "deploy" / "monitoring"
 
 
 def manifests() -> dict[str, dict[str, Any]]:
-    """Every Kubernetes object in deploy/k8s, by kind."""
+    """Every Kubernetes object of the base (deploy/k8s/base), by kind."""
     objects: dict[str, dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(BASE.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and "kind" in doc and doc["kind"] != "Kustomization":
                 objects[doc["kind"]] = doc
     return objects
 
 
+def kustomize(folder: Path) -> list[dict[str, Any]]:
+    """The objects ``kustomize build folder`` renders (``kubectl kustomize`` if that is here).
+
+    Neither is a dependency of the project: without one the test calling this is skipped, and
+    the tests that read the files themselves still run.
+    """
+    for command in (["kustomize", "build"], ["kubectl", "kustomize"]):
+        if shutil.which(command[0]):
+            done = subprocess.run(
+                [*command, str(folder)], capture_output=True, text=True, timeout=120, check=False
+            )
+            assert done.returncode == 0, f"{' '.join(command)} {folder}: {done.stderr}"
+            return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    pytest.skip("neither kustomize nor kubectl is installed here")
+
+
+def test_every_kustomization_builds() -> None:
+    """deploy/k8s and each overlay build with kustomize, into the objects the overlay means."""
+    base = {(o["kind"], o["metadata"]["name"]) for o in kustomize(K8S)}
+    assert base == {(o["kind"], o["metadata"]["name"]) for o in manifests().values()}
+    gpu = {o["kind"]: o for o in kustomize(K8S / "gpu")}
+    assert set(gpu) == {kind for kind, _ in base}
+    [container] = gpu["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container["image"].endswith(":gpu")
+
+
 def test_kustomization_lists_every_manifest() -> None:
-    """`kubectl apply -k deploy/k8s` applies every manifest in the folder."""
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    """`kubectl apply -k deploy/k8s` applies the base, which lists every manifest in base/."""
+    assert yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"] == ["base"]
+    assert {p.name for p in K8S.glob("*.yaml")} == {"kustomization.yaml"}, "manifests in base/"
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    files = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kustomization["resources"]) == files
 
 
@@ -343,7 +375,7 @@ def test_k8s_gpu_overlay_limits_nvidia_gpus_and_sets_real_settings() -> None:
     """deploy/k8s/gpu: the base plus a patch with an nvidia.com/gpu limit and real settings."""
     overlay = K8S / "gpu"
     kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == ["../"]
+    assert kustomization["resources"] == ["../base"]  # not "../": kustomize sees a cycle
     [patch] = kustomization["patches"]
     deployment = yaml.safe_load((overlay / patch["path"]).read_text())
     assert deployment["metadata"]["name"] == manifests()["Deployment"]["metadata"]["name"]
