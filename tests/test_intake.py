@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,9 @@ class Handed:
 
     def unparseable(self, record: Record, error: Exception, /) -> None:
         raise AssertionError(f"no record here is unparseable: {record.where()} {error!r}")
+
+    def abandon(self, partitions: Collection[TopicPartition], /) -> int:
+        raise AssertionError(f"no partition is revoked here: {partitions}")
 
 
 async def test_fetching_pauses_every_partition_at_the_bound_and_resumes_when_answered() -> None:

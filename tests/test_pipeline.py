@@ -78,8 +78,8 @@ async def opened(
     async with asyncio.TaskGroup() as group:
         pipeline = Pipeline(
             group, settings, repository=lambda: repository, destinations=destinations,
-            codecs=codecs, metrics=Metrics(), publish=transport.published.append,
-            acknowledged=transport.ack,
+            codecs=codecs, in_flight=InFlight(10), metrics=Metrics(),
+            publish=transport.published.append, acknowledged=transport.ack,
         )  # fmt: skip
         async with pipeline:
             yield pipeline

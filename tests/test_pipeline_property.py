@@ -116,7 +116,8 @@ async def run_batch(
         pipeline = Pipeline(
             group, settings_, repository=lambda: repository,
             destinations=Destinations("replies", "dlq", "g"), codecs=Codecs(schemas_),
-            metrics=Metrics(), publish=published.extend, acknowledged=lambda _: None,
+            in_flight=InFlight(100), metrics=Metrics(), publish=published.extend,
+            acknowledged=lambda _: None,
         )  # fmt: skip
         async with pipeline:
             direct = Direct(pipeline.dispatch, InFlight(64))

@@ -91,7 +91,8 @@ BOUNDS = [
     # (section class, field, lowest accepted, what 0 or the value below it means)
     ("KafkaSettings", "topic_partitions", 1, None),
     ("KafkaSettings", "topic_replication_factor", 1, None),
-    ("KafkaSettings", "session_timeout_ms", 1, None),
+    ("KafkaSettings", "session_timeout_ms", 3_000, "three heartbeats (of the default 1 s)"),
+    ("KafkaSettings", "rebalance_timeout_ms", 1, None),
     ("KafkaSettings", "heartbeat_interval_ms", 1, None),
     ("KafkaSettings", "max_poll_interval_ms", 1, None),
     ("KafkaSettings", "request_timeout_ms", 1, None),

@@ -170,7 +170,8 @@ class Worker:
             async with asyncio.TaskGroup() as group:
                 pipeline = Pipeline(
                     group, settings, repository=lambda: self.repository,
-                    destinations=self._destinations, codecs=codecs, metrics=self.metrics,
+                    destinations=self._destinations, codecs=codecs, in_flight=self._in_flight,
+                    metrics=self.metrics,
                     publish=replier.submit if replier is not None else None,
                     acknowledged=self._acknowledged,
                 )  # fmt: skip

@@ -133,6 +133,18 @@ class Batcher(Generic[T]):
             self._queued_tokens += rows * length
         self._wakeup.set()
 
+    def withdraw(self, unwanted: Callable[[T], bool]) -> list[T]:
+        """Take every waiting item that is ``unwanted`` out of the queue; it joins no batch."""
+        kept: deque[_Entry[T]] = deque()
+        out: list[_Entry[T]] = []
+        for entry in self._queue:
+            (out if unwanted(entry.item) else kept).append(entry)
+        if out:
+            self._queue = kept
+            if self._measure:
+                self._queued_tokens -= sum(e.rows * e.length for e in out)
+        return [e.item for e in out]
+
     def close(self) -> None:
         """Accept no more items; what is queued is batched at once (no more waiting)."""
         self._closed = True

@@ -7,6 +7,7 @@ The tree::
     ├── ConnectError            no broker reached, TLS refused or authentication failed
     ├── WatchdogError           no progress while there was work: exit so a supervisor restarts
     ├── DrainTimeoutError       a stop did not finish within the shutdown timeout
+    ├── FencedError             another worker joined the group with this one's instance id
     ├── RequestError            one request cannot be served; ``code`` goes into its reply
     │   └── DecodeError         the record's bytes are not a request at all
     └── ClientError             raised by :mod:`worker.client` to the caller
@@ -31,6 +32,7 @@ __all__ = [
     "DecodeError",
     "DrainTimeoutError",
     "ErrorCode",
+    "FencedError",
     "ReplyError",
     "ReplyTimeoutError",
     "RequestError",
@@ -111,6 +113,14 @@ class DrainTimeoutError(WorkerError):
     """
 
     hard_exit = True
+
+
+class FencedError(WorkerError):
+    """Another member joined the group with this worker's ``group_instance_id``.
+
+    Static membership needs an id unique to each worker; two workers sharing one keep fencing
+    each other out of the group, so this one stops with an error saying so.
+    """
 
 
 class RequestError(WorkerError):

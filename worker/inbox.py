@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 __all__ = ["Inbox"]
@@ -32,6 +32,13 @@ class Inbox(Generic[T]):
         """Queue items (in order)."""
         self._items.extend(items)
         self._wakeup.set()
+
+    def withdraw(self, unwanted: Callable[[T], bool]) -> list[T]:
+        """Take every queued item that is ``unwanted`` out; the rest keep their order."""
+        out = [item for item in self._items if unwanted(item)]
+        if out:
+            self._items = deque(item for item in self._items if not unwanted(item))
+        return out
 
     def close(self) -> None:
         """No more items will come: :meth:`take_all` returns ``[]`` once the queue is empty."""

@@ -18,21 +18,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from worker.errors import FencedError
 from worker.headers import Headers
 from worker.inflight import InFlight
-from worker.kafka import make_consumer
+from worker.kafka import is_fenced, make_consumer
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker
 from worker.origins import Record
 from worker.progress import Progress
 from worker.settings import KafkaSettings, RuntimeSettings
+from worker.unparseable import rewind, step_past
 
 __all__ = ["FETCH_RETRY_S", "Dispatcher", "Intake"]
 
@@ -50,6 +53,9 @@ class Dispatcher(Protocol):
 
     def unparseable(self, record: Record, error: Exception, /) -> None:
         """Dead-letter the place of a record the Kafka client could not parse."""
+
+    def abandon(self, partitions: Collection[TopicPartition], /) -> int:
+        """Take revoked partitions' queued requests out; how many were taken."""
 
 
 class Intake:
@@ -73,6 +79,8 @@ class Intake:
         self.consumer: AIOKafkaConsumer
         """The group consumer; made by :meth:`running` (aiokafka needs the running loop)."""
         self.assigned: set[TopicPartition] = set()
+        self._dispatcher: Dispatcher | None = None
+        """Where records go; set while :meth:`consume` runs (a rebalance abandons to it)."""
         """Partitions assigned now."""
         self.joined = False
         """True once the consumer has joined its group and received an assignment."""
@@ -83,7 +91,12 @@ class Intake:
         self.consumer = make_consumer(self._kafka)
         self.consumer.subscribe([self._kafka.requests_topic], listener=_Listener(self))
         try:
-            await self.consumer.start()
+            try:
+                await self.consumer.start()
+            except KafkaError as exc:
+                if is_fenced(exc):
+                    raise self._fenced() from exc
+                raise
             yield self
         finally:
             await self.consumer.stop()
@@ -98,12 +111,14 @@ class Intake:
         """Fetch records and hand each to ``pipeline`` until ``stopping`` is set.
 
         Records the Kafka client cannot parse (a header key that is not UTF-8, say) are
-        stepped past: each offset skipped goes to ``pipeline.unparseable`` (bytes unknown) and is
-        committed like an answered record once that is done. ``prepare`` is awaited with each
+        stepped past (:mod:`worker.unparseable`): each offset skipped goes to
+        ``pipeline.unparseable`` (bytes unknown) and is committed like an answered record once
+        that is done. ``prepare`` is awaited with each
         fetched batch's (value, headers) before any of it is dispatched (schema lookups);
         records of partitions revoked meanwhile are left to their new owner.
         """
         consumer = self.consumer
+        self._dispatcher = pipeline
         max_records = self._kafka.fetch_max_records
         paused = False
         while not stopping.is_set():
@@ -125,14 +140,20 @@ class Intake:
             try:
                 fetched = await consumer.getmany(timeout_ms=100, max_records=min(room, max_records))
             except KafkaError as exc:  # transient (a rebalance, a reset); the watchdog bounds it
+                if is_fenced(exc):
+                    raise self._fenced() from exc
                 self._metrics.fetch_errors.inc()
                 log.warning("fetch failed; retrying", error=repr(exc)[:500])
                 await asyncio.sleep(FETCH_RETRY_S)
                 continue
             except Exception as exc:  # noqa: BLE001 - a record the client cannot parse
                 self._metrics.fetch_errors.inc()
-                await self._rewind(before)
-                await self._step_past(exc, pipeline)
+                await rewind(consumer, before)
+                await step_past(
+                    consumer, exc, fetch_max_records=max_records,
+                    hand_on=partial(self._hand_on, pipeline=pipeline),
+                    skipped=partial(self._skipped, pipeline),
+                )  # fmt: skip
                 continue
             if prepare is not None and fetched:
                 await prepare([(r.value, r.headers) for rs in fetched.values() for r in rs])
@@ -145,86 +166,18 @@ class Intake:
         """Track fetched records and hand each on as a :class:`~worker.origins.Record`."""
         for r in records:
             self.tracker.track(tp, r.offset)
-            pipeline.dispatch(Record(tp, r.offset, r.key, r.value, r.headers, r.timestamp))
+            generation = self.tracker.generation(tp)
+            pipeline.dispatch(
+                Record(tp, r.offset, r.key, r.value, r.headers, r.timestamp, generation)
+            )
 
-    async def _rewind(self, before: dict[TopicPartition, int]) -> None:
-        """Put every assigned partition back where it stood before a fetch that failed.
-
-        A partition assigned during the fetch goes back to its committed offset (or the start,
-        as the group's reset policy says): nothing of it was handed on yet.
-        """
-        consumer = self.consumer
-        for tp in consumer.assignment():
-            offset = before.get(tp)
-            if offset is None:
-                offset = await consumer.committed(tp)
-            if offset is None:
-                await consumer.seek_to_beginning(tp)
-            else:
-                consumer.seek(tp, offset)
-
-    async def _step_past(self, error: Exception, pipeline: Dispatcher) -> None:
-        """Find the partitions whose next records cannot be parsed, and step past those records.
-
-        Each partition is fetched on its own; a healthy one is rewound (the main loop fetches
-        it again). In a failing one, the records before the unparseable one are fetched one at
-        a time and dispatched; then offsets are skipped one by one until a fetch parses again.
-        The client parses a whole record batch, so the rest of the failing record's batch is
-        skipped too. Each skipped offset is tracked and handed to ``pipeline.unparseable``, so it is
-        committed only once that is done.
-        """
-        consumer = self.consumer
-        for tp in sorted(consumer.assignment()):
-            start = await consumer.position(tp)
-            try:
-                await consumer.getmany(
-                    tp, timeout_ms=1000, max_records=self._kafka.fetch_max_records
-                )
-            except KafkaError:
-                raise
-            except Exception:  # noqa: BLE001 - this partition holds it
-                consumer.seek(tp, start)
-                await self._skip_unparseable(tp, error, pipeline)
-            else:
-                consumer.seek(tp, start)
-
-    async def _skip_unparseable(
-        self, tp: TopicPartition, error: Exception, pipeline: Dispatcher
+    def _skipped(
+        self, pipeline: Dispatcher, tp: TopicPartition, offset: int, error: Exception
     ) -> None:
-        consumer = self.consumer
-        while True:  # the good records before it, one at a time (at most one fetch's worth)
-            try:
-                fetched = await consumer.getmany(tp, timeout_ms=1000, max_records=1)
-            except KafkaError:
-                raise
-            except Exception:  # noqa: BLE001 - reached it
-                break
-            if not fetched:
-                return
-            self._hand_on(tp, fetched.get(tp, []), pipeline)
-        start = await consumer.position(tp)
-        end = (await consumer.end_offsets([tp]))[tp]
-        offset = start
-        while offset < end:
-            offset += 1
-            consumer.seek(tp, offset)
-            try:
-                await consumer.getmany(tp, timeout_ms=1000, max_records=1)
-            except KafkaError:
-                raise
-            except Exception:  # noqa: BLE001, S112 - still inside the unparseable batch
-                continue
-            consumer.seek(tp, offset)  # parses again from here: the main loop goes on
-            break
-        log.error(
-            "records the Kafka client cannot parse were skipped and dead-lettered",
-            partition=f"{tp.topic}[{tp.partition}]",
-            offsets=f"{start}..{offset - 1}",
-            error=repr(error)[:500],
-        )
-        for skipped in range(start, offset):
-            self.tracker.track(tp, skipped)
-            pipeline.unparseable(Record(tp, skipped, None, None, [], 0), error)
+        """An offset stepped past unparsed: tracked, and its place dead-lettered."""
+        self.tracker.track(tp, offset)
+        generation = self.tracker.generation(tp)
+        pipeline.unparseable(Record(tp, offset, None, None, [], 0, generation), error)
 
     async def commit_loop(self) -> None:
         """Commit what is answered, every ``commit_interval_ms``."""
@@ -252,19 +205,56 @@ class Intake:
         log.debug("committed", positions=_fmt(positions))
 
     async def release(self, revoked: set[TopicPartition]) -> None:
-        """Wait (bounded) for revoked partitions' requests to be answered, then commit them."""
-        deadline = time.monotonic() + self._runtime.shutdown_timeout_s
-        while self.tracker.pending_in(revoked) and time.monotonic() < deadline:
-            await self._progress.wait(0.2)
-        left = self.tracker.pending_in(revoked)
-        if left:
+        """Fast revocation: give up queued requests, finish running ones, commit, forget.
+
+        Queued requests of the revoked partitions are taken out (never answered: their
+        offsets stay uncommitted and the next owner serves them); requests already running
+        or answered but not yet acknowledged are waited for, bounded by
+        :meth:`revoke_timeout_s`; then what is done is committed and the partitions are
+        forgotten (anything of them still running is never published).
+        """
+        started = time.monotonic()
+        dispatcher = self._dispatcher
+        abandoned = dispatcher.abandon(revoked) if dispatcher is not None else 0
+        deadline = started + self.revoke_timeout_s()
+        while self.tracker.unfinished_in(revoked) > abandoned and time.monotonic() < deadline:
+            await self._progress.wait(0.05)
+        left = self.tracker.unfinished_in(revoked) - abandoned
+        if left > 0:
             log.warning(
-                "partitions revoked with requests in flight; they will be served again",
-                in_flight=left,
+                "partitions revoked with requests still running; they will be served again",
+                running=left,
             )
         await self.commit(sorted(revoked))
         self.tracker.forget(revoked)
         self.assigned -= revoked
+        self._metrics.partitions.set(len(self.assigned))
+        self._metrics.revoke.observe(time.monotonic() - started)
+        log.info(
+            "partitions released",
+            abandoned=abandoned,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def _fenced(self) -> FencedError:
+        kafka = self._kafka
+        return FencedError(
+            f"another worker joined group {kafka.group_id!r} with this worker's "
+            f"WORKER_KAFKA__GROUP_INSTANCE_ID={kafka.group_instance_id!r}; each worker needs "
+            "its own (static membership)"
+        )
+
+    def receive(self, assigned: set[TopicPartition]) -> None:
+        """A rebalance ended with this assignment (eager: it adds to nothing held)."""
+        self.assigned |= assigned
+        self.joined = True
+        self._metrics.rebalances.inc()
+        self._metrics.partitions.set(len(self.assigned))
+        log.info("partitions assigned", partitions=_fmt_tps(assigned))
+
+    def revoke_timeout_s(self) -> float:
+        """How long a revocation waits for running requests: below the rebalance timeout."""
+        return min(self._runtime.shutdown_timeout_s, self._kafka.rebalance_timeout_ms / 2000)
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -279,9 +269,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._intake.release(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._intake.assigned |= set(assigned)
-        self._intake.joined = True
-        log.info("partitions assigned", partitions=_fmt_tps(assigned))
+        self._intake.receive(set(assigned))
 
 
 def _fmt(positions: dict[TopicPartition, int]) -> dict[str, int]:

@@ -29,20 +29,25 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.conn import create_conn
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import (
+    BrokerResponseError,
     KafkaError,
     SaslAuthenticationFailed,
     UnsupportedSaslMechanismError,
+    kafka_errors,
 )
 
 from worker.errors import ConfigError, ConnectError
 from worker.settings import ENCRYPTED_PROTOCOLS, KafkaSettings
 
 __all__ = [
+    "FencedInstanceIdError",
     "assign_all",
     "check_connection",
     "consumer_config",
     "ensure_topics",
+    "is_fenced",
     "make_consumer",
     "make_producer",
     "producer_config",
@@ -51,6 +56,27 @@ __all__ = [
 ]
 
 log = structlog.get_logger(__name__)
+
+
+class FencedInstanceIdError(BrokerResponseError):  # type: ignore[misc]  # aiokafka untyped
+    """FENCED_INSTANCE_ID (82), which aiokafka 0.14 does not know (it reads it as UNKNOWN).
+
+    Registered in aiokafka's table of error codes so that a fenced static member's error names
+    its cause (:func:`is_fenced`).
+    """
+
+    errno = 82
+    message = "FENCED_INSTANCE_ID"
+    description = "another member joined the group with this member's group instance id"
+
+
+kafka_errors.setdefault(FencedInstanceIdError.errno, FencedInstanceIdError)
+
+
+def is_fenced(error: BaseException) -> bool:
+    """True if the group fenced this member out (another joined with its group instance id)."""
+    return isinstance(error, FencedInstanceIdError) or FencedInstanceIdError.__name__ in str(error)
+
 
 _TOPIC_ALREADY_EXISTS = 36
 
@@ -201,7 +227,11 @@ def consumer_config(settings: KafkaSettings) -> dict[str, Any]:
         "isolation_level": "read_committed",
         "session_timeout_ms": settings.session_timeout_ms,
         "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "rebalance_timeout_ms": settings.rebalance_timeout_ms,
         "max_poll_interval_ms": settings.max_poll_interval_ms,
+        "group_instance_id": settings.group_instance_id,
+        # One assignor, named: partitions of the requests topic spread evenly over members.
+        "partition_assignment_strategy": (RoundRobinPartitionAssignor,),
         "max_poll_records": settings.fetch_max_records,
     }
 

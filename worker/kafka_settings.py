@@ -42,8 +42,24 @@ class KafkaSettings(BaseModel):
     topic_partitions: int = Field(default=6, ge=1)
     """Partitions for topics the worker creates; it bounds how many workers share the load."""
     topic_replication_factor: int = Field(default=1, ge=1)
+    group_instance_id: str | None = Field(
+        default=None, min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$"
+    )
+    """Static membership (KIP-345): a name unique to this worker in its group, stable across
+    restarts (a StatefulSet pod's name). A restart within ``session_timeout_ms`` then causes no
+    rebalance; a worker gone for good holds its partitions until its session times out. Unset:
+    a dynamic member, which leaves the group when it stops."""
     session_timeout_ms: int = Field(default=10_000, ge=1)
-    heartbeat_interval_ms: int = Field(default=3_000, ge=1)
+    """How long the group waits for a silent member (a crash, a static member's restart) before
+    it rebalances its partitions away; the broker bounds it (``group.min/max.session.timeout.ms``,
+    6 s to 30 min by default)."""
+    heartbeat_interval_ms: int = Field(default=1_000, ge=1)
+    """How often a member heartbeats; it learns of a rebalance at its next heartbeat, so this
+    bounds how long the other members wait for it to join one. At most a third of the session
+    timeout."""
+    rebalance_timeout_ms: int = Field(default=20_000, ge=1)
+    """How long the group waits for every member to rejoin a rebalance; a revocation waits at
+    most half of it for requests already running."""
     max_poll_interval_ms: int = Field(default=300_000, ge=1)
     request_timeout_ms: int = Field(default=30_000, ge=1)
     fetch_max_records: int = Field(default=500, ge=1)
@@ -76,6 +92,16 @@ class KafkaSettings(BaseModel):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _check_group_timing(self) -> KafkaSettings:
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError(
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be at most a third "
+                f"of session_timeout_ms ({self.session_timeout_ms}): otherwise one late "
+                "heartbeat ends the member's session"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_security(self) -> KafkaSettings:

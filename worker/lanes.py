@@ -19,6 +19,7 @@ has its lane retired: it answers everything it holds, then ends.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -230,6 +231,10 @@ class Lanes:
                 self._answers.count(job.comparison, Outcome.DROPPED)
                 job.comparison = None
         primary.batcher.put(job)
+
+    def withdraw(self, unwanted: Callable[[Job], bool]) -> list[Job]:
+        """Take every waiting job that is ``unwanted`` out of every lane (shadow copies too)."""
+        return [job for lane in self._lanes.values() for job in lane.batcher.withdraw(unwanted)]
 
     async def drain(self) -> None:
         """Close every lane and wait until each has answered all it holds; end the instances."""

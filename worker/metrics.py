@@ -138,6 +138,27 @@ class Metrics:
             ["model", "primary", "shadow", "result"],
             registry=r,
         )
+        self.rebalances = Counter(
+            "inference_rebalances",
+            "Rebalances this worker took part in (each new assignment it received)",
+            registry=r,
+        )
+        self.revoke = Histogram(
+            "inference_revoke_seconds",
+            "Time from partitions revoked to their running batches answered and committed",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.partitions = Gauge(
+            "inference_partitions_assigned",
+            "Partitions of the requests topic assigned to this worker now",
+            registry=r,
+        )
+        self.abandoned = Counter(
+            "inference_abandoned_requests",
+            "Requests of revoked partitions left unanswered for their partitions' next owner",
+            registry=r,
+        )
         self.reloads = Counter(
             "inference_model_reloads",
             "Model repository reloads, by result",

@@ -1,10 +1,12 @@
 """Which offsets may be committed: per partition, the lowest offset not yet fully answered.
 
-Records of a partition are tracked in the order they were fetched; each is marked done once
-its reply is acknowledged by the broker. The commit position of a partition is the first
-tracked offset not done yet (or one past the last tracked offset when all are done), so a
-committed offset never passes a record whose reply is not acknowledged, however the replies
-of a partition finish out of order. Pure bookkeeping: no Kafka, no asyncio.
+Records of a partition are tracked in the order they were fetched; each is marked done once its
+reply is acknowledged by the broker. A partition's *generation* changes each time it is
+forgotten (revoked, or its offsets went backwards): a record fetched in an earlier generation
+is stale, and nothing of it may be published any more. The commit position of a partition is
+the first tracked offset not done yet (or one past the last tracked offset when all are done),
+so a committed offset never passes a record whose reply is not acknowledged, however the
+replies of a partition finish out of order. Pure bookkeeping: no Kafka, no asyncio.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class OffsetTracker(Generic[P]):
     def __init__(self) -> None:
         self._partitions: dict[P, _Partition] = {}
         self._pending = 0
+        self._generations: dict[P, int] = {}
 
     @property
     def pending(self) -> int:
@@ -51,6 +54,22 @@ class OffsetTracker(Generic[P]):
     def pending_in(self, partitions: Iterable[P]) -> int:
         """Records not yet done in the given partitions."""
         return sum(len(p.outstanding) for tp in partitions if (p := self._partitions.get(tp)))
+
+    def unfinished_in(self, partitions: Iterable[P]) -> int:
+        """Records not yet done in the given partitions (those done out of order excluded)."""
+        return sum(
+            len(p.outstanding) - len(p.finished)
+            for tp in partitions
+            if (p := self._partitions.get(tp))
+        )
+
+    def generation(self, partition: P) -> int:
+        """The partition's generation now: records tracked from now on belong to it."""
+        return self._generations.get(partition, 0)
+
+    def current(self, partition: P, generation: int) -> bool:
+        """True unless the partition was forgotten since a record of ``generation`` was fetched."""
+        return self._generations.get(partition, 0) == generation
 
     def track(self, partition: P, offset: int) -> None:
         """Note a fetched record.
@@ -121,3 +140,4 @@ class OffsetTracker(Generic[P]):
             part = self._partitions.pop(tp, None)
             if part is not None:
                 self._pending -= len(part.outstanding)
+                self._generations[tp] = self._generations.get(tp, 0) + 1

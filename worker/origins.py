@@ -36,6 +36,9 @@ class Record:
     value: bytes | None
     headers: Headers
     timestamp_ms: int
+    generation: int = 0
+    """The partition's generation when it was fetched (:class:`~worker.offsets.OffsetTracker`):
+    once the partition is revoked, the record is stale and nothing of it is published."""
 
     def where(self) -> str:
         """``topic[partition]@offset``, for messages."""

@@ -16,7 +16,9 @@
             its audit record ─> publish (not tracked: a call has no offset)
 
 Every stage ends a request with an :class:`~worker.answers.Answer` and hands it to
-:meth:`Pipeline.deliver`, the one place that knows origins and sinks. The worker
+:meth:`Pipeline.deliver`, the one place that knows origins and sinks. When partitions are
+revoked, :meth:`Pipeline.abandon` takes their queued requests out (their next owner serves
+them), and an answer to a record of a revoked partition is never published. The worker
 (:mod:`worker.app`) opens one :class:`Pipeline` when it starts serving; tests open the same one
 around the same stages with a scripted ``publish``, so the whole path runs without Kafka.
 """
@@ -25,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
 
-from worker.admission import Admitted, Limits, admit
+from aiokafka import TopicPartition
+
+from worker.admission import Admitted, Job, Limits, admit
 from worker.answers import (
     Answer,
     ReplyMeta,
@@ -41,6 +45,7 @@ from worker.answers import (
 )
 from worker.formats import Codecs
 from worker.headers import header
+from worker.inflight import InFlight
 from worker.lanes import Lanes
 from worker.metrics import Metrics
 from worker.origins import Call, Origin, Record
@@ -82,6 +87,7 @@ class Pipeline:
         repository: Callable[[], ModelRepository],
         destinations: Destinations,
         codecs: Codecs,
+        in_flight: InFlight,
         metrics: Metrics,
         publish: Callable[[list[Outgoing]], None] | None,
         acknowledged: Callable[[Sequence[Settled]], None],
@@ -94,6 +100,8 @@ class Pipeline:
         )
         self.destinations = destinations
         self.codecs = codecs
+        self.in_flight = in_flight
+        self._metrics = metrics
         self._publish = publish
         self._acknowledged = acknowledged
         self._group = group
@@ -152,9 +160,13 @@ class Pipeline:
         """Send each answer where its origin says: a record's to Kafka, a call's to its caller."""
         published: list[Outgoing] = []
         returned: list[Returned] = []
+        records = self.in_flight.records
         for answer in answers:
             origin = answer.origin
             if isinstance(origin, Record):
+                if not records.current(origin.tp, origin.generation):  # revoked meanwhile
+                    self._metrics.abandoned.inc()
+                    continue
                 published += messages(self.destinations, self.codecs, answer)
             else:
                 returned.append(_return(origin, answer))
@@ -164,6 +176,22 @@ class Pipeline:
                 published += [audit_message(self.destinations, r) for r in returned]
         if published and self._publish is not None:
             self._publish(published)
+
+    def abandon(self, partitions: Collection[TopicPartition]) -> int:
+        """Take the queued requests of revoked ``partitions`` out: they are never run or answered.
+
+        Their offsets stay uncommitted, so the partitions' next owner serves them. Requests
+        already running are not touched (their answers are published while the partitions are
+        still ours). Returns how many records were taken out.
+        """
+
+        def revoked(job: Job) -> bool:
+            return isinstance(job.origin, Record) and job.origin.tp in partitions
+
+        jobs = [a.job for a in self.tokenizing.withdraw(revoked)]
+        jobs += [job for job in self.lanes.withdraw(revoked) if not job.is_shadow]
+        self._metrics.abandoned.inc(len(jobs))
+        return len(jobs)
 
     def reload(self, repository: ModelRepository) -> None:
         """Serve ``repository`` from now on: new lanes built first, changed ones retired."""

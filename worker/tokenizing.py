@@ -70,6 +70,22 @@ class Tokenizing:
         """Queue a job whose strings are pending (and its shadow copy, if any)."""
         self._inbox.extend((admitted,))
 
+    def withdraw(self, unwanted: Callable[[Job], bool]) -> list[Admitted]:
+        """Take out every waiting job that is ``unwanted`` (with its shadow copy): never tokenised.
+
+        A round being tokenised now is not waited for: its jobs go on to their lanes.
+        """
+
+        def drop(admitted: Admitted) -> bool:
+            return unwanted(admitted.job)
+
+        out = self._inbox.withdraw(drop)
+        kept = [a for a in self._waiting if not drop(a)]
+        if len(kept) != len(self._waiting):
+            out += [a for a in self._waiting if drop(a)]
+            self._waiting = deque(kept)
+        return out
+
     def close(self) -> None:
         """Tokenise what is queued, then let :meth:`run` return."""
         self._inbox.close()

@@ -65,7 +65,7 @@ async def _loop(settings: Settings, stop: asyncio.Event, answer: Answer) -> None
     """Consume requests, publish ``answer`` of each (pipelined), commit after the acks."""
     kafka = settings.kafka
     await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
-    consumer = make_consumer(kafka)
+    consumer = make_consumer(kafka, group_instance_id=None)  # never a worker's static id
     producer = make_producer(kafka)
     await producer.start()
     consumer.subscribe([kafka.requests_topic])
