@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from worker.http import Probes, serve_http
+from worker.kafka import consumer_config
 from worker.metrics import Metrics
 from worker.settings import (
     SECRETS_DIR_VAR,
@@ -175,6 +176,13 @@ def kustomize(folder: Path) -> list[dict[str, Any]]:
     pytest.skip("neither kustomize nor kubectl is installed here")
 
 
+INSTANCE_ID = "WORKER_KAFKA__GROUP_INSTANCE_ID"
+INSTANCE_ID_FROM_POD_NAME = {
+    "name": INSTANCE_ID,
+    "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+}
+
+
 def test_every_kustomization_builds() -> None:
     """deploy/k8s and each overlay build with kustomize, into the objects the overlay means."""
     base = {(o["kind"], o["metadata"]["name"]) for o in kustomize(K8S)}
@@ -184,6 +192,19 @@ def test_every_kustomization_builds() -> None:
     [container] = gpu["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["image"].endswith(":gpu")
+    static = {o["kind"]: o for o in kustomize(K8S / "static")}
+    assert set(static) == {kind for kind, _ in base} - {"Deployment"} | {"StatefulSet"}
+    [container] = static["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == [INSTANCE_ID_FROM_POD_NAME]
+    scaled = static["ScaledObject"]["spec"]
+    assert scaled["scaleTargetRef"]["kind"] == "StatefulSet"
+    assert scaled["triggers"] == manifests()["ScaledObject"]["spec"]["triggers"]
+    # The patch replaces the scale-down policy and keeps the base's stabilisation window.
+    down = scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    base_window = hpa_behavior()["scaleDown"]["stabilizationWindowSeconds"]
+    assert down["stabilizationWindowSeconds"] == base_window
+    assert down["policies"] == [{"type": "Pods", "value": 1, "periodSeconds": 120}]
+    assert static["ConfigMap"]["data"]["WORKER_KAFKA__SESSION_TIMEOUT_MS"] == "60000"
 
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -304,6 +325,158 @@ def test_keda_scales_the_group_on_lag_capped_at_the_partition_count() -> None:
     for ref in auth["spec"]["secretTargetRef"]:
         assert ref["name"] == secret["metadata"]["name"]
         assert ref["key"] in secret["stringData"]
+
+
+def keda_trigger() -> dict[str, str]:
+    """The metadata of the base ScaledObject's (only) Kafka trigger."""
+    (trigger,) = manifests()["ScaledObject"]["spec"]["triggers"]
+    return dict(trigger["metadata"])
+
+
+def hpa_behavior() -> dict[str, Any]:
+    """The HPA behaviour the base ScaledObject gives KEDA's HPA."""
+    advanced = manifests()["ScaledObject"]["spec"]["advanced"]
+    return dict(advanced["horizontalPodAutoscalerConfig"]["behavior"])
+
+
+def test_keda_scales_in_one_pod_at_a_time_after_a_stabilisation_window() -> None:
+    """Scale-in waits out a window of recommendations and then removes one pod per period."""
+    scaled = manifests()["ScaledObject"]["spec"]
+    down = hpa_behavior()["scaleDown"]
+    assert down["stabilizationWindowSeconds"] >= 120
+    assert down["policies"], "without a policy the HPA may drop every surplus pod at once"
+    assert all(p["type"] == "Pods" and p["value"] == 1 for p in down["policies"])
+    assert all(p["periodSeconds"] >= 60 for p in down["policies"])
+    # A burst must last a while before it adds a worker (a model load and a rebalance).
+    assert hpa_behavior()["scaleUp"]["stabilizationWindowSeconds"] > 0
+    # KEDA's cooldownPeriod applies only to scaling to zero, which minReplicaCount rules out:
+    # setting it would suggest it slows scale-in, which it does not.
+    assert scaled["minReplicaCount"] >= 1
+    assert "cooldownPeriod" not in scaled
+
+
+def test_keda_lag_threshold_is_per_replica_and_above_the_workers_own_prefetch() -> None:
+    """The lag per replica exceeds what busy workers hold uncommitted; KEDA reads as they do."""
+    config = manifests()["ConfigMap"]["data"]
+    trigger = keda_trigger()
+    in_flight = int(config.get("WORKER_RUNTIME__MAX_IN_FLIGHT", RuntimeSettings().max_in_flight))
+    # Each worker may hold max_in_flight fetched, unanswered and so uncommitted records; a lag
+    # per replica below twice that would scale the group out on its own prefetch.
+    assert int(trigger["lagThreshold"]) >= 2 * in_flight
+    # KEDA counts a partition without a committed offset the way the worker will serve it.
+    kafka = KafkaSettings(bootstrap_servers=config["WORKER_KAFKA__BOOTSTRAP_SERVERS"])
+    assert trigger["offsetResetPolicy"] == consumer_config(kafka)["auto_offset_reset"]
+    assert trigger["scaleToZeroOnInvalidOffset"] == "false"
+    # Replicas capped at the partition count (KEDA's own cap), not at partitions with lag.
+    assert trigger["allowIdleConsumers"] == "false"
+    assert trigger["limitToPartitionsWithLag"] == "false"
+    assert trigger["excludePersistentLag"] == "false"
+
+
+def test_k8s_workloads_leave_the_replica_count_to_keda() -> None:
+    """Neither workload sets replicas, which every `kubectl apply` would reset the group to."""
+    assert "replicas" not in manifests()["Deployment"]["spec"]
+    assert "replicas" not in static_objects()["StatefulSet"]["spec"]
+
+
+def test_k8s_heartbeat_and_session_timeouts_notice_changes_quickly() -> None:
+    """Heartbeats at most a third of the session timeout, in the base and the static variant."""
+    config = manifests()["ConfigMap"]["data"]
+    static = config | static_objects()["ConfigMap"]["data"]
+    for data in (config, static):
+        assert set(data) <= env_var_names() | {SECRETS_DIR_VAR}
+        heartbeat = int(data["WORKER_KAFKA__HEARTBEAT_INTERVAL_MS"])
+        session = int(data["WORKER_KAFKA__SESSION_TIMEOUT_MS"])
+        assert 3 * heartbeat <= session
+        KafkaSettings(heartbeat_interval_ms=heartbeat, session_timeout_ms=session)
+    # The other workers learn of a rebalance at their next heartbeat: within a second.
+    assert int(config["WORKER_KAFKA__HEARTBEAT_INTERVAL_MS"]) <= 1_000
+
+
+STATIC = K8S / "static"
+
+
+def static_objects() -> dict[str, dict[str, Any]]:
+    """The objects deploy/k8s/static adds or patches, by kind (read from its files)."""
+    kustomization = yaml.safe_load((STATIC / "kustomization.yaml").read_text())
+    objects: dict[str, dict[str, Any]] = {}
+    for name in [*kustomization["resources"][1:], *(p["path"] for p in kustomization["patches"])]:
+        doc = yaml.safe_load((STATIC / name).read_text())
+        kind = doc["kind"] if "$patch" not in doc else f"delete {doc['kind']}"
+        objects[kind] = doc
+    return objects
+
+
+def test_k8s_static_variant_swaps_the_deployment_for_a_statefulset() -> None:
+    """deploy/k8s/static: the base, its Deployment deleted, a StatefulSet with the same pods."""
+    kustomization = yaml.safe_load((STATIC / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../base", "statefulset.yaml"]
+    base, static = manifests(), static_objects()
+    deployment, stateful = base["Deployment"], static["StatefulSet"]
+    deleted = static["delete Deployment"]
+    assert deleted["$patch"] == "delete"
+    assert deleted["metadata"]["name"] == deployment["metadata"]["name"]
+    assert stateful["metadata"]["name"] == deployment["metadata"]["name"]
+    spec = stateful["spec"]
+    assert spec["podManagementPolicy"] == "Parallel"
+    # The governing service is the base's headless Service, selecting these pods.
+    service = base["Service"]
+    assert spec["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    labels = spec["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert spec["selector"] == deployment["spec"]["selector"]
+    # The same pods as the Deployment's (probes, resources, hardening, volumes, grace period),
+    # apart from the member id.
+    pod, base_pod = spec["template"], deployment["spec"]["template"]
+    [container], [base_container] = pod["spec"]["containers"], base_pod["spec"]["containers"]
+    assert {k: v for k, v in container.items() if k != "env"} == base_container
+    assert {k: v for k, v in pod["spec"].items() if k != "containers"} == {
+        k: v for k, v in base_pod["spec"].items() if k != "containers"
+    }
+    assert pod["metadata"] == base_pod["metadata"]
+
+
+def test_k8s_static_pods_take_their_group_instance_id_from_their_name() -> None:
+    """Each StatefulSet pod's member id is its own name; the Deployment's pods have none."""
+    [container] = static_objects()["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == [INSTANCE_ID_FROM_POD_NAME]
+    [base_container] = manifests()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert INSTANCE_ID not in {e["name"] for e in base_container.get("env", [])}
+    assert INSTANCE_ID not in manifests()["ConfigMap"]["data"]
+    # A real setting (an unknown WORKER_* variable stops the worker's start), and pod names
+    # (lowercase letters, digits, '-', '.') are valid ids.
+    assert {e["name"] for e in container["env"]} <= env_var_names()
+    assert KafkaSettings(group_instance_id="inference-worker-0").group_instance_id
+
+
+def test_k8s_static_session_timeout_outlasts_a_pod_replacement() -> None:
+    """The session timeout covers the grace period; scale-in waits out a member's timeout."""
+    static = static_objects()
+    config = manifests()["ConfigMap"]["data"] | static["ConfigMap"]["data"]
+    session_s = int(config["WORKER_KAFKA__SESSION_TIMEOUT_MS"]) / 1000
+    pod = static["StatefulSet"]["spec"]["template"]["spec"]
+    drain = float(config["WORKER_RUNTIME__SHUTDOWN_TIMEOUT_S"])
+    assert drain < pod["terminationGracePeriodSeconds"] < session_s
+    assert session_s - drain >= 20, "time left for the new pod to start, load and join"
+    down = static["ScaledObject"]["spec"]["advanced"]["horizontalPodAutoscalerConfig"]
+    [policy] = down["behavior"]["scaleDown"]["policies"]
+    assert policy == {"type": "Pods", "value": 1, "periodSeconds": policy["periodSeconds"]}
+    assert policy["periodSeconds"] >= session_s
+
+
+def test_k8s_static_scaledobject_targets_the_statefulset() -> None:
+    """KEDA scales the StatefulSet (its default target kind is Deployment)."""
+    static = static_objects()
+    target = static["ScaledObject"]["spec"]["scaleTargetRef"]
+    assert target == {
+        "apiVersion": static["StatefulSet"]["apiVersion"],
+        "kind": "StatefulSet",
+        "name": static["StatefulSet"]["metadata"]["name"],
+    }
+    base = manifests()["ScaledObject"]
+    assert static["ScaledObject"]["metadata"]["name"] == base["metadata"]["name"]
+    assert base["spec"]["scaleTargetRef"]["kind"] == "Deployment"
 
 
 async def test_probe_paths_are_served_by_the_worker_endpoint() -> None:
