@@ -373,6 +373,27 @@ def test_keda_lag_threshold_is_per_replica_and_above_the_workers_own_prefetch() 
     assert trigger["excludePersistentLag"] == "false"
 
 
+def test_scaling_doc_states_the_scaledobject_values() -> None:
+    """docs/scaling.md's table of KEDA values says what scaledobject.yaml sets."""
+    text = (ROOT / "docs" / "scaling.md").read_text()
+    documented = dict(re.findall(r"^\| `([\w.]+)` \| `([^`]+)` \|", text, flags=re.MULTILINE))
+    scaled = manifests()["ScaledObject"]["spec"]
+    down, up = hpa_behavior()["scaleDown"], hpa_behavior()["scaleUp"]
+    [policy] = down["policies"]
+    expected = {
+        "minReplicaCount": str(scaled["minReplicaCount"]),
+        "maxReplicaCount": str(scaled["maxReplicaCount"]),
+        "pollingInterval": str(scaled["pollingInterval"]),
+        "scaleDown.stabilizationWindowSeconds": str(down["stabilizationWindowSeconds"]),
+        "scaleDown.policies": f"{policy['type']}: {policy['value']} / {policy['periodSeconds']} s",
+        "scaleUp.stabilizationWindowSeconds": str(up["stabilizationWindowSeconds"]),
+    } | {key: value for key, value in keda_trigger().items() if key in documented}
+    for key in ("lagThreshold", "allowIdleConsumers", "limitToPartitionsWithLag"):
+        assert key in documented, f"docs/scaling.md does not document {key}"
+    assert {key: documented.get(key) for key in expected} == expected
+    assert "desired replicas = ceil(total lag / lagThreshold)" in text
+
+
 def test_k8s_workloads_leave_the_replica_count_to_keda() -> None:
     """Neither workload sets replicas, which every `kubectl apply` would reset the group to."""
     assert "replicas" not in manifests()["Deployment"]["spec"]
