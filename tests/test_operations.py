@@ -266,3 +266,19 @@ async def test_audit_topic_holds_one_record_per_request_with_the_trace_id(
     }
     assert reply_trace[answers[0].id] == trace_id, "the reply continues the request's trace"
     assert all(by_id[cid]["trace_id"] == tid for cid, tid in reply_trace.items())
+
+
+def test_every_metric_the_worker_exports_is_documented() -> None:
+    """docs/operations.md names each metric of the registry (with its _total suffix if any)."""
+    from worker.metrics import Metrics  # noqa: PLC0415
+
+    from .conftest import ROOT  # noqa: PLC0415
+
+    text = (ROOT / "docs" / "operations.md").read_text()
+    names = set()
+    for family in Metrics().registry.collect():
+        suffix = "_total" if family.type == "counter" else ""
+        names.add(family.name + suffix)
+    missing = sorted(name for name in names if f"`{name}" not in text)
+    assert names, "the registry has metrics"
+    assert missing == [], f"not in docs/operations.md: {missing}"
