@@ -18,12 +18,13 @@ from worker.app import Worker
 from worker.client import InferenceClient
 from worker.domain import Tensor
 from worker.kafka import make_producer
+from worker.metrics import Metrics
 from worker.model import LoadedModel
 from worker.repository import ModelRepository
 from worker.settings import Settings
 from worker.supervision import Supervisor
 
-from .conftest import changed, reply_reader, running_worker, wait_for
+from .conftest import ROOT, changed, reply_reader, running_worker, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -270,10 +271,6 @@ async def test_audit_topic_holds_one_record_per_request_with_the_trace_id(
 
 def test_every_metric_the_worker_exports_is_documented() -> None:
     """docs/operations.md names each metric of the registry (with its _total suffix if any)."""
-    from worker.metrics import Metrics  # noqa: PLC0415
-
-    from .conftest import ROOT  # noqa: PLC0415
-
     text = (ROOT / "docs" / "operations.md").read_text()
     names = set()
     for family in Metrics().registry.collect():
