@@ -52,32 +52,51 @@ def run_isolated(model: Program, per_request: Sequence[Prepared]) -> list[list[T
         outputs = model.predict(stack_inputs(model, per_request))
         return list(split_outputs(model, outputs, per_request))
     except Exception as exc:  # noqa: BLE001 - a model may raise anything; it is reported per request
-        return _isolate(model, per_request, exc)
+        error = _detached(exc)
+    return _isolate(model, per_request, error)  # out of the handler: the failed pass is gone
+
+
+def _detached(exc: Exception) -> Exception:
+    """``exc`` without its traceback and chained exceptions, which hold the failed pass.
+
+    A traceback references the frames of the forward pass that raised, and so its input,
+    intermediate and output tensors: kept, they keep the memory of the failed attempt in use
+    while its halves are retried (which then fail too). Only the exception's type and
+    message are reported (:func:`worker.answers.model_response`), so nothing is lost.
+    """
+    exc.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
+    return exc
 
 
 def _isolate(
-    model: Program, per_request: Sequence[Prepared], exc: Exception
+    model: Program, per_request: Sequence[Prepared], error: Exception
 ) -> list[list[Tensor] | Exception]:
-    """After ``exc`` on the whole batch: each half on its own (a lone request gets the error)."""
-    if is_out_of_memory(exc):
+    """After ``error`` (detached) on the whole batch: each half on its own.
+
+    A lone request gets the error. Out of memory: the device's cached blocks are released
+    first; the caller holds nothing of the failed attempt by then.
+    """
+    if is_out_of_memory(error):
         release_cache(model.device)
         if len(per_request) == 1:
-            return [_too_big(model, per_request[0], exc)]
+            return [_too_big(model, per_request[0])]
     if len(per_request) == 1:
-        return [exc]
+        return [error]
+    del error
     middle = len(per_request) // 2
     return run_isolated(model, per_request[:middle]) + run_isolated(model, per_request[middle:])
 
 
-def _too_big(model: Program, alone: Prepared, exc: Exception) -> RequestError:
+def _too_big(model: Program, alone: Prepared) -> RequestError:
+    """RESOURCE_EXHAUSTED for a request that alone does not fit (the OOM is not chained)."""
     shape = f"{alone.rows} row(s)" + (f" x {alone.length}" if model.config.is_sequence else "")
-    error = RequestError(
+    return RequestError(
         ErrorCode.RESOURCE_EXHAUSTED,
         f"model {model.name} v{model.version} ran out of memory on {model.device} with this "
         f"request alone ({shape}): send fewer or shorter rows per request",
     )
-    error.__cause__ = exc
-    return error
 
 
 Run = list[tuple[float, float, list[list[Tensor] | Exception]]]
@@ -106,12 +125,15 @@ def run_batches(model: Program, batches: Sequence[Sequence[Prepared]]) -> Run:
         else:
             results = launched if launched is not None else RuntimeError("not staged")
         if isinstance(results, Exception):
-            if is_out_of_memory(results) and isinstance(staged, Staged):
+            error = _detached(results)
+            del results
+            current = launched = None  # nothing of the failed attempt stays referenced
+            if is_out_of_memory(error):
                 staged = None  # the next batch's copy is given up too; it is staged again
-                release_cache(model.device)
-            results = _isolate(model, batch, results)
+            results = _isolate(model, batch, error)  # releases cached memory on out of memory
+            del error
         out.append((began - first, time.monotonic() - began, results))
-        del current
+        del current, launched  # not alive while the next batch is launched
         if staged is None and following is not None:
             staged = _attempt(model.stage, following)
     return out
