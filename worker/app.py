@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from worker.answers import Settled
 from worker.audit import AuditLog
 from worker.direct import Direct
-from worker.errors import DrainTimeoutError
+from worker.errors import DeviceLostError, DrainTimeoutError
 from worker.formats import PLAIN, Codecs
 from worker.grpc_api import serve_grpc
 from worker.http import Probes, serve_http
@@ -156,6 +156,8 @@ class Worker:
                     serve_http(probes, settings.http.host, settings.http.port)
                 )
             replier = await self._connect(stack) if kafka.enabled else None
+            if replier is not None:  # before the consumer leaves: commit if a device failed
+                stack.push_async_exit(self._commit_if_device_lost)
             codecs = Codecs(self._registry) if self._registry is not None else PLAIN
             log.info(
                 "worker started",
@@ -179,6 +181,15 @@ class Worker:
                     self._pipeline = pipeline
                     await self._serve(group, pipeline, replier)
         log.info("worker stopped cleanly")
+
+    async def _commit_if_device_lost(self, *exc_info: object) -> bool:
+        """A device failed for good (the worker exits, #25): commit what was answered first."""
+        error = exc_info[1]
+        if isinstance(error, BaseExceptionGroup) and error.subgroup(DeviceLostError):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.runtime.shutdown_timeout_s):
+                    await self._intake.commit()
+        return False
 
     async def _connect(self, stack: contextlib.AsyncExitStack) -> Replier:
         """Kafka: topics, the schema registry (if any), the producer, the group consumer."""

@@ -18,6 +18,7 @@ from worker.config_sections import (
     EXTRA_INPUTS,
     MAX_INSTANCES,
     MAX_SHAPE_DIMENSIONS,
+    MAX_VOCAB_SIZE,
     PRECISIONS,
     TOKENIZER_FEEDS,
     Routing,
@@ -245,5 +246,24 @@ def tensor_spec(raw: Mapping[str, Any], path: Path) -> TensorSpec:
     if isinstance(pad, bool) or not isinstance(pad, int | float) or pad != pad:  # noqa: PLR0124 - NaN
         raise ConfigError(f"{path}: tensor {raw['name']!r} pad_value = {pad!r}; expected a number")
     return TensorSpec(
-        str(raw["name"]), datatype, shape, bool(raw.get("allow_non_finite", False)), float(pad)
-    )
+        str(raw["name"]), datatype, shape, bool(raw.get("allow_non_finite", False)), float(pad),
+        _vocab_size(raw, datatype, path),
+    )  # fmt: skip
+
+
+def _vocab_size(raw: Mapping[str, Any], datatype: str, path: Path) -> int | None:
+    """A tensor's ``vocab_size`` (None when left out): a whole number, on integer ids only."""
+    vocab = raw.get("vocab_size")
+    if vocab is None:
+        return None
+    if not _whole(vocab, 1, MAX_VOCAB_SIZE):
+        raise ConfigError(
+            f"{path}: tensor {raw['name']!r} vocab_size = {vocab!r}; expected a whole number "
+            f"from 1 to {MAX_VOCAB_SIZE}"
+        )
+    if datatype not in DATATYPES or DATATYPES[datatype].kind not in "iu":
+        raise ConfigError(
+            f"{path}: tensor {raw['name']!r}: vocab_size is for integer inputs (token ids), "
+            f"not {datatype}"
+        )
+    return int(vocab)

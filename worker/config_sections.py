@@ -20,6 +20,7 @@ __all__ = [
     "EXTRA_INPUTS",
     "MAX_INSTANCES",
     "MAX_SHAPE_DIMENSIONS",
+    "MAX_VOCAB_SIZE",
     "ON_CPU",
     "PRECISIONS",
     "QUANTIZE_MODES",
@@ -46,6 +47,8 @@ MAX_INSTANCES = 64
 """Most instances of one version (each is a thread)."""
 MAX_SHAPE_DIMENSIONS = 32
 """Most dimensions a model input or output may declare (requests are held to the same)."""
+MAX_VOCAB_SIZE = 2**31
+"""Largest ``vocab_size`` of an integer input."""
 
 
 def check_device(value: object) -> str:
@@ -80,6 +83,10 @@ class TensorSpec:
     """Inputs only: accept NaN and infinity in a floating-point input."""
     pad_value: float = 0.0
     """Sequence inputs only: what the batch is padded with beyond a request's length."""
+    vocab_size: int | None = None
+    """Integer inputs only: ids must lie in ``[0, vocab_size)`` (the rows of the embedding they
+    index); others are refused at admission. On a GPU an index out of range is a device-side
+    assert, which breaks the process's CUDA context."""
 
     @property
     def is_sequence(self) -> bool:

@@ -12,20 +12,29 @@ comes from the settings (``WORKER_MODELS__DEVICE``, ``__PRECISION``, ``__INSTANC
 
 Parsing those values is :mod:`worker.model_config` (no torch); here: what a device value
 means on this machine, the precision's torch dtype, recognising an out-of-memory error (a
-batch too big for the device) and the memory a CUDA device holds.
+batch too big for the device) and a device that cannot recover (:func:`is_device_lost`; once
+one is, :func:`mark_lost` records it and :func:`ensure_usable` refuses it), and the memory a
+CUDA device holds.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
 
-from worker.errors import ConfigError
+from worker.errors import ConfigError, DeviceLostError
 from worker.model_config import check_device
 
 __all__ = [
+    "STICKY_ERRORS",
+    "ensure_usable",
+    "forget_lost",
+    "is_device_lost",
     "is_out_of_memory",
+    "lost_devices",
+    "mark_lost",
     "memory",
     "release_cache",
     "resolve_device",
@@ -78,6 +87,87 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and (
         "out of memory" in text.lower() or "can't allocate memory" in text
     )
+
+
+STICKY_ERRORS = (
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "uncorrectable ECC error",
+    "launch timed out",
+    "hardware stack error",
+    "an illegal address",
+)
+"""Fragments of CUDA's errors after which the process's context is broken ("sticky"): every
+later call on it fails too (torch raises them as ``torch.AcceleratorError``, a RuntimeError)."""
+
+
+def _synchronize(device: torch.device) -> None:
+    torch.cuda.synchronize(device)
+
+
+def is_device_lost(
+    exc: BaseException,
+    device: torch.device,
+    *,
+    probe: Callable[[torch.device], None] = _synchronize,
+) -> bool:
+    """True if ``exc`` left ``device`` unusable: retrying on it would fail every later batch.
+
+    A sticky CUDA error (:data:`STICKY_ERRORS`, by message: a device-side assert such as an
+    out-of-range index, an illegal memory access, a launch failure), never out of memory. On a
+    CUDA device any other error is also checked by ``probe`` (synchronising the device): a
+    broken context fails that too, whatever the first message said.
+    """
+    if is_out_of_memory(exc):
+        return False
+    if isinstance(exc, RuntimeError) and any(f in str(exc) for f in STICKY_ERRORS):
+        return True
+    if device.type != "cuda":
+        return False
+    try:
+        probe(device)
+    except Exception:  # noqa: BLE001 - whatever it raises, the context is broken
+        return True
+    return False
+
+
+_lost: dict[str, str] = {}
+"""Devices that failed for good in this process: device name -> what happened."""
+_lost_lock = threading.Lock()
+
+
+def mark_lost(device: torch.device, error: BaseException) -> DeviceLostError:
+    """Record that ``device`` failed for good; the error that stops the worker, saying why."""
+    first_line = (str(error).splitlines() or [""])[0]
+    what = f"{type(error).__name__}: {first_line}"
+    with _lost_lock:
+        _lost.setdefault(str(device), what)
+    return DeviceLostError(
+        f"{device} failed and cannot recover ({what}); the worker stops so that a fresh "
+        "process serves again (what was not answered is served again)"
+    )
+
+
+def ensure_usable(device: torch.device) -> None:
+    """Raise :class:`DeviceLostError` if ``device`` failed for good earlier in this process."""
+    what = _lost.get(str(device))
+    if what is not None:
+        raise DeviceLostError(f"{device} failed earlier and cannot recover ({what})")
+
+
+def lost_devices() -> dict[str, str]:
+    """Devices that failed for good in this process, and what happened (health: unhealthy)."""
+    with _lost_lock:
+        return dict(_lost)
+
+
+def forget_lost() -> None:
+    """Forget every lost device (tests: a process that lost one is otherwise done with it)."""
+    with _lost_lock:
+        _lost.clear()
 
 
 def memory(device: torch.device) -> tuple[int, int]:

@@ -6,6 +6,7 @@ The tree::
     ├── ConfigError             settings, model repository or topics unusable at start-up
     ├── ConnectError            no broker reached, TLS refused or authentication failed
     ├── WatchdogError           no progress while there was work: exit so a supervisor restarts
+    ├── DeviceLostError         the model's device cannot run anything more: exit to restart
     ├── DrainTimeoutError       a stop did not finish within the shutdown timeout
     ├── FencedError             another worker joined the group with this one's instance id
     ├── RequestError            one request cannot be served; ``code`` goes into its reply
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "DecodeError",
+    "DeviceLostError",
     "DrainTimeoutError",
     "ErrorCode",
     "FencedError",
@@ -104,6 +106,20 @@ class WatchdogError(WorkerError):
 
     hard_exit = True
     exit_code = 3
+
+
+class DeviceLostError(WorkerError):
+    """A model's device failed in a way its context cannot recover from (CUDA's sticky errors).
+
+    A device-side assert, an illegal memory access or a launch failure leaves the process's
+    CUDA context broken: every later call on it fails. Retrying would only fail every later
+    batch, so the worker stops (what was answered is committed; the batch that failed, and
+    anything not answered, is served again by the partitions' next owner) and its supervisor
+    starts a fresh process.
+    """
+
+    hard_exit = True
+    exit_code = 4
 
 
 class DrainTimeoutError(WorkerError):

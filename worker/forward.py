@@ -5,6 +5,8 @@ the current one's compute (the three steps of a :class:`~worker.program.Program`
 :class:`~worker.model.LoadedModel`: upload, launch, download); a batch that fails (a bad
 request, or out of memory) is split in halves until the failing requests are alone
 (:func:`run_isolated`); a request that alone does not fit in memory gets RESOURCE_EXHAUSTED.
+A device that fails for good (a sticky CUDA error, :func:`worker.device.is_device_lost`) is
+never retried: :class:`~worker.errors.DeviceLostError` ends the run, and the worker.
 Assembling a batch and cutting its outputs back (:func:`stack_inputs`, :func:`split_outputs`,
 re-exported here) is :mod:`worker.stacking`; the copies to and from the device
 :mod:`worker.staging`.
@@ -20,7 +22,7 @@ from typing import Any
 
 import torch
 
-from worker.device import is_out_of_memory, release_cache
+from worker.device import ensure_usable, is_device_lost, is_out_of_memory, mark_lost, release_cache
 from worker.domain import Tensor
 from worker.errors import ErrorCode, RequestError
 from worker.prepared import Prepared
@@ -46,8 +48,11 @@ def run_isolated(model: Program, per_request: Sequence[Prepared]) -> list[list[T
     its batch about log2(batch size) extra forward passes, never the good requests' results.
     Out of memory is handled the same way (cached device memory released first): a batch too
     big is split until its halves fit; a request that alone does not fit gets
-    RESOURCE_EXHAUSTED. Blocking: call it off the event loop.
+    RESOURCE_EXHAUSTED. A device that cannot recover raises
+    :class:`~worker.errors.DeviceLostError` instead (nothing is retried on it). Blocking: call
+    it off the event loop.
     """
+    ensure_usable(model.device)
     try:
         outputs = model.predict(stack_inputs(model, per_request))
         return list(split_outputs(model, outputs, per_request))
@@ -76,8 +81,11 @@ def _isolate(
     """After ``error`` (detached) on the whole batch: each half on its own.
 
     A lone request gets the error. Out of memory: the device's cached blocks are released
-    first; the caller holds nothing of the failed attempt by then.
+    first; the caller holds nothing of the failed attempt by then. A device left broken
+    raises :class:`~worker.errors.DeviceLostError`: every retry on it would fail.
     """
+    if is_device_lost(error, model.device):
+        raise mark_lost(model.device, error) from error
     if is_out_of_memory(error):
         release_cache(model.device)
         if len(per_request) == 1:
@@ -108,8 +116,10 @@ def run_batches(model: Program, batches: Sequence[Sequence[Prepared]]) -> Run:
 
     Pipelined: once a batch is launched, the next one is assembled and its copy started while
     the device computes (on a GPU the launch returns at once); then the outputs come back. A
-    batch that fails anywhere goes through :func:`run_isolated`'s halving.
+    batch that fails anywhere goes through :func:`run_isolated`'s halving. Raises
+    :class:`~worker.errors.DeviceLostError` if the device fails for good (or had failed).
     """
+    ensure_usable(model.device)
     first = time.monotonic()
     out: Run = []
     staged = _attempt(model.stage, batches[0]) if batches else None

@@ -4,7 +4,8 @@
 - :meth:`Supervisor.watchdog` raises :class:`~worker.errors.WatchdogError` when there is work
   (requests in flight, or records waiting in an assigned partition) and no progress for
   ``WORKER_RUNTIME__WATCHDOG_TIMEOUT_S``: the process exits and its supervisor restarts it.
-- :meth:`Supervisor.healthy` (``/healthz``) turns false in the same condition;
+- :meth:`Supervisor.healthy` (``/healthz``) turns false in the same condition, and once a
+  model's device failed for good (:func:`worker.device.lost_devices`; the worker is exiting);
   :meth:`Supervisor.ready` (``/readyz``) is true once partitions are assigned, until stopping.
 - :meth:`Supervisor.lag_loop` keeps ``inference_consumer_lag`` current.
 """
@@ -18,6 +19,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from worker.device import lost_devices
 from worker.errors import WatchdogError
 from worker.intake import Intake
 from worker.metrics import Metrics
@@ -47,7 +49,13 @@ class Supervisor:
         self._timeout = watchdog_timeout_s
 
     def healthy(self) -> tuple[bool, str]:
-        """Liveness: False once there was work and no progress for the watchdog timeout."""
+        """Liveness: False once there was work and no progress for the watchdog timeout.
+
+        False too once a device failed for good (a sticky CUDA error): nothing runs on it again.
+        """
+        lost = lost_devices()
+        if lost:
+            return False, "device failed: " + ", ".join(f"{d} ({w})" for d, w in lost.items())
         pending = self._intake.tracker.pending
         stalled = time.monotonic() - self._progress.last
         if self._timeout and pending and stalled > self._timeout:

@@ -1,9 +1,10 @@
 """A request checked against a model's declared inputs, and made :class:`~worker.prepared.Prepared`.
 
 Names, datatypes and shapes as ``config.toml`` declares them (``-1``: any size), finite
-values unless an input allows others, one batch dimension and one sequence length shared by
-all inputs. A ``[tokenizer]`` model's strings are tokenised here, or left ``pending`` for the
-tokenizer stage (:mod:`worker.tokenizing`), which tokenises many requests' strings in one call
+values unless an input allows others, ids within the vocabulary where an input declares
+``vocab_size``, one batch dimension and one sequence length shared by all inputs. A
+``[tokenizer]`` model's strings are tokenised here, or left ``pending`` for the tokenizer
+stage (:mod:`worker.tokenizing`), which tokenises many requests' strings in one call
 (:func:`tokenize_pending`). Every refusal is a :class:`~worker.errors.RequestError`
 (INVALID_ARGUMENT) saying what was wrong and what the model expects.
 :meth:`worker.model.LoadedModel.validate` is the way in.
@@ -66,6 +67,8 @@ def validate_request(
             return Prepared([array], rows=len(array), length=0, tokens=0, pending=True)
         if array.dtype.kind == "f" and not spec.allow_non_finite:
             _check_finite(spec, array)
+        if spec.vocab_size is not None:
+            _check_ids(spec, spec.vocab_size, array)
         if rows is not None and array.shape[0] != rows:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
@@ -111,6 +114,19 @@ def _check_finite(spec: TensorSpec, array: npt.NDArray[Any]) -> None:
             ErrorCode.INVALID_ARGUMENT,
             f"input {spec.name!r} holds {int((~finite).sum())} NaN or infinite value(s), the "
             f"first at index {list(first)}; this model accepts finite values only",
+        )
+
+
+def _check_ids(spec: TensorSpec, vocab_size: int, array: npt.NDArray[Any]) -> None:
+    """Every id in ``[0, vocab_size)``: on a GPU one beyond would break the device for good."""
+    outside = (array < 0) | (array >= vocab_size)
+    if outside.any():
+        first = tuple(int(i) for i in np.argwhere(outside)[0])
+        raise RequestError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"input {spec.name!r} holds {int(outside.sum())} id(s) outside [0, {vocab_size}), "
+            f"the first {int(array[first])} at index {list(first)}; this model's vocabulary has "
+            f"{vocab_size} entries",
         )
 
 
