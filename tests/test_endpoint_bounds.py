@@ -375,3 +375,27 @@ async def test_silent_and_trickling_connections_do_not_hold_the_connection_bound
         await wait_for(admitted, timeout=10, what="a connection admitted again")
     silent[1].close()
     trickle[1].close()
+
+
+async def test_a_body_that_never_arrives_gives_its_place_back_after_the_body_timeout(
+    settings: Settings, repository: ModelRepository
+) -> None:
+    """Headers, a huge Request-Timeout-Ms and no body: 408 after body_timeout_s, place back."""
+    settings = changed(with_endpoints(settings), "rest", body_timeout_s=0.5)
+    settings = changed(settings, "runtime", max_in_flight=1)
+    head = (
+        "POST /v2/models/digits/infer HTTP/1.1\r\nHost: w\r\nContent-Length: 100000\r\n"
+        "Content-Type: application/json\r\nRequest-Timeout-Ms: 999999999999\r\n\r\n{"
+    )
+    async with serving(settings, repository) as worker:
+        port = worker.rest_port
+        assert port is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(head.encode())
+        await writer.drain()
+        await wait_for(lambda: worker.direct_in_flight == 1, timeout=10, what="its place taken")
+        async with asyncio.timeout(10):
+            status_line = await reader.readline()
+        assert b" 408 " in status_line, status_line
+        await wait_for(lambda: worker.direct_in_flight == 0, timeout=10, what="its place back")
+        writer.close()

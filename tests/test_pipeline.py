@@ -18,7 +18,7 @@ from aiokafka import TopicPartition
 from worker.answers import Answer, Settled, Stage
 from worker.codec import decode_response, encode_request
 from worker.direct import Direct
-from worker.domain import InferenceRequest, InferenceResponse, Tensor
+from worker.domain import ErrorInfo, InferenceRequest, InferenceResponse, Tensor
 from worker.formats import Codecs
 from worker.headers import Headers
 from worker.inflight import InFlight
@@ -193,3 +193,22 @@ async def test_records_and_calls_share_one_in_flight_bound() -> None:
     assert in_flight.room() == 0
     place.release()
     assert in_flight.count == 1
+
+
+async def test_a_calls_answer_is_always_text_its_caller_can_encode(
+    repository: ModelRepository,
+) -> None:
+    """A model error carrying a lone surrogate reaches the caller with its code, text made safe."""
+    transport = Transport()
+    got: list[InferenceResponse] = []
+    call = Call("grpc", 1, call_request(0), [], 1, lambda response, _h: got.append(response))
+    raised = InferenceResponse(
+        "c-0", "digits", "2", error=ErrorInfo("INTERNAL", "model failed: \ud800 input")
+    )
+    async with opened(repository, Watching(), transport) as pipeline:
+        pipeline.deliver([Answer(call, raised)])
+    [response] = got
+    assert response.error is not None
+    assert response.error.code == "INTERNAL"
+    assert response.error.message.encode() == b"model failed: ? input"
+    assert (response.id, response.model_version) == ("c-0", "2")

@@ -169,3 +169,27 @@ async def test_an_unpublishable_dead_letter_copy_stops_without_marking_done() ->
         await publish_one(denied, tracker=tracker)
     assert tracker.pending == 1
     assert tracker.committable() == {}
+
+
+async def test_an_audit_record_that_cannot_be_published_dead_letters_nothing() -> None:
+    """The reply is out; its audit record failing (a deleted audit topic) costs only that."""
+    producer = FakeProducer([None, TopicAuthorizationFailedError()])
+    tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+    tracker.track(TP, 5)
+    published: list[Outgoing] = []
+    audited = Destinations("replies", "dlq", "g", audit_topic="audit", requests_topic="requests")
+
+    async def exists(_topic: str) -> bool:
+        return True
+
+    replier = Replier(
+        producer, tracker, published.extend, destinations=audited, retries=0,
+        topic_exists=exists, retry_backoff_s=0.001,
+    )  # fmt: skip
+    source = Record(TP, 5, b"k", b"request", [], 0)
+    replier.submit(messages(audited, PLAIN, Answer(source, InferenceResponse("r-1", "m"))))
+    replier.close()
+    await replier.run()
+    assert [topic for topic, _ in producer.sent] == ["replies", "audit"], "no dead-letter copy"
+    assert [o.topic for o in published] == ["replies"]
+    assert tracker.pending == 0, "the record is done"

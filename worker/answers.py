@@ -38,6 +38,7 @@ __all__ = [
     "failed_response",
     "model_response",
     "reply_meta",
+    "safe_text",
 ]
 
 log = structlog.get_logger(__name__)
@@ -219,6 +220,38 @@ def model_response(
     return InferenceResponse(
         id=request.id, model_name=model, model_version=version, error=error, timing=timing
     )
+
+
+def safe_text(response: InferenceResponse) -> InferenceResponse:
+    """``response`` with its text made something every format carries (lone surrogates: ``?``).
+
+    Request text is checked when decoded, but a model or handler may raise with any text in
+    its message; a caller's answer must never fail to encode (the code is kept).
+    """
+    texts = (response.id, response.model_name, response.model_version or "")
+    message = response.error.message if response.error is not None else ""
+    if all(_carried(t) for t in (*texts, message)):
+        return response
+    error = response.error
+    return replace(
+        response,
+        id=_made_safe(response.id),
+        model_name=_made_safe(response.model_name),
+        model_version=_made_safe(response.model_version) if response.model_version else None,
+        error=None if error is None else ErrorInfo(error.code, _made_safe(error.message)),
+    )
+
+
+def _carried(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _made_safe(text: str) -> str:
+    return text.encode(errors="replace").decode()
 
 
 def failed_response(call: Call, stage: Stage) -> InferenceResponse:

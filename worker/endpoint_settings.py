@@ -69,6 +69,10 @@ class RestSettings(EndpointSettings):
     max_connections: int = Field(default=256, ge=1)
     """Most open connections (HTTP/1.1: each carries one request at a time); one more is
     answered 503 and closed."""
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    """Longest wait for a request's body once its headers arrived (a shorter
+    ``Request-Timeout-Ms`` shortens it): a client that sends slowly or not at all holds its
+    place of the in-flight bound at most this long, then gets 408."""
 
 
 class GrpcSettings(EndpointSettings):

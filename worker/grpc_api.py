@@ -39,7 +39,7 @@ from worker.endpoints import (
     request_bytes,
     warn_if_open,
 )
-from worker.errors import DecodeError
+from worker.errors import DecodeError, shown
 from worker.oip import pb, pb_grpc
 from worker.v2proto import request_from_message, response_message
 
@@ -80,7 +80,9 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
         try:
             meta = model_metadata(self._api.repository(), request.name, request.version or None)
         except KeyError:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name!r} is not served")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"model {shown(request.name)} is not served"
+            )
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"],
@@ -110,8 +112,13 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
             context.set_trailing_metadata((("traceparent", trace),))
         if response.error is not None:
             code = getattr(grpc.StatusCode, response.error.code, grpc.StatusCode.UNKNOWN)
-            await context.abort(code, response.error.message)
+            await context.abort(code, response.error.message[:MAX_STATUS_CHARS])
         return response_message(response)
+
+
+MAX_STATUS_CHARS = 4096
+"""Longest status message of a failed call: gRPC carries it in trailing metadata, whose size
+the client bounds (16 KiB by default); a longer one would turn into the client's own error."""
 
 
 def _typed_values(request: Any) -> int:

@@ -55,7 +55,8 @@ class Call:
     """Its sequence number among this worker's calls (for messages)."""
     request: InferenceRequest
     headers: Headers
-    """The caller's trace headers (``traceparent``, ``tracestate``)."""
+    """The caller's headers passed on (trace context, ``correlation_id``; REST and gRPC name
+    which in :data:`worker.rest_requests.PASSED_HEADERS` and the gRPC metadata they read)."""
     timestamp_ms: int
     """When it arrived (Unix ms): latency and the default deadline count from here."""
     respond: Respond

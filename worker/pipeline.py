@@ -42,6 +42,7 @@ from worker.answers import (
     Stage,
     failed_response,
     reply_meta,
+    safe_text,
 )
 from worker.formats import Codecs
 from worker.headers import header
@@ -210,6 +211,7 @@ def _return(call: Call, answer: Answer) -> Returned:
     response = answer.response
     if response is None:  # only a failure (a bug answering it): the caller gets INTERNAL
         response = failed_response(call, answer.failed or Stage.BATCH)
+    response = safe_text(response)  # JSON and protobuf carry it, whatever a model raised
     trace = continue_trace(header(call.headers, "traceparent"))
     call.respond(response, [("traceparent", trace.traceparent)])
     return Returned(call, reply_meta(answer, response, trace), response.id)

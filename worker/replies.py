@@ -98,9 +98,17 @@ class Replier:
         copies = []
         for item, error in failed:
             record = item.origin
-            if not isinstance(record, Record):  # a call's audit record: its caller has the answer
-                log.warning("audit record of a call not published", error=repr(error)[:500])
+            if item.topic == self._destinations.audit_topic and not item.is_dead_letter:
+                # An audit record: its request has its answer; the record is not worth a
+                # dead-letter copy (nor, for a call, possible).
+                log.warning(
+                    "audit record not published",
+                    correlation_id=(item.correlation_id or "")[:SHOWN_CHARS],
+                    audit_topic=item.topic,
+                    error=repr(error)[:500],
+                )
                 continue
+            assert isinstance(record, Record), "only a record's messages besides audit ones"
             if item.is_dead_letter:  # a DECODE-stage copy: only a smaller copy can still go
                 copies.append(self._smaller(item, error))
                 continue

@@ -102,6 +102,11 @@ def endpoint_ssl(settings: EndpointSettings) -> ssl.SSLContext | None:
     return context
 
 
+CLOSE_WAIT_S = 2.0
+"""How long closing the endpoint waits for connections still open (every answer is out by
+then: the worker drained first)."""
+
+
 @dataclass(frozen=True)
 class _Endpoint:
     """What an infer call needs besides the API: its bounds and the codec thread."""
@@ -109,6 +114,8 @@ class _Endpoint:
     wait_s: float
     max_bytes: int
     codec: ThreadPoolExecutor
+    body_wait_s: float
+    """Longest wait for a body, whatever a ``Request-Timeout-Ms`` header asks."""
 
 
 def _routes(api: V2Api, endpoint: _Endpoint) -> list[web.RouteDef]:
@@ -160,8 +167,10 @@ def _routes(api: V2Api, endpoint: _Endpoint) -> list[web.RouteDef]:
 async def _infer(api: V2Api, request: web.Request, endpoint: _Endpoint) -> web.Response:
     """Bounds first (a place in flight, the body's size), then read, decode, infer, reply."""
     direct = api.direct
-    if direct.closing:
-        return error_reply(503, "the worker is stopping")
+    if direct.closing:  # and the connection closes: clients reconnect to another worker
+        stopping = error_reply(503, "the worker is stopping")
+        stopping.force_close()
+        return stopping
     place = direct.take()  # before a byte of the body is read
     if place is None:
         return error_reply(429, direct.full_message)
@@ -182,7 +191,7 @@ async def _infer_in_place(
     header_length, timeout_s = call_headers(request, name + (version or ""))
     loop = asyncio.get_running_loop()
     started = loop.time()
-    wait_s = timeout_s if timeout_s is not None else endpoint.wait_s
+    wait_s = min(timeout_s if timeout_s is not None else endpoint.wait_s, endpoint.body_wait_s)
     body = await received(request, wait_s, endpoint.max_bytes)
     length = len(body) if header_length is None else header_length
     if not length <= len(body):
@@ -244,9 +253,14 @@ async def serve_rest(api: V2Api, settings: RestSettings) -> AsyncIterator[int]:
     max_bytes = request_bytes(settings)
     app = web.Application(middlewares=[_auth(settings)], client_max_size=max_bytes)
     with ThreadPoolExecutor(1, thread_name_prefix="rest-codec") as codec:
-        endpoint = _Endpoint(settings.request_timeout_s, max_bytes, codec)
+        endpoint = _Endpoint(
+            settings.request_timeout_s, max_bytes, codec, body_wait_s=settings.body_timeout_s
+        )
         app.add_routes(_routes(api, endpoint))
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Closing waits at most this for a connection still sending (all answers are out).
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=CLOSE_WAIT_S
+        )
         await runner.setup()
         try:
             assert runner.server is not None
