@@ -11,6 +11,7 @@ import aiohttp
 import numpy as np
 import numpy.typing as npt
 import pytest
+from aiokafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.answers import UNSERVED
@@ -279,3 +280,16 @@ def test_every_metric_the_worker_exports_is_documented() -> None:
     missing = sorted(name for name in names if f"`{name}" not in text)
     assert names, "the registry has metrics"
     assert missing == [], f"not in docs/operations.md: {missing}"
+
+
+def test_the_in_flight_gauge_counts_records_and_calls(
+    settings: Settings, repository: ModelRepository
+) -> None:
+    """inference_requests_in_flight reads the one bound when scraped: records and calls."""
+    worker = Worker(settings, repository)
+    in_flight = worker._in_flight  # noqa: SLF001 - the bound the worker's parts share
+    in_flight.records.track(TopicPartition("requests", 0), 7)
+    in_flight.calls += 2
+    assert worker.metrics.value("inference_requests_in_flight") == 3
+    in_flight.calls -= 2
+    assert worker.metrics.value("inference_requests_in_flight") == 1

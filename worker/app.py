@@ -78,6 +78,7 @@ class Worker:
             reply_topics=tuple(kafka.reply_topics),
         )
         self._in_flight = InFlight(runtime.max_in_flight)
+        self.metrics.in_flight.set_function(lambda: self._in_flight.count)  # read when scraped
         self._intake = Intake(
             kafka, runtime, self._in_flight, metrics=self.metrics, progress=self._progress
         )
@@ -284,7 +285,6 @@ class Worker:
         self.metrics.acknowledged(items, now_ms)
         if self.settings.audit.log:
             self._audit_log.acknowledged(items, now_ms)
-        self.metrics.in_flight.set(self._in_flight.count)
         self._progress.note()
 
     def _serve_repository(self, repository: ModelRepository) -> None:

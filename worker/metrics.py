@@ -94,7 +94,7 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "inference_requests_in_flight",
-            "Requests fetched and not yet answered (reply or dead-letter copy acknowledged)",
+            "Requests in flight, Kafka records and REST/gRPC calls: taken in, not yet answered",
             registry=r,
         )
         self.shadow_queued = Gauge(

@@ -128,7 +128,6 @@ class Supervisor:
                     max(0, highwater - committed)
                 )
             shown = set(assigned)
-            self._metrics.in_flight.set(tracker.pending)
 
 
 async def _position(consumer: AIOKafkaConsumer, tp: TopicPartition) -> int | None:
