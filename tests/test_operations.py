@@ -287,7 +287,7 @@ def test_the_in_flight_gauge_counts_records_and_calls(
 ) -> None:
     """inference_requests_in_flight reads the one bound when scraped: records and calls."""
     worker = Worker(settings, repository)
-    in_flight = worker._in_flight  # noqa: SLF001 - the bound the worker's parts share
+    in_flight = worker._in_flight
     in_flight.records.track(TopicPartition("requests", 0), 7)
     in_flight.calls += 2
     assert worker.metrics.value("inference_requests_in_flight") == 3
