@@ -262,10 +262,10 @@ def test_warm_up_runs_every_power_of_two_up_to_the_largest_batch() -> None:
     """warm_up(n): batches of 1, 2, 4 ... and n itself, so no first request pays for them."""
     module = Sized()
     model = sized_model(module)
-    assert model.warm_up(8) == [1, 2, 4, 8]
+    assert model.warm_up(8) == [(1, 1), (2, 1), (4, 1), (8, 1)]
     assert module.seen == [1, 2, 4, 8]
-    assert model.warm_up(5) == [1, 2, 4, 5]
-    assert model.warm_up(1) == [1]
+    assert model.warm_up(5) == [(1, 1), (2, 1), (4, 1), (5, 1)]
+    assert model.warm_up(1) == [(1, 1)]
 
 
 def test_an_out_of_memory_batch_is_split_until_it_fits() -> None:

@@ -10,6 +10,10 @@ loaded program (its weights are only read). Per thread:
 - on a GPU, the thread has its own CUDA stream (and a copy stream, :mod:`worker.staging`), so
   one instance's copies and kernels overlap another's.
 
+Given a ``warm_up`` call (a GPU version's :meth:`~worker.model.LoadedModel.warm_up`), every
+instance thread runs it once, before anything else, so the streams, cuBLAS handle and
+allocator pool that serve are the warm ones; calls wait for it.
+
 Busy time per instance is counted (``inference_instance_busy_seconds_total``: its rate is the
 instance's utilisation).
 """
@@ -17,6 +21,7 @@ instance's utilisation).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
@@ -24,10 +29,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
+import structlog
 import torch
 from prometheus_client import Counter
 
+from worker.device import is_device_lost, mark_lost
+
 __all__ = ["Instances", "split_threads"]
+
+log = structlog.get_logger(__name__)
+
+WARM_UP_MEETING_S = 60.0
+"""How long each instance thread's warm-up waits for the others to have started."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -50,6 +63,7 @@ class Instances:
         device: torch.device,
         threads: int,
         busy: Counter,
+        warm_up: Callable[[], object] | None = None,
     ) -> None:
         self.count = count
         self.device = device
@@ -62,6 +76,32 @@ class Instances:
         self._pool = ThreadPoolExecutor(
             max_workers=count, thread_name_prefix="inference", initializer=self._start
         )
+        if warm_up is not None:
+            self._warm_up(warm_up)
+
+    def _warm_up(self, warm_up: Callable[[], object]) -> None:
+        """Run ``warm_up`` once in each instance thread, ahead of any call (not waited for).
+
+        ``count`` calls that first meet at a barrier: each holds its own thread until all
+        have started, so every thread gets exactly one. A failure is logged (the thread then
+        serves cold); a device that failed for good is marked lost, so the next batch stops
+        the worker.
+        """
+        meeting = threading.Barrier(self.count, timeout=WARM_UP_MEETING_S)
+        name, version = self._labels
+
+        def once() -> None:
+            with contextlib.suppress(threading.BrokenBarrierError):  # warm up all the same
+                meeting.wait()
+            try:
+                warm_up()
+            except Exception as exc:  # noqa: BLE001 - serving goes on, cold
+                if is_device_lost(exc, self.device):
+                    mark_lost(self.device, exc)
+                log.warning("warm-up failed", model=name, version=version, error=repr(exc))
+
+        for _ in range(self.count):
+            self._pool.submit(once)
 
     def _start(self) -> None:
         """In each new instance thread: its number, its torch threads, its CUDA stream."""

@@ -163,7 +163,7 @@ class Lanes:
         else:
             instances = Instances(
                 model.name, model.version, _count(model), device=model.device,
-                threads=self._threads, busy=self._metrics.busy,
+                threads=self._threads, busy=self._metrics.busy, warm_up=self._warm_up(model),
             )  # fmt: skip
             self._pools.add(instances)
             runner = _in(instances)
@@ -177,6 +177,13 @@ class Lanes:
             **self._length_aware(model),
         )
         return batcher, instances
+
+    def _warm_up(self, model: LoadedModel) -> Callable[[], object] | None:
+        """A version's warm-up at its lane's bounds (batch size, token budget), if it has one."""
+        if not model.warms_up:
+            return None
+        tokens = self._length_aware(model).get("max_batch_tokens")
+        return partial(model.warm_up, self._max_batch_size(model), tokens)
 
     async def _in_shadow_thread(self, model: LoadedModel, batches: list[list[Prepared]]) -> Run:
         loop = asyncio.get_running_loop()

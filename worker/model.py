@@ -48,6 +48,7 @@ from worker.stacking import stack_inputs
 from worker.staging import Staged, pinned, to_device, to_host, torch_dtype_of
 from worker.text import TextEncoder
 from worker.validation import tokenize_pending, validate_request
+from worker.warming import warm_up_batch, warm_up_shapes
 
 __all__ = ["Argument", "LoadedModel", "Prepared", "export_model"]
 
@@ -81,6 +82,8 @@ class LoadedModel:
         """Where it runs (``auto`` resolved)."""
         self._dtype = torch_dtype(execution.precision)
         self._out_dtypes = tuple(torch_dtype_of(DATATYPES[s.datatype]) for s in config.outputs)
+        self.warms_up = False
+        """Each instance thread runs :meth:`warm_up` before it serves (on a GPU, set by load)."""
 
     @classmethod
     def load(
@@ -96,7 +99,8 @@ class LoadedModel:
 
         ``allow_code``: import the folder's ``handler.py`` if there is one (else refuse it).
         ``defaults``: device, precision and instances where the config leaves them out.
-        ``warm_up``: on a GPU, run dummy batches of 1, 2, 4 ... up to this many rows first,
+        ``warm_up``: on a GPU, > 0 turns :attr:`warms_up` on: each instance thread runs
+        dummy batches of the shapes its lane will serve (:meth:`warm_up`) before it serves,
         so that the first requests do not pay for kernel selection and allocation.
         """
         path = folder / MODEL_FILE
@@ -143,17 +147,26 @@ class LoadedModel:
                     f"{path}: output {spec.name!r} came out {out.dtype} {list(out.shape)} for a "
                     f"batch of one; {folder.parent / CONFIG_FILE} declares {spec.describe()}"
                 )
-        if device.type == "cuda" and warm_up:
-            model.warm_up(warm_up)
+        model.warms_up = device.type == "cuda" and warm_up > 0  # in each instance's thread
         return model
 
-    def warm_up(self, largest: int) -> list[int]:
-        """Run dummy batches of 1, 2, 4 ... rows up to ``largest`` (included); their sizes."""
-        sizes = [1 << i for i in range(largest.bit_length()) if 1 << i < largest] + [largest]
+    def warm_up(self, largest: int, max_batch_tokens: int | None = None) -> list[tuple[int, int]]:
+        """Run the dummy batches serving's shapes call for (blocking); their (rows, length).
+
+        Batches of 1, 2, 4 ... rows up to ``largest``; a ``[tokenizer]`` model also every
+        power-of-two length up to its ``max_length``, at ``max_batch_tokens``
+        (:mod:`worker.warming`). Run in the thread that will serve: its streams, cuBLAS handle
+        and allocator pool are warmed, not another thread's.
+        """
         dummy = self.dummy()
-        for size in sizes:
-            self.predict(stack_inputs(self, [dummy] * size))
-        return sizes
+        tokenizer = self.config.tokenizer
+        shapes = warm_up_shapes(
+            largest, length=dummy.length, max_batch_tokens=max_batch_tokens,
+            max_length=tokenizer.max_length if tokenizer is not None else None,
+        )  # fmt: skip
+        for rows, length in shapes:
+            self.predict(stack_inputs(self, [warm_up_batch(dummy, rows, length)]))
+        return shapes
 
     def same_program(self, other: LoadedModel) -> bool:
         """True if both run the very same loaded program (a reload reused it)."""
@@ -166,10 +179,12 @@ class LoadedModel:
 
         Inputs, outputs, device and precision are the same (else the version is reloaded).
         """
-        return LoadedModel(
+        model = LoadedModel(
             config, self.version, self._module, self.text, self.handler,
             execution=config.execution(defaults), device=self.device,
         )  # fmt: skip
+        model.warms_up = self.warms_up
+        return model
 
     def dummy(self) -> Prepared:
         """A request of one row of zeros (or one short string): the load-time check."""

@@ -185,7 +185,8 @@ class LoadOptions:
     execution: Execution = DEFAULT_EXECUTION
     """Device, precision, instances where a config leaves them out (``WORKER_MODELS__*``)."""
     warm_up: int = 32
-    """On a GPU, warm up to this batch size where a config sets no ``max_batch_size``."""
+    """On a GPU, > 0: each instance thread warms up before it serves, at its lane's batch size
+    and token budget (:mod:`worker.warming`); 0: no warm-up."""
 
 
 class ModelRepository:
