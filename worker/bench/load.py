@@ -4,17 +4,21 @@ Closed loop: a fixed number of requests awaiting replies; open loop: a fixed rat
 matched by :class:`~worker.correlation.ReplyMatcher`.
 
 Replies are kept raw while the clock runs and decoded after it stops: decoding would take CPU
-from the worker being measured on the same machine.
+from the worker being measured on the same machine. Every request's send and first-reply
+times are kept (:attr:`Load.timeline`), so that a run can be cut into windows afterwards
+(:mod:`worker.bench.rebalance`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +35,16 @@ from worker.errors import DecodeError, WorkerError
 from worker.kafka import assign_all, make_consumer, make_producer
 from worker.settings import KafkaSettings
 
-__all__ = ["BenchResult", "bench_texts", "drive", "numeric_rows", "text_tokens"]
+__all__ = [
+    "BenchResult",
+    "Load",
+    "bench_texts",
+    "drive",
+    "numeric_rows",
+    "open_loop",
+    "request_stream",
+    "text_tokens",
+]
 
 
 @dataclass
@@ -101,21 +114,35 @@ def _p99(values: list[float]) -> float | None:
     return round(float(np.percentile(values, 99)), 2) if values else None
 
 
-class _Load:
-    """Sends requests and collects their replies with arrival times."""
+class Load:
+    """Sends requests and collects their replies with arrival times.
 
-    def __init__(self, kafka: KafkaSettings) -> None:
+    ``count_copies``: count every reply record by correlation id (:attr:`copies`), duplicates
+    included (the matcher hands a waiter only the first), and note when each duplicate came
+    (:attr:`repeats`).
+    """
+
+    def __init__(self, kafka: KafkaSettings, *, count_copies: bool = False) -> None:
         self.kafka = kafka
         self.matcher = ReplyMatcher()
         self.latencies: list[float] = []
         self.values: list[bytes | None] = []
         """Reply values, decoded after the clock stops."""
+        self.timeline: list[tuple[str, float, float]] = []
+        """Per answered request: id, sent and first reply received (``perf_counter``)."""
+        self.copies: Counter[str] | None = Counter() if count_copies else None
+        self.repeats: list[tuple[str, float]] = []
+        """Per reply beyond an id's first (``count_copies``): the id and when it was read."""
         self.replied = asyncio.Event()
+        self.consumer: Any = None
+        """The reply topic's reader while :meth:`clients` is open (all partitions assigned)."""
 
     @contextlib.asynccontextmanager
     async def clients(self) -> AsyncIterator[AIOKafkaProducer]:
+        """A producer for the requests while replies are read (from the reply topic's end)."""
         producer = make_producer(self.kafka, linger_ms=5)
         consumer = make_consumer(self.kafka, group_id=None, auto_offset_reset="latest")
+        self.consumer = consumer
         await producer.start()
         await consumer.start()
         try:
@@ -138,10 +165,24 @@ class _Load:
             batches = await consumer.getmany(timeout_ms=100)
             for records in batches.values():
                 self.matcher.deliver((r.value, r.headers) for r in records)
+                if self.copies is not None:
+                    self._count(records)
             if batches:
                 self.replied.set()
 
+    def _count(self, records: list[Any]) -> None:
+        assert self.copies is not None
+        now = time.perf_counter()
+        for record in records:
+            for key, value in record.headers:
+                if key == "correlation_id":
+                    rid = value.decode(errors="replace")
+                    self.copies[rid] += 1
+                    if self.copies[rid] > 1:
+                        self.repeats.append((rid, now))
+
     def expect(self, rid: str) -> None:
+        """Wait for ``rid``'s reply from now on: call it just before sending the request."""
         sent = time.perf_counter()
 
         def arrived(future: asyncio.Future[Arrival]) -> None:
@@ -149,13 +190,31 @@ class _Load:
                 arrival = future.result()
                 self.latencies.append((arrival.received - sent) * 1000)
                 self.values.append(arrival.value)
+                self.timeline.append((rid, sent, arrival.received))
 
         self.matcher.expect(rid).add_done_callback(arrived)
 
-    def result(self, label: str, mode: str, requests: int, seconds: float) -> BenchResult:
-        """Decode the replies (errors, batch sizes, compute and queue times) into a result."""
-        out = BenchResult(label, mode, requests, seconds, 0, self.latencies, [], [])
-        for value in self.values:
+    def result(
+        self,
+        label: str,
+        mode: str,
+        requests: int,
+        seconds: float,
+        *,
+        picks: list[int] | None = None,
+    ) -> BenchResult:
+        """Decode the replies (errors, batch sizes, compute and queue times) into a result.
+
+        ``picks``: only these replies (indices in arrival order, as in :attr:`timeline`).
+        """
+        if picks is None:
+            out = BenchResult(label, mode, requests, seconds, 0, self.latencies, [], [])
+            values = self.values
+        else:
+            latencies = [self.latencies[i] for i in picks]
+            out = BenchResult(label, mode, requests, seconds, 0, latencies, [], [])
+            values = [self.values[i] for i in picks]
+        for value in values:
             try:
                 reply = decode_response(value or b"")
             except DecodeError:
@@ -197,20 +256,28 @@ def bench_texts(count: int) -> list[str]:
 
 def _requests(model: str, count: int, rows: int, label: str) -> list[tuple[str, bytes]]:
     """Encoded requests with unique ids (built before the clock starts)."""
-    out = []
-    if model == "minilm":
-        texts = bench_texts(count * rows)
-        for i in range(count):
-            rid = f"{label}-{i}"
-            tensor = Tensor.from_strings("text", texts[i * rows : (i + 1) * rows])
-            out.append((rid, encode_request(InferenceRequest(rid, model, [tensor]))))
-        return out
+    return list(itertools.islice(request_stream(model, rows, label), count))
+
+
+def request_stream(model: str, rows: int, label: str) -> Iterator[tuple[str, bytes]]:
+    """Encoded requests ``label-0``, ``label-1``, ... without end, encoded as they are taken.
+
+    Numeric models cycle through :func:`numeric_rows`' 64 inputs; text models through the
+    corpus (as :func:`bench_texts`).
+    """
     name, _ = input_of(model)
-    for i, array in enumerate(numeric_rows(model, count, rows)):
+    pool = paragraphs(TEXT_POOL, seed=1) if model == "minilm" else []
+    arrays = [] if model == "minilm" else numeric_rows(model, 64, rows)
+
+    def tensor(i: int) -> Tensor:
+        if model == "minilm":
+            texts = [pool[(i * rows + j) % len(pool)] for j in range(rows)]
+            return Tensor.from_strings(name, texts)
+        return Tensor.from_numpy(name, arrays[i % len(arrays)])
+
+    for i in itertools.count():
         rid = f"{label}-{i}"
-        tensor = Tensor.from_numpy(name, array)
-        out.append((rid, encode_request(InferenceRequest(rid, model, [tensor]))))
-    return out
+        yield rid, encode_request(InferenceRequest(rid, model, [tensor(i)]))
 
 
 def numeric_rows(model: str, count: int, rows: int) -> list[npt.NDArray[np.float32]]:
@@ -226,7 +293,7 @@ async def drive(
     concurrency: int, rate: float, timeout: float, progress: Any = None,
 ) -> BenchResult:  # fmt: skip
     """Send the load and wait for every reply; raises WorkerError if replies are missing."""
-    load = _Load(kafka)
+    load = Load(kafka)
     payloads = _requests(model, requests, rows, f"{label}-{uuid.uuid4().hex[:6]}")
     warmup = _requests(model, 1, rows, f"warmup-{uuid.uuid4().hex[:6]}")[0]
     async with load.clients() as producer:
@@ -244,17 +311,13 @@ async def drive(
         load.values.clear()
         started = time.perf_counter()
         if mode == "open":
-            interval = 0.01
-            per_tick = rate * interval
-            due = 0.0
-            for i, (rid, value) in enumerate(payloads):
-                while i >= due:
-                    await asyncio.sleep(max(0.0, started + (due / per_tick) * interval
-                                            - time.perf_counter()))  # fmt: skip
-                    due += per_tick
+
+            async def paced(rid: str, value: bytes) -> None:
                 await send(rid, value)
                 if progress:
                     progress(len(load.latencies))
+
+            await open_loop(payloads, rate, paced)
         else:
             for rid, value in payloads:
                 while len(load.matcher) >= concurrency:
@@ -277,6 +340,32 @@ async def drive(
     if model == "minilm":
         result.tokens = text_tokens(bench_texts(requests * rows))
     return result
+
+
+async def open_loop(
+    payloads: Iterable[tuple[str, bytes]],
+    rate: float,
+    send: Callable[[str, bytes], Awaitable[None]],
+    *,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Send ``payloads`` at ``rate`` per second (in ticks of 10 ms) until they or ``stop`` end.
+
+    The schedule is fixed from the first send: a sender that fell behind catches up at once
+    rather than shifting later requests, so the load does not ease when replies slow down.
+    """
+    interval = 0.01
+    per_tick = rate * interval
+    due = 0.0
+    started = time.perf_counter()
+    for i, (rid, value) in enumerate(payloads):
+        while i >= due:
+            await asyncio.sleep(max(0.0, started + (due / per_tick) * interval
+                                    - time.perf_counter()))  # fmt: skip
+            due += per_tick
+        if stop is not None and stop.is_set():
+            return
+        await send(rid, value)
 
 
 async def _until(condition: Any, timeout: float, what: str) -> None:

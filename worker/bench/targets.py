@@ -32,6 +32,7 @@ __all__ = [
     "bench_topics",
     "free_port",
     "input_of",
+    "launch",
     "plain_torch_throughput",
     "reference_folder",
     "sentence_transformers_throughput",
@@ -44,31 +45,41 @@ PROJECT_MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
 def bench_repository(
-    root: Path, *, max_batch_size: int, delay_ms: float, quantize: str = "none"
+    root: Path,
+    *,
+    max_batch_size: int,
+    delay_ms: float,
+    quantize: str = "none",
+    only: str | None = None,
 ) -> Path:
     """Write a model repository: ``digits`` (copied), ``mlp`` and the compute-heavy ``heavy``.
 
     ``quantize="int8"`` sets both models' ``quantize`` key (int8 dynamic quantisation).
+    ``only``: that model alone (a worker serving it starts sooner).
     """
     import torch  # noqa: PLC0415 - torch is only needed when the tool builds models
 
     from worker.model import export_model  # noqa: PLC0415
 
     repo = root / "models"
-    shutil.copytree(PROJECT_MODELS / "digits", repo / "digits",
-                    ignore=shutil.ignore_patterns("*.py", "*.json", "*.npz"))  # fmt: skip
+    wanted = {"digits", "minilm", *MLPS} if only is None else {only}
     batching = f"\n[batching]\nmax_batch_size = {max_batch_size}\nmax_batch_delay_ms = {delay_ms}\n"
-    if (PROJECT_MODELS / "minilm" / "1" / "model.pt2").is_file():
+    if "minilm" in wanted and (PROJECT_MODELS / "minilm" / "1" / "model.pt2").is_file():
         shutil.copytree(PROJECT_MODELS / "minilm", repo / "minilm")
         config = repo / "minilm" / "config.toml"
         text = config.read_text()
         tokens = text[text.index("max_batch_tokens") :]
         config.write_text(text[: text.index("[batching]")] + batching + tokens)
     top = f'quantize = "{quantize}"\n\n'
-    config = repo / "digits" / "config.toml"
-    text = config.read_text()
-    config.write_text(top + text[: text.index("[batching]")] + batching)
+    if "digits" in wanted:
+        shutil.copytree(PROJECT_MODELS / "digits", repo / "digits",
+                        ignore=shutil.ignore_patterns("*.py", "*.json", "*.npz"))  # fmt: skip
+        config = repo / "digits" / "config.toml"
+        text = config.read_text()
+        config.write_text(top + text[: text.index("[batching]")] + batching)
     for name, (inputs, width) in MLPS.items():
+        if name not in wanted:
+            continue
         torch.manual_seed(7)
         model = torch.nn.Sequential(
             torch.nn.Linear(inputs, width), torch.nn.ReLU(),
@@ -197,11 +208,36 @@ def spawned(
 ) -> Iterator[int]:
     """Run ``python -m worker serve`` (or ``echo``, ``plain``) on the bench's topics while open.
 
+    The child is started by :func:`launch` (its settings are described there). Yields the
+    child's metrics (HTTP) port; on exit the child gets SIGTERM (SIGKILL after 60 s).
+    """
+    proc, port = launch(target, kafka, repo, log, worker_src=worker_src, env_over=env_over)
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def launch(
+    target: str,
+    kafka: KafkaSettings,
+    repo: Path,
+    log: Path,
+    *,
+    worker_src: Path | None = None,
+    env_over: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``python -m worker serve`` (or ``echo``, ``plain``); the process and its metrics port.
+
     The child inherits this process's ``WORKER_*`` settings (tune it that way), except the
     Kafka topics and group, the model repository and logging, which the bench sets.
     ``worker_src``: run the worker (not the references) from this source tree, for example a
     checkout of an earlier commit, to measure before and after in one run. ``env_over``: more
-    ``WORKER_*`` settings for the child. Yields the child's metrics (HTTP) port.
+    ``WORKER_*`` settings for the child. The caller stops it (:func:`spawned` does).
     """
     env = dict(os.environ)
     if worker_src is not None and target == "worker":
@@ -221,14 +257,7 @@ def spawned(
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed argv
             [sys.executable, "-m", "worker", command], env=env, stderr=out, stdout=out
         )
-    try:
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    return proc, port
 
 
 def bench_topics(kafka: KafkaSettings, target: str) -> KafkaSettings:
