@@ -17,11 +17,14 @@ from .conftest import ROOT
 pytestmark = pytest.mark.kafka
 
 
-def bench(settings: Settings, tmp_path: Path, *args: str) -> dict[str, object]:
-    """Run `python -m worker bench` with ``args``; return its JSON report."""
+def bench(
+    settings: Settings, tmp_path: Path, *args: str, env_over: dict[str, str] | None = None
+) -> dict[str, object]:
+    """Run `python -m worker bench` with ``args`` (and ``env_over``); return its JSON report."""
     out = tmp_path / f"report-{len(list(tmp_path.iterdir()))}.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORKER_")}
     env["WORKER_KAFKA__BOOTSTRAP_SERVERS"] = settings.kafka.bootstrap_servers
+    env |= env_over or {}
     done = subprocess.run(
         [sys.executable, "-m", "worker", "bench", "--json", str(out), "--timeout", "120", *args],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
@@ -91,3 +94,53 @@ def test_int8_heavy_model_is_served_through_the_broker(settings: Settings, tmp_p
     assert isinstance(rows, list)
     check_sane(rows[0], 64)
     assert rows[0]["mean_batch"] >= 1
+
+
+def test_rebalance_scenario_runs_every_event_and_loses_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """--rebalance, small and fast: every event happens and settles; nothing is lost.
+
+    Every window is reported and every worker's rebalance metrics are scraped.
+    """
+    report = bench(
+        settings, tmp_path, "--rebalance", "--model", "mlp", "--rate", "40", "--window", "1",
+        env_over={"WORKER_KAFKA__SESSION_TIMEOUT_MS": "6000"},  # the broker's least: a short kill
+    )  # fmt: skip
+    rows = report["results"]
+    assert isinstance(rows, list)
+    labels = ["steady", "starting", "join", "leave", "static-restart", "kill"]
+    assert [r["label"] for r in rows] == labels
+    for row in rows:
+        assert row["requests"] > 0, row
+        assert (row["errors"], row["lost"]) == (0, 0), row
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"], row
+        assert isinstance(row["duplicates"], int)
+    assert rows[1]["worker"] == "w3", "the third worker's start-up, before it joins"
+    for row, worker in zip(rows[2:], ["w3", "w3", "w1", "w2"], strict=True):
+        assert row["worker"] == worker
+        assert row["settled_after_s"] is not None, f"the group settled after {row['label']}"
+        assert isinstance(row["others_rebalances"], int)
+    assert rows[2]["others_rebalances"] >= 2, "the join rebalanced both other workers"
+    assert rows[4]["others_rebalances"] == 0, "a static member's restart: no rebalance"
+    assert (report["lost"], report["lost_ids"]) == (0, [])
+    assert isinstance(report["duplicates"], int)
+    workers = {w["name"]: w for w in report["workers"]}  # type: ignore[attr-defined]
+    assert {name: w["ended"] for name, w in workers.items()} == {
+        "w1": "stopped (SIGTERM), restarted as w1'",
+        "w2": "killed (SIGKILL)",
+        "w3": "left (SIGTERM)",
+        "w1'": "ran to the end",
+    }
+    assert workers["w1"]["instance_id"] == workers["w1'"]["instance_id"] is not None
+    assert workers["w2"]["instance_id"] is None, "without --static only w1 is a static member"
+    for worker in workers.values():
+        assert worker["rebalances"] >= 1, worker
+        assert {"revokes", "revoke_seconds", "abandoned", "partitions"} <= set(worker)
+    assert workers["w1'"]["partitions"] == 6, "the last worker holds every partition"
+    assert set(report["ratios"]) >= {  # type: ignore[call-overload]
+        "join_p99_minus_steady_ms", "leave_p99_minus_steady_ms", "kill_stall_ms",
+        "static_restart_stall_ms", "static_restart_rebalances_in_others",
+        "static_restart_within_session_timeout",
+    }  # fmt: skip
+    assert report["limits"]["session_timeout_ms"] == 6000  # type: ignore[index]

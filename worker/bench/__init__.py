@@ -2,6 +2,7 @@
 
 - :mod:`worker.bench.suite`: the command's options, single runs, sweeps and the reference suite;
 - :mod:`worker.bench.load`: driving load (closed and open loop) and collecting replies;
+- :mod:`worker.bench.rebalance`: scale events (join, leave, static restart, kill) under load;
 - :mod:`worker.bench.targets`: the bench's model repository and the processes it starts;
 - :mod:`worker.bench.references`: the echo and plain-loop references;
 - :mod:`worker.bench.report`: the table and the plot.

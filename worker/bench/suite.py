@@ -12,7 +12,9 @@ real worker), ``echo`` (the transport limit), ``plain`` (a hand-written loop at 
 :mod:`worker.bench.references`), or ``none`` (a worker you run yourself on the configured
 topics). ``--suite`` runs every reference comparison in one go and prints the ratios;
 ``--suite --model minilm`` runs the text-model comparisons instead (length-aware batching
-against arrival order, the worker against plain sentence-transformers).
+against arrival order, the worker against plain sentence-transformers). ``--rebalance`` runs
+the scale events (a worker joins, leaves, restarts as a static member, is killed) under an
+open-loop rate and reports latency window by window (:mod:`worker.bench.rebalance`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 from worker.bench.endpoints import drive_endpoint
 from worker.bench.load import BenchResult, bench_texts, drive
+from worker.bench.rebalance import DEFAULT_RATE, print_report, run_rebalance
 from worker.bench.report import plot, print_table, progress_bar
 from worker.bench.targets import (
     bench_repository,
@@ -46,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``bench`` command's options."""
     parser.add_argument("--mode", choices=["closed", "open"], default="closed")
     parser.add_argument("--requests", "-n", type=int, default=10_000)
-    parser.add_argument("--rate", type=float, default=1000.0, help="open loop: requests/s")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="open loop: requests/s (default 1000; --rebalance: 300)")  # fmt: skip
     parser.add_argument("--concurrency", type=int, default=0,
                         help="closed loop: most requests awaiting a reply (0: all)")  # fmt: skip
     parser.add_argument(
@@ -68,6 +72,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances-sweep", default="",
                         help="comma-separated instance counts, one run each")  # fmt: skip
     parser.add_argument("--suite", action="store_true", help="run every reference comparison")
+    parser.add_argument(
+        "--rebalance",
+        action="store_true",
+        help="scale events under open-loop load: join, leave, static restart, kill",
+    )
+    parser.add_argument("--partitions", type=int, default=6, help="--rebalance: requests topic")
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=10.0,
+        help="--rebalance: seconds from one event to the next (at least)",
+    )
+    parser.add_argument(
+        "--static", action="store_true",
+        help="--rebalance: every worker a static member (else only the restarted one)",
+    )  # fmt: skip
+    parser.add_argument("--static-session-timeout-ms", type=int, default=60_000,
+                        help="--rebalance: static members' session timeout")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--worker-src", type=Path, default=None,
                         help="run the worker from this source tree (another commit)")  # fmt: skip
@@ -80,6 +102,10 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console  # noqa: PLC0415 - the bench extra
 
     console = Console(stderr=True)
+    if args.rate is None:
+        args.rate = DEFAULT_RATE if args.rebalance else 1000.0
+    if args.rebalance:
+        return await _rebalance(settings, args, console)
     results: list[BenchResult] = []
     report: dict[str, Any] = {"results": [], "ratios": {}, "limits": {}}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -167,6 +193,19 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     if args.plot:
         plot(results, args.plot, sweep=bool(args.sweep))
+    return report
+
+
+async def _rebalance(settings: Settings, args: argparse.Namespace, console: Any) -> dict[str, Any]:
+    """``--rebalance``: the scale events, their tables and the JSON."""
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-") as tmp,
+        console.status(f"scale events at {args.rate:g} requests/s") as status,
+    ):
+        report = await run_rebalance(settings, args, Path(tmp), say=status.update)
+    print_report(console, report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
