@@ -172,3 +172,29 @@ def test_loaded_models_default_to_one_instance_on_the_cpu() -> None:
     assert (model.device.type, model.execution.precision, model.execution.instances) == (
         "cpu", "fp32", 1,
     )  # fmt: skip
+
+
+async def test_instance_threads_leave_the_process_default_of_torch_threads() -> None:
+    """An instance sets its own thread's count only: a thread started later gets the default."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # the process default, as the worker sets it at start
+    try:
+        pool = instances(2, Metrics(), threads=4)
+        barrier = threading.Barrier(2, timeout=5)
+
+        def threads_here() -> int:
+            barrier.wait()
+            return torch.get_num_threads()
+
+        try:
+            seen = await asyncio.gather(pool.run(threads_here), pool.run(threads_here))
+        finally:
+            pool.close()
+        assert list(seen) == [2, 2]
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [3], "a thread started after the instances takes the process default"
+    finally:
+        torch.set_num_threads(before)

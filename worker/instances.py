@@ -6,9 +6,11 @@ lanes of different models never wait behind each other in one thread. The instan
 loaded program (its weights are only read). Per thread:
 
 - on the CPU, torch's intra-op threads are split between the instances (``threads // N``, at
-  least one), so concurrent batches do not fight over the cores;
-- on a GPU, the thread has its own CUDA stream (and a copy stream, :mod:`worker.staging`), so
-  one instance's copies and kernels overlap another's.
+  least one), so concurrent batches do not fight over the cores; the process default that
+  threads started later take is left as it was;
+- on a GPU, the thread has its own CUDA stream and copy stream (:mod:`worker.staging`), leased
+  so that no other live instance holds them (:mod:`worker.streams`), so one instance's copies
+  and kernels overlap another's.
 
 Given a ``warm_up`` call (a GPU version's :meth:`~worker.model.LoadedModel.warm_up`), every
 instance thread runs it once, before anything else, so the streams, cuBLAS handle and
@@ -34,6 +36,8 @@ import torch
 from prometheus_client import Counter
 
 from worker.device import is_device_lost, mark_lost
+from worker.staging import use_copy_stream
+from worker.streams import LEASES
 
 __all__ = ["Instances", "split_threads"]
 
@@ -41,6 +45,9 @@ log = structlog.get_logger(__name__)
 
 WARM_UP_MEETING_S = 60.0
 """How long each instance thread's warm-up waits for the others to have started."""
+
+_torch_threads = threading.Lock()
+"""Held while an instance thread sets its torch threads (and puts the default back)."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -73,6 +80,8 @@ class Instances:
         self._labels = (name, version)
         self._numbers = itertools.count()
         self._local = threading.local()
+        self._leased: list[torch.cuda.Stream] = []
+        """CUDA: every instance thread's compute and copy streams, given back at close."""
         self._pool = ThreadPoolExecutor(
             max_workers=count, thread_name_prefix="inference", initializer=self._start
         )
@@ -104,13 +113,21 @@ class Instances:
             self._pool.submit(once)
 
     def _start(self) -> None:
-        """In each new instance thread: its number, its torch threads, its CUDA stream."""
+        """In each new instance thread: its number, its torch threads, its CUDA streams."""
         self._local.number = next(self._numbers)
-        torch.get_num_threads()  # torch sets a new thread's count on first use: do it now...
-        torch.set_num_threads(self.threads_each)  # ...so this per-thread setting stays
+        with _torch_threads:
+            # torch sets a new thread's count on first use, from the process default: do it
+            # now, so that this thread's own setting stays. Setting it also changes that
+            # default (what threads started later take): put it back from a thread of its own.
+            default = torch.get_num_threads()
+            torch.set_num_threads(self.threads_each)
+            _set_default_threads(default)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            torch.cuda.set_stream(torch.cuda.Stream(self.device))  # type: ignore[no-untyped-call]
+            compute, copy = LEASES.take(self.device), LEASES.take(self.device)
+            self._leased += [compute, copy]
+            torch.cuda.set_stream(compute)
+            use_copy_stream(self.device, copy)
 
     async def run(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """``call(*args)`` in a free instance (waits for one), its busy time counted."""
@@ -126,5 +143,23 @@ class Instances:
             self._busy.labels(*self._labels, number).inc(time.monotonic() - began)
 
     def close(self) -> None:
-        """Take no more calls; a call still running is not waited for (it may be stuck)."""
+        """Take no more calls; a call still running is not waited for (it may be stuck).
+
+        The threads' CUDA streams are given back (a call still running finishes on them).
+        """
         self._pool.shutdown(wait=False, cancel_futures=True)
+        leased, self._leased = self._leased, []
+        for stream in leased:
+            LEASES.give_back(stream, self.device)
+
+
+def _set_default_threads(count: int) -> None:
+    """Set torch's process default of intra-op threads without changing the calling thread's.
+
+    ``torch.set_num_threads`` sets both the calling thread's count and the default that
+    threads take on their first torch call; called from a short-lived thread, only the
+    default is left changed.
+    """
+    helper = threading.Thread(target=torch.set_num_threads, args=(count,), name="torch-threads")
+    helper.start()
+    helper.join()

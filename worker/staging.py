@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-__all__ = ["Staged", "pinned", "to_device", "to_host", "torch_dtype_of"]
+__all__ = ["Staged", "pinned", "to_device", "to_host", "torch_dtype_of", "use_copy_stream"]
 
 
 @dataclass(slots=True)
@@ -58,12 +58,35 @@ def to_host(tensors: Sequence[torch.Tensor], device: torch.device) -> tuple[npt.
 _streams = threading.local()
 
 
+def _copies() -> dict[int, torch.cuda.Stream]:
+    """The calling thread's copy streams, by device index."""
+    by_device: dict[int, torch.cuda.Stream] | None = getattr(_streams, "copy", None)
+    if by_device is None:
+        by_device = _streams.copy = {}
+    return by_device
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    """The calling thread's stream for host-to-device copies (so they overlap compute)."""
-    stream: torch.cuda.Stream | None = getattr(_streams, "copy", None)
+    """The calling thread's stream for host-to-device copies to ``device`` (overlapping compute).
+
+    One per thread and device: a thread serving versions on two GPUs (the shadow thread) copies
+    to each on a stream of that GPU. An instance thread's is its lease (:func:`use_copy_stream`);
+    any other thread's comes from torch's pool.
+    """
+    by_device = _copies()
+    stream = by_device.get(_index(device))
     if stream is None:
-        stream = _streams.copy = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        stream = by_device[_index(device)] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
     return stream
+
+
+def use_copy_stream(device: torch.device, stream: torch.cuda.Stream) -> None:
+    """Make ``stream`` the calling thread's copy stream for ``device`` (an instance's lease)."""
+    _copies()[_index(device)] = stream
 
 
 def pinned(shape: tuple[int, ...], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
