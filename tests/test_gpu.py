@@ -7,7 +7,10 @@ runs CI has no GPU. On a GPU machine these tests fail, loudly, when CUDA is not 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ import numpy.typing as npt
 import pytest
 import torch
 
+from worker import staging
 from worker.client import InferenceClient
 from worker.errors import ErrorCode, RequestError
 from worker.forward import run_batches, stack_inputs
@@ -144,3 +148,161 @@ async def test_the_worker_serves_on_the_gpu_over_kafka(
         )
     assert [r.output("label")[0] for r in replies] == list(want["label"])
     assert allocated > 0
+
+
+# --- #25: overlap, warm-up per thread, stream leases, OOM recovery, a lost device ----------
+
+SLEEP_CYCLES = 100_000_000
+"""About 50-70 ms of a GPU's clock: long enough to see what the host does meanwhile."""
+
+
+class Sleeper(torch.nn.Module):
+    """Keeps its stream busy for a while; notes whether the stream was idle when called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.idle_at_launch: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.idle_at_launch.append(torch.cuda.current_stream().query())
+        torch.cuda._sleep(SLEEP_CYCLES)  # type: ignore[no-untyped-call]
+        return x * 2
+
+
+def test_the_next_batch_is_launched_while_the_one_before_still_runs() -> None:
+    """Batch i+1 is queued before batch i is done (events); each compute time is its own."""
+    module = Sleeper()
+    model = sized_model(module, device="cuda:0")
+    batches = [[Prepared([np.full((1, 2), float(b), np.float32)], rows=1)] for b in range(5)]
+    began = time.monotonic()
+    run = run_batches(model, batches)
+    wall = time.monotonic() - began
+    assert module.idle_at_launch[1:] == [False] * 4, module.idle_at_launch
+    for b, (_, compute, results) in enumerate(run):
+        assert not isinstance(results[0], Exception)
+        np.testing.assert_array_equal(results[0][0].to_numpy(), [[2.0 * b, 2.0 * b]])
+        assert 0 < compute < wall / 2, "one batch's time on the device, not the run's"
+
+
+async def test_warm_up_runs_in_each_instance_thread_on_its_own_stream() -> None:
+    """Two instances on cuda: each thread warms up on the stream it then serves on."""
+    noted: list[tuple[str, int, int]] = []
+
+    def note(what: str) -> None:
+        noted.append((what, threading.get_ident(), torch.cuda.current_stream().cuda_stream))
+
+    pool = Instances(
+        "m", "1", 2, device=torch.device("cuda", 0), threads=1, busy=Metrics().busy,
+        warm_up=lambda: note("warm"),
+    )  # fmt: skip
+    barrier = threading.Barrier(2, timeout=10)
+
+    def serve() -> None:
+        barrier.wait()
+        note("serve")
+
+    try:
+        await asyncio.gather(pool.run(serve), pool.run(serve))
+    finally:
+        pool.close()
+    warm = {(t, s) for what, t, s in noted if what == "warm"}
+    served = {(t, s) for what, t, s in noted if what == "serve"}
+    assert warm == served
+    assert len({s for _, s in warm}) == 2
+    assert torch.cuda.default_stream().cuda_stream not in {s for _, s in warm}
+
+
+async def test_live_instances_never_share_a_stream_while_the_pool_has_free_ones() -> None:
+    """15 instance threads (30 streams), draws by others, a reload: no live stream shared."""
+    cuda = torch.device("cuda", 0)
+
+    async def streams_of(pool: Instances) -> list[tuple[int, int]]:
+        barrier = threading.Barrier(pool.count, timeout=20)
+
+        def mine() -> tuple[int, int]:
+            barrier.wait()
+            copy = staging._copy_stream(cuda)
+            return torch.cuda.current_stream().cuda_stream, copy.cuda_stream
+
+        return list(await asyncio.gather(*(pool.run(mine) for _ in range(pool.count))))
+
+    def five() -> Instances:
+        return Instances("m", "1", 5, device=cuda, threads=1, busy=Metrics().busy)
+
+    pools = [five(), five(), five()]
+    try:
+        live = {p: await streams_of(p) for p in pools}
+        for _ in range(7):
+            torch.cuda.Stream()  # type: ignore[no-untyped-call]  # drawn by other threads
+        pools[1].close()
+        del live[pools[1]]
+        pools[1] = five()  # a reload: new threads
+        live[pools[1]] = await streams_of(pools[1])
+        handles = [h for pairs in live.values() for pair in pairs for h in pair]
+        assert len(handles) == 30
+        assert len(set(handles)) == 30, "two live instance threads share a stream"
+    finally:
+        for pool in pools:
+            pool.close()
+
+
+class Chunky(torch.nn.Module):
+    """Holds ``chunk`` bytes of device memory per row while it runs (two rows fit, three not)."""
+
+    def __init__(self, chunk: int) -> None:
+        super().__init__()
+        self.chunk = chunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        held = [torch.empty(self.chunk, dtype=torch.uint8, device=x.device) for _ in x]
+        return x * 2 + sum(float(h[:1].float().sum()) * 0 for h in held)
+
+
+def test_a_real_oom_retry_finds_the_failed_attempts_memory_freed() -> None:
+    """A batch that filled the GPU before failing: its halves fit, every request is answered."""
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    model = sized_model(Chunky(int(free * 0.4)), device="cuda:0")
+    batch = [Prepared([np.full((1, 2), float(i), np.float32)], rows=1) for i in range(8)]
+    [(_, _, results)] = run_batches(model, [batch])
+    for i, result in enumerate(results):
+        assert not isinstance(result, Exception), f"request {i}: {result!r}"
+        np.testing.assert_array_equal(result[0].to_numpy(), [[2.0 * i, 2.0 * i]])
+
+
+DEVICE_ASSERT = """
+import sys, tempfile, pathlib
+import numpy as np, torch
+from worker.errors import DeviceLostError
+from worker.forward import run_batches
+from worker.model import LoadedModel, Prepared
+from worker.model_config import Execution, ModelConfig
+folder = pathlib.Path(tempfile.mkdtemp()) / "ids"
+folder.mkdir()
+(folder / "config.toml").write_text(
+    '[[inputs]]\\nname = "ids"\\ndatatype = "INT64"\\nshape = [-1, -1]\\n\\n'
+    '[[outputs]]\\nname = "y"\\ndatatype = "FP32"\\nshape = [-1, -1, 4]\\n'
+)
+cuda = torch.device("cuda", 0)
+model = LoadedModel(ModelConfig.load(folder), "1", torch.nn.Embedding(10, 4).to(cuda),
+                    execution=Execution("cuda:0"), device=cuda)
+good = Prepared([np.array([[1, 2, 3]])], rows=1, length=3)
+bad = Prepared([np.array([[1, 12, 3]])], rows=1, length=3)
+try:
+    run_batches(model, [[good, bad]])
+except DeviceLostError as exc:
+    print("lost:", exc)
+    sys.exit(0)
+print("not lost")
+sys.exit(1)
+"""
+
+
+def test_a_real_device_side_assert_stops_the_run() -> None:
+    """An out-of-range embedding index on cuda: DeviceLostError, not a retry (own process)."""
+    done = subprocess.run(
+        [sys.executable, "-c", DEVICE_ASSERT], check=False, capture_output=True, text=True,
+        timeout=120, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "device-side assert" in done.stdout

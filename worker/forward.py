@@ -1,8 +1,10 @@
 """Forward passes over batches: running them, pipelined, and isolating the requests that fail.
 
-:func:`run_batches` runs a run of batches with the next batch's assembly and copy overlapping
-the current one's compute (the three steps of a :class:`~worker.program.Program` such as
-:class:`~worker.model.LoadedModel`: upload, launch, download); a batch that fails (a bad
+:func:`run_batches` runs a run of batches pipelined (the steps of a
+:class:`~worker.program.Program` such as :class:`~worker.model.LoadedModel`: stage, launch,
+fetch, collect): once a batch is launched and its copy back queued, the next batch is
+assembled and its copy started, then launched, and only then does the host wait for the
+batch before; on a GPU the device always has a batch queued. A batch that fails (a bad
 request, or out of memory) is split in halves until the failing requests are alone
 (:func:`run_isolated`); a request that alone does not fit in memory gets RESOURCE_EXHAUSTED.
 A device that fails for good (a sticky CUDA error, :func:`worker.device.is_device_lost`) is
@@ -18,9 +20,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
-
-import torch
 
 from worker.device import ensure_usable, is_device_lost, is_out_of_memory, mark_lost, release_cache
 from worker.domain import Tensor
@@ -28,7 +30,7 @@ from worker.errors import ErrorCode, RequestError
 from worker.prepared import Prepared
 from worker.program import Program
 from worker.stacking import Empty, split_outputs, stack_inputs
-from worker.staging import Staged
+from worker.staging import Fetched, Staged
 
 __all__ = [
     "Empty",
@@ -110,50 +112,94 @@ def _too_big(model: Program, alone: Prepared) -> RequestError:
 Run = list[tuple[float, float, list[list[Tensor] | Exception]]]
 """Per batch of a run: when it began (seconds after the first), its compute time, results."""
 
+Results = list[list[Tensor] | Exception]
+
+
+@dataclass(slots=True)
+class _Flight:
+    """A launched batch whose outputs are on their way back."""
+
+    batch: Sequence[Prepared]
+    began: float
+    """When its launch began (seconds after the run's first)."""
+    launch_s: float
+    staged: Staged | None
+    """Its inputs, kept until its outputs are back."""
+    fetched: Fetched | None
+
 
 def run_batches(model: Program, batches: Sequence[Sequence[Prepared]]) -> Run:
     """Run batches back to back (blocking): each batch's outputs, or its requests' errors.
 
-    Pipelined: once a batch is launched, the next one is assembled and its copy started while
-    the device computes (on a GPU the launch returns at once); then the outputs come back. A
-    batch that fails anywhere goes through :func:`run_isolated`'s halving. Raises
-    :class:`~worker.errors.DeviceLostError` if the device fails for good (or had failed).
+    Pipelined: batch i is launched and its copy back queued; batch i+1 is assembled and its
+    copy started; then the host waits for batch i-1's outputs and cuts them, while the device
+    computes batch i (on a GPU launching and fetching return at once). A batch's compute time
+    is its own: on a GPU its span on the device (events), elsewhere the host's time in its
+    launch and in waiting for it; never the next batch's staging. A batch that fails anywhere
+    goes through :func:`run_isolated`'s halving, after the batch before it is collected.
+    Raises :class:`~worker.errors.DeviceLostError` if the device fails for good (or had).
     """
     ensure_usable(model.device)
     first = time.monotonic()
     out: Run = []
-    staged = _attempt(model.stage, batches[0]) if batches else None
+    staged: Staged | Exception | None = None
+    flight: _Flight | None = None
     for i, batch in enumerate(batches):
+        if staged is None:  # the first batch, or the one after a failure
+            staged = _attempt(model.stage, batch)
         began = time.monotonic()
-        current = staged  # its host buffers stay alive until its outputs are back
-        launched = _attempt(model.launch, current) if isinstance(current, Staged) else current
-        following = batches[i + 1] if i + 1 < len(batches) else None
-        staged = _attempt(model.stage, following) if following is not None else None
-        results: list[list[Tensor] | Exception] | Exception
-        if isinstance(launched, tuple):
-            results = _attempt(_finish(model, batch), launched)
+        fetched = (
+            _attempt(partial(_launch, model), staged) if isinstance(staged, Staged) else staged
+        )
+        launch_s = time.monotonic() - began
+        current, staged = staged, None
+        if isinstance(fetched, Fetched) and i + 1 < len(batches):
+            staged = _attempt(model.stage, batches[i + 1])  # its copy overlaps this compute
+        if flight is not None:  # the batch before: the device has this one queued meanwhile
+            out.append(_land(model, flight))
+            flight = None
+        if isinstance(fetched, Fetched):
+            assert isinstance(current, Staged)
+            flight = _Flight(batch, began - first, launch_s, current, fetched)
         else:
-            results = launched if launched is not None else RuntimeError("not staged")
-        if isinstance(results, Exception):
-            error = _detached(results)
-            del results
-            current = launched = None  # nothing of the failed attempt stays referenced
-            if is_out_of_memory(error):
-                staged = None  # the next batch's copy is given up too; it is staged again
+            error = _detached(fetched if isinstance(fetched, Exception) else RuntimeError())
+            del fetched
+            current = None  # nothing of the failed attempt stays referenced
+            isolating = time.monotonic()
             results = _isolate(model, batch, error)  # releases cached memory on out of memory
             del error
-        out.append((began - first, time.monotonic() - began, results))
-        del current, launched  # not alive while the next batch is launched
-        if staged is None and following is not None:
-            staged = _attempt(model.stage, following)
+            out.append((began - first, launch_s + time.monotonic() - isolating, results))
+        del current
+    if flight is not None:
+        out.append(_land(model, flight))
     return out
 
 
-def _finish(
-    model: Program, batch: Sequence[Prepared]
-) -> Callable[[tuple[torch.Tensor, ...]], list[list[Tensor]]]:
-    """Outputs of a launched batch, back on the host and cut per request."""
-    return lambda launched: split_outputs(model, model.download(launched), batch)
+def _launch(model: Program, staged: Staged) -> Fetched:
+    """Launch a staged batch and queue its outputs' copy back."""
+    return model.fetch(model.launch(staged))
+
+
+def _land(model: Program, flight: _Flight) -> tuple[float, float, Results]:
+    """A launched batch's results: its outputs waited for and cut, or its failure isolated."""
+    waiting = time.monotonic()
+    results = _attempt(partial(_collect, model, flight.batch), flight.fetched)
+    if isinstance(results, Exception):
+        error = _detached(results)
+        del results
+        flight.staged = flight.fetched = None  # nothing of the failed attempt stays referenced
+        results = _isolate(model, flight.batch, error)
+        del error
+        device_s = None
+    else:
+        device_s = flight.fetched.device_seconds() if flight.fetched is not None else None
+    host_s = flight.launch_s + time.monotonic() - waiting
+    return flight.began, host_s if device_s is None else device_s, results
+
+
+def _collect(model: Program, batch: Sequence[Prepared], fetched: Fetched) -> list[list[Tensor]]:
+    """A fetched batch's outputs, on the host and cut per request."""
+    return split_outputs(model, model.collect(fetched), batch)
 
 
 def _attempt(call: Callable[[Any], Any], value: Any) -> Any:

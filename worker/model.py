@@ -1,4 +1,4 @@
-"""One model version: loading its program and checking it, and the three steps of a forward pass.
+"""One model version: loading its program and checking it, and the steps of a forward pass.
 
 A model takes its inputs positionally in ``config.toml`` order (:mod:`worker.model_config`) and
 returns one tensor, or a tuple in ``outputs`` order. The first dimension of every input and
@@ -9,11 +9,12 @@ or lengths): :mod:`worker.prepared` says which arguments, :mod:`worker.stacking`
 :meth:`LoadedModel.validate` turns a request into :class:`Prepared` inputs (tokenised, checked;
 :mod:`worker.validation`); :mod:`worker.forward` assembles batches of them, runs them and cuts
 the outputs back. A version runs on its device and precision (:mod:`worker.device`). A forward
-pass is three steps: :meth:`LoadedModel.upload` (on a GPU: the batch assembled in pinned host
+pass is four steps: :meth:`LoadedModel.upload` (on a GPU: the batch assembled in pinned host
 memory, copied on a copy stream without blocking: :mod:`worker.staging`),
 :meth:`LoadedModel.launch` (the program, on the thread's compute stream),
-:meth:`LoadedModel.download` (outputs copied back once per batch). Pipelining a run of batches
-and isolating failures is :mod:`worker.forward`'s.
+:meth:`LoadedModel.fetch` (the outputs' copy back started, not waited for) and
+:meth:`LoadedModel.collect` (one wait per batch, then the handler's ``postprocess``).
+Pipelining a run of batches and isolating failures is :mod:`worker.forward`'s.
 
 Nothing here touches Kafka or asyncio: these are blocking calls that the worker runs off the
 event loop.
@@ -45,7 +46,15 @@ from worker.model_config import (
 from worker.prepared import Argument, Prepared, program_arguments
 from worker.quantize import quantize_int8
 from worker.stacking import stack_inputs
-from worker.staging import Staged, pinned, to_device, to_host, torch_dtype_of
+from worker.staging import (
+    Fetched,
+    Launched,
+    Staged,
+    copy_back,
+    pinned,
+    to_device,
+    torch_dtype_of,
+)
 from worker.text import TextEncoder
 from worker.validation import tokenize_pending, validate_request
 from worker.warming import warm_up_batch, warm_up_shapes
@@ -218,7 +227,7 @@ class LoadedModel:
         A version's handler, if any, runs its ``preprocess`` before and ``postprocess`` after.
         """
         staged = self.upload(inputs)  # held until the outputs are back: its copy is done then
-        return self.download(self.launch(staged))
+        return self.collect(self.fetch(self.launch(staged)))
 
     def stage(self, per_request: Sequence[Prepared]) -> Staged:
         """Assemble a batch (in pinned memory on a GPU) and start its copy to the device."""
@@ -234,29 +243,38 @@ class LoadedModel:
             values = [given[a.name] for a in self.arguments] if isinstance(given, dict) else given
         return to_device(values, self.device)
 
-    def launch(self, staged: Staged) -> tuple[torch.Tensor, ...]:
+    def launch(self, staged: Staged) -> Launched:
         """Run the program on a staged batch (on a GPU: queued on the thread's stream)."""
         args = staged.args
+        began = None
         if staged.ready is not None:
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(staged.ready)
             for arg in args:
                 arg.record_stream(compute)  # its memory is in use on this stream too
+            began = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            began.record(compute)
         if self._dtype != torch.float32:
             args = [a.to(self._dtype) if a.is_floating_point() else a for a in args]
         with torch.inference_mode():
             result = self._module(*args)
-        return (result,) if isinstance(result, torch.Tensor) else tuple(result)
+        outputs = (result,) if isinstance(result, torch.Tensor) else tuple(result)
+        return Launched(outputs, began)
 
-    def download(self, tensors: Sequence[torch.Tensor]) -> dict[str, npt.NDArray[Any]]:
-        """Outputs back to the host (one wait per batch on a GPU), then ``postprocess``."""
+    def fetch(self, launched: Launched) -> Fetched:
+        """Outputs cast back to the declared datatypes; their copy to the host started."""
+        tensors: Sequence[torch.Tensor] = launched.outputs
         if self._dtype != torch.float32:  # back to what the config declares
             wants = [*self._out_dtypes, *[None] * len(tensors)]  # a handler may return more
             tensors = [
                 t.to(want) if t.dtype == self._dtype and want is not None else t
                 for t, want in zip(tensors, wants, strict=False)
             ]
-        arrays = to_host(tensors, self.device)
+        return copy_back(tensors, self.device, launched.began)
+
+    def collect(self, fetched: Fetched) -> dict[str, npt.NDArray[Any]]:
+        """The outputs on the host (one wait per batch on a GPU), then ``postprocess``."""
+        arrays = fetched.wait()
         handler = self.handler
         if handler is not None and handler.postprocess is not None:
             made = handler.postprocess(arrays)

@@ -15,7 +15,7 @@ import torch
 
 from worker.model_config import ModelConfig
 from worker.prepared import Argument, Prepared
-from worker.staging import Staged
+from worker.staging import Fetched, Launched, Staged
 
 __all__ = ["Program"]
 
@@ -38,10 +38,14 @@ class Program(Protocol):
         """Assemble a batch and start its copy to the device."""
         ...
 
-    def launch(self, staged: Staged) -> tuple[torch.Tensor, ...]:
+    def launch(self, staged: Staged) -> Launched:
         """Run the program on a staged batch (on a GPU: queued, not waited for)."""
         ...
 
-    def download(self, tensors: Sequence[torch.Tensor]) -> dict[str, npt.NDArray[Any]]:
-        """Outputs back to the host, by output name."""
+    def fetch(self, launched: Launched) -> Fetched:
+        """Start the outputs' copy back to the host (on a GPU: queued, not waited for)."""
+        ...
+
+    def collect(self, fetched: Fetched) -> dict[str, npt.NDArray[Any]]:
+        """Wait for the outputs on the host, by output name."""
         ...

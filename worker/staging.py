@@ -3,9 +3,12 @@
 On a GPU a batch is assembled in page-locked host memory (:func:`pinned`) and copied on the
 calling thread's copy stream without blocking (:func:`to_device`), so the copy overlaps the
 compute of the batch before it; the compute stream waits on the copy's event
-(:class:`Staged`). Outputs come back with one wait per batch (:func:`to_host`). On the CPU
-the arrays are used where they are. These are the upload and download ends of
-:class:`~worker.model.LoadedModel`'s three steps.
+(:class:`Staged`), then records when the batch's compute begins (:class:`Launched`). Its
+outputs are copied back without blocking, an event recorded after the copies
+(:func:`copy_back`); :meth:`Fetched.wait` waits on that event alone (a blocking-sync event:
+the thread sleeps, no core spins), so the host can launch the next batch first and the device
+never idles between batches. On the CPU the arrays are used where they are. These are the
+upload and download ends of :class:`~worker.model.LoadedModel`'s forward steps.
 
 Blocking calls, no Kafka, no asyncio.
 """
@@ -21,7 +24,16 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-__all__ = ["Staged", "pinned", "to_device", "to_host", "torch_dtype_of", "use_copy_stream"]
+__all__ = [
+    "Fetched",
+    "Launched",
+    "Staged",
+    "copy_back",
+    "pinned",
+    "to_device",
+    "torch_dtype_of",
+    "use_copy_stream",
+]
 
 
 @dataclass(slots=True)
@@ -47,12 +59,48 @@ def to_device(values: Sequence[Any], device: torch.device) -> Staged:
     return Staged(args, ready, host)
 
 
-def to_host(tensors: Sequence[torch.Tensor], device: torch.device) -> tuple[npt.NDArray[Any], ...]:
-    """Tensors on ``device`` as host arrays (on a GPU: one wait for the whole batch)."""
-    if device.type == "cuda":
-        tensors = [t.to("cpu", non_blocking=True) for t in tensors]
-        torch.cuda.current_stream(device).synchronize()
-    return tuple(t.detach().cpu().numpy() for t in tensors)
+@dataclass(slots=True)
+class Launched:
+    """A batch's outputs on its device (on a GPU: still being computed)."""
+
+    outputs: tuple[torch.Tensor, ...]
+    began: torch.cuda.Event | None = None
+    """CUDA: recorded on the compute stream when the batch's compute begins (its timing)."""
+
+
+@dataclass(slots=True)
+class Fetched:
+    """A batch's outputs on their way to the host: :meth:`wait` has them as arrays."""
+
+    tensors: list[torch.Tensor]
+    """In host memory (on a GPU: pinned, being filled until ``done``)."""
+    done: torch.cuda.Event | None = None
+    """CUDA: recorded on the compute stream after the copies back."""
+    began: torch.cuda.Event | None = None
+
+    def wait(self) -> tuple[npt.NDArray[Any], ...]:
+        """The outputs as host arrays, once their copies are done (one wait per batch)."""
+        if self.done is not None:
+            self.done.synchronize()
+        return tuple(t.detach().numpy() for t in self.tensors)
+
+    def device_seconds(self) -> float | None:
+        """CUDA, after :meth:`wait`: the batch's time on the device, compute and copy back."""
+        if self.began is None or self.done is None:
+            return None
+        return float(self.began.elapsed_time(self.done)) / 1000
+
+
+def copy_back(
+    tensors: Sequence[torch.Tensor], device: torch.device, began: torch.cuda.Event | None = None
+) -> Fetched:
+    """Start copying outputs on ``device`` to the host (on a GPU: queued, not waited for)."""
+    if device.type != "cuda":
+        return Fetched([t.cpu() for t in tensors])
+    host = [t.to("cpu", non_blocking=True) for t in tensors]  # into pinned memory
+    done = torch.cuda.Event(enable_timing=began is not None, blocking=True)  # type: ignore[no-untyped-call]
+    done.record(torch.cuda.current_stream(device))
+    return Fetched(host, done, began)
 
 
 _streams = threading.local()
