@@ -50,7 +50,7 @@ from worker.errors import ConfigError, WorkerError
 from worker.kafka import ensure_topics, security_config
 from worker.settings import KafkaSettings, Settings
 
-__all__ = ["DEFAULT_RATE", "EVENTS", "print_report", "run_rebalance"]
+__all__ = ["DEFAULT_RATE", "EVENTS", "METRICS", "run_rebalance"]
 
 DEFAULT_RATE = 300.0
 """Requests/s unless ``--rate`` says otherwise: well within what this 2-core machine holds."""
@@ -395,32 +395,3 @@ def _report(
         "ratios": ratios,
         "limits": limits,
     }
-
-
-def print_report(console: Any, report: dict[str, Any]) -> None:
-    """The windows and the workers as tables on stdout, then the totals, limits and ratios."""
-    from rich.table import Table  # noqa: PLC0415
-
-    windows = Table(title="python -m worker bench --rebalance: windows")
-    columns = {"label": "window", "from_s": "from s", "worker": "worker", "requests": "requests",
-               "p50_ms": "p50 ms", "p99_ms": "p99 ms", "max_ms": "max ms",
-               "settled_after_s": "settled after s", "others_rebalances": "others' rebalances",
-               "duplicates": "dups", "lost": "lost", "errors": "errors"}  # fmt: skip
-    for column, title in columns.items():
-        windows.add_column(title, justify="left" if column in ("label", "worker") else "right")
-    for row in report["results"]:
-        windows.add_row(*("" if row.get(c) is None else str(row[c]) for c in columns))
-    workers = Table(title="workers (last scrape of /metrics before each stopped)")
-    names = ["name", "instance_id", "ended", *METRICS.values()]
-    for column in names:
-        workers.add_column(column)
-    for row in report["workers"]:
-        workers.add_row(*("" if row.get(c) is None else str(row[c]) for c in names))
-    Console = type(console)  # noqa: N806 - tables on stdout, progress stays on stderr
-    out = Console(width=max(120, Console().width))
-    out.print(windows)
-    out.print(workers)
-    out.print(f"lost {report['lost']}, duplicates {report['duplicates']}")
-    for section in ("limits", "ratios"):
-        for key, value in report[section].items():
-            out.print(f"{section[:-1]} {key}: {value}")

@@ -1,4 +1,4 @@
-"""The benchmark's output: a progress bar on stderr, the table on stdout, a PNG plot."""
+"""The benchmark's output: a progress bar on stderr, the tables on stdout, a PNG plot."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from worker.bench.load import BenchResult
 
-__all__ = ["plot", "print_table", "progress_bar"]
+__all__ = ["plot", "print_rebalance", "print_table", "progress_bar"]
 
 
 @contextlib.contextmanager
@@ -41,6 +41,35 @@ def print_table(console: Any, report: dict[str, Any]) -> None:
     Console = type(console)  # noqa: N806 - print the table on stdout, progress stays on stderr
     out = Console(width=max(120, Console().width))
     out.print(table)
+    for section in ("limits", "ratios"):
+        for key, value in report[section].items():
+            out.print(f"{section[:-1]} {key}: {value}")
+
+
+def print_rebalance(console: Any, report: dict[str, Any]) -> None:
+    """``--rebalance``: the windows and the workers as tables on stdout, then the figures."""
+    from rich.table import Table  # noqa: PLC0415
+
+    windows = Table(title="python -m worker bench --rebalance: windows")
+    columns = {"label": "window", "from_s": "from s", "worker": "worker", "requests": "requests",
+               "p50_ms": "p50 ms", "p99_ms": "p99 ms", "max_ms": "max ms",
+               "settled_after_s": "settled after s", "others_rebalances": "others' rebalances",
+               "duplicates": "dups", "lost": "lost", "errors": "errors"}  # fmt: skip
+    for column, title in columns.items():
+        windows.add_column(title, justify="left" if column in ("label", "worker") else "right")
+    for row in report["results"]:
+        windows.add_row(*("" if row.get(c) is None else str(row[c]) for c in columns))
+    workers = Table(title="workers (last scrape of /metrics before each stopped)")
+    names = list(report["workers"][0]) if report["workers"] else []
+    for column in names:
+        workers.add_column(column)
+    for row in report["workers"]:
+        workers.add_row(*("" if row.get(c) is None else str(row[c]) for c in names))
+    Console = type(console)  # noqa: N806 - tables on stdout, progress stays on stderr
+    out = Console(width=max(120, Console().width))
+    out.print(windows)
+    out.print(workers)
+    out.print(f"lost {report['lost']}, duplicates {report['duplicates']}")
     for section in ("limits", "ratios"):
         for key, value in report[section].items():
             out.print(f"{section[:-1]} {key}: {value}")

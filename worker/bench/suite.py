@@ -29,8 +29,8 @@ from typing import Any
 
 from worker.bench.endpoints import drive_endpoint
 from worker.bench.load import BenchResult, bench_texts, drive
-from worker.bench.rebalance import DEFAULT_RATE, print_report, run_rebalance
-from worker.bench.report import plot, print_table, progress_bar
+from worker.bench.rebalance import DEFAULT_RATE, run_rebalance
+from worker.bench.report import plot, print_rebalance, print_table, progress_bar
 from worker.bench.targets import (
     bench_repository,
     bench_topics,
@@ -203,7 +203,7 @@ async def _rebalance(settings: Settings, args: argparse.Namespace, console: Any)
         console.status(f"scale events at {args.rate:g} requests/s") as status,
     ):
         report = await run_rebalance(settings, args, Path(tmp), say=status.update)
-    print_report(console, report)
+    print_rebalance(console, report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report
