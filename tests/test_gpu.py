@@ -20,16 +20,17 @@ import torch
 
 from worker import staging
 from worker.client import InferenceClient
+from worker.domain import InferenceRequest, Tensor
 from worker.errors import ErrorCode, RequestError
 from worker.forward import run_batches, stack_inputs
 from worker.instances import Instances
 from worker.metrics import Metrics
-from worker.model import Prepared
-from worker.model_config import Execution
+from worker.model import LoadedModel, Prepared
+from worker.model_config import Execution, ModelConfig
 from worker.repository import LoadOptions, ModelRepository
 from worker.settings import Settings
 
-from .conftest import MODELS, changed, running_worker
+from .conftest import MODELS, TEXT_MODELS, changed, running_worker
 from .test_device import sized_model
 from .test_versions import ask
 
@@ -306,3 +307,51 @@ def test_a_real_device_side_assert_stops_the_run() -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "device-side assert" in done.stdout
+
+
+class SlowDouble(torch.nn.Module):
+    """Sleeps on its stream, then doubles: the next batch's copy runs meanwhile."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.cuda._sleep(SLEEP_CYCLES // 4)  # type: ignore[no-untyped-call]
+        return x * 2
+
+
+def test_large_batches_pipelined_come_back_exact(tmp_path: Path) -> None:
+    """8 MB batches, copies overlapping a slow compute: every output is its own input x 2."""
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    (folder / "config.toml").write_text(
+        '[[inputs]]\nname = "x"\ndatatype = "FP32"\nshape = [-1, 65536]\n\n'
+        '[[outputs]]\nname = "y"\ndatatype = "FP32"\nshape = [-1, 65536]\n'
+    )
+    cuda = torch.device("cuda", 0)
+    model = LoadedModel(
+        ModelConfig.load(folder), "1", SlowDouble(), execution=Execution("cuda:0"), device=cuda
+    )
+    rng = np.random.default_rng(0)
+    batches = [
+        [Prepared([rng.random((1, 65536), np.float32)], rows=1) for _ in range(32)]
+        for _ in range(6)
+    ]
+    for batch, (_, _, results) in zip(batches, run_batches(model, batches), strict=True):
+        for request, result in zip(batch, results, strict=True):
+            assert not isinstance(result, Exception)
+            np.testing.assert_array_equal(result[0].to_numpy(), request.arrays[0] * 2)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_minilm_in_half_precision_on_the_gpu_embeds_like_fp32(
+    precision: str, text_repository: ModelRepository
+) -> None:
+    """The fp32 export cast to fp16/bf16 runs on cuda; cosine to the CPU's fp32 > 0.99."""
+    texts = [b"a cat sat on the mat", b"stock markets fell sharply today", b"hello"]
+    request = InferenceRequest("t", "minilm", [Tensor.from_strings("text", texts)])
+    options = LoadOptions(execution=Execution("cuda", precision, 1))
+    half = ModelRepository.load(TEXT_MODELS, options=options).route("minilm", None, "").primary
+    full = text_repository.route("minilm", None, "").primary
+    a = full.predict(stack_inputs(full, [full.validate(request)]))["embedding"]
+    b = half.predict(stack_inputs(half, [half.validate(request)]))["embedding"]
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert b.dtype == np.float32
+    assert cosine.min() > 0.99
