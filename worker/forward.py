@@ -162,7 +162,7 @@ def run_batches(model: Program, batches: Sequence[Sequence[Prepared]]) -> Run:
             assert isinstance(current, Staged)
             flight = _Flight(batch, began - first, launch_s, current, fetched)
         else:
-            error = _detached(fetched if isinstance(fetched, Exception) else RuntimeError())
+            error = _detached(fetched if isinstance(fetched, Exception) else RuntimeError("lost"))
             del fetched
             current = None  # nothing of the failed attempt stays referenced
             isolating = time.monotonic()
