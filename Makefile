@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # every target puts this checkout first, so it always runs its own code.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install kafka kafka-stop registry registry-stop minilm proto test lint typecheck check demo compose-check train clean help
+.PHONY: install kafka kafka-stop registry registry-stop minilm gpu-pack proto test lint typecheck check demo compose-check train clean help
 
 help:
 	@echo "install     create $(VENV) and install the package with dev and train extras"
@@ -19,6 +19,7 @@ help:
 	@echo "registry    build (Go) and start the local schema registry on 127.0.0.1:8081"
 	@echo "registry-stop stop it"
 	@echo "minilm      fetch all-MiniLM-L6-v2 (pinned, sha256-checked) and export it to models/minilm"
+	@echo "gpu-pack    wheels + MiniLM (fp16) a lent GPU machine needs for dev/gpu_check.sh, into build/gpu-pack (<= 60 MiB)"
 	@echo "proto       regenerate worker/oip/*_pb2*.py from the Open Inference Protocol's proto (pinned grpcio-tools)"
 	@echo "test        run the test suite (starts the broker if WORKER_KAFKA__BOOTSTRAP_SERVERS is unset)"
 	@echo "check       ruff + mypy --strict + test"
@@ -48,6 +49,9 @@ registry-stop:
 
 minilm: install
 	$(PY) dev/minilm.py --repository models
+
+gpu-pack: install
+	$(PY) dev/gpu_pack.py build --pack build/gpu-pack
 
 proto: install
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \

@@ -131,6 +131,7 @@ async def test_each_instance_has_its_own_cuda_stream() -> None:
     assert torch.cuda.default_stream().cuda_stream not in streams
 
 
+@pytest.mark.kafka  # a lent GPU machine has no broker: dev/gpu_check.sh leaves this one out
 async def test_the_worker_serves_on_the_gpu_over_kafka(
     settings: Settings, testset: TestSet, tmp_path: Path
 ) -> None:
