@@ -139,3 +139,60 @@ async def test_fetching_pauses_every_partition_at_the_bound_and_resumes_when_ans
     assert kinds.count("resume") == 1
     assert metrics.value("inference_fetch_pauses_total") == 2
     assert intake.tracker.pending == 10
+
+
+@dataclass
+class RebalancingConsumer:
+    """One partition read to 40, committed at 4; the first fetch spans a rebalance, then fails.
+
+    The rebalance hands the partition back (the listener bumps the intake's epoch).
+    """
+
+    intake: Intake | None = None
+    position_now: int = 40
+    seeks: list[int] = field(default_factory=list)
+    fetches: int = 0
+
+    def assignment(self) -> set[TopicPartition]:
+        return {PARTITIONS[0]}
+
+    def paused(self) -> set[TopicPartition]:
+        return set()
+
+    async def position(self, _tp: TopicPartition) -> int:
+        return self.position_now
+
+    async def committed(self, _tp: TopicPartition) -> int:
+        return 4
+
+    def seek(self, _tp: TopicPartition, offset: int) -> None:
+        self.seeks.append(offset)
+        self.position_now = offset
+
+    async def getmany(self, *_tps: TopicPartition, **_: Any) -> dict[Any, list[ConsumerRecord]]:
+        self.fetches += 1
+        await asyncio.sleep(0.01)
+        if self.fetches == 1:
+            assert self.intake is not None
+            self.intake.epoch += 2  # revoked (queued requests abandoned) and assigned back
+            self.position_now = 4  # the new assignment reads from the commit...
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a header key")  # ...and fails
+        return {}
+
+
+async def test_a_fetch_failing_after_a_rebalance_rewinds_to_the_commit_not_the_old_position() -> (
+    None
+):
+    """A failed fetch across a rebalance rewinds to the commit, not the stale saved position."""
+    consumer = RebalancingConsumer()
+    intake, _, _ = intake_over(consumer, max_in_flight=100)  # type: ignore[arg-type]
+    consumer.intake = intake
+    stopping = asyncio.Event()
+    handed: list[Record] = []
+    async with asyncio.TaskGroup() as group:
+        group.create_task(intake.consume(stopping, Handed(handed)))
+        await wait_for(lambda: consumer.fetches >= 3, timeout=5, what="fetching on")
+        stopping.set()
+    assert 40 not in consumer.seeks, "the position from before the rebalance is never restored"
+    assert consumer.seeks
+    assert consumer.seeks[0] == 4, "back to the commit: the abandoned requests are read again"

@@ -79,6 +79,8 @@ class Intake:
         self.consumer: AIOKafkaConsumer
         """The group consumer; made by :meth:`running` (aiokafka needs the running loop)."""
         self.assigned: set[TopicPartition] = set()
+        self.epoch = 0
+        """Counts rebalance callbacks: positions saved before a change of it are stale."""
         self._dispatcher: Dispatcher | None = None
         """Where records go; set while :meth:`consume` runs (a rebalance abandons to it)."""
         """Partitions assigned now."""
@@ -136,6 +138,7 @@ class Intake:
                 paused = False
             # Where each partition stands before the fetch: a fetch that fails to parse one
             # partition has already moved the others past records it never returned.
+            epoch = self.epoch
             before = {tp: await consumer.position(tp) for tp in consumer.assignment()}
             try:
                 fetched = await consumer.getmany(timeout_ms=100, max_records=min(room, max_records))
@@ -148,17 +151,21 @@ class Intake:
                 continue
             except Exception as exc:  # noqa: BLE001 - a record the client cannot parse
                 self._metrics.fetch_errors.inc()
-                await rewind(consumer, before)
+                # After a rebalance the saved positions are stale (the partitions may have
+                # come back, to be read from their commits): rewind to the commits then.
+                await rewind(consumer, before if self.epoch == epoch else {})
                 await step_past(
                     consumer, exc, fetch_max_records=max_records,
                     hand_on=partial(self._hand_on, pipeline=pipeline),
                     skipped=partial(self._skipped, pipeline),
+                    moved=partial(self._moved_since, self.epoch),
                 )  # fmt: skip
                 continue
             if prepare is not None and fetched:
+                epoch = self.epoch
                 await prepare([(r.value, r.headers) for rs in fetched.values() for r in rs])
-                assigned = consumer.assignment()
-                fetched = {tp: rs for tp, rs in fetched.items() if tp in assigned}
+                if self.epoch != epoch:  # rebalanced meanwhile: read again from the commits
+                    fetched = {}
             for tp, records in fetched.items():
                 self._hand_on(tp, records, pipeline)
 
@@ -170,6 +177,10 @@ class Intake:
             pipeline.dispatch(
                 Record(tp, r.offset, r.key, r.value, r.headers, r.timestamp, generation)
             )
+
+    def _moved_since(self, epoch: int) -> bool:
+        """A rebalance happened since ``epoch`` was read."""
+        return self.epoch != epoch
 
     def _skipped(
         self, pipeline: Dispatcher, tp: TopicPartition, offset: int, error: Exception
@@ -213,6 +224,7 @@ class Intake:
         :meth:`revoke_timeout_s`; then what is done is committed and the partitions are
         forgotten (anything of them still running is never published).
         """
+        self.epoch += 1
         started = time.monotonic()
         dispatcher = self._dispatcher
         abandoned = dispatcher.abandon(revoked) if dispatcher is not None else 0
@@ -246,6 +258,7 @@ class Intake:
 
     def receive(self, assigned: set[TopicPartition]) -> None:
         """A rebalance ended with this assignment (eager: it adds to nothing held)."""
+        self.epoch += 1
         self.assigned |= assigned
         self.joined = True
         self._metrics.rebalances.inc()

@@ -6,7 +6,9 @@ records it never returned. :func:`rewind` puts every partition back where it sto
 the good records before one are handed on one at a time, then offsets are skipped one by one
 until a fetch parses again (the client parses a whole record batch, so the rest of the failing
 record's batch is skipped too). Each skipped offset is handed to ``skipped``, which tracks it
-and dead-letters its place, so it is committed only once that is done.
+and dead-letters its place, so it is committed only once that is done. A rebalance while
+stepping (``moved``) ends it: every partition goes back to its committed offset, and the main
+loop fetches again from there.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ async def step_past(
     fetch_max_records: int,
     hand_on: HandOn,
     skipped: Skipped,
+    moved: Callable[[], bool],
 ) -> None:
     """Find the partitions whose next records cannot be parsed, and step past those records.
 
@@ -64,18 +67,29 @@ async def step_past(
         except KafkaError:
             raise
         except Exception:  # noqa: BLE001 - this partition holds it
+            if moved():
+                await rewind(consumer, {})
+                return
             consumer.seek(tp, start)
-            await _skip(consumer, tp, error, hand_on, skipped)
+            await _skip(consumer, tp, error, hand_on=hand_on, skipped=skipped, moved=moved)
         else:
+            if moved():
+                await rewind(consumer, {})
+                return
             consumer.seek(tp, start)
+        if moved():
+            await rewind(consumer, {})
+            return
 
 
 async def _skip(
     consumer: AIOKafkaConsumer,
     tp: TopicPartition,
     error: Exception,
+    *,
     hand_on: HandOn,
     skipped: Skipped,
+    moved: Callable[[], bool],
 ) -> None:
     while True:  # the good records before it, one at a time (at most one fetch's worth)
         try:
@@ -84,6 +98,9 @@ async def _skip(
             raise
         except Exception:  # noqa: BLE001 - reached it
             break
+        if moved():  # what was fetched belongs to the partition's next reading
+            await rewind(consumer, {})
+            return
         if not fetched:
             return
         hand_on(tp, fetched.get(tp, []))
@@ -97,8 +114,14 @@ async def _skip(
             await consumer.getmany(tp, timeout_ms=1000, max_records=1)
         except KafkaError:
             raise
-        except Exception:  # noqa: BLE001, S112 - still inside the unparseable batch
+        except Exception:  # noqa: BLE001 - still inside the unparseable batch
+            if moved():
+                await rewind(consumer, {})
+                return
             continue
+        if moved():
+            await rewind(consumer, {})
+            return
         consumer.seek(tp, offset)  # parses again from here: the main loop goes on
         break
     log.error(
