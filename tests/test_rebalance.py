@@ -104,8 +104,10 @@ async def test_two_workers_with_one_instance_id_end_with_a_clear_error(
     from worker.app import Worker  # noqa: PLC0415 - the in-process worker, run bare here
 
     workers = [Worker(static, repository), Worker(static, repository)]
-    tasks = [asyncio.create_task(w.run()) for w in workers]
+    tasks = [asyncio.create_task(workers[0].run())]
     try:
+        await wait_for(lambda: bool(workers[0].assigned), timeout=60, what="the first's join")
+        tasks.append(asyncio.create_task(workers[1].run()))  # its twin joins a stable group
         await wait_for(lambda: any(t.done() for t in tasks), timeout=120, what="one to stop")
         failed = next(t for t in tasks if t.done())
         error = failed.exception()

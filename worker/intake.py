@@ -37,10 +37,12 @@ from worker.progress import Progress
 from worker.settings import KafkaSettings, RuntimeSettings
 from worker.unparseable import rewind, step_past
 
-__all__ = ["FETCH_RETRY_S", "Dispatcher", "Intake"]
+__all__ = ["FENCED_AFTER_CHANGES", "FETCH_RETRY_S", "Dispatcher", "Intake"]
 
 FETCH_RETRY_S = 0.5
 """Pause after a failed fetch before the next one."""
+FENCED_AFTER_CHANGES = 3
+"""A static member whose member id changes this often within two session timeouts has a twin."""
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +83,10 @@ class Intake:
         self.assigned: set[TopicPartition] = set()
         self.epoch = 0
         """Counts rebalance callbacks: positions saved before a change of it are stale."""
+        self.fenced = False
+        """A static member kept being put out of its group (see :meth:`_note_member_id`)."""
+        self._member_id: str | None = None
+        self._member_changes: list[float] = []
         self._dispatcher: Dispatcher | None = None
         """Where records go; set while :meth:`consume` runs (a rebalance abandons to it)."""
         """Partitions assigned now."""
@@ -124,6 +130,8 @@ class Intake:
         max_records = self._kafka.fetch_max_records
         paused = False
         while not stopping.is_set():
+            if self.fenced:
+                raise self._fenced()
             room = self._in_flight.room()
             if room <= 0:
                 if not paused:
@@ -248,6 +256,30 @@ class Intake:
             seconds=round(time.monotonic() - started, 3),
         )
 
+    def _note_member_id(self) -> None:
+        """A static member given new member ids again and again is being fenced by a twin.
+
+        The broker answers a fenced static member's heartbeats and commits UNKNOWN_MEMBER_ID
+        (aiokafka's requests carry no instance id), and aiokafka rejoins under the same id,
+        fencing the other in turn: the two take the group from each other forever. Within one
+        process a static member's id changes only when it was put out of the group, so three
+        changes within two session timeouts mean a twin (or a session that keeps expiring).
+        """
+        if self._kafka.group_instance_id is None:
+            return
+        coordinator = getattr(self.consumer, "_coordinator", None)  # aiokafka 0.14's own
+        member_id = getattr(coordinator, "member_id", None)
+        if not isinstance(member_id, str) or member_id == self._member_id:
+            return
+        now = time.monotonic()
+        if self._member_id is not None:
+            window = 2 * self._kafka.session_timeout_ms / 1000
+            self._member_changes = [t for t in self._member_changes if now - t < window]
+            self._member_changes.append(now)
+            if len(self._member_changes) >= FENCED_AFTER_CHANGES:
+                self.fenced = True
+        self._member_id = member_id
+
     def _fenced(self) -> FencedError:
         kafka = self._kafka
         return FencedError(
@@ -259,6 +291,7 @@ class Intake:
     def receive(self, assigned: set[TopicPartition]) -> None:
         """A rebalance ended with this assignment (eager: it adds to nothing held)."""
         self.epoch += 1
+        self._note_member_id()
         self.assigned |= assigned
         self.joined = True
         self._metrics.rebalances.inc()
