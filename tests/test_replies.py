@@ -193,3 +193,28 @@ async def test_an_audit_record_that_cannot_be_published_dead_letters_nothing() -
     assert [topic for topic, _ in producer.sent] == ["replies", "audit"], "no dead-letter copy"
     assert [o.topic for o in published] == ["replies"]
     assert tracker.pending == 0, "the record is done"
+
+
+async def test_messages_of_a_partition_revoked_since_are_never_published() -> None:
+    """A reply queued before its partition was revoked is dropped, and marks no offset done."""
+    producer = FakeProducer([])
+    tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+    tracker.track(TP, 5)
+    stale = Record(TP, 5, b"k", b"request", [], 0, tracker.generation(TP))
+    tracker.forget([TP])  # revoked...
+    tracker.track(TP, 5)  # ...and handed back: offset 5 is to be served again
+    published: list[Outgoing] = []
+
+    async def exists(_topic: str) -> bool:
+        return True
+
+    replier = Replier(
+        producer, tracker, published.extend, destinations=DEST, retries=0,
+        topic_exists=exists, retry_backoff_s=0.001,
+    )  # fmt: skip
+    replier.submit(messages(DEST, PLAIN, Answer(stale, InferenceResponse("r-1", "m"))))
+    replier.close()
+    await replier.run()
+    assert producer.sent == []
+    assert published == []
+    assert tracker.pending == 1, "the new generation's offset 5 is still to be answered"

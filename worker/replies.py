@@ -87,6 +87,9 @@ class Replier:
             await self._publish(group)
 
     async def _publish(self, group: list[Outgoing]) -> None:
+        group = [o for o in group if self._current(o)]  # a revoke may have passed meanwhile
+        if not group:
+            return
         missing = {t for t in {o.topic for o in group} if not await self._topic_exists(t)}
         ready = [o for o in group if o.topic not in missing]
         failed = [
@@ -136,10 +139,15 @@ class Replier:
                 lost_ids = {id(item) for item, _ in lost}
                 copies = [c for c in copies if id(c) not in lost_ids] + smaller
         for item in group:
-            if isinstance(item.origin, Record):  # a call's audit record is not tracked
+            if isinstance(item.origin, Record) and self._current(item):  # calls: not tracked
                 self._tracker.done(item.origin.tp, item.origin.offset)
         not_published = {id(item) for item, _ in failed}
         self._on_published([o for o in group if id(o) not in not_published] + copies)
+
+    def _current(self, item: Outgoing) -> bool:
+        """False for a message about a record of a partition revoked since it was fetched."""
+        origin = item.origin
+        return not isinstance(origin, Record) or self._tracker.current(origin.tp, origin.generation)
 
     @staticmethod
     def _smaller(copy: Outgoing, error: BaseException) -> Outgoing:
