@@ -105,6 +105,24 @@ DEST = Destinations("replies", "dlq", "g", requests_topic="requests")
 TP = TopicPartition("requests", 0)
 
 
+def replier_over(
+    producer: FakeProducer,
+    tracker: OffsetTracker[TopicPartition],
+    published: list[Outgoing],
+    destinations: Destinations = DEST,
+    retries: int = 0,
+) -> Replier:
+    """A Replier over a scripted producer whose every topic exists."""
+
+    async def exists(_topic: str) -> bool:
+        return True
+
+    return Replier(
+        producer, tracker, published.extend, destinations=destinations, retries=retries,
+        topic_exists=exists, retry_backoff_s=0.001,
+    )  # fmt: skip
+
+
 async def publish_one(
     script: list[BaseException | None],
     retries: int = 2,
@@ -115,19 +133,7 @@ async def publish_one(
     tracker = tracker or OffsetTracker()
     tracker.track(TP, 5)
     published: list[Outgoing] = []
-
-    async def exists(_topic: str) -> bool:
-        return True
-
-    replier = Replier(
-        producer,
-        tracker,
-        published.extend,
-        destinations=DEST,
-        retries=retries,
-        topic_exists=exists,
-        retry_backoff_s=0.001,
-    )
+    replier = replier_over(producer, tracker, published, retries=retries)
     source = Record(TP, 5, b"k", b"request", [], 0)
     replier.submit(messages(DEST, PLAIN, Answer(source, InferenceResponse("r-1", "m"))))
     replier.close()
@@ -178,14 +184,7 @@ async def test_an_audit_record_that_cannot_be_published_dead_letters_nothing() -
     tracker.track(TP, 5)
     published: list[Outgoing] = []
     audited = Destinations("replies", "dlq", "g", audit_topic="audit", requests_topic="requests")
-
-    async def exists(_topic: str) -> bool:
-        return True
-
-    replier = Replier(
-        producer, tracker, published.extend, destinations=audited, retries=0,
-        topic_exists=exists, retry_backoff_s=0.001,
-    )  # fmt: skip
+    replier = replier_over(producer, tracker, published, audited)
     source = Record(TP, 5, b"k", b"request", [], 0)
     replier.submit(messages(audited, PLAIN, Answer(source, InferenceResponse("r-1", "m"))))
     replier.close()
@@ -204,14 +203,7 @@ async def test_messages_of_a_partition_revoked_since_are_never_published() -> No
     tracker.forget([TP])  # revoked...
     tracker.track(TP, 5)  # ...and handed back: offset 5 is to be served again
     published: list[Outgoing] = []
-
-    async def exists(_topic: str) -> bool:
-        return True
-
-    replier = Replier(
-        producer, tracker, published.extend, destinations=DEST, retries=0,
-        topic_exists=exists, retry_backoff_s=0.001,
-    )  # fmt: skip
+    replier = replier_over(producer, tracker, published)
     replier.submit(messages(DEST, PLAIN, Answer(stale, InferenceResponse("r-1", "m"))))
     replier.close()
     await replier.run()
