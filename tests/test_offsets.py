@@ -59,7 +59,7 @@ def test_partitions_are_independent_and_forgettable() -> None:
     tracker.track("b", 1)
     tracker.done("a", 0)
     assert tracker.committable() == {"a": 1}
-    assert tracker.pending_in(["b"]) == 2
+    assert tracker.unfinished_in(["b"]) == 2
     tracker.forget(["b"])
     assert tracker.pending == 0
     tracker.done("b", 0)  # a late reply for a revoked partition is ignored

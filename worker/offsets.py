@@ -51,10 +51,6 @@ class OffsetTracker(Generic[P]):
         """Records tracked and not yet done, over all partitions."""
         return self._pending
 
-    def pending_in(self, partitions: Iterable[P]) -> int:
-        """Records not yet done in the given partitions."""
-        return sum(len(p.outstanding) for tp in partitions if (p := self._partitions.get(tp)))
-
     def unfinished_in(self, partitions: Iterable[P]) -> int:
         """Records not yet done in the given partitions (those done out of order excluded)."""
         return sum(
