@@ -149,3 +149,13 @@ def test_torch_threads_default_to_one_per_core_but_one(
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     assert settings_module.ModelSettings().threads == threads
     assert settings_module.ModelSettings(torch_threads=3).threads == 3
+
+
+@pytest.mark.parametrize(
+    "instance_id", ["", "a" * 250, "has space", "ünïcode", "line\nbreak", "trailing\n", "a/b"]
+)
+def test_a_hostile_group_instance_id_is_refused_at_start(instance_id: str) -> None:
+    """Static membership ids are Kafka-legal names (A-Z a-z 0-9 . _ -, 1-249), else refused."""
+    with pytest.raises(ValidationError):
+        KafkaSettings(group_instance_id=instance_id)
+    assert KafkaSettings(group_instance_id="worker-0.a_b").group_instance_id == "worker-0.a_b"
