@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "COMPILE_MODES",
     "DEFAULT_EXECUTION",
     "DEVICE_PATTERN",
     "EXTRA_INPUTS",
@@ -39,6 +40,8 @@ EXTRA_INPUTS = ("none", "attention_mask", "lengths")
 """Values of ``[padding] extra_input``: what a sequence model gets after its inputs."""
 QUANTIZE_MODES = ("none", "int8")
 """Values of a model's ``quantize`` key: float as exported, or int8 dynamic quantisation."""
+COMPILE_MODES = ("none", "aot")
+"""Values of a model's ``compile`` key: eager, or AOTInductor (:mod:`worker.compiling`)."""
 PRECISIONS = ("fp32", "fp16", "bf16")
 """Values of ``precision``: as exported, or weights and float inputs cast to half precision."""
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:(0|[1-9][0-9]?))?")

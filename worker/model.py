@@ -22,7 +22,8 @@ event loop.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ import numpy.typing as npt
 import torch
 from torch.export.passes import move_to_device_pass
 
+from worker.compiling import DEFAULT_CACHE, Compilation, compile_version
 from worker.device import resolve_device, torch_dtype
 from worker.domain import DATATYPES, InferenceRequest
 from worker.errors import ConfigError, RequestError
@@ -80,6 +82,10 @@ class LoadedModel:
         self.name = config.name
         self.version = version
         self._module = module
+        self._runner: Callable[..., Any] = module
+        """What a batch runs: the module, or its compiled program (``compile = "aot"``)."""
+        self.compilation: Compilation | None = None
+        """With ``compile = "aot"``: compiled (from the cache or not), or eager and why."""
         self.handler = handler
         self.text = text
         """The tokenizer step of a ``[tokenizer]`` model."""
@@ -103,6 +109,7 @@ class LoadedModel:
         allow_code: bool = False,
         defaults: Execution = DEFAULT_EXECUTION,
         warm_up: int = 0,
+        compile_cache: Path | None = None,
     ) -> LoadedModel:
         """Load ``folder/model.pt2`` and check it against the config with one dummy batch.
 
@@ -111,6 +118,8 @@ class LoadedModel:
         ``warm_up``: on a GPU, > 0 turns :attr:`warms_up` on: each instance thread runs
         dummy batches of the shapes its lane will serve (:meth:`warm_up`) before it serves,
         so that the first requests do not pay for kernel selection and allocation.
+        ``compile_cache``: where ``compile = "aot"`` keeps its packages
+        (default :data:`worker.compiling.DEFAULT_CACHE`).
         """
         path = folder / MODEL_FILE
         execution = config.execution(defaults)
@@ -156,6 +165,12 @@ class LoadedModel:
                     f"{path}: output {spec.name!r} came out {out.dtype} {list(out.shape)} for a "
                     f"batch of one; {folder.parent / CONFIG_FILE} declares {spec.describe()}"
                 )
+        if config.compile == "aot":
+            model._runner, model.compilation = compile_version(
+                program, module, path, device=device, precision=execution.precision,
+                runners=execution.instances + 1, cache=compile_cache or DEFAULT_CACHE,
+                label=f"{model.name}-{model.version}", check=partial(_disagreement, model, outputs),
+            )  # fmt: skip
         model.warms_up = device.type == "cuda" and warm_up > 0  # in each instance's thread
         return model
 
@@ -193,6 +208,7 @@ class LoadedModel:
             execution=config.execution(defaults), device=self.device,
         )  # fmt: skip
         model.warms_up = self.warms_up
+        model._runner, model.compilation = self._runner, self.compilation
         return model
 
     def dummy(self) -> Prepared:
@@ -257,7 +273,7 @@ class LoadedModel:
         if self._dtype != torch.float32:
             args = [a.to(self._dtype) if a.is_floating_point() else a for a in args]
         with torch.inference_mode():
-            result = self._module(*args)
+            result = self._runner(*args)
         outputs = (result,) if isinstance(result, torch.Tensor) else tuple(result)
         return Launched(outputs, began)
 
@@ -285,6 +301,27 @@ class LoadedModel:
                 f"config declares {len(self.config.outputs)}"
             )
         return {spec.name: a for spec, a in zip(self.config.outputs, arrays, strict=True)}
+
+
+def _disagreement(
+    model: LoadedModel, eager: Mapping[str, npt.NDArray[Any]], runner: Callable[..., Any]
+) -> str | None:
+    """Why ``runner``'s outputs on the load-time check differ from ``eager``'s (None: agree).
+
+    ``model`` runs ``runner`` afterwards if they agree, its module otherwise.
+    """
+    model._runner = runner
+    try:
+        outputs = model.predict(stack_inputs(model, [model.dummy()]))
+    except Exception as exc:  # noqa: BLE001 - reported, eager serves
+        model._runner = model._module
+        return f"the compiled program failed the check: {type(exc).__name__}: {exc}"
+    for name, want in eager.items():
+        got = outputs[name]
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-2, atol=1e-3):
+            model._runner = model._module
+            return f"the compiled program's output {name!r} differs from eager's"
+    return None
 
 
 def export_model(module: torch.nn.Module, features: int, path: Path) -> None:

@@ -7,7 +7,8 @@ running a version: :mod:`worker.model`)::
       <name>/
         config.toml          inputs, outputs (name, datatype, shape; -1 = any), batching,
                              version_policy, routing, quantize ("none" or "int8"),
-                             tokenizer, padding, device, precision, instances
+                             tokenizer, padding, device, precision, instances,
+                             compile ("none" or "aot")
         <version>/           a folder per version, named by an integer ("1", "2", ...)
           model.pt2          a torch.export program (loaded without unpickling code)
           tokenizer.json     with a [tokenizer] table: the Hugging Face tokenizer
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from worker import config_parsing as parse
 from worker.config_sections import (
+    COMPILE_MODES,
     DEFAULT_EXECUTION,
     DEVICE_PATTERN,
     EXTRA_INPUTS,
@@ -54,6 +56,7 @@ from worker.config_sections import (
 from worker.errors import ConfigError
 
 __all__ = [
+    "COMPILE_MODES",
     "CONFIG_FILE",
     "DEFAULT_EXECUTION",
     "DEVICE_PATTERN",
@@ -100,6 +103,8 @@ class ModelConfig:
     """None: the settings' default (``WORKER_MODELS__DEVICE``); likewise the next two."""
     precision: str | None = None
     instances: int | None = None
+    compile: str = "none"
+    """``"aot"``: the program is compiled with AOTInductor (:mod:`worker.compiling`)."""
 
     def execution(self, defaults: Execution) -> Execution:
         """Device, precision and instances: this config's, else ``defaults``."""
@@ -124,11 +129,17 @@ class ModelConfig:
             raise ConfigError(f"{path}: cannot read model config: {exc}") from exc
         known = {
             "inputs", "outputs", "batching", "version_policy", "routing", "quantize",
-            "tokenizer", "padding", "device", "precision", "instances",
+            "tokenizer", "padding", "device", "precision", "instances", "compile",
         }  # fmt: skip
         parse.only(raw, known, "section(s)", path)
         quantize = parse.choice(raw.get("quantize", "none"), QUANTIZE_MODES, "quantize", path)
         device, precision, instances = parse.execution_keys(raw, path)
+        compile_mode = parse.choice(raw.get("compile", "none"), COMPILE_MODES, "compile", path)
+        if compile_mode == "aot" and quantize == "int8":
+            raise ConfigError(
+                f'{path}: compile = "aot" cannot be combined with quantize = "int8" (the int8 '
+                "layers are not compiled); choose one"
+            )
         try:
             batching = parse.table(raw, "batching", path)
             max_batch_size, max_batch_delay_ms = parse.batching(batching, path)
@@ -149,6 +160,7 @@ class ModelConfig:
                 device=device,
                 precision=precision,
                 instances=instances,
+                compile=compile_mode,
             )
         except KeyError as exc:
             raise ConfigError(f"{path}: missing key {exc}") from exc

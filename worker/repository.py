@@ -162,6 +162,7 @@ def _load_model(folder: Path, previous: ServedModel | None, options: LoadOptions
             versions[version] = LoadedModel.load(
                 config, folder / version, allow_code=options.allow_code,
                 defaults=options.execution, warm_up=config.max_batch_size or options.warm_up,
+                compile_cache=options.compile_cache,
             )  # fmt: skip
     model = ServedModel(config, versions, artifacts)
     model.check_routing()
@@ -172,7 +173,8 @@ def _program_keys(config: ModelConfig) -> tuple[object, ...]:
     """What a loaded version depends on besides its files: a change reloads it."""
     return (
         config.inputs, config.outputs, config.quantize, config.tokenizer, config.extra_input,
-        config.device, config.precision,
+        config.device, config.precision, config.compile,
+        config.instances if config.compile == "aot" else None,  # a runner per instance
     )  # fmt: skip
 
 
@@ -187,6 +189,9 @@ class LoadOptions:
     warm_up: int = 32
     """On a GPU, > 0: each instance thread warms up before it serves, at its lane's batch size
     and token budget (:mod:`worker.warming`); 0: no warm-up."""
+    compile_cache: Path | None = None
+    """Where ``compile = "aot"`` keeps compiled packages (None:
+    :data:`worker.compiling.DEFAULT_CACHE`)."""
 
 
 class ModelRepository:
