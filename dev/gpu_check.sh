@@ -18,7 +18,10 @@
 #   heavy    the worker's Instances + run_batches vs plain predict (1/2/4 instances,
 #            fp32/fp16/bf16; int8 on the CPU only)   (worker/bench/inprocess.py);
 #   minilm   MiniLM through the worker's path vs SentenceTransformer.encode, same device;
-#   grpc     a worker with WORKER_KAFKA__ENABLED=false, closed loop over gRPC.
+#   grpc     a worker with WORKER_KAFKA__ENABLED=false, closed loop over gRPC;
+#   compile  eager vs compile = "aot" (AOTInductor) for mlp, MiniLM and heavy in fp16, through
+#            the worker's path (worker/bench/compiled.py; the first compile is in the figure's
+#            compile_seconds; a compile that fails is recorded and the leg measures eager).
 # Results: DIR/gpu-check.jsonl (one JSON line per stage and measurement, written as they
 # come) and DIR/gpu-check.log (every stage's output). DIR defaults to $OUT (the device
 # tool's folder), else gpu-check/. --dry-run: the same stages on the CPU with tiny sizes (the
@@ -133,6 +136,7 @@ stage heavy 100 "${BENCH[@]}" heavy || FAILED+=(heavy)
 stage minilm 120 "${BENCH[@]}" minilm || FAILED+=(minilm)
 stage grpc 60 "${BENCH[@]}" --log "$WORK/grpc-worker.log" grpc || FAILED+=(grpc)
 [ -f "$WORK/grpc-worker.log" ] && { echo "=== grpc worker's log" && cat "$WORK/grpc-worker.log"; } >>"$LOG"
+stage compile 150 "${BENCH[@]}" compile || FAILED+=(compile)
 
 note stage=done failed="${FAILED[*]:-}" dry_run=$DRY
 echo "gpu check done: $JSON, $LOG; failed: ${FAILED[*]:-none}"

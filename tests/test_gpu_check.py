@@ -32,7 +32,7 @@ def test_the_gpu_check_dry_run_passes_and_records_every_stage(tmp_path: Path) ->
     ended = {r["stage"]: r["status"] for r in records if "status" in r}
     assert ended == {
         "device": "ok", "pack": "skipped", "imports": "ok", "pytest": "failed",
-        "heavy": "ok", "minilm": "ok", "grpc": "ok",
+        "heavy": "ok", "minilm": "ok", "grpc": "ok", "compile": "ok",
     }  # fmt: skip
     assert any(r["stage"] == "pytest-failure" for r in records)
     heavy = [r for r in records if r["stage"] == "heavy" and "worker_rows_per_s" in r]
@@ -45,4 +45,9 @@ def test_the_gpu_check_dry_run_passes_and_records_every_stage(tmp_path: Path) ->
     [grpc] = [r for r in records if r["stage"] == "grpc" and "requests_per_s" in r]
     assert grpc["errors"] == 0
     assert grpc["responses"] == 200
+    compiled = [r for r in records if r["stage"] == "compile" and "worker_rows_per_s" in r]
+    assert {(r["model"], r["compile"], r["compiled"]) for r in compiled} == {
+        ("mlp", "none", False), ("mlp", "aot", True),
+    }  # fmt: skip
+    assert all(r["worker_rows_per_s"] > 0 for r in compiled)
     assert records[-1] == {"stage": "done", "failed": "", "dry_run": 1}

@@ -65,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
     parser.add_argument("--quantize", choices=["none", "int8"], default="none",
                         help="models' quantize key (int8: dynamic)")  # fmt: skip
+    parser.add_argument("--compile", choices=["none", "aot"], default="none",
+                        help="models' compile key (aot: AOTInductor; not with int8)")  # fmt: skip
     parser.add_argument("--sweep", default="", help="comma-separated max_batch_size values")
     parser.add_argument("--device", default="auto", help="the worker's models: auto, cpu, cuda[:N]")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
@@ -118,6 +120,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             repo = bench_repository(
                 Path(tmp) / label, max_batch_size=opts["max_batch_size"],
                 delay_ms=opts["max_batch_delay_ms"], quantize=opts["quantize"],
+                compile_mode=opts["compile"] if opts["quantize"] == "none" else "none",
             )  # fmt: skip
             kafka = bench_topics(settings.kafka, target)
             await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])

@@ -51,11 +51,13 @@ def bench_repository(
     delay_ms: float,
     quantize: str = "none",
     only: str | None = None,
+    compile_mode: str = "none",
 ) -> Path:
     """Write a model repository: ``digits`` (copied), ``mlp`` and the compute-heavy ``heavy``.
 
     ``quantize="int8"`` sets both models' ``quantize`` key (int8 dynamic quantisation).
-    ``only``: that model alone (a worker serving it starts sooner).
+    ``only``: that model alone (a worker serving it starts sooner). ``compile_mode``: every
+    model's ``compile`` key (``"aot"``: compiled with AOTInductor, :mod:`worker.compiling`).
     """
     import torch  # noqa: PLC0415 - torch is only needed when the tool builds models
 
@@ -67,10 +69,14 @@ def bench_repository(
     if "minilm" in wanted and (PROJECT_MODELS / "minilm" / "1" / "model.pt2").is_file():
         shutil.copytree(PROJECT_MODELS / "minilm", repo / "minilm")
         config = repo / "minilm" / "config.toml"
-        text = config.read_text()
+        lines = config.read_text().splitlines(keepends=True)
+        # its own compile key (if any) gives way to compile_mode
+        text = "".join(line for line in lines if not line.startswith("compile"))
         tokens = text[text.index("max_batch_tokens") :]
-        config.write_text(text[: text.index("[batching]")] + batching + tokens)
-    top = f'quantize = "{quantize}"\n\n'
+        config.write_text(
+            f'compile = "{compile_mode}"\n' + text[: text.index("[batching]")] + batching + tokens
+        )
+    top = f'quantize = "{quantize}"\ncompile = "{compile_mode}"\n\n'
     if "digits" in wanted:
         shutil.copytree(PROJECT_MODELS / "digits", repo / "digits",
                         ignore=shutil.ignore_patterns("*.py", "*.json", "*.npz"))  # fmt: skip
