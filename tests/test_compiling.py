@@ -8,6 +8,7 @@ the compiler to fail or to lie.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +297,45 @@ def test_the_cache_is_pruned_least_recently_used_first(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "kept.aoti.pt2", "new.aoti.pt2", "other.bin",
     ]  # fmt: skip
+
+
+def test_an_unwritable_cache_compiles_without_keeping_the_package(
+    compiled: tuple[Path, Path, LoadedModel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache folder that cannot be made: compiled in a temporary folder, served, not kept."""
+    repo, _, _ = compiled
+    written: list[Path] = []
+
+    def compile_to_file(program: object, *, package_path: str, **_: Any) -> str:
+        written.append(Path(package_path))
+        Path(package_path).write_bytes(b"pretend")
+        return package_path
+
+    def eager_runner(path: str, **_: Any) -> Any:
+        return torch.export.load(repo / "tiny" / "1" / "model.pt2").module()
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_to_file)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", eager_runner)
+    (tmp_path / "a-file").write_text("")
+    with capture_logs() as logs:
+        model = load(repo, tmp_path / "a-file" / "cache")
+    assert model.compilation is not None
+    assert model.compilation.compiled
+    assert model.compilation.package is None
+    assert any(e["event"].startswith("compile cache not writable") for e in logs)
+    assert len(written) == 1
+    assert not written[0].exists()
+    assert not written[0].parent.exists()
+
+
+def test_a_dead_compile_leftover_is_pruned_and_a_live_one_kept(tmp_path: Path) -> None:
+    """Temporary compile folders older than an hour are deleted; a recent one is not."""
+    dead, live = tmp_path / f"{compiling.PARTIAL}dead", tmp_path / f"{compiling.PARTIAL}live"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / f"x{compiling.SUFFIX}").write_bytes(b"half")
+    old = time.time() - compiling.STALE_PARTIAL_S - 60
+    os.utime(dead, (old, old))
+    compiling.prune(tmp_path, keep=tmp_path / "none")
+    assert not dead.exists()
+    assert live.exists()

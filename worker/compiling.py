@@ -17,6 +17,8 @@ model's length) kept dynamic, and serves it through ``aoti_load_package``.
   gets a new key. The folder is bounded: after a package is written, the least recently used
   ones are deleted until the rest fit in :data:`MAX_CACHE_BYTES`. Packages are written to a
   temporary name and renamed, so concurrent workers sharing the folder never read half of one.
+  A cache that cannot be written (a read-only home) is read, but a new compile is then
+  loaded from a temporary folder and not kept (a warning says so).
 - **Failure never stops serving:** no compiler, a program Inductor cannot compile, a package
   that does not load, or outputs that differ from eager on the load-time check: the version
   serves eagerly, and the reason is logged (``compile failed; serving eager``) and kept in
@@ -34,6 +36,8 @@ import contextlib
 import hashlib
 import os
 import platform
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +53,8 @@ __all__ = [
     "CACHE_FORMAT",
     "DEFAULT_CACHE",
     "MAX_CACHE_BYTES",
+    "PARTIAL",
+    "STALE_PARTIAL_S",
     "SUFFIX",
     "Compilation",
     "cache_key",
@@ -67,6 +73,11 @@ DEFAULT_CACHE = Path.home() / ".cache" / "kafka-inference-worker" / "compiled"
 MAX_CACHE_BYTES = 4 * 1024**3
 """The cache folder is pruned (least recently used first) to this many bytes of packages."""
 SUFFIX = ".aoti.pt2"
+"""The end of a package's file name in the cache."""
+PARTIAL = ".compiling-"
+"""The start of a compile's temporary folder in the cache (renamed out of when done)."""
+STALE_PARTIAL_S = 3600.0
+"""A temporary folder older than this is a dead process's: pruned."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,40 +221,66 @@ def compile_aot(
 
     try:
         key = cache_key(model_file, device, precision)
-        package = cache / f"{label}-{key[:32]}{SUFFIX}"
+        name = f"{label}-{key[:32]}{SUFFIX}"
+        package = cache / name
         index = device.index if device.type == "cuda" and device.index is not None else -1
         if package.is_file():
             try:
                 runner = aoti_load_package(str(package), device_index=index, num_runners=runners)
-                os.utime(package)  # recently used: pruned last
-                return runner, Compilation(compiled=True, cached=True, package=package)
             except Exception as exc:  # noqa: BLE001 - a damaged package is compiled again
                 log.warning("compiled package unreadable; compiling again", package=str(package),
                             error=repr(exc))  # fmt: skip
-                package.unlink(missing_ok=True)
-        cache.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(OSError):
+                    package.unlink()
+            else:
+                with contextlib.suppress(OSError):  # a read-only (pre-filled) cache is fine
+                    os.utime(package)  # recently used: pruned last
+                return runner, Compilation(compiled=True, cached=True, package=package)
+        keep = _writable(cache)
         began = time.monotonic()
-        partial = cache / f".{label}-{key[:32]}.{os.getpid()}.{time.monotonic_ns()}.tmp.pt2"
-        try:
+        with tempfile.TemporaryDirectory(prefix=PARTIAL, dir=cache if keep else None) as tmp:
+            partial = Path(tmp) / name  # renamed into place once whole
             with torch.no_grad():
                 aoti_compile_and_package(program(), package_path=str(partial))
-            partial.replace(package)
-        finally:
-            partial.unlink(missing_ok=True)
-        seconds = time.monotonic() - began
-        runner = aoti_load_package(str(package), device_index=index, num_runners=runners)
-        prune(cache, keep=package)
-        return runner, Compilation(compiled=True, seconds=seconds, package=package)
+            seconds = time.monotonic() - began
+            if keep:
+                partial.replace(package)
+            loaded = package if keep else partial
+            runner = aoti_load_package(str(loaded), device_index=index, num_runners=runners)
+        if keep:
+            prune(cache, keep=package)
+        return runner, Compilation(
+            compiled=True, seconds=seconds, package=package if keep else None
+        )
     except Exception as exc:  # noqa: BLE001 - never stop serving: eager instead
         log.warning("compile failed; serving eager", version=label, error=repr(exc)[:2000])
         return None, Compilation(compiled=False, error=f"{type(exc).__name__}: {exc}"[:2000])
+
+
+def _writable(cache: Path) -> bool:
+    """True if packages can be kept in ``cache`` (made if missing); else a warning says so."""
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if os.access(cache, os.W_OK):
+            return True
+    except OSError:
+        pass
+    log.warning("compile cache not writable; compiling without keeping the package",
+                cache=str(cache))  # fmt: skip
+    return False
 
 
 def prune(cache: Path, *, keep: Path, limit: int = MAX_CACHE_BYTES) -> list[Path]:
     """Delete the least recently used packages until the rest fit in ``limit`` bytes.
 
     ``keep`` (the package just written) stays whatever its size. Returns what was deleted.
+    Unfinished compiles' folders older than :data:`STALE_PARTIAL_S` (a process that died
+    compiling) are deleted too.
     """
+    for folder in cache.glob(f"{PARTIAL}*"):
+        with contextlib.suppress(OSError):
+            if time.time() - folder.stat().st_mtime > STALE_PARTIAL_S:
+                shutil.rmtree(folder, ignore_errors=True)
     entries = []
     for path in cache.glob(f"*{SUFFIX}"):
         with contextlib.suppress(OSError):
