@@ -136,7 +136,9 @@ stage heavy 100 "${BENCH[@]}" heavy || FAILED+=(heavy)
 stage minilm 120 "${BENCH[@]}" minilm || FAILED+=(minilm)
 stage grpc 60 "${BENCH[@]}" --log "$WORK/grpc-worker.log" grpc || FAILED+=(grpc)
 [ -f "$WORK/grpc-worker.log" ] && { echo "=== grpc worker's log" && cat "$WORK/grpc-worker.log"; } >>"$LOG"
-stage compile 150 "${BENCH[@]}" compile || FAILED+=(compile)
+COMPILED=("$PY" -m worker.bench.compiled --out "$JSON" --device "$DEVICE" "${DRYFLAG[@]}")
+((DRY)) && COMPILED+=(--threads 1)
+stage compile 150 "${COMPILED[@]}" || FAILED+=(compile)
 
 note stage=done failed="${FAILED[*]:-}" dry_run=$DRY
 echo "gpu check done: $JSON, $LOG; failed: ${FAILED[*]:-none}"

@@ -1,6 +1,6 @@
-"""The ``compile`` stage of the in-process benchmark: eager against ``compile = "aot"``.
+"""The in-process benchmark's ``compile`` stage: eager against ``compile = "aot"``.
 
-``python -m worker.bench.inprocess compile --out FILE`` (and ``dev/gpu_check.sh``): the same
+``python -m worker.bench.compiled --out FILE`` (``dev/gpu_check.sh``'s last stage): the same
 program loaded twice as the worker loads it, once eager and once compiled with AOTInductor
 (:mod:`worker.compiling`; the package comes from the compile cache when it is there), then
 measured in turns (eager, aot, eager, aot ...) in one process:
@@ -14,10 +14,13 @@ measured in turns (eager, aot, eager, aot ...) in one process:
   eager's over the whole corpus (the issue's bar: >= 0.9999).
 
 Each measurement is one JSON line, with the compile's outcome (compiled, cached, seconds).
+``--dry-run``: the CPU, the MLP alone, tiny sizes (as :mod:`worker.bench.inprocess`'s).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import tempfile
 import time
 from collections.abc import Sequence
@@ -26,13 +29,14 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from worker.bench.inprocess import emit, instances, load, through_worker, worker_throughput
 from worker.bench.load import bench_texts
 from worker.bench.targets import bench_repository
 from worker.model import LoadedModel
 
-__all__ = ["compile_stage", "outcome"]
+__all__ = ["compile_stage", "main", "outcome"]
 
 MODES = ("none", "aot")
 
@@ -134,3 +138,36 @@ async def compile_stage(
                     out, Path(tmp), model=model, device=device, precision=precision,
                     batches=batches, threads=threads, seconds=seconds, rounds=rounds,
                 )  # fmt: skip
+
+
+def main() -> None:
+    """``python -m worker.bench.compiled --out FILE [--dry-run] [--models mlp,minilm] ...``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="JSON lines appended here")
+    parser.add_argument("--dry-run", action="store_true", help="the CPU, the MLP, tiny sizes")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--models", default="", help="default mlp,minilm,heavy")
+    parser.add_argument("--batches", default="", help="rows per batch, default 1,64")
+    parser.add_argument("--rounds", type=int, default=1, help="eager/aot turns")
+    parser.add_argument("--precision", default="fp16", help="on a GPU (the CPU: fp32)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per MLP leg")
+    parser.add_argument("--texts", type=int, default=2000, help="MiniLM: corpus paragraphs")
+    args = parser.parse_args()
+    dry = args.dry_run
+    device = "cpu" if dry else args.device
+    models = [m for m in args.models.split(",") if m] or (
+        ["mlp"] if dry else ["mlp", "minilm", "heavy"]
+    )
+    batches = [int(b) for b in args.batches.split(",") if b] or ([16] if dry else [1, 64])
+    work = compile_stage(
+        args.out, models=models, device=device,
+        precision="fp32" if device == "cpu" else args.precision, batches=batches,
+        threads=args.threads, seconds=0.3 if dry else args.seconds,
+        texts=24 if dry else args.texts, text_batch=8 if dry else 64, rounds=args.rounds,
+    )  # fmt: skip
+    asyncio.run(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,9 +17,9 @@ that matter on a GPU are taken in one process, each stage its own command
   embeddings' lowest cosine;
 - ``grpc``: a worker process (``python -m worker serve``) with Kafka disabled
   (``WORKER_KAFKA__ENABLED=false``), driven over gRPC (:mod:`worker.bench.endpoints`).
-- ``compile``: eager against ``compile = "aot"`` (AOTInductor) on the same programs, through
-  the same path (:mod:`worker.bench.compiled`); ``--models``, ``--batches``, ``--rounds``,
-  ``--precision``, ``--seconds`` and ``--texts`` size it.
+
+Eager against ``compile = "aot"`` on the same path is :mod:`worker.bench.compiled`
+(``python -m worker.bench.compiled``), built on these stages' helpers.
 
 ``--dry-run`` runs the same code on the CPU with tiny sizes (the MLP instead of the heavy
 model, a few texts), so that the script is known to work before a GPU is lent.
@@ -281,18 +281,12 @@ def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 def main() -> None:
     """``python -m worker.bench.inprocess {heavy,minilm,grpc} --out FILE [--dry-run]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["heavy", "minilm", "grpc", "compile"])
+    parser.add_argument("stage", choices=["heavy", "minilm", "grpc"])
     parser.add_argument("--out", type=Path, required=True, help="JSON lines appended here")
     parser.add_argument("--dry-run", action="store_true", help="the CPU, tiny sizes")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--log", type=Path, default=Path("inprocess-worker.log"))
-    parser.add_argument("--models", type=_csv(str), help="compile: default mlp,minilm,heavy")
-    parser.add_argument("--batches", type=_csv(int), help="compile: default 1,64")
-    parser.add_argument("--rounds", type=int, default=1, help="compile: eager/aot turns")
-    parser.add_argument("--precision", default="fp16", help="compile: on the GPU (CPU: fp32)")
-    parser.add_argument("--seconds", type=float, default=2.0, help="compile: per MLP leg")
-    parser.add_argument("--texts", type=int, default=2000, help="compile: MiniLM corpus size")
     args = parser.parse_args()
     dry = args.dry_run
     device = "cpu" if dry else args.device
@@ -307,16 +301,6 @@ def main() -> None:
         work = minilm_stage(
             args.out, device=device, precisions=["fp32"] if dry else precisions,
             count=24 if dry else 2000, batch=8 if dry else 64, threads=args.threads,
-        )  # fmt: skip
-    elif args.stage == "compile":
-        from worker.bench.compiled import compile_stage  # noqa: PLC0415 - it imports this
-
-        work = compile_stage(
-            args.out, models=args.models or (["mlp"] if dry else ["mlp", "minilm", "heavy"]),
-            device=device, precision="fp32" if device == "cpu" else args.precision,
-            batches=args.batches or ([16] if dry else [1, 64]), threads=args.threads,
-            seconds=0.3 if dry else args.seconds, texts=24 if dry else args.texts,
-            text_batch=8 if dry else 64, rounds=args.rounds,
         )  # fmt: skip
     else:
         work = grpc_stage(
