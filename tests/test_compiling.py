@@ -114,11 +114,12 @@ def test_compile_defaults_to_none_and_takes_its_values(tmp_path: Path) -> None:
 def test_aot_gives_eager_outputs_at_any_batch_size(
     compiled: tuple[Path, Path, LoadedModel], tmp_path: Path
 ) -> None:
-    """The compiled version runs natively (not the module) and matches eager at 1, 5, 64 rows."""
+    """Compiled: runs natively, keeps no eager weights, and matches eager at 1, 5, 64 rows."""
     repo, _, model = compiled
     assert model.compilation is not None
     assert model.compilation.compiled, model.compilation.error
     assert not isinstance(model._runner, torch.nn.Module)
+    assert not list(model._module.parameters())  # eager's weights are not kept beside it
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "config.toml").write_text(CONFIG.replace('"aot"', '"none"'))
     (tmp_path / "tiny" / "1").symlink_to(repo / "tiny" / "1")

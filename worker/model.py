@@ -171,6 +171,8 @@ class LoadedModel:
                 runners=execution.instances + 1, cache=compile_cache or DEFAULT_CACHE,
                 label=f"{model.name}-{model.version}", check=partial(_disagreement, model, outputs),
             )  # fmt: skip
+            if model.compilation.compiled:  # the package holds its own weights: drop eager's
+                model._module = torch.nn.Module()
         model.warms_up = device.type == "cuda" and warm_up > 0  # in each instance's thread
         return model
 
