@@ -340,3 +340,19 @@ def test_a_dead_compile_leftover_is_pruned_and_a_live_one_kept(tmp_path: Path) -
     compiling.prune(tmp_path, keep=tmp_path / "none")
     assert not dead.exists()
     assert live.exists()
+
+
+def test_a_package_is_found_again_under_other_torch_threads(
+    compiled: tuple[Path, Path, LoadedModel], no_compiler: list[str]
+) -> None:
+    """Loading with another torch thread count (start-up vs reload) still hits the cache."""
+    repo, cache, _ = compiled
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        model = load(repo, cache)
+    finally:
+        torch.set_num_threads(threads)
+    assert model.compilation is not None
+    assert model.compilation.cached
+    assert no_compiler == []

@@ -12,7 +12,9 @@ model's length) kept dynamic, and serves it through ``aoti_load_package``.
 - **Cache:** compiling takes seconds to minutes (MiniLM: about 30 s on 2 cores), so packages
   are kept in a cache folder (:data:`DEFAULT_CACHE`, or ``LoadOptions.compile_cache``), named
   by a sha256 of the ``model.pt2`` bytes, the torch version, the device (a GPU's name and
-  capability), the precision and the compiling thread's torch threads (:func:`cache_key`).
+  capability) and the precision (:func:`cache_key`). Not the torch threads: Inductor's CPU
+  code reads the thread count when it runs (OpenMP), so a package serves any count (at
+  start-up a version loads with torch's default threads, at a reload with the worker's).
   A second load of the same program loads the package (no compile); a changed ``model.pt2``
   gets a new key. The folder is bounded: after a package is written, the least recently used
   ones are deleted until the rest fit in :data:`MAX_CACHE_BYTES`. Packages are written to a
@@ -108,7 +110,7 @@ def cache_key(model_file: Path, device: torch.device, precision: str) -> str:
             digest.update(chunk)
     parts = [
         f"format={CACHE_FORMAT}", f"torch={torch.__version__}", f"machine={platform.machine()}",
-        f"device={device.type}", f"precision={precision}", f"threads={torch.get_num_threads()}",
+        f"device={device.type}", f"precision={precision}",
     ]  # fmt: skip
     if device.type == "cuda":
         parts += [
