@@ -49,6 +49,25 @@ async def test_topic_cache_fetches_at_most_once_per_interval() -> None:
     assert calls == 2
 
 
+async def test_topic_cache_callers_at_once_share_one_fetch() -> None:
+    """Callers asking while a fetch runs wait for it: none is told 'unknown' meanwhile."""
+    release = asyncio.Event()
+    calls = 0
+
+    async def fetch() -> set[str]:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return {"a"}
+
+    cache = TopicCache(fetch, refresh_s=5.0, clock=lambda: 0.0)
+    asking = [asyncio.create_task(cache.exists("a")) for _ in range(3)]
+    await asyncio.sleep(0)  # let them all ask (no condition to wait for: the fetch is held)
+    release.set()
+    assert await asyncio.gather(*asking) == [True, True, True]
+    assert calls == 1
+
+
 async def test_topic_cache_survives_a_failing_fetch() -> None:
     """A metadata fetch that raises a Kafka error answers 'unknown' and retries later."""
     now = 0.0
