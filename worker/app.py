@@ -32,6 +32,7 @@ from worker.direct import Direct
 from worker.errors import DeviceLostError, DrainTimeoutError
 from worker.formats import PLAIN, Codecs
 from worker.grpc_api import serve_grpc
+from worker.handover import Handover
 from worker.http import Probes, serve_http
 from worker.inflight import InFlight
 from worker.intake import Intake
@@ -47,6 +48,7 @@ from worker.rest import V2Api, serve_rest, server_version
 from worker.schema_registry import SchemaRegistry
 from worker.settings import Settings
 from worker.supervision import Supervisor
+from worker.transactions import Transactions
 
 __all__ = ["Worker"]
 
@@ -192,7 +194,7 @@ class Worker:
                     await self._intake.commit()
         return False
 
-    async def _connect(self, stack: contextlib.AsyncExitStack) -> Replier:
+    async def _connect(self, stack: contextlib.AsyncExitStack) -> Replier | Transactions:
         """Kafka: topics, the schema registry (if any), the producer, the group consumer."""
         settings, kafka = self.settings, self.settings.kafka
         await ensure_topics(kafka, settings.topics())
@@ -207,11 +209,19 @@ class Worker:
         producer = make_producer(kafka)
         stack.push_async_callback(producer.stop)  # before start: closed even if it fails
         await producer.start()
+        replier: Replier | Transactions = self._make_replier(producer)
+        if kafka.delivery == "exactly_once":
+            assert isinstance(replier, Replier)
+            replier = Transactions.for_settings(
+                self.settings, self._intake.tracker, replier, self._acknowledged,
+                destinations=self._destinations, metrics=self.metrics,
+            )  # fmt: skip
+            self._intake.handover = Handover(replier)
         await stack.enter_async_context(self._intake.running())
-        return self._make_replier(producer)
+        return replier
 
     async def _serve(
-        self, group: asyncio.TaskGroup, pipeline: Pipeline, replier: Replier | None
+        self, group: asyncio.TaskGroup, pipeline: Pipeline, replier: Replier | Transactions | None
     ) -> None:
         """Fetch and serve until stopped, then drain: answer, publish, commit (bounded)."""
         intake, supervisor = self._intake, self._supervisor

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 __all__ = ["Inbox"]
@@ -28,6 +28,10 @@ class Inbox(Generic[T]):
         """Items waiting."""
         return len(self._items)
 
+    def __iter__(self) -> Iterator[T]:
+        """The items waiting, in order (they stay queued)."""
+        return iter(self._items)
+
     def extend(self, items: Iterable[T]) -> None:
         """Queue items (in order)."""
         self._items.extend(items)
@@ -39,6 +43,11 @@ class Inbox(Generic[T]):
         if out:
             self._items = deque(item for item in self._items if not unwanted(item))
         return out
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
 
     def close(self) -> None:
         """No more items will come: :meth:`take_all` returns ``[]`` once the queue is empty."""

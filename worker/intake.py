@@ -3,14 +3,14 @@
 :class:`Intake` owns the group consumer, the :class:`~worker.offsets.OffsetTracker` and the
 assignment. It fetches records, tracks each, and hands it on as a
 :class:`~worker.origins.Record` to the pipeline (:meth:`~worker.pipeline.Pipeline.dispatch`);
-the replier marks records done
-once their replies are acknowledged, and the commit loop commits, per partition, the lowest
-offset not yet answered. At the in-flight bound (records and calls together:
-:class:`~worker.inflight.InFlight`) it pauses its partitions (no background buffering either)
-until answers catch up.
+the replier marks records done once their replies are acknowledged, and the commit loop
+commits, per partition, the lowest offset not yet answered (exactly-once: the owner of
+:mod:`worker.handover` commits it in its transactions). At the in-flight bound (records and
+calls together: :class:`~worker.inflight.InFlight`) it pauses its partitions (no background
+buffering either) until answers catch up.
 
-On a rebalance (eager: every partition is revoked first), it waits, bounded by the shutdown
-timeout, for the revoked partitions' requests to be answered, commits them, and forgets them.
+On a rebalance (eager: every partition is revoked first), it abandons queued requests, waits
+(bounded) for running ones to be answered, commits, and forgets the partitions.
 """
 
 from __future__ import annotations
@@ -26,23 +26,23 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from worker.errors import FencedError
+from worker.errors import WorkerError
+from worker.handover import Handover
 from worker.headers import Headers
 from worker.inflight import InFlight
 from worker.kafka import is_fenced, make_consumer
+from worker.membership import MemberIds
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker
 from worker.origins import Record
 from worker.progress import Progress
 from worker.settings import KafkaSettings, RuntimeSettings
-from worker.unparseable import rewind, step_past
+from worker.unparseable import recover
 
-__all__ = ["FENCED_AFTER_CHANGES", "FETCH_RETRY_S", "Dispatcher", "Intake"]
+__all__ = ["FETCH_RETRY_S", "Dispatcher", "Intake"]
 
 FETCH_RETRY_S = 0.5
 """Pause after a failed fetch before the next one."""
-FENCED_AFTER_CHANGES = 3
-"""A static member whose member id changes this often within two session timeouts has a twin."""
 
 log = structlog.get_logger(__name__)
 
@@ -81,17 +81,18 @@ class Intake:
         self.consumer: AIOKafkaConsumer
         """The group consumer; made by :meth:`running` (aiokafka needs the running loop)."""
         self.assigned: set[TopicPartition] = set()
+        """Partitions assigned now."""
         self.epoch = 0
         """Counts rebalance callbacks: positions saved before a change of it are stale."""
-        self.fenced = False
-        """A static member kept being put out of its group (see :meth:`_note_member_id`)."""
-        self._member_id: str | None = None
-        self._member_changes: list[float] = []
+        self._members = MemberIds(kafka)
+        """Static membership: does a twin keep fencing this worker (:mod:`worker.membership`)."""
         self._dispatcher: Dispatcher | None = None
         """Where records go; set while :meth:`consume` runs (a rebalance abandons to it)."""
-        """Partitions assigned now."""
         self.joined = False
         """True once the consumer has joined its group and received an assignment."""
+        self.handover: Handover | None = None
+        """Exactly-once: partitions are taken up through the owner of their transactions, which
+        also commits their offsets (:mod:`worker.handover`; none: :meth:`commit` does)."""
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Intake]:
@@ -103,7 +104,7 @@ class Intake:
                 await self.consumer.start()
             except KafkaError as exc:
                 if is_fenced(exc):
-                    raise self._fenced() from exc
+                    raise self._members.error() from exc
                 raise
             yield self
         finally:
@@ -130,8 +131,7 @@ class Intake:
         max_records = self._kafka.fetch_max_records
         paused = False
         while not stopping.is_set():
-            if self.fenced:
-                raise self._fenced()
+            self._check()
             room = self._in_flight.room()
             if room <= 0:
                 if not paused:
@@ -152,18 +152,16 @@ class Intake:
                 fetched = await consumer.getmany(timeout_ms=100, max_records=min(room, max_records))
             except KafkaError as exc:  # transient (a rebalance, a reset); the watchdog bounds it
                 if is_fenced(exc):
-                    raise self._fenced() from exc
+                    raise self._members.error() from exc
                 self._metrics.fetch_errors.inc()
                 log.warning("fetch failed; retrying", error=repr(exc)[:500])
                 await asyncio.sleep(FETCH_RETRY_S)
                 continue
             except Exception as exc:  # noqa: BLE001 - a record the client cannot parse
                 self._metrics.fetch_errors.inc()
-                # After a rebalance the saved positions are stale (the partitions may have
-                # come back, to be read from their commits): rewind to the commits then.
-                await rewind(consumer, before if self.epoch == epoch else {})
-                await step_past(
-                    consumer, exc, fetch_max_records=max_records,
+                await recover(
+                    consumer, exc, before if self.epoch == epoch else {},
+                    fetch_max_records=max_records,
                     hand_on=partial(self._hand_on, pipeline=pipeline),
                     skipped=partial(self._skipped, pipeline),
                     moved=partial(self._moved_since, self.epoch),
@@ -177,23 +175,40 @@ class Intake:
             for tp, records in fetched.items():
                 self._hand_on(tp, records, pipeline)
 
+    def _check(self) -> None:
+        """Raise what makes going on impossible: a twin's fencing, a failed take-up."""
+        if self._members.fenced:
+            raise self._members.error()
+        failure = self.handover.failure if self.handover is not None else None
+        if failure is not None:
+            raise WorkerError(
+                f"assigned partitions could not be taken up: {failure!r}"
+            ) from failure
+
     def _hand_on(self, tp: TopicPartition, records: Sequence[Any], pipeline: Dispatcher) -> None:
         """Track fetched records and hand each on as a :class:`~worker.origins.Record`."""
         for r in records:
+            if not self._fresh(tp, r.offset):
+                continue
             self.tracker.track(tp, r.offset)
             generation = self.tracker.generation(tp)
             pipeline.dispatch(
                 Record(tp, r.offset, r.key, r.value, r.headers, r.timestamp, generation)
             )
 
-    def _moved_since(self, epoch: int) -> bool:
-        """A rebalance happened since ``epoch`` was read."""
+    def _fresh(self, tp: TopicPartition, offset: int) -> bool:
+        """Serve this record? Always, but exactly-once serves each once (:mod:`worker.handover`)."""
+        return self.handover is None or self.handover.fresh(tp, offset)
+
+    def _moved_since(self, epoch: int) -> bool:  # a rebalance since ``epoch`` was read
         return self.epoch != epoch
 
     def _skipped(
         self, pipeline: Dispatcher, tp: TopicPartition, offset: int, error: Exception
     ) -> None:
         """An offset stepped past unparsed: tracked, and its place dead-lettered."""
+        if not self._fresh(tp, offset):
+            return
         self.tracker.track(tp, offset)
         generation = self.tracker.generation(tp)
         pipeline.unparseable(Record(tp, offset, None, None, [], 0, generation), error)
@@ -206,7 +221,12 @@ class Intake:
             await self.commit()
 
     async def commit(self, partitions: Sequence[TopicPartition] | None = None) -> None:
-        """Commit the lowest unanswered offset of each (given) assigned partition that moved."""
+        """Commit the lowest unanswered offset of each (given) assigned partition that moved.
+
+        Exactly-once: nothing to do, offsets are committed in the owner's transactions.
+        """
+        if self.handover is not None:
+            return
         assigned = self.consumer.assignment()
         positions = {
             tp: pos for tp, pos in self.tracker.committable(partitions).items() if tp in assigned
@@ -237,14 +257,17 @@ class Intake:
         dispatcher = self._dispatcher
         abandoned = dispatcher.abandon(revoked) if dispatcher is not None else 0
         deadline = started + self.revoke_timeout_s()
-        while self.tracker.unfinished_in(revoked) > abandoned and time.monotonic() < deadline:
+        while self._running_in(revoked, abandoned) > 0 and time.monotonic() < deadline:
             await self._progress.wait(0.05)
-        left = self.tracker.unfinished_in(revoked) - abandoned
+        left = self._running_in(revoked, abandoned)
         if left > 0:
             log.warning(
                 "partitions revoked with requests still running; they will be served again",
                 running=left,
             )
+        if self.handover is not None:
+            await self.handover.owner.relinquish(revoked, deadline - time.monotonic())
+            self.handover.forget(revoked)
         await self.commit(sorted(revoked))
         self.tracker.forget(revoked)
         self.assigned -= revoked
@@ -256,42 +279,25 @@ class Intake:
             seconds=round(time.monotonic() - started, 3),
         )
 
-    def _note_member_id(self) -> None:
-        """A static member given new member ids again and again is being fenced by a twin.
+    def _running_in(self, revoked: set[TopicPartition], abandoned: int) -> int:
+        """Records of revoked partitions neither answered (handed to the owner) nor abandoned."""
+        running = self.tracker.unfinished_in(revoked) - abandoned
+        if self.handover is not None:
+            running -= self.handover.owner.buffered(revoked)
+        return running
 
-        The broker answers a fenced static member's heartbeats and commits UNKNOWN_MEMBER_ID
-        (aiokafka's requests carry no instance id), and aiokafka rejoins under the same id,
-        fencing the other in turn: the two take the group from each other forever. Within one
-        process a static member's id changes only when it was put out of the group, so three
-        changes within two session timeouts mean a twin (or a session that keeps expiring).
-        """
-        if self._kafka.group_instance_id is None:
-            return
-        coordinator = getattr(self.consumer, "_coordinator", None)  # aiokafka 0.14's own
-        member_id = getattr(coordinator, "member_id", None)
-        if not isinstance(member_id, str) or member_id == self._member_id:
-            return
-        now = time.monotonic()
-        if self._member_id is not None:
-            window = 2 * self._kafka.session_timeout_ms / 1000
-            self._member_changes = [t for t in self._member_changes if now - t < window]
-            self._member_changes.append(now)
-            if len(self._member_changes) >= FENCED_AFTER_CHANGES:
-                self.fenced = True
-        self._member_id = member_id
-
-    def _fenced(self) -> FencedError:
-        kafka = self._kafka
-        return FencedError(
-            f"another worker joined group {kafka.group_id!r} with this worker's "
-            f"WORKER_KAFKA__GROUP_INSTANCE_ID={kafka.group_instance_id!r}; each worker needs "
-            "its own (static membership)"
-        )
-
-    def receive(self, assigned: set[TopicPartition]) -> None:
-        """A rebalance ended with this assignment (eager: it adds to nothing held)."""
+    async def receive(self, assigned: set[TopicPartition]) -> None:
+        """A rebalance ended with this assignment (exactly-once: :mod:`worker.handover`)."""
         self.epoch += 1
-        self._note_member_id()
+        self._members.note(self.consumer, time.monotonic())
+        if self.handover is not None and assigned:
+            try:
+                positions = await self.handover.take_up(self.consumer, assigned)
+            except Exception as exc:  # raised by consume, not lost in aiokafka's callback
+                log.exception("assigned partitions could not be taken up")
+                self.handover.failure = exc
+                return
+            self.handover.start(self.consumer, positions)
         self.assigned |= assigned
         self.joined = True
         self._metrics.rebalances.inc()
@@ -315,7 +321,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._intake.release(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._intake.receive(set(assigned))
+        await self._intake.receive(set(assigned))
 
 
 def _fmt(positions: dict[TopicPartition, int]) -> dict[str, int]:

@@ -64,6 +64,18 @@ class KafkaSettings(BaseModel):
     request_timeout_ms: int = Field(default=30_000, ge=1)
     fetch_max_records: int = Field(default=500, ge=1)
     """Most records taken from the consumer in one fetch round."""
+    delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    """``exactly_once``: each assigned partition of the requests topic has a transactional
+    producer; the replies, dead-letter copies and audit records of its answered records and the
+    partition's next offset are committed in one transaction, so a ``read_committed`` reader sees
+    each reply once, whatever crashes and rebalances happen (docs/delivery.md)."""
+    transaction_interval_ms: int = Field(default=100, ge=0, le=60_000)
+    """Exactly-once: a partition's transaction collects answers for at least this long (from the
+    start of its previous one) before it commits; longer: fewer, larger transactions and later
+    visible replies."""
+    transaction_timeout_ms: int = Field(default=60_000, ge=1_000, le=900_000)
+    """Exactly-once: the broker aborts a transaction left open this long (a worker that died
+    mid-transaction); at most the broker's ``transaction.max.timeout.ms`` (15 min by default)."""
     linger_ms: int = Field(default=0, ge=0)
     """How long the producer waits to fill a batch; 0: replies are batched by the worker."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"

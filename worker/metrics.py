@@ -159,6 +159,18 @@ class Metrics:
             "Requests of revoked partitions left unanswered for their partitions' next owner",
             registry=r,
         )
+        self.transactions = Counter(
+            "inference_transactions",
+            "Exactly-once delivery: transactions by result (committed, aborted)",
+            ["result"],
+            registry=r,
+        )
+        self.transaction_time = Histogram(
+            "inference_transaction_seconds",
+            "Exactly-once delivery: from a transaction's start to its commit",
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.reloads = Counter(
             "inference_model_reloads",
             "Model repository reloads, by result",

@@ -12,7 +12,7 @@ replies of a partition finish out of order. Pure bookkeeping: no Kafka, no async
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Container, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -107,6 +107,26 @@ class OffsetTracker(Generic[P]):
         while part.outstanding and part.outstanding[0] in part.finished:
             part.finished.discard(part.outstanding.popleft())
             self._pending -= 1
+
+    def prefix(self, partition: P, answered: Container[int]) -> tuple[list[int], int] | None:
+        """The oldest unfinished records of a partition, as far as all are ``answered``.
+
+        Returns their offsets in order and the commit position just past them (the next
+        unfinished record, or one past the last tracked); None when the oldest unfinished
+        record is not answered (or the partition is not tracked). Exactly-once delivery commits
+        exactly such a prefix with its replies, so no reply beyond the commit becomes visible.
+        """
+        part = self._partitions.get(partition)
+        if part is None:
+            return None
+        offsets: list[int] = []
+        for offset in part.outstanding:
+            if offset in part.finished:
+                continue
+            if offset not in answered:
+                return (offsets, offset) if offsets else None
+            offsets.append(offset)
+        return (offsets, part.next_offset) if offsets else None
 
     def committed(self, partition: P) -> int | None:
         """The last position marked committed (or the first tracked offset), if tracked."""

@@ -46,6 +46,28 @@ async def rewind(consumer: AIOKafkaConsumer, before: dict[TopicPartition, int]) 
             consumer.seek(tp, offset)
 
 
+async def recover(
+    consumer: AIOKafkaConsumer,
+    error: Exception,
+    before: dict[TopicPartition, int],
+    *,
+    fetch_max_records: int,
+    hand_on: HandOn,
+    skipped: Skipped,
+    moved: Callable[[], bool],
+) -> None:
+    """A fetch failed to parse a record: rewind to ``before`` (empty: the commits), step past.
+
+    After a rebalance the positions saved before the fetch are stale (the partitions may have
+    come back, to be read from their commits): pass ``{}`` then.
+    """
+    await rewind(consumer, before)
+    await step_past(
+        consumer, error, fetch_max_records=fetch_max_records, hand_on=hand_on,
+        skipped=skipped, moved=moved,
+    )  # fmt: skip
+
+
 async def step_past(
     consumer: AIOKafkaConsumer,
     error: Exception,

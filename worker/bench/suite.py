@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from worker.bench.delivery import delivery_comparison
 from worker.bench.endpoints import drive_endpoint
 from worker.bench.load import BenchResult, bench_texts, drive
 from worker.bench.rebalance import DEFAULT_RATE, run_rebalance
@@ -75,6 +76,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated instance counts, one run each")  # fmt: skip
     parser.add_argument("--suite", action="store_true", help="run every reference comparison")
     parser.add_argument(
+        "--delivery", action="store_true",
+        help="at-least-once against exactly-once: closed loop (mlp, twice each, interleaved) "
+        "and open loop at --rate (default 500/s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--rebalance",
         action="store_true",
         help="scale events under open-loop load: join, leave, static restart, kill",
@@ -105,7 +111,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
     console = Console(stderr=True)
     if args.rate is None:
-        args.rate = DEFAULT_RATE if args.rebalance else 1000.0
+        args.rate = DEFAULT_RATE if args.rebalance else 500.0 if args.delivery else 1000.0
     if args.rebalance:
         return await _rebalance(settings, args, console)
     results: list[BenchResult] = []
@@ -188,8 +194,9 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
                 f"{label}_vs_{labels[0]}": round(r.throughput / runs[0].throughput, 3)
                 for label, r in zip(labels, runs, strict=True)
             }
-        else:
-            await one(args.target, args.target)
+        else:  # one target, or at-least-once against exactly-once
+            target = args.target
+            await (delivery_comparison(one, report) if args.delivery else one(target, target))
     report["results"] = [r.summary() for r in results]
     print_table(console, report)
     if args.json:
