@@ -47,6 +47,7 @@ class FakeTransactionalProducer:
         self.committed: list[tuple[list[tuple[str, bytes | None]], dict[Any, int]]] = []
         self.aborted = 0
         self.stopped = False
+        self.hang = False
         self._current: list[tuple[str, bytes | None]] = []
         self._offsets: dict[Any, int] = {}
         self._txn_manager = SimpleNamespace(
@@ -90,6 +91,8 @@ class FakeTransactionalProducer:
         self._offsets = dict(offsets)
 
     async def commit_transaction(self) -> None:
+        if self.hang:
+            await asyncio.Event().wait()  # a commit that never answers (the broker is gone)
         error = self.commits.pop(0) if self.commits else None
         if error is not None:
             self._state("ABORTABLE_ERROR")
@@ -271,6 +274,34 @@ async def test_a_revoked_partition_commits_what_is_ready_and_stops_its_producer(
         s.answer(2)
         assert s.tx.buffered([TP]) == 0
     assert [offsets for _, offsets in producer.committed] == [{TP: 2}]
+
+
+async def test_a_transaction_still_running_at_the_revoke_bound_is_aborted_not_left_open() -> None:
+    """Past the revoke bound a hanging transaction is cancelled, aborted, its producer stopped."""
+    producer = FakeTransactionalProducer()
+    producer.hang = True
+    async with running(producer) as s:
+        s.tracker.track(TP, 1)
+        s.answer(1)
+        await wait_for(
+            lambda: producer._txn_manager.state.name == "IN_TRANSACTION", timeout=5, what="a commit"
+        )
+        await s.tx.relinquish([TP], 0.05)
+        assert producer.aborted == 1, "left open, it would hold every read_committed reader back"
+        assert producer.stopped
+    assert producer.committed == []
+    assert s.tracker.pending == 1, "served again by the next owner"
+
+
+async def test_closing_stops_every_partitions_producer() -> None:
+    """A graceful stop commits what is answered and stops the transactional producers."""
+    producer = FakeTransactionalProducer()
+    async with running(producer) as s:
+        s.tracker.track(TP, 1)
+        s.answer(1)
+    assert [offsets for _, offsets in producer.committed] == [{TP: 2}]
+    assert producer.stopped
+    assert producer.aborted == 0, "nothing open to abort"
 
 
 async def test_calls_audit_records_go_through_the_plain_replier() -> None:

@@ -48,9 +48,12 @@ from worker.publishing import Failed, Publisher, remedy
 from worker.replies import Replier
 from worker.settings import Settings
 
-__all__ = ["Transactions", "transactional_id"]
+__all__ = ["STOP_TIMEOUT_S", "Transactions", "transactional_id"]
 
 log = structlog.get_logger(__name__)
+
+STOP_TIMEOUT_S = 5.0
+"""How long a lane's producer may take to abort its open transaction when it stops."""
 
 
 def transactional_id(group_id: str, tp: TopicPartition) -> str:
@@ -170,12 +173,17 @@ class Transactions:
 
     async def run(self) -> None:
         """Serve every lane (a task each) and the calls' replier until closed and drained."""
-        async with asyncio.TaskGroup() as group:
-            self._group = group
-            self._running.set()
-            group.create_task(self._plain.run())
-            await self._closed.wait()
-        self._group = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                self._running.set()
+                group.create_task(self._plain.run())
+                await self._closed.wait()
+        finally:
+            self._group = None
+            lanes, self._lanes = list(self._lanes.values()), {}
+            for lane in lanes:
+                await _stop(lane.producer)
 
     async def acquire(self, partitions: Collection[TopicPartition]) -> None:
         """Start the producers of newly assigned partitions (fencing their previous owners)."""
@@ -209,13 +217,12 @@ class Transactions:
         tasks = [lane.task for lane in lanes if lane.task is not None]
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=max(timeout_s, 0.0))
-            for task in late:
+            for task in late:  # mid-transaction: aborted below, never visible
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*late, return_exceptions=True)
         for lane in lanes:
-            with contextlib.suppress(Exception):  # a fenced producer may fail to stop cleanly
-                await lane.producer.stop()
+            await _stop(lane.producer)
 
     async def _serve(self, lane: _Lane) -> None:
         """Commit the lane's ready prefix, one transaction per interval, until closed."""
@@ -328,6 +335,15 @@ async def _attempt(
         await _abort(producer)
         return [], exc
     return [], None
+
+
+async def _stop(producer: AIOKafkaProducer) -> None:
+    """Abort an open transaction (bounded: readers wait on it) and stop; never raises."""
+    with contextlib.suppress(Exception):  # a fenced or broken producer: nothing more to save
+        async with asyncio.timeout(STOP_TIMEOUT_S):
+            await _abort(producer)
+    with contextlib.suppress(Exception):
+        await producer.stop()
 
 
 def _offset(item: Outgoing) -> int:
