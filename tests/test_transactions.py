@@ -108,7 +108,9 @@ class FakeTransactionalProducer:
 class Setup:
     """Transactions over fake producers, with what was acknowledged."""
 
-    def __init__(self, producer: FakeTransactionalProducer, plain: FakeProducer) -> None:
+    def __init__(
+        self, producer: FakeTransactionalProducer, plain: FakeProducer, interval_s: float = 0.0
+    ) -> None:
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self.acknowledged: list[Outgoing] = []
         self.plain_published: list[Outgoing] = []
@@ -129,7 +131,7 @@ class Setup:
         )  # fmt: skip
         self.tx = Transactions(
             make, self.tracker, replier, self.acknowledged.extend, destinations=DEST,
-            topic_exists=exists, metrics=self.metrics, retries=2, interval_s=0.0,
+            topic_exists=exists, metrics=self.metrics, retries=2, interval_s=interval_s,
             retry_backoff_s=0.001,
         )  # fmt: skip
 
@@ -247,18 +249,42 @@ async def test_a_commit_that_fails_once_is_retried_with_the_same_messages() -> N
     assert offsets == {TP: 4}
 
 
-async def test_a_fenced_producer_drops_its_answers_and_commits_nothing() -> None:
-    """Fenced by the partition's new owner: nothing published, nothing done, the rest goes on."""
-    producer = FakeTransactionalProducer(commits=[ProducerFenced()])
-    async with running(producer) as s:
-        s.tracker.track(TP, 1)
-        s.tracker.track(TP, 2)
-        s.answer(1)
-        await wait_for(lambda: s.tx.buffered([TP]) == 0, timeout=5, what="answers dropped")
-        s.answer(2)
-        assert s.tx.buffered([TP]) == 0, "the partition is no longer served here"
+@pytest.mark.parametrize("where", ["send", "commit"])
+async def test_a_fenced_producer_stops_the_worker_without_publishing_anything(where: str) -> None:
+    """Fenced at a send or at the commit: nothing visible, nothing dead-lettered, a clear stop."""
+    fenced: list[BaseException | None] = [ProducerFenced()]
+    producer = (
+        FakeTransactionalProducer(sends=fenced)
+        if where == "send"
+        else FakeTransactionalProducer(commits=fenced)
+    )
+    setup = Setup(producer, FakeProducer([]))
+    task = asyncio.create_task(setup.tx.run())
+    await setup.tx.acquire([TP])
+    setup.tracker.track(TP, 1)
+    setup.answer(1)
+    with pytest.raises(ExceptionGroup) as raised:
+        await asyncio.wait_for(task, 10)
+    assert raised.group_contains(WorkerError, match="fenced")
     assert producer.committed == []
-    assert s.tracker.pending == 2
+    assert setup.tracker.pending == 1, "served again by the partition's owner"
+    assert setup.count("committed") == 0
+
+
+async def test_closing_commits_at_once_however_long_the_interval() -> None:
+    """A transaction collecting answers for a long interval commits as soon as it is closed."""
+    producer = FakeTransactionalProducer()
+    setup = Setup(producer, FakeProducer([]), interval_s=3600.0)
+    task = asyncio.create_task(setup.tx.run())
+    await setup.tx.acquire([TP])
+    for offset in (1, 2):
+        setup.tracker.track(TP, offset)
+    setup.answer(1)
+    await wait_for(lambda: bool(producer.committed), timeout=5, what="the first transaction")
+    setup.answer(2)  # the next transaction now waits up to an hour for more answers
+    setup.tx.close()
+    await asyncio.wait_for(task, 10)
+    assert [offsets for _, offsets in producer.committed] == [{TP: 2}, {TP: 3}]
 
 
 async def test_a_revoked_partition_commits_what_is_ready_and_stops_its_producer() -> None:

@@ -266,7 +266,8 @@ class Intake:
                 running=left,
             )
         if self.handover is not None:
-            await self.handover.owner.relinquish(revoked, deadline - time.monotonic())
+            # At least a second: a ready prefix is committed, not served again for nothing.
+            await self.handover.owner.relinquish(revoked, max(deadline - time.monotonic(), 1.0))
             self.handover.forget(revoked)
         await self.commit(sorted(revoked))
         self.tracker.forget(revoked)

@@ -62,7 +62,7 @@ def transactional_id(group_id: str, tp: TopicPartition) -> str:
 
 
 class _Fenced(Exception):  # noqa: N818 - a signal inside this module, never raised out of it
-    """The lane's producer was fenced: another worker owns the partition now."""
+    """The lane's producer was fenced (or broke for good): it can never commit again."""
 
 
 @dataclass(eq=False)
@@ -77,7 +77,14 @@ class _Lane:
     """Messages by record offset, until committed (those of a running transaction included)."""
     started: float = float("-inf")
     """When the last transaction began (monotonic)."""
+    closing: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the lane is closed: a transaction waiting for more answers commits at once."""
     task: asyncio.Task[None] | None = None
+
+    def close(self) -> None:
+        """No more answers: commit what is ready now, then end."""
+        self.inbox.close()
+        self.closing.set()
 
 
 class Transactions:
@@ -96,6 +103,7 @@ class Transactions:
         retries: int,
         interval_s: float,
         retry_backoff_s: float = 0.5,
+        start_timeout_s: float = 60.0,
     ) -> None:
         self._make_producer = make_producer
         self._tracker = tracker
@@ -107,6 +115,7 @@ class Transactions:
         self._retries = retries
         self._interval = interval_s
         self._backoff = retry_backoff_s
+        self._start_timeout = start_timeout_s
         self._lanes: dict[TopicPartition, _Lane] = {}  # per assigned partition
         self._group: asyncio.TaskGroup | None = None
         self._running = asyncio.Event()
@@ -137,6 +146,7 @@ class Transactions:
             topic_exists=plain.topic_exists, metrics=metrics,
             retries=settings.runtime.reply_retries,
             interval_s=kafka.transaction_interval_ms / 1000,
+            start_timeout_s=2 * kafka.request_timeout_ms / 1000,
         )  # fmt: skip
 
     def submit(self, items: Sequence[Outgoing]) -> None:
@@ -168,7 +178,7 @@ class Transactions:
         """Commit what is answered, then let :meth:`run` return."""
         self._closed.set()
         for lane in self._lanes.values():
-            lane.inbox.close()
+            lane.close()
         self._plain.close()
 
     async def run(self) -> None:
@@ -188,11 +198,22 @@ class Transactions:
     async def acquire(self, partitions: Collection[TopicPartition]) -> None:
         """Start the producers of newly assigned partitions (fencing their previous owners)."""
         await self._running.wait()
+        if self._closed.is_set():  # stopping: nothing more is served
+            return
         group_id = self._destinations.group_id
         fresh = [tp for tp in partitions if tp not in self._lanes]
         producers = {tp: self._make_producer(transactional_id(group_id, tp)) for tp in fresh}
         try:
-            await asyncio.gather(*(p.start() for p in producers.values()))
+            async with asyncio.timeout(self._start_timeout):
+                await asyncio.gather(*(p.start() for p in producers.values()))
+        except TimeoutError:
+            for producer in producers.values():
+                await _stop(producer)
+            raise WorkerError(
+                f"transactional producers did not start within {self._start_timeout:g} s: is "
+                "the transaction coordinator available (the __transaction_state topic; "
+                "transaction.state.log.replication.factor at most the number of brokers)?"
+            ) from None
         except BaseException:
             for producer in producers.values():
                 with contextlib.suppress(Exception):
@@ -204,8 +225,6 @@ class Transactions:
                 tp, producer,
                 Publisher(producer, retries=self._retries, retry_backoff_s=self._backoff),
             )  # fmt: skip
-            if self._closed.is_set():
-                lane.inbox.close()
             self._lanes[tp] = lane
             lane.task = self._group.create_task(self._serve(lane))
 
@@ -213,7 +232,7 @@ class Transactions:
         """Commit what revoked partitions have ready (bounded), stop their producers, forget."""
         lanes = [lane for tp in partitions if (lane := self._lanes.pop(tp, None))]
         for lane in lanes:
-            lane.inbox.close()
+            lane.close()
         tasks = [lane.task for lane in lanes if lane.task is not None]
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=max(timeout_s, 0.0))
@@ -230,21 +249,20 @@ class Transactions:
             while taken := await lane.inbox.take_all():
                 self._add(lane, taken)
                 wait = lane.started + self._interval - time.monotonic()
-                if wait > 0 and not lane.inbox.closed:
-                    await asyncio.sleep(wait)  # collect more answers for this transaction
+                if wait > 0:  # collect more answers for this transaction, unless closing
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lane.closing.wait(), wait)
                     if len(lane.inbox):
                         self._add(lane, await lane.inbox.take_all())
                 await self._commit_ready(lane)
-        except _Fenced:
-            log.error(  # noqa: TRY400 - the fencing is the whole story
-                "partition's producer fenced: another worker owns it now; its answers here "
-                "were never visible and are left to that worker",
-                partition=f"{lane.tp.topic}[{lane.tp.partition}]",
-                dropped=len(lane.answered),
-            )
-            lane.answered.clear()
-            if self._lanes.get(lane.tp) is lane:
-                del self._lanes[lane.tp]
+        except _Fenced as exc:
+            where = f"{lane.tp.topic}[{lane.tp.partition}]"
+            raise WorkerError(
+                f"the transactional producer of {where} was fenced: another worker owns the "
+                "partition now (this one was out of its group), or the broker aborted a "
+                "transaction open longer than WORKER_KAFKA__TRANSACTION_TIMEOUT_MS; stopping: "
+                "nothing uncommitted was visible, and it is served again"
+            ) from exc.__cause__
 
     def _add(self, lane: _Lane, items: list[Outgoing]) -> None:
         for item in items:
@@ -323,6 +341,8 @@ async def _attempt(
         await producer.begin_transaction()
         failed = await lane.publisher.send(sending)
         if failed:
+            if _fatal(producer) or any(isinstance(e, ProducerFenced) for _, e in failed):
+                raise _Fenced from failed[0][1]
             await _abort(producer)
             return failed, None
         await producer.send_offsets_to_transaction({lane.tp: position}, group_id)
