@@ -208,6 +208,53 @@ def test_a_compiled_program_that_disagrees_with_eager_is_not_served(
     assert model._runner is model._module
 
 
+def test_a_package_that_agrees_only_on_zeros_is_not_served_and_is_deleted(
+    compiled: tuple[Path, Path, LoadedModel], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Other weights (same on a zero input, not on others) fail the check; the file goes."""
+    repo, _, _ = compiled
+    eager = torch.export.load(repo / "tiny" / "1" / "model.pt2").module()
+    written: list[Path] = []
+
+    def compile_to_file(program: object, *, package_path: str, **_: Any) -> str:
+        Path(package_path).write_bytes(b"pretend")
+        return package_path
+
+    def scaled_weights(path: str, **_: Any) -> Any:
+        written.append(Path(path))
+        return lambda x: eager(x * 1.5)  # zero in, the same out: only other inputs tell
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_to_file)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", scaled_weights)
+    model = load(repo, tmp_path / "cache")
+    assert model.compilation is not None
+    assert not model.compilation.compiled
+    assert "differs from eager's" in (model.compilation.error or "")
+    assert written, "the package was loaded and checked"
+    assert not any(p.exists() for p in written), "a package that failed the check is deleted"
+
+
+def test_a_symlinked_package_is_never_loaded(
+    compiled: tuple[Path, Path, LoadedModel], tmp_path: Path
+) -> None:
+    """A package is code: a link in the cache is removed and the version compiled afresh."""
+    repo, _cache, model = compiled
+    assert model.compilation is not None
+    assert model.compilation.package is not None
+    elsewhere = tmp_path / "elsewhere.aoti.pt2"
+    elsewhere.write_bytes(model.compilation.package.read_bytes())
+    mine = tmp_path / "cache"
+    mine.mkdir()
+    link = mine / model.compilation.package.name
+    link.symlink_to(elsewhere)
+    again = load(repo, mine)
+    assert again.compilation is not None
+    assert again.compilation.compiled
+    assert not again.compilation.cached, "compiled afresh, not loaded through the link"
+    assert not link.is_symlink()
+    assert elsewhere.exists(), "the link's target is left alone"
+
+
 async def test_two_instances_run_the_compiled_program_at_once(
     compiled: tuple[Path, Path, LoadedModel],
 ) -> None:

@@ -68,7 +68,7 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Part of every cache key: bump it when what a package holds changes."""
 DEFAULT_CACHE = Path.home() / ".cache" / "kafka-inference-worker" / "compiled"
 """Where compiled packages are kept unless ``LoadOptions.compile_cache`` says."""
@@ -110,7 +110,7 @@ def cache_key(model_file: Path, device: torch.device, precision: str) -> str:
             digest.update(chunk)
     parts = [
         f"format={CACHE_FORMAT}", f"torch={torch.__version__}", f"machine={platform.machine()}",
-        f"device={device.type}", f"precision={precision}",
+        f"isa={_cpu_isa()}", f"device={device.type}", f"precision={precision}",
     ]  # fmt: skip
     if device.type == "cuda":
         parts += [
@@ -119,6 +119,16 @@ def cache_key(model_file: Path, device: torch.device, precision: str) -> str:
         ]
     digest.update("\n".join(parts).encode())
     return digest.hexdigest()
+
+
+def _cpu_isa() -> str:
+    """The CPU instruction set Inductor compiles for here (AVX-512 code dies on an AVX2 CPU)."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa  # noqa: PLC0415 - torch internal
+
+        return str(pick_vec_isa())
+    except Exception:  # noqa: BLE001 - unknown: a key of its own, never another CPU's package
+        return f"unknown-{platform.processor()}"
 
 
 def program_in(
@@ -194,7 +204,11 @@ def compile_version(
     if runner is not None:
         problem = check(runner)
         if problem is not None:
-            log.warning("compile failed; serving eager", version=label, error=problem)
+            log.warning("compile failed; serving eager", version=label, error=problem,
+                        package=str(compilation.package))  # fmt: skip
+            if compilation.package is not None:  # never served: compiled afresh next time
+                with contextlib.suppress(OSError):
+                    compilation.package.unlink()
             runner, compilation = None, Compilation(compiled=False, error=problem)
     log.info(
         "version compiled" if compilation.compiled else "version eager",
@@ -226,6 +240,12 @@ def compile_aot(
         name = f"{label}-{key[:32]}{SUFFIX}"
         package = cache / name
         index = device.index if device.type == "cuda" and device.index is not None else -1
+        if package.is_symlink():  # only packages written here are loaded (a package is code)
+            log.warning(
+                "compiled package is a symbolic link; compiling again", package=str(package)
+            )
+            with contextlib.suppress(OSError):
+                package.unlink()
         if package.is_file():
             try:
                 runner = aoti_load_package(str(package), device_index=index, num_runners=runners)

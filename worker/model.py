@@ -166,10 +166,13 @@ class LoadedModel:
                     f"batch of one; {folder.parent / CONFIG_FILE} declares {spec.describe()}"
                 )
         if config.compile == "aot":
+            probes = _probes(model)
+            eager = [model.predict(stack_inputs(model, [probe])) for probe in probes]
             model._runner, model.compilation = compile_version(
                 program, module, path, device=device, precision=execution.precision,
                 runners=execution.instances + 1, cache=compile_cache or DEFAULT_CACHE,
-                label=f"{model.name}-{model.version}", check=partial(_disagreement, model, outputs),
+                label=f"{model.name}-{model.version}",
+                check=partial(_disagreement, model, probes, eager),
             )  # fmt: skip
             if model.compilation.compiled:  # the package holds its own weights: drop eager's
                 model._module = torch.nn.Module()
@@ -305,24 +308,48 @@ class LoadedModel:
         return {spec.name: a for spec, a in zip(self.config.outputs, arrays, strict=True)}
 
 
+def _probes(model: LoadedModel) -> list[Prepared]:
+    """Inputs a compiled program must answer as eager does (the load-time check).
+
+    Zeros, and for float inputs of a tensor model seeded random rows too: weights that a
+    zero input never reaches act on them.
+    """
+    probes = [model.dummy()]
+    specs = model.config.inputs
+    if model.text is None and all(DATATYPES[s.datatype].kind == "f" for s in specs):
+        rng = np.random.default_rng(0)
+        arrays = [
+            rng.standard_normal((3, *(max(d, 1) for d in s.shape[1:]))).astype(
+                DATATYPES[s.datatype]
+            )
+            for s in specs
+        ]
+        probes.append(Prepared(arrays, rows=3))
+    return probes
+
+
 def _disagreement(
-    model: LoadedModel, eager: Mapping[str, npt.NDArray[Any]], runner: Callable[..., Any]
+    model: LoadedModel,
+    probes: Sequence[Prepared],
+    eager: Sequence[Mapping[str, npt.NDArray[Any]]],
+    runner: Callable[..., Any],
 ) -> str | None:
-    """Why ``runner``'s outputs on the load-time check differ from ``eager``'s (None: agree).
+    """Why ``runner``'s outputs on the probes differ from ``eager``'s (None: they agree).
 
     ``model`` runs ``runner`` afterwards if they agree, its module otherwise.
     """
     model._runner = runner
-    try:
-        outputs = model.predict(stack_inputs(model, [model.dummy()]))
-    except Exception as exc:  # noqa: BLE001 - reported, eager serves
-        model._runner = model._module
-        return f"the compiled program failed the check: {type(exc).__name__}: {exc}"
-    for name, want in eager.items():
-        got = outputs[name]
-        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-2, atol=1e-3):
+    for probe, expected in zip(probes, eager, strict=True):
+        try:
+            outputs = model.predict(stack_inputs(model, [probe]))
+        except Exception as exc:  # noqa: BLE001 - reported, eager serves
             model._runner = model._module
-            return f"the compiled program's output {name!r} differs from eager's"
+            return f"the compiled program failed the check: {type(exc).__name__}: {exc}"
+        for name, want in expected.items():
+            got = outputs[name]
+            if got.shape != want.shape or not np.allclose(got, want, rtol=1e-2, atol=1e-3):
+                model._runner = model._module
+                return f"the compiled program's output {name!r} differs from eager's"
     return None
 
 
