@@ -162,6 +162,17 @@ async def running(
         task.cancel()
 
 
+async def stopped_by_one_answer(setup: Setup, offset: int) -> pytest.ExceptionInfo[ExceptionGroup]:
+    """Run, answer the record at ``offset``; the error the run ends with (it must end)."""
+    task = asyncio.create_task(setup.tx.run())
+    await setup.tx.acquire([TP])
+    setup.tracker.track(TP, offset)
+    setup.answer(offset)
+    with pytest.raises(ExceptionGroup) as raised:
+        await asyncio.wait_for(task, 10)
+    return raised
+
+
 async def test_only_the_oldest_answered_records_are_committed_with_the_next_offset() -> None:
     """An unanswered record holds back the answers after it; its answer releases them all."""
     producer = FakeTransactionalProducer()
@@ -225,12 +236,7 @@ async def test_a_commit_that_keeps_failing_stops_without_marking_anything_done()
     failures: list[BaseException | None] = [KafkaConnectionError()] * 3
     producer = FakeTransactionalProducer(commits=failures)
     setup = Setup(producer, FakeProducer([]))
-    task = asyncio.create_task(setup.tx.run())
-    await setup.tx.acquire([TP])
-    setup.tracker.track(TP, 7)
-    setup.answer(7)
-    with pytest.raises(ExceptionGroup) as raised:
-        await asyncio.wait_for(task, 10)
+    raised = await stopped_by_one_answer(setup, 7)
     assert raised.group_contains(WorkerError, match="not committed")
     assert producer.committed == []
     assert producer.aborted == 3
@@ -259,12 +265,7 @@ async def test_a_fenced_producer_stops_the_worker_without_publishing_anything(wh
         else FakeTransactionalProducer(commits=fenced)
     )
     setup = Setup(producer, FakeProducer([]))
-    task = asyncio.create_task(setup.tx.run())
-    await setup.tx.acquire([TP])
-    setup.tracker.track(TP, 1)
-    setup.answer(1)
-    with pytest.raises(ExceptionGroup) as raised:
-        await asyncio.wait_for(task, 10)
+    raised = await stopped_by_one_answer(setup, 1)
     assert raised.group_contains(WorkerError, match="fenced")
     assert producer.committed == []
     assert setup.tracker.pending == 1, "served again by the partition's owner"
