@@ -403,3 +403,17 @@ def test_a_package_is_found_again_under_other_torch_threads(
     assert model.compilation is not None
     assert model.compilation.cached
     assert no_compiler == []
+
+
+def test_the_compile_cache_setting_reaches_the_loaded_repository(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WORKER_MODELS__COMPILE_CACHE is where the worker's versions keep compiled packages."""
+    from worker.cli import _build_worker  # noqa: PLC0415 - what `serve` runs
+    from worker.settings import load_settings  # noqa: PLC0415
+
+    repo = tiny_repository(tmp_path / "models", CONFIG.replace('compile = "aot"', ""))
+    monkeypatch.setenv("WORKER_MODELS__REPOSITORY", str(repo))
+    monkeypatch.setenv("WORKER_MODELS__COMPILE_CACHE", str(tmp_path / "packages"))
+    worker = _build_worker(load_settings())
+    assert worker.repository.options.compile_cache == tmp_path / "packages"

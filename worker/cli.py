@@ -103,7 +103,10 @@ def _build_worker(settings: Settings) -> Worker:
     from worker.repository import LoadOptions, ModelRepository  # noqa: PLC0415
 
     models = settings.models
-    options = LoadOptions(models.allow_code, models.execution, settings.batching.max_batch_size)
+    options = LoadOptions(
+        models.allow_code, models.execution, settings.batching.max_batch_size,
+        compile_cache=models.compile_cache,
+    )  # fmt: skip
     return Worker(settings, ModelRepository.load(models.repository, options=options))
 
 

@@ -121,6 +121,10 @@ class ModelSettings(BaseModel):
     poll_interval_s: float = Field(default=0.0, ge=0)
     """Watch the repository: reload when a config or model file changes, checked this often.
     0: reload only on SIGHUP."""
+    compile_cache: Path | None = None
+    """Where ``compile = "aot"`` keeps compiled packages (a writable volume, or one filled
+    ahead of time); unset: ``~/.cache/kafka-inference-worker/compiled``. The packages are
+    native code the worker loads: whoever can write here can run code in the worker."""
 
 
 class RuntimeSettings(BaseModel):
