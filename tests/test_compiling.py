@@ -78,6 +78,12 @@ def no_compiler(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
+def pretend_compile(program: object, *, package_path: str, **_: Any) -> str:
+    """A stand-in for aoti_compile_and_package: writes a placeholder package, compiles nothing."""
+    Path(package_path).write_bytes(b"pretend")
+    return package_path
+
+
 def rows(count: int) -> dict[str, np.ndarray[Any, Any]]:
     """``count`` rows of seeded random inputs."""
     return {"x": np.random.default_rng(count).standard_normal((count, 8)).astype(np.float32)}
@@ -192,14 +198,10 @@ def test_a_compiled_program_that_disagrees_with_eager_is_not_served(
     """Compiled outputs that differ from eager's on the load-time check: eager serves."""
     repo, _, _ = compiled
 
-    def compile_to_file(program: object, *, package_path: str, **_: Any) -> str:
-        Path(package_path).write_bytes(b"pretend")
-        return package_path
-
     def lying(path: str, **_: Any) -> Any:
         return lambda x: torch.full((x.shape[0], 3), 7.0)
 
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_to_file)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", pretend_compile)
     monkeypatch.setattr(torch._inductor, "aoti_load_package", lying)
     model = load(repo, tmp_path / "cache")
     assert model.compilation is not None
@@ -216,15 +218,11 @@ def test_a_package_that_agrees_only_on_zeros_is_not_served_and_is_deleted(
     eager = torch.export.load(repo / "tiny" / "1" / "model.pt2").module()
     written: list[Path] = []
 
-    def compile_to_file(program: object, *, package_path: str, **_: Any) -> str:
-        Path(package_path).write_bytes(b"pretend")
-        return package_path
-
     def scaled_weights(path: str, **_: Any) -> Any:
         written.append(Path(path))
         return lambda x: eager(x * 1.5)  # zero in, the same out: only other inputs tell
 
-    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_to_file)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", pretend_compile)
     monkeypatch.setattr(torch._inductor, "aoti_load_package", scaled_weights)
     model = load(repo, tmp_path / "cache")
     assert model.compilation is not None
