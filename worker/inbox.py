@@ -44,11 +44,6 @@ class Inbox(Generic[T]):
             self._items = deque(item for item in self._items if not unwanted(item))
         return out
 
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` was called."""
-        return self._closed
-
     def close(self) -> None:
         """No more items will come: :meth:`take_all` returns ``[]`` once the queue is empty."""
         self._closed = True
