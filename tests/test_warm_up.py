@@ -42,12 +42,18 @@ class Recording(torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.passes: list[tuple[int, tuple[int, ...], bool]] = []
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
 
     def forward(self, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        with self._lock:
+        with self._changed:
             self.passes.append((threading.get_ident(), tuple(x.shape), not bool(x.any())))
+            self._changed.notify_all()
         return x * 2 if self.inner is None else self.inner(x, *rest)
+
+    def wait_for_zero_passes(self, count: int, timeout: float = 30.0) -> None:
+        """Until ``count`` all-zero passes ran: warm-up goes on while a warm thread serves."""
+        with self._changed:
+            self._changed.wait_for(lambda: sum(z for _, _, z in self.passes) >= count, timeout)
 
 
 async def serve_through_lanes(model: LoadedModel, count: int) -> list[Answer]:
@@ -77,6 +83,7 @@ async def test_each_instance_thread_warms_up_before_it_serves() -> None:
     answers = await serve_through_lanes(model, 8)
     assert len(answers) == 8
     assert all(a.response is not None and a.response.error is None for a in answers)
+    module.wait_for_zero_passes(2 * 3)  # one thread may serve all 8 while the other still warms
     warm = [(ident, shape) for ident, shape, zero in module.passes if zero]
     threads = {ident for ident, _ in warm}
     assert len(threads) == 2, f"warm-up passes ran on {len(threads)} thread(s), not each instance"
