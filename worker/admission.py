@@ -3,7 +3,7 @@
 One plain function, :func:`admit`, no Kafka client and no event loop::
 
     origin ─> decode (a record's bytes; a call comes decoded) ─> limits
-        ─> route (primary + optional shadow) ─> validate
+        ─> priority class ─> route (primary + optional shadow) ─> validate
         ─> Admitted(job, shadow job)          for the lanes (worker.lanes)
         ─> Answered([error reply])            over a limit, unknown model, bad tensor
         ─> Answered([DECODE failure, reply?]) not a request at all (a reply too if the record
@@ -28,6 +28,7 @@ from worker.model import LoadedModel, Prepared
 from worker.model_config import MAX_SHAPE_DIMENSIONS
 from worker.origins import Origin, Record
 from worker.outgoing import Destinations
+from worker.priority import Priority, choose
 from worker.repository import ModelRepository
 from worker.shadow import Comparison
 from worker.v2 import MAX_ID_BYTES
@@ -61,6 +62,8 @@ class Job:
     deadline_ms: int | None
     comparison: Comparison | None = None
     is_shadow: bool = False
+    priority: Priority = Priority.NORMAL
+    """Its class in the batcher (:mod:`worker.priority`)."""
 
 
 @dataclass(slots=True)
@@ -148,6 +151,8 @@ def _admit(
     route = None
     try:
         check_limits(limits, origin, request)
+        default = Priority.NORMAL if isinstance(origin, Record) else Priority.HIGH
+        priority = choose(origin.headers, request.parameters, default)
         route = repository.route(request.model_name, request.model_version, request.id)
         prepared = route.primary.validate(request, tokenize=tokenize)
     except RequestError as exc:
@@ -167,7 +172,7 @@ def _admit(
     if deadline is None and limits.default_timeout_ms:
         deadline = origin.timestamp_ms + limits.default_timeout_ms
     model = route.primary
-    job = Job(origin, request, model, prepared, now, deadline)
+    job = Job(origin, request, model, prepared, now, deadline, priority=priority)
     return Admitted(job, _shadow_copy(job, route.shadow, tokenize=tokenize))
 
 

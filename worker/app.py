@@ -79,7 +79,9 @@ class Worker:
             requests_topic=kafka.requests_topic,
             reply_topics=tuple(kafka.reply_topics),
         )
-        self._in_flight = InFlight(runtime.max_in_flight)
+        calls = settings.rest.enabled or settings.grpc.enabled
+        share = runtime.reserved_for_calls if calls else 0.0
+        self._in_flight = InFlight.reserving(runtime.max_in_flight, share)
         self.metrics.in_flight.set_function(lambda: self._in_flight.count)  # read when scraped
         self._intake = Intake(
             kafka, runtime, self._in_flight, metrics=self.metrics, progress=self._progress

@@ -32,6 +32,12 @@ Variable-length items (text) are measured by ``measure(item) -> (rows, length)``
   there are requests ahead of it there. Under a backlog the window is full and sorting pays;
   with fresh traffic only a batch or less waits, and length-aware cutting alone applies.
 
+Priority classes (``classify(item) -> rank``, ``classes``, ``aging``): what waits is held per
+class and taken in aged order (:mod:`worker.waiting`): a batch is filled from the highest
+class (rank 0) first, and a lower class's item counts as arriving ``rank x aging`` later, so
+none starves. Without ``classify`` everything is one class, in arrival order. "Oldest" below
+means first in that order.
+
 Every item put before :meth:`Batcher.close` is passed to ``process`` exactly once: ``run``
 returns only when the queue is empty and every run it started has finished. ``process`` must
 answer every item of its run; an exception it lets escape ends ``run``.
@@ -41,9 +47,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Generic, NamedTuple, TypeVar
+from typing import Generic, TypeVar
+
+from worker.waiting import Entry, Waiting
 
 __all__ = ["Batcher", "BatcherClosedError"]
 
@@ -52,13 +59,6 @@ T = TypeVar("T")
 
 class BatcherClosedError(RuntimeError):
     """``put`` was called after ``close``."""
-
-
-class _Entry(NamedTuple, Generic[T]):
-    at: float
-    item: T
-    rows: int
-    length: int
 
 
 class Batcher(Generic[T]):
@@ -77,6 +77,9 @@ class Batcher(Generic[T]):
         max_batch_tokens: int | None = None,
         sort_window: int = 1,
         min_padding_efficiency: float = 0.0,
+        classify: Callable[[T], int] | None = None,
+        classes: int = 1,
+        aging: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1:
@@ -108,7 +111,8 @@ class Batcher(Generic[T]):
         self.sort_window = sort_window
         self.min_padding_efficiency = min_padding_efficiency
         self._queued_tokens = 0
-        self._queue: deque[_Entry[T]] = deque()
+        self._queue: Waiting[T] = Waiting(classes, aging)
+        self._classify = classify
         self._wakeup = asyncio.Event()
         self._closed = False
 
@@ -128,21 +132,17 @@ class Batcher(Generic[T]):
         if not self._queue and not self._running:
             self._idle_start = True  # the model is idle and nothing waits: no reason to delay
         rows, length = self._measure(item) if self._measure else (1, 1)
-        self._queue.append(_Entry(self._clock(), item, rows, length))
+        rank = self._classify(item) if self._classify else 0
+        self._queue.append(Entry(self._clock(), item, rows, length, rank))
         if self._measure:
             self._queued_tokens += rows * length
         self._wakeup.set()
 
     def withdraw(self, unwanted: Callable[[T], bool]) -> list[T]:
         """Take every waiting item that is ``unwanted`` out of the queue; it joins no batch."""
-        kept: deque[_Entry[T]] = deque()
-        out: list[_Entry[T]] = []
-        for entry in self._queue:
-            (out if unwanted(entry.item) else kept).append(entry)
-        if out:
-            self._queue = kept
-            if self._measure:
-                self._queued_tokens -= sum(e.rows * e.length for e in out)
+        out = self._queue.withdraw(unwanted)
+        if self._measure:
+            self._queued_tokens -= sum(e.rows * e.length for e in out)
         return [e.item for e in out]
 
     def close(self) -> None:
@@ -185,7 +185,7 @@ class Batcher(Generic[T]):
                 return []
             await self._wait(None)
         if not (self._idle_start and self.start_when_idle):
-            oldest = self._queue[0].at
+            oldest = self._queue.oldest_at()
             while not self._full() and not self._closed:
                 remaining = oldest + self.max_batch_delay - self._clock()
                 if remaining <= 0 or not await self._wait(remaining):
@@ -250,6 +250,6 @@ class Batcher(Generic[T]):
         others = sorted((min(g), g) for g, closed in groups if closed and g is not first)
         chosen = [first] + [g for _, g in others[: share - 1]]
         taken = {i for g in chosen for i in g}
-        queue.extendleft(reversed([e for i, e in enumerate(window) if i not in taken]))
+        queue.give_back(e for i, e in enumerate(window) if i not in taken)
         self._queued_tokens -= sum(window[i].rows * window[i].length for i in taken)
         return [[window[i].item for i in sorted(g)] for g in chosen]

@@ -132,7 +132,7 @@ class Intake:
         paused = False
         while not stopping.is_set():
             self._check()
-            room = self._in_flight.room()
+            room = self._in_flight.room_for_records()
             if room <= 0:
                 if not paused:
                     # Stop the background fetcher too, not just our reads: no buffering.

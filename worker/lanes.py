@@ -37,6 +37,7 @@ from worker.forward import Run, run_batches
 from worker.instances import Instances
 from worker.metrics import Metrics
 from worker.model import LoadedModel, Prepared
+from worker.priority import Priority
 from worker.repository import ModelRepository
 from worker.settings import BatchingSettings
 from worker.shadow import Outcome
@@ -174,6 +175,9 @@ class Lanes:
             max_concurrent_batches=1 if instances is None else instances.count,
             max_batches_per_run=self._batching.max_batches_per_run,
             start_when_idle=self._batching.start_when_idle,
+            classify=_priority,
+            classes=len(Priority),
+            aging=self._batching.priority_aging_ms / 1000,
             **self._length_aware(model),
         )
         return batcher, instances
@@ -256,6 +260,10 @@ class Lanes:
 
     def _max_batch_size(self, model: LoadedModel) -> int:
         return model.config.max_batch_size or self._batching.max_batch_size
+
+
+def _priority(job: Job) -> int:
+    return job.priority
 
 
 def _measure(job: Job) -> tuple[int, int]:

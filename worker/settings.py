@@ -82,6 +82,9 @@ class BatchingSettings(BaseModel):
     min_padding_efficiency: float = Field(default=0.8, ge=0, le=1)
     """Sequence models: a batch is cut where the next request would bring real / padded tokens
     below this (0: cut by size and token budget only)."""
+    priority_aging_ms: float = Field(default=1000.0, ge=0, le=3_600_000)
+    """Priority classes (high, normal, low): a lower class counts as arriving this much later
+    per class, so none starves (a low request waits at most for what came within twice this)."""
 
 
 class ModelSettings(BaseModel):
@@ -146,6 +149,9 @@ class RuntimeSettings(BaseModel):
     """Retries of a reply whose publish failed with a retriable error, before dead-lettering."""
     watchdog_timeout_s: float = Field(default=120.0, ge=0)
     """No progress for this long while there is work: exit non-zero. 0 disables the watchdog."""
+    reserved_for_calls: float = Field(default=0.1, ge=0, lt=1)
+    """Share of ``max_in_flight`` that Kafka records may never take, kept for REST and gRPC
+    calls (only while an endpoint is enabled): a Kafka backlog queues calls, never refuses them."""
 
 
 Endpoint = TypeVar("Endpoint", bound=EndpointSettings)
