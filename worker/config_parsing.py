@@ -16,11 +16,13 @@ from typing import Any
 
 from worker.config_sections import (
     EXTRA_INPUTS,
+    MAX_CACHE_BYTES,
     MAX_INSTANCES,
     MAX_SHAPE_DIMENSIONS,
     MAX_VOCAB_SIZE,
     PRECISIONS,
     TOKENIZER_FEEDS,
+    CacheConfig,
     Routing,
     TensorSpec,
     TokenizerConfig,
@@ -36,6 +38,7 @@ __all__ = [
     "MAX_BATCH_TOKENS",
     "MAX_TOKENIZER_LENGTH",
     "batching",
+    "cache",
     "choice",
     "execution_keys",
     "extra_input",
@@ -183,6 +186,18 @@ def batching(raw: Mapping[str, Any], path: Path) -> tuple[int | None, float | No
             f"milliseconds from 0 to {MAX_BATCH_DELAY_MS:g}"
         )
     return size, None if delay is None else float(delay)
+
+
+def cache(raw: Mapping[str, Any], path: Path) -> CacheConfig:
+    """``[cache]``: ``max_bytes`` of each version's response cache (0 or left out: none)."""
+    only(raw, {"max_bytes"}, "[cache] key(s)", path)
+    size = raw.get("max_bytes", 0)
+    if not _whole(size, 0, MAX_CACHE_BYTES):
+        raise ConfigError(
+            f"{path}: cache.max_bytes = {size!r}; expected a whole number of bytes from 0 (no "
+            f"cache) to {MAX_CACHE_BYTES}"
+        )
+    return CacheConfig(int(size))
 
 
 def version_policy(raw: Mapping[str, Any], path: Path) -> VersionPolicy:

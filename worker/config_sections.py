@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_EXECUTION",
     "DEVICE_PATTERN",
     "EXTRA_INPUTS",
+    "MAX_CACHE_BYTES",
     "MAX_INSTANCES",
     "MAX_SHAPE_DIMENSIONS",
     "MAX_VOCAB_SIZE",
@@ -26,6 +27,7 @@ __all__ = [
     "PRECISIONS",
     "QUANTIZE_MODES",
     "TOKENIZER_FEEDS",
+    "CacheConfig",
     "Execution",
     "Routing",
     "TensorSpec",
@@ -52,6 +54,8 @@ MAX_SHAPE_DIMENSIONS = 32
 """Most dimensions a model input or output may declare (requests are held to the same)."""
 MAX_VOCAB_SIZE = 2**31
 """Largest ``vocab_size`` of an integer input."""
+MAX_CACHE_BYTES = 2**40
+"""Largest ``[cache] max_bytes`` (1 TiB: a bound on typos, not a recommendation)."""
 
 
 def check_device(value: object) -> str:
@@ -130,6 +134,14 @@ class Routing:
     """A version that gets a copy of the primary traffic; its results are compared, not sent."""
     shadow_compare: str | None = None
     """Output compared between primary and shadow (default: the last output)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """``[cache]``: each version's response cache (:mod:`worker.response_cache`)."""
+
+    max_bytes: int = 0
+    """Most bytes a version's cache holds (entries counted at their real size); 0: no cache."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ running a version: :mod:`worker.model`)::
         config.toml          inputs, outputs (name, datatype, shape; -1 = any), batching,
                              version_policy, routing, quantize ("none" or "int8"),
                              tokenizer, padding, device, precision, instances,
-                             compile ("none" or "aot")
+                             compile ("none" or "aot"), cache (response cache)
         <version>/           a folder per version, named by an integer ("1", "2", ...)
           model.pt2          a torch.export program (loaded without unpickling code)
           tokenizer.json     with a [tokenizer] table: the Hugging Face tokenizer
@@ -46,6 +46,7 @@ from worker.config_sections import (
     PRECISIONS,
     QUANTIZE_MODES,
     TOKENIZER_FEEDS,
+    CacheConfig,
     Execution,
     Routing,
     TensorSpec,
@@ -68,6 +69,7 @@ __all__ = [
     "PRECISIONS",
     "QUANTIZE_MODES",
     "TOKENIZER_FEEDS",
+    "CacheConfig",
     "Execution",
     "ModelConfig",
     "Routing",
@@ -105,6 +107,8 @@ class ModelConfig:
     instances: int | None = None
     compile: str = "none"
     """``"aot"``: the program is compiled with AOTInductor (:mod:`worker.compiling`)."""
+    cache: CacheConfig = CacheConfig()  # noqa: RUF009 - frozen: one default is safe
+    """``[cache]``: each version's response cache (off unless ``max_bytes`` > 0)."""
 
     def execution(self, defaults: Execution) -> Execution:
         """Device, precision and instances: this config's, else ``defaults``."""
@@ -129,7 +133,7 @@ class ModelConfig:
             raise ConfigError(f"{path}: cannot read model config: {exc}") from exc
         known = {
             "inputs", "outputs", "batching", "version_policy", "routing", "quantize",
-            "tokenizer", "padding", "device", "precision", "instances", "compile",
+            "tokenizer", "padding", "device", "precision", "instances", "compile", "cache",
         }  # fmt: skip
         parse.only(raw, known, "section(s)", path)
         quantize = parse.choice(raw.get("quantize", "none"), QUANTIZE_MODES, "quantize", path)
@@ -161,6 +165,7 @@ class ModelConfig:
                 precision=precision,
                 instances=instances,
                 compile=compile_mode,
+                cache=parse.cache(parse.table(raw, "cache", path), path),
             )
         except KeyError as exc:
             raise ConfigError(f"{path}: missing key {exc}") from exc
