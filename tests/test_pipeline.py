@@ -66,7 +66,12 @@ class Transport:
 
 @asynccontextmanager
 async def opened(
-    repository: ModelRepository, codecs: Codecs, transport: Transport, *, audit_topic: str = ""
+    repository: ModelRepository,
+    codecs: Codecs,
+    transport: Transport,
+    *,
+    audit_topic: str = "",
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[Pipeline]:
     """A pipeline over ``repository`` with a scripted transport, open (and drained on exit)."""
     settings = Settings(
@@ -78,7 +83,7 @@ async def opened(
     async with asyncio.TaskGroup() as group:
         pipeline = Pipeline(
             group, settings, repository=lambda: repository, destinations=destinations,
-            codecs=codecs, in_flight=InFlight(10), metrics=Metrics(),
+            codecs=codecs, in_flight=InFlight(10), metrics=metrics or Metrics(),
             publish=transport.published.append, acknowledged=transport.ack,
         )  # fmt: skip
         async with pipeline:

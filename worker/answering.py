@@ -20,6 +20,7 @@ import structlog
 
 from worker.admission import Job
 from worker.answers import Answer, Deliver, Stage, expired_response, model_response
+from worker.caching import store
 from worker.domain import Timing
 from worker.errors import SHOWN_CHARS
 from worker.forward import Run
@@ -112,6 +113,8 @@ class RunAnswers:
                 truncated=job.prepared.truncated,
             )  # fmt: skip
             answers.append(Answer(job.origin, response, batch_id=batch_id, served=True))
+            if not isinstance(result, Exception):
+                store(job, result, self._metrics)  # a version with a [cache]: kept for repeats
         return answers
 
     def _compare(self, job: Job, result: Result | None) -> None:

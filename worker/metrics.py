@@ -171,6 +171,30 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
+        self.cache_hits = Counter(
+            "inference_cache_hits",
+            "Requests answered from their version's response cache ([cache] in config.toml)",
+            ["model", "version"],
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "inference_cache_misses",
+            "Requests looked up in their version's response cache and not found (then run)",
+            ["model", "version"],
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "inference_cache_evictions",
+            "Entries a version's response cache dropped (least recently used) to make room",
+            ["model", "version"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "inference_cache_bytes",
+            "Bytes a served version's response cache holds now (entries at their real size)",
+            ["model", "version"],
+            registry=r,
+        )
         self.reloads = Counter(
             "inference_model_reloads",
             "Model repository reloads, by result",

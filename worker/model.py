@@ -47,6 +47,7 @@ from worker.model_config import (
 )
 from worker.prepared import Argument, Prepared, program_arguments
 from worker.quantize import quantize_int8
+from worker.response_cache import ResponseCache
 from worker.stacking import stack_inputs
 from worker.staging import (
     Fetched,
@@ -99,6 +100,10 @@ class LoadedModel:
         self._out_dtypes = tuple(torch_dtype_of(DATATYPES[s.datatype]) for s in config.outputs)
         self.warms_up = False
         """Each instance thread runs :meth:`warm_up` before it serves (on a GPU, set by load)."""
+        size = config.cache.max_bytes
+        self.cache = ResponseCache(size) if size else None
+        """Its response cache (``[cache] max_bytes``); kept by :meth:`with_config` while the
+        ``[cache]`` table is unchanged, a new (empty) one otherwise."""
 
     @classmethod
     def load(
@@ -214,6 +219,8 @@ class LoadedModel:
         )  # fmt: skip
         model.warms_up = self.warms_up
         model._runner, model.compilation = self._runner, self.compilation
+        if config.cache == self.config.cache:  # same program, same answers: keep what it holds
+            model.cache = self.cache
         return model
 
     def dummy(self) -> Prepared:

@@ -5,6 +5,7 @@
     a Kafka record (worker.intake) or a call (worker.direct: REST, gRPC)
       │  counted in InFlight (worker.inflight) until its answer is acknowledged
       └─ Pipeline.dispatch ─> admission.admit ─┬─ Answered ───────────────────────────┐
+                                               ├─ Admitted, its outputs cached ───────┤
                                                └─ Admitted ─┬─ strings pending ─┐     │
                                                             │   Tokenizing      │     │
                                                             └─> Lanes <─────────┘     │
@@ -44,6 +45,7 @@ from worker.answers import (
     reply_meta,
     safe_text,
 )
+from worker.caching import CacheGauges, lookup
 from worker.formats import Codecs
 from worker.headers import header
 from worker.inflight import InFlight
@@ -121,9 +123,11 @@ class Pipeline:
         )
         self.tokenizing = Tokenizing(self._pools[1], forward=self.lanes.put, deliver=self.deliver)
         self._tokenizer: asyncio.Task[None] | None = None
+        self._caches = CacheGauges(metrics)
 
     async def __aenter__(self) -> Pipeline:
         self.lanes.open(self.repository())
+        self._caches.open(self.repository())
         self._tokenizer = self._group.create_task(self.tokenizing.run())
         return self
 
@@ -148,6 +152,8 @@ class Pipeline:
         )  # fmt: skip
         if not isinstance(outcome, Admitted):
             self.deliver(outcome.answers)
+        elif (hit := lookup(outcome.job, self._metrics)) is not None:  # no batch, no shadow
+            self.deliver([hit])
         elif outcome.job.prepared.pending:  # a text model's strings: tokenised batch-wise
             self.tokenizing.put(outcome)
         else:
@@ -195,8 +201,13 @@ class Pipeline:
         return len(jobs)
 
     def reload(self, repository: ModelRepository) -> None:
-        """Serve ``repository`` from now on: new lanes built first, changed ones retired."""
+        """Serve ``repository`` from now on: new lanes built first, changed ones retired.
+
+        Response caches of versions no longer served, or reloaded with a changed program or
+        ``[cache]``, are dropped (:mod:`worker.caching`).
+        """
         self.lanes.open(repository)
+        self._caches.open(repository)
 
     async def drain(self) -> None:
         """Answer everything the tokenizer stage and the lanes hold, then let them end."""
