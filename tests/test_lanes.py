@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
+import torch
 from aiokafka import TopicPartition
 
 from worker.admission import Admitted, Limits, admit
@@ -17,8 +19,10 @@ from worker.lanes import Lanes
 from worker.metrics import Metrics
 from worker.origins import Record
 from worker.outgoing import Destinations
-from worker.repository import ModelRepository
+from worker.repository import ModelRepository, ServedModel
 from worker.settings import BatchingSettings
+
+from .test_device import sized_model
 
 DEST = Destinations("replies", "dlq", "g")
 
@@ -82,3 +86,32 @@ async def test_a_request_over_the_token_budget_on_its_own_is_resource_exhausted(
     assert response.error.code == "RESOURCE_EXHAUSTED"
     assert "needs 10240 padded tokens (40 rows x 256)" in response.error.message
     assert "at most 8192" in response.error.message
+
+
+async def test_a_run_s_answers_are_delivered_batch_by_batch() -> None:
+    """A run of 4 batches: 4 deliveries of 2 answers, not one of 8 (the loop is free between)."""
+
+    class Doubling(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    model = sized_model(Doubling())
+    repository = ModelRepository(Path("unused"), {"sized": ServedModel(model.config, {"1": model})})
+    deliveries: list[int] = []
+    with ThreadPoolExecutor(1) as shadow:
+        async with asyncio.TaskGroup() as group:
+            lanes = Lanes(
+                group, threads=1, shadow_executor=shadow, metrics=Metrics(),
+                batching=BatchingSettings(max_batch_size=2, max_batches_per_run=4),
+                deliver=lambda answers: deliveries.append(len(answers)), shadow_queue_limit=10,
+            )  # fmt: skip
+            lanes.open(repository)
+            for i in range(8):  # all queued before the lane's batcher first looks
+                x = Tensor.from_numpy("x", np.full((1, 2), float(i + 1), np.float32))
+                value = encode_request(InferenceRequest(f"r-{i}", "sized", [x]))
+                source = Record(TopicPartition("requests", 0), i, None, value, [], 1_000)
+                outcome = admit(source, repository, Limits(4 << 20, 10**6), DEST, PLAIN, now=0.0)
+                assert isinstance(outcome, Admitted)
+                lanes.put(outcome)
+            await lanes.drain()
+    assert [n for n in deliveries if n] == [2, 2, 2, 2]

@@ -4,13 +4,16 @@
 (:mod:`worker.lanes`): it answers the jobs whose deadline passed without running them, hands
 the live batches to the version's runner in one hand-off (:func:`worker.forward.run_batches`,
 off the event loop), and turns each batch's results into answers
-(:func:`~worker.answers.model_response`) with the batch's metrics; shadow copies are compared
+(:func:`~worker.answers.model_response`) with the batch's metrics, delivered batch by batch
+with the event loop free in between (a run's replies encoded at once would hold it for tens of
+milliseconds, a waiting REST or gRPC request included); shadow copies are compared
 (:mod:`worker.shadow`), never answered. A bug answering a batch fails its requests at stage
 ``BATCH`` (the last-resort guard) and the lane goes on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
 import time
@@ -78,6 +81,11 @@ class RunAnswers:
                         for job in live
                         if not job.is_shadow
                     ]
+                # Batch by batch, the event loop free in between: encoding a run's replies
+                # at once would hold it for tens of ms (a waiting call's request included).
+                self._deliver(answers)
+                answers = []
+                await asyncio.sleep(0)
         self._deliver(answers)
 
     def _answer(

@@ -35,8 +35,9 @@ Variable-length items (text) are measured by ``measure(item) -> (rows, length)``
 Priority classes (``classify(item) -> rank``, ``classes``, ``aging``): what waits is held per
 class and taken in aged order (:mod:`worker.waiting`): a batch is filled from the highest
 class (rank 0) first, and a lower class's item counts as arriving ``rank x aging`` later, so
-none starves. Without ``classify`` everything is one class, in arrival order. "Oldest" below
-means first in that order.
+none starves. A run whose first batch holds a rank-0 item is that batch alone (a run's answers
+are delivered together, after its last batch). Without ``classify`` everything is one class,
+in arrival order. "Oldest" below means first in that order.
 
 Every item put before :meth:`Batcher.close` is passed to ``process`` exactly once: ``run``
 returns only when the queue is empty and every run it started has finished. ``process`` must
@@ -191,7 +192,9 @@ class Batcher(Generic[T]):
                 if remaining <= 0 or not await self._wait(remaining):
                     break
         self._idle_start = False
-        share = self._share()
+        # A run's answers go out when its last batch is done: a batch holding the top class
+        # runs alone, so its answers are never held by the batches behind it.
+        share = 1 if self._classify and self._queue.next_rank() == 0 else self._share()
         if self._measure is None:
             batches = [self._take()]
             while len(batches) < share and len(self._queue) >= self.max_batch_size:

@@ -71,6 +71,10 @@ class Waiting(Generic[T]):
             raise IndexError("nothing is waiting")
         return best
 
+    def next_rank(self) -> int:
+        """The class of the entry that goes next; the queue is not empty."""
+        return self._next()[0].rank
+
     def popleft(self) -> Entry[T]:
         """Take the entry that goes next."""
         entry = self._next().popleft()

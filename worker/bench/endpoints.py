@@ -18,7 +18,7 @@ from worker.bench.load import BenchResult, numeric_rows
 from worker.bench.targets import input_of
 from worker.errors import WorkerError
 
-__all__ = ["drive_endpoint"]
+__all__ = ["Call", "drive_endpoint", "open_call"]
 
 Call = Callable[[int], Awaitable[dict[str, Any]]]
 """Send request ``i``; its response parameters (``batch_size``, ``compute_us``, errors)."""
@@ -36,7 +36,7 @@ async def _grpc(port: int, model: str, rows: int, count: int) -> AsyncIterator[C
         stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
 
         async def call(i: int) -> dict[str, Any]:
-            array = arrays[i]
+            array = arrays[i % count]
             tensor = pb.ModelInferRequest.InferInputTensor(
                 name=name, datatype="FP32", shape=list(array.shape)
             )
@@ -67,7 +67,7 @@ async def _http(port: int, model: str, rows: int, count: int) -> AsyncIterator[C
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def call(i: int) -> dict[str, Any]:
-            async with session.post(url, data=bodies[i]) as response:
+            async with session.post(url, data=bodies[i % count]) as response:
                 body = await response.json(content_type=None)
             params: dict[str, Any] = body.get("parameters", {})
             if response.status != 200:  # noqa: PLR2004
@@ -76,6 +76,13 @@ async def _http(port: int, model: str, rows: int, count: int) -> AsyncIterator[C
 
         await _until_ready(lambda: call(0))
         yield call
+
+
+def open_call(
+    kind: str, port: int, model: str, rows: int, count: int
+) -> contextlib.AbstractAsyncContextManager[Call]:
+    """A ``call(i)`` over ``kind`` (``grpc`` or ``http``), ``count`` distinct inputs cycled."""
+    return (_grpc if kind == "grpc" else _http)(port, model, rows, count)
 
 
 async def _until_ready(call: Callable[[], Awaitable[dict[str, Any]]]) -> None:
@@ -97,10 +104,9 @@ async def drive_endpoint(
     concurrency: int, rate: float, progress: Any = None,
 ) -> BenchResult:  # fmt: skip
     """Send the load over ``kind`` (``grpc`` or ``http``) and time every call."""
-    opener = _grpc if kind == "grpc" else _http
     latencies: list[float] = []
     params: list[dict[str, Any]] = []
-    async with opener(port, model, rows, requests) as call:
+    async with open_call(kind, port, model, rows, requests) as call:
         gate = asyncio.Semaphore(min(concurrency, 512))
 
         async def one(i: int) -> None:

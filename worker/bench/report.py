@@ -9,7 +9,7 @@ from typing import Any
 
 from worker.bench.load import BenchResult
 
-__all__ = ["plot", "print_rebalance", "print_table", "progress_bar"]
+__all__ = ["padding_efficiency", "plot", "print_rebalance", "print_table", "progress_bar"]
 
 
 @contextlib.contextmanager
@@ -102,3 +102,23 @@ def plot(results: list[BenchResult], path: Path, *, sweep: bool) -> None:
         ax.set_title("Throughput vs max_batch_size")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+async def padding_efficiency(port: int) -> float | None:
+    """Real / padded tokens in a worker's batches, from its ``/metrics``."""
+    import aiohttp  # noqa: PLC0415
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    kinds: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "inference_batch_tokens_total":
+                kind = sample.labels["kind"]
+                kinds[kind] = kinds.get(kind, 0.0) + sample.value
+    padded = kinds.get("padded", 0.0)
+    return kinds.get("real", 0.0) / padded if padded else None

@@ -29,9 +29,16 @@ from typing import Any
 
 from worker.bench.delivery import delivery_comparison
 from worker.bench.endpoints import drive_endpoint
+from worker.bench.interactive import interactive, interactive_arguments
 from worker.bench.load import BenchResult, bench_texts, drive
 from worker.bench.rebalance import DEFAULT_RATE, run_rebalance
-from worker.bench.report import plot, print_rebalance, print_table, progress_bar
+from worker.bench.report import (
+    padding_efficiency,
+    plot,
+    print_rebalance,
+    print_table,
+    progress_bar,
+)
 from worker.bench.targets import (
     bench_repository,
     bench_topics,
@@ -80,6 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="at-least-once against exactly-once: closed loop (mlp, twice each, interleaved) "
         "and open loop at --rate (default 500/s)",
     )  # fmt: skip
+    interactive_arguments(parser)
     parser.add_argument(
         "--rebalance",
         action="store_true",
@@ -111,9 +119,9 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
     console = Console(stderr=True)
     if args.rate is None:
-        args.rate = DEFAULT_RATE if args.rebalance else 500.0 if args.delivery else 1000.0
-    if args.rebalance:
-        return await _rebalance(settings, args, console)
+        args.rate = _default_rate(args)
+    if args.rebalance or args.interactive:
+        return await (_rebalance if args.rebalance else interactive)(settings, args, console)
     results: list[BenchResult] = []
     report: dict[str, Any] = {"results": [], "ratios": {}, "limits": {}}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -204,6 +212,13 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     if args.plot:
         plot(results, args.plot, sweep=bool(args.sweep))
     return report
+
+
+def _default_rate(args: argparse.Namespace) -> float:
+    """``--rate`` when not given: each kind of run has its own."""
+    if args.rebalance:
+        return DEFAULT_RATE
+    return 50.0 if args.interactive else 500.0 if args.delivery else 1000.0
 
 
 async def _rebalance(settings: Settings, args: argparse.Namespace, console: Any) -> dict[str, Any]:
@@ -351,26 +366,6 @@ async def _text_suite(
         "padding_efficiency_length_aware": aware.padding_efficiency,
         "padding_efficiency_fifo": fifo.padding_efficiency,
     }
-
-
-async def padding_efficiency(port: int) -> float | None:
-    """Real / padded tokens in a worker's batches, from its ``/metrics``."""
-    import aiohttp  # noqa: PLC0415
-    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
-
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{port}/metrics") as response,
-    ):
-        text = await response.text()
-    kinds: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "inference_batch_tokens_total":
-                kind = sample.labels["kind"]
-                kinds[kind] = kinds.get(kind, 0.0) + sample.value
-    padded = kinds.get("padded", 0.0)
-    return kinds.get("real", 0.0) / padded if padded else None
 
 
 P99_TARGET_MS = 100.0
