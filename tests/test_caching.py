@@ -142,11 +142,11 @@ async def test_errors_truncated_answers_and_shadow_results_are_never_stored(
     outputs = [Tensor.from_numpy("label", np.array([7]))]
     results: list[object] = [RuntimeError("model failed"), outputs, outputs, outputs]
 
-    async def runner(_m: LoadedModel, batches: list[object]) -> list[object]:
+    async def runner(_m: LoadedModel, batches: list[object], _stop: object) -> list[object]:
         return [(0.0, 0.001, results)]
 
     answered: list[Answer] = []
-    await RunAnswers(answered.extend, Metrics()).run(runner, [jobs])  # type: ignore[arg-type]
+    await RunAnswers(answered.extend, Metrics()).run(runner, None, [jobs])  # type: ignore[arg-type]
     assert model.cache is not None
     assert model.cache.keys() == [cache_key(jobs[3].request.inputs)]
     assert len(answered) == 3

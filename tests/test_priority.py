@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 
+import numpy as np
 import pytest
 from aiokafka import TopicPartition
 from hypothesis import given, settings
@@ -237,3 +239,62 @@ def test_a_reserve_always_leaves_records_a_place() -> None:
     assert InFlight.reserving(10, 0.95).reserved == 9
     with pytest.raises(ValueError, match="records need a place"):
         InFlight(5, 5)
+
+
+async def test_a_high_item_sets_urgent_and_what_a_run_hands_back_runs_next_in_order() -> None:
+    """Preemption: a run hands back its unrun batches; the high item goes, then them, in order."""
+    urgent = threading.Event()
+    seen: list[list[int]] = []
+    first_run = asyncio.Event()
+    release = asyncio.Event()
+
+    async def process(run: list[list[int]]) -> list[int]:
+        seen.append([item for batch in run for item in batch])
+        if len(seen) == 1:
+            first_run.set()
+            await release.wait()
+            assert urgent.is_set(), "a high item came while this run was processed"
+            return [item for batch in run[1:] for item in batch]  # only the first batch ran
+        return []
+
+    batcher: Batcher[int] = Batcher(
+        process, max_batch_size=2, max_batch_delay=0, max_batches_per_run=4,
+        classify=lambda item: 0 if item >= 100 else 1, classes=3, aging=60.0, urgent=urgent,
+    )  # fmt: skip
+    async with asyncio.TaskGroup() as group:
+        for i in range(8):
+            batcher.put(i)
+        group.create_task(batcher.run())
+        await asyncio.wait_for(first_run.wait(), 5)
+        assert not urgent.is_set()
+        batcher.put(100)
+        release.set()
+        batcher.close()
+    assert seen[0] == list(range(8))
+    assert seen[1][0] == 100, "the high item runs first (its run alone)"
+    assert [item for run in seen[1:] for item in run] == [100, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_run_stops_at_a_batch_boundary_once_stop_is_set() -> None:
+    """run_batches: stop set, the batch under way finishes and no later batch is staged."""
+    import torch  # noqa: PLC0415
+
+    from tests.test_device import sized_model  # noqa: PLC0415
+    from worker.forward import run_batches  # noqa: PLC0415
+    from worker.prepared import Prepared  # noqa: PLC0415
+
+    class Doubling(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    model = sized_model(Doubling())
+    rows = [Prepared([np.full((1, 2), float(i), np.float32)], rows=1) for i in range(6)]
+    batches = [rows[0:2], rows[2:4], rows[4:6]]
+    stop = threading.Event()
+    assert len(run_batches(model, batches, stop)) == 3, "not set: every batch"
+    stop.set()
+    stopped = run_batches(model, batches, stop)
+    assert len(stopped) == 1
+    outputs = stopped[0][2]
+    assert not isinstance(outputs[1], Exception)
+    assert outputs[1][0].to_numpy().tolist() == [[2.0, 2.0]], "its own rows, doubled"

@@ -222,3 +222,27 @@ async def running_with_replies(
     """A worker and a reader of its reply topic."""
     async with running_worker(settings, repository) as worker, reply_reader(settings) as replies:
         yield worker, replies
+
+
+async def test_a_call_cuts_a_run_under_way_short_and_runs_next(
+    settings: Settings, single: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs of 8 batches: a call arriving while one is held runs right after its first batch."""
+    settings = with_endpoints(settings)
+    backlog: list[Sent] = [(f"k-{i}", float(i % 16), None) for i in range(30)]
+    await publish(settings, backlog)  # waiting before the worker starts: its first run is full
+    with held_model(monkeypatch) as held:
+        async with serving(settings, single) as worker, reply_reader(settings) as replies:
+            assert worker.rest_port is not None
+            await wait_for(lambda: worker.in_flight == 30 and len(held.order) == 1,
+                           timeout=30, what="a run of batches held")  # fmt: skip
+            body = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 64],
+                                "data": [20.5] * 64}]}  # fmt: skip
+            call = asyncio.create_task(rest(worker.rest_port, INFER, body))
+            await wait_for(lambda: worker.direct_in_flight == 1, timeout=30, what="the call")
+            held.gate.set()
+            status, _ = await call
+            await wait_for(lambda: len(replies) >= len(backlog), timeout=60, what="the backlog")
+    assert status == 200
+    assert held.order[1] == 20.5, f"the call ran after {held.order[:10]}"
+    assert sorted(held.order) == sorted([v for _, v, _ in backlog] + [20.5]), "each ran once"

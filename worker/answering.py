@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable
 
@@ -35,8 +36,9 @@ __all__ = ["RunAnswers", "Runner"]
 
 log = structlog.get_logger(__name__)
 
-Runner = Callable[[LoadedModel, list[list[Prepared]]], Awaitable[Run]]
-"""Runs a run of batches off the event loop (:func:`worker.forward.run_batches`)."""
+Runner = Callable[[LoadedModel, list[list[Prepared]], threading.Event | None], Awaitable[Run]]
+"""Runs a run of batches off the event loop (:func:`worker.forward.run_batches`); the event, when
+set, ends the run early (its results then cover the first batches only)."""
 
 
 class RunAnswers:
@@ -48,8 +50,15 @@ class RunAnswers:
         self._batch_ids = itertools.count(1)
         self._batch_prefix = secrets.token_hex(4)
 
-    async def run(self, runner: Runner, batches: list[list[Job]]) -> None:
-        """Answer a run of batches: expired jobs at once, the rest in one hand-off."""
+    async def run(
+        self, runner: Runner, urgent: threading.Event | None, batches: list[list[Job]]
+    ) -> list[Job]:
+        """Answer a run of batches: expired jobs at once, the rest in one hand-off.
+
+        Returns the jobs of the batches a preempted run did not reach (``urgent`` set
+        meanwhile), for the batcher to take again.
+        """
+        left: list[Job] = []
         now_ms = time.time() * 1000
         answers: list[Answer] = []
         live_batches: list[list[Job]] = []
@@ -70,8 +79,9 @@ class RunAnswers:
         if live_batches:
             model = live_batches[0][0].model
             started = time.monotonic()
-            runs = await runner(model, [[j.prepared for j in b] for b in live_batches])
-            for live, (offset_s, compute_s, results) in zip(live_batches, runs, strict=True):
+            runs = await runner(model, [[j.prepared for j in b] for b in live_batches], urgent)
+            left = [job for batch in live_batches[len(runs) :] for job in batch]
+            for live, (offset_s, compute_s, results) in zip(live_batches, runs, strict=False):
                 try:
                     answers += self._answer(model, live, started + offset_s, compute_s, results)
                 except Exception as exc:  # the last-resort guard: a bug must not stop the lane
@@ -87,6 +97,7 @@ class RunAnswers:
                 answers = []
                 await asyncio.sleep(0)
         self._deliver(answers)
+        return left
 
     def _answer(
         self,

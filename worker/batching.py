@@ -39,16 +39,24 @@ none starves. A run whose first batch holds a rank-0 item is that batch alone (a
 are delivered together, after its last batch). Without ``classify`` everything is one class,
 in arrival order. "Oldest" below means first in that order.
 
-Every item put before :meth:`Batcher.close` is passed to ``process`` exactly once: ``run``
+Preemption (``urgent``, with ``classify``): a rank-0 item put while runs are being processed
+sets the event; ``process`` may then stop its run early and return the items it did not take,
+which go back to the front of their classes (with their arrival times), so the new item waits
+for at most the batch being processed, not the rest of a run.
+
+Every item put before :meth:`Batcher.close` is processed exactly once (passed to ``process``
+once, or again after a hand-back): ``run``
 returns only when the queue is empty and every run it started has finished. ``process`` must
-answer every item of its run; an exception it lets escape ends ``run``.
+answer every item of its run but those it returns (handed back: they are passed again in a
+later run); an exception it lets escape ends ``run``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from worker.waiting import Entry, Waiting
@@ -67,7 +75,7 @@ class Batcher(Generic[T]):
 
     def __init__(
         self,
-        process: Callable[[list[list[T]]], Awaitable[None]],
+        process: Callable[[list[list[T]]], Awaitable[Sequence[T] | None]],
         *,
         max_batch_size: int,
         max_batch_delay: float,
@@ -81,6 +89,7 @@ class Batcher(Generic[T]):
         classify: Callable[[T], int] | None = None,
         classes: int = 1,
         aging: float = 1.0,
+        urgent: threading.Event | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1:
@@ -114,6 +123,9 @@ class Batcher(Generic[T]):
         self._queued_tokens = 0
         self._queue: Waiting[T] = Waiting(classes, aging)
         self._classify = classify
+        self._urgent = urgent
+        self._taken: dict[int, Entry[T]] = {}
+        """Entries of the runs being processed, by ``id`` of their item (for hand-backs)."""
         self._wakeup = asyncio.Event()
         self._closed = False
 
@@ -137,6 +149,8 @@ class Batcher(Generic[T]):
         self._queue.append(Entry(self._clock(), item, rows, length, rank))
         if self._measure:
             self._queued_tokens += rows * length
+        if rank == 0 and self._urgent is not None and self._running:
+            self._urgent.set()  # the runs being processed stop early and hand the rest back
         self._wakeup.set()
 
     def withdraw(self, unwanted: Callable[[T], bool]) -> list[T]:
@@ -161,14 +175,24 @@ class Batcher(Generic[T]):
                     self._slots.release()
                     return
                 self._running += 1
+                if self._urgent is not None:
+                    self._urgent.clear()
                 group.create_task(self._run(batches))
 
     async def _run(self, batches: list[list[T]]) -> None:
         try:
-            await self._process(batches)
+            left = await self._process(batches)
+            if left:  # not processed: back at the front of their classes, as they were
+                entries = [self._taken[id(item)] for item in left]
+                self._queue.give_back(entries)
+                self._queued_tokens += sum(e.rows * e.length for e in entries if self._measure)
         finally:
+            for batch in batches:
+                for item in batch:
+                    self._taken.pop(id(item), None)
             self._running -= 1
             self._slots.release()
+            self._wakeup.set()  # a run handed items back, or a closed batcher may now end
 
     async def _wait(self, timeout: float | None) -> bool:
         """Wait for a put or close; False if ``timeout`` passed first."""
@@ -182,7 +206,7 @@ class Batcher(Generic[T]):
 
     async def _next_run(self) -> list[list[T]]:
         while not self._queue:
-            if self._closed:
+            if self._closed and not self._running:  # a run may still hand items back
                 return []
             await self._wait(None)
         if not (self._idle_start and self.start_when_idle):
@@ -219,7 +243,11 @@ class Batcher(Generic[T]):
 
     def _take(self) -> list[T]:
         size = min(self.max_batch_size, len(self._queue))
-        return [self._queue.popleft().item for _ in range(size)]
+        return [self._taking(self._queue.popleft()) for _ in range(size)]
+
+    def _taking(self, entry: Entry[T]) -> T:
+        self._taken[id(entry.item)] = entry
+        return entry.item
 
     def _take_measured(self, share: int) -> list[list[T]]:
         """A run of batches cut from the window under both bounds; the oldest item's first."""
@@ -255,4 +283,4 @@ class Batcher(Generic[T]):
         taken = {i for g in chosen for i in g}
         queue.give_back(e for i, e in enumerate(window) if i not in taken)
         self._queued_tokens -= sum(window[i].rows * window[i].length for i in taken)
-        return [[window[i].item for i in sorted(g)] for g in chosen]
+        return [[self._taking(window[i]) for i in sorted(g)] for g in chosen]

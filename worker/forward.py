@@ -18,6 +18,7 @@ Blocking calls, no Kafka, no asyncio: the worker runs them in a version's instan
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -128,7 +129,9 @@ class _Flight:
     fetched: Fetched | None
 
 
-def run_batches(model: Program, batches: Sequence[Sequence[Prepared]]) -> Run:
+def run_batches(
+    model: Program, batches: Sequence[Sequence[Prepared]], stop: threading.Event | None = None
+) -> Run:
     """Run batches back to back (blocking): each batch's outputs, or its requests' errors.
 
     Pipelined: batch i is launched and its copy back queued; batch i+1 is assembled and its
@@ -138,6 +141,10 @@ def run_batches(model: Program, batches: Sequence[Sequence[Prepared]]) -> Run:
     launch and in waiting for it; never the next batch's staging. A batch that fails anywhere
     goes through :func:`run_isolated`'s halving, after the batch before it is collected.
     Raises :class:`~worker.errors.DeviceLostError` if the device fails for good (or had).
+
+    ``stop`` (set by the batcher when a high-priority request arrives): the run ends after the
+    batches already launched or staged, and returns fewer results than batches; the caller
+    hands the rest back to the batcher. Nothing of a batch not run is staged.
     """
     ensure_usable(model.device)
     first = time.monotonic()
@@ -145,6 +152,8 @@ def run_batches(model: Program, batches: Sequence[Sequence[Prepared]]) -> Run:
     staged: Staged | Exception | None = None
     flight: _Flight | None = None
     for i, batch in enumerate(batches):
+        if staged is None and i and stop is not None and stop.is_set():
+            break  # preempted: the rest go back to the batcher
         if staged is None:  # the first batch, or the one after a failure
             staged = _attempt(model.stage, batch)
         began = time.monotonic()
@@ -153,7 +162,8 @@ def run_batches(model: Program, batches: Sequence[Sequence[Prepared]]) -> Run:
         )
         launch_s = time.monotonic() - began
         current, staged = staged, None
-        if isinstance(fetched, Fetched) and i + 1 < len(batches):
+        going_on = i + 1 < len(batches) and not (stop is not None and stop.is_set())
+        if isinstance(fetched, Fetched) and going_on:
             staged = _attempt(model.stage, batches[i + 1])  # its copy overlaps this compute
         if flight is not None:  # the batch before: the device has this one queued meanwhile
             out.append(_land(model, flight))

@@ -19,6 +19,7 @@ has its lane retired: it answers everything it holds, then ends.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -159,6 +160,7 @@ class Lanes:
         if delay_ms is None:
             delay_ms = self._batching.max_batch_delay_ms
         instances = None
+        urgent = None if shadow else threading.Event()  # shadow runs are never cut short
         if shadow:
             runner: Runner = self._in_shadow_thread
         else:
@@ -169,7 +171,7 @@ class Lanes:
             self._pools.add(instances)
             runner = _in(instances)
         batcher = Batcher(
-            partial(self._answers.run, runner),
+            partial(self._answers.run, runner, urgent),
             max_batch_size=self._max_batch_size(model),
             max_batch_delay=delay_ms / 1000,
             max_concurrent_batches=1 if instances is None else instances.count,
@@ -178,6 +180,7 @@ class Lanes:
             classify=_priority,
             classes=len(Priority),
             aging=self._batching.priority_aging_ms / 1000,
+            urgent=urgent,
             **self._length_aware(model),
         )
         return batcher, instances
@@ -189,7 +192,9 @@ class Lanes:
         tokens = self._length_aware(model).get("max_batch_tokens")
         return partial(model.warm_up, self._max_batch_size(model), tokens)
 
-    async def _in_shadow_thread(self, model: LoadedModel, batches: list[list[Prepared]]) -> Run:
+    async def _in_shadow_thread(
+        self, model: LoadedModel, batches: list[list[Prepared]], _: threading.Event | None
+    ) -> Run:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._shadow_executor, run_batches, model, batches)
 
@@ -275,7 +280,9 @@ def _count(model: LoadedModel) -> int:
 
 
 def _in(instances: Instances) -> Runner:
-    async def runner(model: LoadedModel, batches: list[list[Prepared]]) -> Run:
-        return await instances.run(run_batches, model, batches)
+    async def runner(
+        model: LoadedModel, batches: list[list[Prepared]], stop: threading.Event | None
+    ) -> Run:
+        return await instances.run(run_batches, model, batches, stop)
 
     return runner
