@@ -276,3 +276,25 @@ async def test_text_is_keyed_by_its_strings_and_a_truncated_answer_is_not_kept(
     assert again.outputs == first.outputs
     assert other.parameters is None, "other strings (their order counts), other key"
     assert [r.parameters for r in cut] == [{"truncated": 1}, {"truncated": 1}]
+
+
+def test_a_miss_is_hashed_once_and_stored_under_its_lookup_key(
+    repo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lookup then store of one miss: one key computed (a 4 MiB input costs ms per hash)."""
+    from worker import caching  # noqa: PLC0415
+
+    model = cache_of(cached_repo(repo_dir, 100_000))
+    computed: list[bytes] = []
+
+    def counting(inputs: list[Tensor]) -> bytes:
+        computed.append(cache_key(inputs))
+        return computed[-1]
+
+    monkeypatch.setattr(caching, "cache_key", counting)
+    missed = job(model, 5)
+    assert caching.lookup(missed, Metrics()) is None
+    caching.store(missed, [Tensor.from_numpy("label", np.array([3]))], Metrics())
+    assert len(computed) == 1
+    assert model.cache is not None
+    assert model.cache.keys() == computed

@@ -64,6 +64,8 @@ class Job:
     is_shadow: bool = False
     priority: Priority = Priority.NORMAL
     """Its class in the batcher (:mod:`worker.priority`)."""
+    cache_key: bytes | None = None
+    """Its inputs' key in its version's response cache, once looked up (:mod:`worker.caching`)."""
 
 
 @dataclass(slots=True)

@@ -50,7 +50,8 @@ def lookup(job: Job, metrics: Metrics) -> Answer | None:
         return None
     if job.deadline_ms is not None and job.deadline_ms < time.time() * 1000:
         return None
-    outputs = cache.get(cache_key(job.request.inputs))
+    job.cache_key = key = cache_key(job.request.inputs)  # kept: a miss stores under it
+    outputs = cache.get(key)
     labels = (model.name, model.version)
     if outputs is None:
         metrics.cache_misses.labels(*labels).inc()
@@ -68,7 +69,8 @@ def store(job: Job, outputs: list[Tensor], metrics: Metrics) -> None:
     cache = job.model.cache
     if cache is None or job.is_shadow or job.prepared.truncated:
         return
-    evicted = cache.put(cache_key(job.request.inputs), outputs)
+    key = job.cache_key if job.cache_key is not None else cache_key(job.request.inputs)
+    evicted = cache.put(key, outputs)
     if evicted:
         metrics.cache_evictions.labels(job.model.name, job.model.version).inc(evicted)
 
