@@ -106,12 +106,17 @@ async def test_a_run_s_answers_are_delivered_batch_by_batch() -> None:
                 deliver=lambda answers: deliveries.append(len(answers)), shadow_queue_limit=10,
             )  # fmt: skip
             lanes.open(repository)
-            for i in range(8):  # all queued before the lane's batcher first looks
-                x = Tensor.from_numpy("x", np.full((1, 2), float(i + 1), np.float32))
-                value = encode_request(InferenceRequest(f"r-{i}", "sized", [x]))
-                source = Record(TopicPartition("requests", 0), i, None, value, [], 1_000)
-                outcome = admit(source, repository, Limits(4 << 20, 10**6), DEST, PLAIN, now=0.0)
-                assert isinstance(outcome, Admitted)
-                lanes.put(outcome)
+            put_sized(lanes, repository, 8)  # all queued before the lane's batcher first looks
             await lanes.drain()
     assert [n for n in deliveries if n] == [2, 2, 2, 2]
+
+
+def put_sized(lanes: Lanes, repository: ModelRepository, count: int) -> None:
+    """``count`` one-row requests for ``sized`` (values 1, 2, ...: never all zero) into lanes."""
+    for i in range(count):
+        x = Tensor.from_numpy("x", np.full((1, 2), float(i + 1), np.float32))
+        value = encode_request(InferenceRequest(f"r-{i}", "sized", [x]))
+        source = Record(TopicPartition("requests", 0), i, None, value, [], 1_000)
+        outcome = admit(source, repository, Limits(4 << 20, 10**6), DEST, PLAIN, now=0.0)
+        assert isinstance(outcome, Admitted)
+        lanes.put(outcome)

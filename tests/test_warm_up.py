@@ -12,25 +12,18 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from aiokafka import TopicPartition
 
 from tests.test_device import rows, sized_model
-from tests.test_lanes import DEST, make_lanes
-from worker.admission import Admitted, Limits, admit
+from tests.test_lanes import make_lanes, put_sized
 from worker.answers import Answer
-from worker.codec import encode_request
 from worker.device import forget_lost
-from worker.domain import InferenceRequest, Tensor
 from worker.errors import DeviceLostError
-from worker.formats import PLAIN
 from worker.forward import run_batches
 from worker.instances import Instances
 from worker.metrics import Metrics
 from worker.model import LoadedModel
-from worker.origins import Record
 from worker.repository import ModelRepository, ServedModel
 from worker.settings import BatchingSettings
 
@@ -64,13 +57,7 @@ async def serve_through_lanes(model: LoadedModel, count: int) -> list[Answer]:
         async with asyncio.TaskGroup() as group:
             lanes = make_lanes(group, shadow, delivered, BatchingSettings(max_batch_size=4))
             lanes.open(repository)
-            for i in range(count):
-                x = Tensor.from_numpy("x", np.full((1, 2), float(i + 1), np.float32))
-                value = encode_request(InferenceRequest(f"r-{i}", "sized", [x]))
-                source = Record(TopicPartition("requests", 0), i, None, value, [], 1_000)
-                outcome = admit(source, repository, Limits(4 << 20, 10**6), DEST, PLAIN, now=0.0)
-                assert isinstance(outcome, Admitted)
-                lanes.put(outcome)
+            put_sized(lanes, repository, count)
             await lanes.drain()
     return delivered
 
