@@ -41,7 +41,9 @@ def test_the_header_wins_over_the_parameter_and_the_default_applies_without_eith
     assert choose([("traceparent", b"x")], None, LOW) == LOW
 
 
-@pytest.mark.parametrize("value", ["urgent", "4", "-1", "", "highest", "1.0"])
+@pytest.mark.parametrize(
+    "value", ["urgent", "4", "-1", "", "highest", "1.0", "\u00b2", "\uff11", "\u0663"]
+)
 def test_a_value_outside_the_set_is_refused_naming_the_accepted_values(value: str) -> None:
     """INVALID_ARGUMENT that lists high, normal, low: a typo never silently demotes."""
     with pytest.raises(RequestError) as caught:
@@ -298,3 +300,25 @@ def test_a_run_stops_at_a_batch_boundary_once_stop_is_set() -> None:
     outputs = stopped[0][2]
     assert not isinstance(outputs[1], Exception)
     assert outputs[1][0].to_numpy().tolist() == [[2.0, 2.0]], "its own rows, doubled"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=40), st.integers(), st.floats(), st.booleans()))
+def test_any_parameter_value_gives_a_class_or_invalid_argument(value: object) -> None:
+    """Hostile parameters (Unicode digits included): a class, or INVALID_ARGUMENT; never a crash."""
+    try:
+        chosen: Priority | RequestError = choose([], {"priority": value}, NORMAL)  # type: ignore[dict-item]
+    except RequestError as exc:
+        chosen = exc
+    if isinstance(chosen, RequestError):
+        assert chosen.code == ErrorCode.INVALID_ARGUMENT
+    else:
+        assert chosen in Priority
+
+
+def test_records_of_a_fetch_being_handed_on_count_in_flight() -> None:
+    """A fetch handed on in chunks: its records not yet handed on leave calls no room."""
+    bound = InFlight.reserving(1000, 0.1)
+    bound.incoming = 500
+    assert bound.room() == 500
+    assert bound.room_for_records() == 400

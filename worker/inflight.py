@@ -33,6 +33,8 @@ class InFlight:
         self.records: OffsetTracker[TopicPartition] = OffsetTracker()
         """Records fetched and not yet answered, by partition and offset."""
         self.calls = 0
+        self.incoming = 0
+        """Records of a fetch not yet handed on (the intake hands a fetch on in chunks)."""
         """Direct calls holding a place (see :class:`worker.direct.Place`)."""
 
     @property
@@ -42,11 +44,12 @@ class InFlight:
 
     def room(self) -> int:
         """How many more calls may be taken in now (0 or less: none)."""
-        return self.limit - self.records.pending - self.calls
+        return self.limit - self.records.pending - self.incoming - self.calls
 
     def room_for_records(self) -> int:
         """How many more records may be fetched now: never into the calls' reserve."""
-        return self.limit - self.records.pending - max(self.calls, self.reserved)
+        pending = self.records.pending + self.incoming
+        return self.limit - pending - max(self.calls, self.reserved)
 
     @classmethod
     def reserving(cls, limit: int, share: float) -> InFlight:

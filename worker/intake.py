@@ -174,11 +174,9 @@ class Intake:
             epoch = self.epoch
             if prepare is not None and fetched:
                 await prepare([(r.value, r.headers) for rs in fetched.values() for r in rs])
-            for tp, chunk in _chunks(fetched):
-                if self.epoch != epoch:  # rebalanced meanwhile: read again from the commits
-                    break
-                self._hand_on(tp, chunk, pipeline)
-                await asyncio.sleep(0)  # a call's request (REST, gRPC) is read in between
+            same = partial(lambda epoch: self.epoch == epoch, epoch)
+            hand_on = partial(self._hand_on, pipeline=pipeline)
+            await _in_chunks(fetched, self._in_flight, same, hand_on)
 
     def _check(self) -> None:
         """Raise what makes going on impossible: a twin's fencing, a failed take-up."""
@@ -343,3 +341,27 @@ def _chunks(fetched: dict[TopicPartition, list[Any]]) -> Iterator[tuple[TopicPar
     for tp, records in fetched.items():
         for start in range(0, len(records), HAND_ON_CHUNK):
             yield tp, records[start : start + HAND_ON_CHUNK]
+
+
+async def _in_chunks(
+    fetched: dict[TopicPartition, list[Any]],
+    in_flight: InFlight,
+    same: Callable[[], bool],
+    hand_on: Callable[[TopicPartition, list[Any]], None],
+) -> None:
+    """Hand a fetch on chunk by chunk, the event loop free in between, while ``same()``.
+
+    Its records count in flight (``incoming``) from the start: calls read between chunks cannot
+    overfill the bound. A rebalance meanwhile (not ``same()``) stops it: the rest are read
+    again from the commits.
+    """
+    in_flight.incoming = sum(len(records) for records in fetched.values())
+    try:
+        for tp, chunk in _chunks(fetched):
+            if not same():
+                break
+            in_flight.incoming -= len(chunk)
+            hand_on(tp, chunk)
+            await asyncio.sleep(0)  # a call's request (REST, gRPC) is read in between
+    finally:
+        in_flight.incoming = 0

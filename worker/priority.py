@@ -78,7 +78,7 @@ def _parse(value: object, where: str, default: Priority) -> Priority:
         text = value.strip().lower()
         if text in _NAMED:
             return _NAMED[text]
-        if text.isdigit() and len(text) == 1:
+        if text in ("0", "1", "2", "3"):  # ASCII only: str.isdigit() takes '²', int() does not
             return _parse(int(text), where, default)
     raise RequestError(
         ErrorCode.INVALID_ARGUMENT,

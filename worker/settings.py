@@ -82,7 +82,7 @@ class BatchingSettings(BaseModel):
     min_padding_efficiency: float = Field(default=0.8, ge=0, le=1)
     """Sequence models: a batch is cut where the next request would bring real / padded tokens
     below this (0: cut by size and token budget only)."""
-    priority_aging_ms: float = Field(default=1000.0, ge=0, le=3_600_000)
+    priority_aging_ms: float = Field(default=60_000.0, ge=0, le=3_600_000)
     """Priority classes (high, normal, low): a lower class counts as arriving this much later
     per class, so none starves (a low request waits at most for what came within twice this)."""
 
