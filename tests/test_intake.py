@@ -9,6 +9,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
+from worker.handover import Handover
 from worker.inflight import InFlight
 from worker.intake import Intake
 from worker.metrics import Metrics
@@ -196,3 +197,66 @@ async def test_a_fetch_failing_after_a_rebalance_rewinds_to_the_commit_not_the_o
     assert 40 not in consumer.seeks, "the position from before the rebalance is never restored"
     assert consumer.seeks
     assert consumer.seeks[0] == 4, "back to the commit: the abandoned requests are read again"
+
+
+@dataclass
+class SlowOwner:
+    """Exactly-once's owner whose producers start only once the first fetch has returned."""
+
+    fetched: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def acquire(self, _partitions: Collection[TopicPartition], /) -> None:
+        await self.fetched.wait()
+
+    def buffered(self, _partitions: Collection[TopicPartition], /) -> int:
+        return 0
+
+    async def relinquish(self, _partitions: Collection[TopicPartition], _timeout: float, /) -> None:
+        return None
+
+
+@dataclass
+class TakingUpConsumer:
+    """One partition of 1,000 records, committed at 0; reads from where it was last sought."""
+
+    owner: SlowOwner
+    position_now: int = 0
+
+    def assignment(self) -> set[TopicPartition]:
+        return {PARTITIONS[0]}
+
+    def paused(self) -> set[TopicPartition]:
+        return set()
+
+    async def position(self, _tp: TopicPartition) -> int:
+        return self.position_now
+
+    async def committed(self, _tp: TopicPartition) -> int:
+        return 0
+
+    def seek(self, _tp: TopicPartition, offset: int) -> None:
+        self.position_now = offset
+
+    async def getmany(self, **_: Any) -> dict[Any, list[ConsumerRecord]]:
+        await asyncio.sleep(0)
+        first, self.position_now = self.position_now, min(self.position_now + 300, 1000)
+        self.owner.fetched.set()
+        return {PARTITIONS[0]: [ConsumerRecord(o) for o in range(first, self.position_now)]}
+
+
+async def test_a_fetch_handed_on_across_an_exactly_once_take_up_skips_no_record() -> None:
+    """A fetch spanning the take-up's seek is dropped from there: every offset served once."""
+    owner = SlowOwner()
+    consumer = TakingUpConsumer(owner)
+    intake, _, _ = intake_over(consumer, max_in_flight=10_000)  # type: ignore[arg-type]
+    intake.handover = Handover(owner)
+    intake.assigned = {PARTITIONS[0]}
+    stopping = asyncio.Event()
+    handed: list[Record] = []
+    async with asyncio.TaskGroup() as group:
+        group.create_task(intake.consume(stopping, Handed(handed)))
+        group.create_task(intake.receive({PARTITIONS[0]}))  # taken up while the fetch is handed on
+        await wait_for(lambda: len(handed) >= 1000 or stopping.is_set(), timeout=5, what="all")
+        stopping.set()
+    offsets = [record.offset for record in handed]
+    assert offsets == list(range(1000)), f"served from {offsets[:1]}, {len(offsets)} in all"

@@ -33,9 +33,9 @@ class InFlight:
         self.records: OffsetTracker[TopicPartition] = OffsetTracker()
         """Records fetched and not yet answered, by partition and offset."""
         self.calls = 0
+        """Direct calls holding a place (see :class:`worker.direct.Place`)."""
         self.incoming = 0
         """Records of a fetch not yet handed on (the intake hands a fetch on in chunks)."""
-        """Direct calls holding a place (see :class:`worker.direct.Place`)."""
 
     @property
     def count(self) -> int:

@@ -87,7 +87,8 @@ class Intake:
         self.assigned: set[TopicPartition] = set()
         """Partitions assigned now."""
         self.epoch = 0
-        """Counts rebalance callbacks: positions saved before a change of it are stale."""
+        """Counts rebalance callbacks and take-ups (exactly-once seeks each partition taken up):
+        positions saved, and records fetched, before a change of it are stale."""
         self._members = MemberIds(kafka)
         """Static membership: does a twin keep fencing this worker (:mod:`worker.membership`)."""
         self._dispatcher: Dispatcher | None = None
@@ -302,6 +303,8 @@ class Intake:
                 self.handover.failure = exc
                 return
             self.handover.start(self.consumer, positions)
+            # What a fetch handed on meanwhile (chunks, schema lookups) has left is stale.
+            self.epoch += 1
         self.assigned |= assigned
         self.joined = True
         self._metrics.rebalances.inc()
