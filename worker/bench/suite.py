@@ -39,6 +39,7 @@ from worker.bench.report import (
     print_table,
     progress_bar,
 )
+from worker.bench.sweeps import count_sweep
 from worker.bench.targets import (
     bench_repository,
     bench_topics,
@@ -81,6 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=int, default=1, help="instances per model version")
     parser.add_argument("--instances-sweep", default="",
                         help="comma-separated instance counts, one run each")  # fmt: skip
+    parser.add_argument("--processes", type=int, default=1,
+                        help="worker processes (serve --processes)")  # fmt: skip
+    parser.add_argument("--processes-sweep", default="",
+                        help="comma-separated process counts, one run each")  # fmt: skip
     parser.add_argument("--suite", action="store_true", help="run every reference comparison")
     parser.add_argument(
         "--delivery", action="store_true",
@@ -154,6 +159,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
                     Path(tmp) / f"{label}.log",
                     worker_src=args.worker_src,
                     env_over=env,
+                    processes=opts["processes"],
                 )
                 if target != "none"
                 else contextlib.nullcontext()
@@ -188,20 +194,11 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         elif args.sweep:
             for size in [int(s) for s in args.sweep.split(",")]:
                 await one(f"batch-{size}", args.target, max_batch_size=size)
-        elif args.instances_sweep:
-            counts = [int(s) for s in args.instances_sweep.split(",")]
-            labels = [  # a count given twice (1,2,1,2: interleaved, for noise) gets a suffix
-                f"{args.model}-x{n}" + (f"-{i + 1}" if counts.count(n) > 1 else "")
-                for i, n in enumerate(counts)
-            ]
-            runs = [
-                await one(label, args.target, instances=n)
-                for label, n in zip(labels, counts, strict=True)
-            ]
-            report["ratios"] = {
-                f"{label}_vs_{labels[0]}": round(r.throughput / runs[0].throughput, 3)
-                for label, r in zip(labels, runs, strict=True)
-            }
+        elif args.instances_sweep or args.processes_sweep:
+            key = "instances" if args.instances_sweep else "processes"
+            counts = [int(n) for n in (args.instances_sweep or args.processes_sweep).split(",")]
+            await count_sweep(one, report, model=args.model, target=args.target, key=key,
+                              counts=counts)  # fmt: skip
         else:  # one target, or at-least-once against exactly-once
             target = args.target
             await (delivery_comparison(one, report) if args.delivery else one(target, target))

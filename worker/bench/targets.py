@@ -211,13 +211,16 @@ def spawned(
     *,
     worker_src: Path | None = None,
     env_over: dict[str, str] | None = None,
+    processes: int = 1,
 ) -> Iterator[int]:
     """Run ``python -m worker serve`` (or ``echo``, ``plain``) on the bench's topics while open.
 
     The child is started by :func:`launch` (its settings are described there). Yields the
     child's metrics (HTTP) port; on exit the child gets SIGTERM (SIGKILL after 60 s).
     """
-    proc, port = launch(target, kafka, repo, log, worker_src=worker_src, env_over=env_over)
+    proc, port = launch(
+        target, kafka, repo, log, worker_src=worker_src, env_over=env_over, processes=processes
+    )
     try:
         yield port
     finally:
@@ -236,6 +239,7 @@ def launch(
     *,
     worker_src: Path | None = None,
     env_over: dict[str, str] | None = None,
+    processes: int = 1,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start ``python -m worker serve`` (or ``echo``, ``plain``); the process and its metrics port.
 
@@ -243,7 +247,9 @@ def launch(
     Kafka topics and group, the model repository and logging, which the bench sets.
     ``worker_src``: run the worker (not the references) from this source tree, for example a
     checkout of an earlier commit, to measure before and after in one run. ``env_over``: more
-    ``WORKER_*`` settings for the child. The caller stops it (:func:`spawned` does).
+    ``WORKER_*`` settings for the child. ``processes``: ``serve --processes`` (the worker only;
+    the port is then the parent's, its metrics merged). The caller stops it (:func:`spawned`
+    does).
     """
     env = dict(os.environ)
     if worker_src is not None and target == "worker":
@@ -258,10 +264,12 @@ def launch(
         "WORKER_HTTP__PORT": str(port),
     }
     env |= env_over or {}
-    command = {"worker": "serve", "echo": "echo", "plain": "plain"}[target]
+    command = [{"worker": "serve", "echo": "echo", "plain": "plain"}[target]]
+    if target == "worker" and processes != 1:
+        command += ["--processes", str(processes)]
     with log.open("ab") as out:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module, fixed argv
-            [sys.executable, "-m", "worker", command], env=env, stderr=out, stdout=out
+            [sys.executable, "-m", "worker", *command], env=env, stderr=out, stdout=out
         )
     return proc, port
 
