@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -333,17 +333,26 @@ class WorkerProcess:
     """``python -m worker serve`` as a child process, for signal tests."""
 
     def __init__(
-        self, settings: Settings, log_path: Path, env: dict[str, str] | None = None
+        self,
+        settings: Settings,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self._log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "serve"],
+            [sys.executable, "-m", "worker", "serve", *args],
             env=worker_env(settings) | (env or {}),
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # close() kills its children too (process mode)
         )
+
+    def log(self) -> str:
+        """What the worker (and its children) printed so far."""
+        return self._log_path.read_text(errors="replace")
 
     def serving(self) -> bool:
         """True once the worker has joined its group and been given partitions."""
@@ -368,10 +377,10 @@ class WorkerProcess:
         return self.proc.returncode
 
     def close(self) -> None:
-        """Kill the process if it still runs."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        """Kill the process (and any child of it) if it still runs."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
         self._log.close()
 
 
@@ -380,8 +389,10 @@ def worker_processes(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Factory of worker subprocesses (settings, extra environment), killed at the end."""
     started: list[WorkerProcess] = []
 
-    def start(settings: Settings, env: dict[str, str] | None = None) -> WorkerProcess:
-        proc = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log", env)
+    def start(
+        settings: Settings, env: dict[str, str] | None = None, args: Sequence[str] = ()
+    ) -> WorkerProcess:
+        proc = WorkerProcess(settings, tmp_path / f"worker-{len(started)}.log", env, args)
         started.append(proc)
         return proc
 

@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 import yaml
 
+from worker.cli import _parser
 from worker.http import Probes, serve_http
 from worker.kafka import consumer_config
 from worker.metrics import Metrics
@@ -59,7 +60,7 @@ def test_every_worker_variable_in_compose_is_a_real_setting() -> None:
     """Every WORKER_* variable the compose file sets names an existing setting."""
     known = env_var_names()
     services = worker_services(compose())
-    assert set(services) == {"worker", "worker-gpu", "demo"}
+    assert set(services) == {"worker", "worker-gpu", "worker-processes", "demo"}
     for name, svc in services.items():
         env = svc["environment"]
         unknown = [k for k in env if k.startswith("WORKER_") and k not in known]
@@ -500,15 +501,21 @@ def test_k8s_static_scaledobject_targets_the_statefulset() -> None:
     assert base["spec"]["scaleTargetRef"]["kind"] == "Deployment"
 
 
-async def test_probe_paths_are_served_by_the_worker_endpoint() -> None:
-    """The paths the manifests probe exist on worker.http (started here on a free port)."""
-    probes = Probes(lambda: b"# metrics\n", lambda: (True, "ok"), lambda: (False, "joining"))
-    async with serve_http(probes, "127.0.0.1", 0) as port, aiohttp.ClientSession() as session:
+async def test_probe_paths_are_served_by_the_worker_endpoint(tmp_path: Path) -> None:
+    """The paths the manifests probe exist on worker.http (on a free port, told in a file)."""
+
+    async def joining() -> tuple[bool, str]:  # process mode's probes are awaited
+        return False, "joining"
+
+    probes = Probes(lambda: b"# metrics\n", lambda: (True, "ok"), joining)
+    http = HttpSettings(host="127.0.0.1", port=0, port_file=tmp_path / "port")
+    async with serve_http(probes, http) as port, aiohttp.ClientSession() as session:
         statuses = {}
         for path in ("/healthz", "/readyz", "/metrics", "/nope"):
             async with session.get(f"http://127.0.0.1:{port}{path}") as response:
                 statuses[path] = response.status
     assert statuses == {"/healthz": 200, "/readyz": 503, "/metrics": 200, "/nope": 404}
+    assert (tmp_path / "port").read_text() == str(port)
 
 
 def test_monitoring_profile_scrapes_the_workers_and_provisions_the_dashboard() -> None:
@@ -581,3 +588,17 @@ def test_k8s_gpu_overlay_limits_nvidia_gpus_and_sets_real_settings() -> None:
     ModelSettings(
         precision=env["WORKER_MODELS__PRECISION"], instances=env["WORKER_MODELS__INSTANCES"]
     )
+
+
+def test_process_mode_examples_run_serve_with_several_processes() -> None:
+    """Compose's worker-processes (a profile) and the k8s overlay pass --processes to serve."""
+    service = compose()["services"]["worker-processes"]
+    assert service["profiles"] == ["processes"]
+    assert _parser().parse_args(service["command"]).processes == 2
+    assert service["stop_grace_period"] == "45s", "above the children's 30 s drain"
+    patch = yaml.safe_load((K8S / "processes" / "deployment-processes.yaml").read_text())
+    [container] = patch["spec"]["template"]["spec"]["containers"]
+    processes = _parser().parse_args(container["args"]).processes
+    assert int(container["resources"]["requests"]["cpu"]) == processes, "a core per process"
+    overlay = yaml.safe_load((K8S / "processes" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == ["../base"]

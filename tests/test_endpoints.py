@@ -354,6 +354,41 @@ async def test_a_worker_without_kafka_serves_rest_and_grpc(
     assert ready[1].startswith("ok: REST/gRPC only")
 
 
+async def test_two_workers_share_the_rest_and_grpc_ports_only_with_reuse_port(
+    settings: Settings, repository: ModelRepository, testset: TestSet
+) -> None:
+    """reuse_port (process mode's children): a second worker serves on the first's ports."""
+    base = changed(with_endpoints(settings, reuse_port=True), "kafka", enabled=False,
+                   bootstrap_servers="127.0.0.1:1")  # fmt: skip
+    base = changed(base, "http", enabled=False)
+    first = Worker(base, repository)
+    async with asyncio.TaskGroup() as group:
+        group.create_task(first.run())
+        await wait_for(lambda: first.rest_port is not None and first.grpc_port is not None,
+                       timeout=30, what="the first worker's endpoints")  # fmt: skip
+        shared = changed(changed(base, "rest", port=first.rest_port), "grpc", port=first.grpc_port)
+        second = Worker(shared, repository)
+        running = group.create_task(second.run())
+        await wait_for(lambda: second.grpc_port is not None or running.done(), timeout=30,
+                       what="the second worker's endpoints")  # fmt: skip
+        assert (second.rest_port, second.grpc_port) == (first.rest_port, first.grpc_port)
+        assert first.rest_port is not None
+        path, body = "/v2/models/digits/versions/1/infer", v2_body(testset[0][:1])
+        # A new connection each: the kernel spreads them (1 in 2**23 that one worker gets all).
+        statuses = [(await rest(first.rest_port, path, body))[0] for _ in range(24)]
+        alone = changed(shared, "rest", reuse_port=False)
+        with pytest.raises(BaseException) as refused:  # noqa: PT011 - checked below
+            await Worker(alone, repository).run()
+        first.stop()
+        second.stop()
+    assert statuses == [200] * 24
+    served = [w.metrics.value("inference_transport_requests_total", transport="rest",
+                              outcome="ok") for w in (first, second)]  # fmt: skip
+    assert sum(served) == 24
+    assert min(served) > 0, f"both workers answer on the shared port: {served}"
+    assert "address already in use" in repr(refused.value).lower()
+
+
 async def test_trace_context_continues_over_rest_and_grpc(
     settings: Settings, repository: ModelRepository, testset: TestSet
 ) -> None:

@@ -157,9 +157,7 @@ class Worker:
         async with contextlib.AsyncExitStack() as stack:
             if settings.http.enabled:
                 probes = Probes(self.metrics.render, self.healthy, self.ready)
-                self.http_port = await stack.enter_async_context(
-                    serve_http(probes, settings.http.host, settings.http.port)
-                )
+                self.http_port = await stack.enter_async_context(serve_http(probes, settings.http))
             replier = await self._connect(stack) if kafka.enabled else None
             if replier is not None:  # before the consumer leaves: commit if a device failed
                 stack.push_async_exit(self._commit_if_device_lost)

@@ -30,7 +30,10 @@ from worker.v2json import parse_json_body, request_from_body
 if TYPE_CHECKING:
     from worker.app import Worker
 
-__all__ = ["main", "response_to_json", "summary", "tensors_from_json"]
+__all__ = ["MAX_PROCESSES", "main", "response_to_json", "summary", "tensors_from_json"]
+
+MAX_PROCESSES = 256
+"""The most worker processes ``serve --processes`` starts."""
 
 
 def tensors_from_json(body: bytes) -> list[Tensor]:
@@ -125,6 +128,33 @@ async def _serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, worker.stop)
     loop.add_signal_handler(signal.SIGHUP, worker.request_reload)
     await worker.run()
+
+
+async def _serve_processes(settings: Settings, processes: int) -> int:
+    """Process mode (:mod:`worker.processes`): ``processes`` workers under this one."""
+    from worker.processes import Parent  # noqa: PLC0415 - aiohttp client only when asked
+
+    loop = asyncio.get_running_loop()
+    async with Parent.running(settings, processes, environ=os.environ) as parent:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, parent.stop)
+        loop.add_signal_handler(signal.SIGHUP, parent.reload)
+        return await parent.run()
+
+
+def _processes(text: str) -> int:
+    """An argparse type: a count of processes, or ``auto`` (the cores this process may use)."""
+    if text == "auto":
+        return len(os.sched_getaffinity(0))
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_PROCESSES:
+        raise argparse.ArgumentTypeError(
+            f"{text[:20]!r} is neither 'auto' nor a whole number from 1 to {MAX_PROCESSES}"
+        )
+    return value
 
 
 async def _reference(settings: Settings, name: str) -> None:
@@ -240,7 +270,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Kafka inference worker. Settings come from WORKER_* environment variables.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("serve", help="serve requests from the requests topic until SIGTERM/SIGINT")
+    serve = sub.add_parser(
+        "serve", help="serve requests from the requests topic until SIGTERM/SIGINT"
+    )
+    serve.add_argument(
+        "--processes", type=_processes, default=1,
+        help="worker processes in one group under this one (auto: one per core; default 1)",
+    )  # fmt: skip
     predict = sub.add_parser("predict", help="send one request and print its reply as JSON")
     predict.add_argument("--model", required=True)
     predict.add_argument("--version", default=None)
@@ -286,7 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.log)
     commands: dict[str, Callable[[], Coroutine[Any, Any, int | None]]] = {
-        "serve": lambda: _serve(settings),
+        "serve": lambda: (
+            _serve(settings) if args.processes == 1 else _serve_processes(settings, args.processes)
+        ),
         "echo": lambda: _reference(settings, "echo"),
         "plain": lambda: _reference(settings, "plain"),
         "predict": lambda: _until_signal(_predict(settings, args)),

@@ -9,6 +9,8 @@ re-exports these and fills in an endpoint's ``max_request_bytes``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, Field, FilePath, SecretStr, model_validator
 
 __all__ = ["EndpointSettings", "GrpcSettings", "HttpSettings", "RestSettings"]
@@ -21,6 +23,8 @@ class HttpSettings(BaseModel):
     host: str = "0.0.0.0"  # noqa: S104 - probes and Prometheus reach a container from outside
     port: int = Field(default=9464, ge=0, le=65535)
     """``/metrics``, ``/healthz``, ``/readyz``; 0 picks a free port."""
+    port_file: Path | None = None
+    """Once serving, the bound port is written here (process mode sets it for each child)."""
 
 
 class EndpointSettings(BaseModel):
@@ -30,6 +34,9 @@ class EndpointSettings(BaseModel):
     host: str = "0.0.0.0"  # noqa: S104 - callers reach a container from outside
     port: int = Field(default=0, ge=0, le=65535)
     """0 picks a free port (tests)."""
+    reuse_port: bool = False
+    """Share the port with other processes (SO_REUSEPORT; the kernel spreads connections):
+    process mode sets it for its children. Off: a port in use is a start-up error."""
     cert_file: FilePath | None = None
     """PEM server certificate: serve TLS (with ``key_file``)."""
     key_file: FilePath | None = None

@@ -196,7 +196,10 @@ async def serve_grpc(api: V2Api, settings: GrpcSettings) -> AsyncIterator[int]:
     max_bytes = request_bytes(settings)
     server = grpc.aio.server(
         interceptors=interceptors,
-        options=[("grpc.max_receive_message_length", max_bytes)],
+        options=[
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.so_reuseport", int(settings.reuse_port)),  # grpc's own default shares it
+        ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     with ThreadPoolExecutor(1, thread_name_prefix="grpc-codec") as codec:

@@ -13,13 +13,20 @@ Served with aiohttp on the worker's own event loop: if the loop is blocked, prob
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-__all__ = ["Probes", "serve_http"]
+from worker.endpoint_settings import HttpSettings
+
+__all__ = ["Check", "Probes", "serve_http"]
+
+
+Check = Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]]
+"""A probe: (ok, detail), at once or awaited (process mode asks its children)."""
 
 
 @dataclass(frozen=True)
@@ -27,27 +34,32 @@ class Probes:
     """What the endpoint asks the worker."""
 
     metrics: Callable[[], bytes]
-    healthy: Callable[[], tuple[bool, str]]
-    ready: Callable[[], tuple[bool, str]]
+    healthy: Check
+    ready: Check
 
 
-def _status(check: Callable[[], tuple[bool, str]]) -> web.Response:
-    ok, detail = check()
+async def _status(check: Check) -> web.Response:
+    outcome = check()
+    ok, detail = await outcome if inspect.isawaitable(outcome) else outcome
     return web.Response(status=200 if ok else 503, text=detail + "\n")
 
 
 @contextlib.asynccontextmanager
-async def serve_http(probes: Probes, host: str, port: int) -> AsyncIterator[int]:
-    """Serve the endpoint while the context is open; yields the bound port (``port=0``: any)."""
+async def serve_http(probes: Probes, settings: HttpSettings) -> AsyncIterator[int]:
+    """Serve the endpoint while the context is open; yields the bound port (``port=0``: any).
+
+    With ``port_file`` set, the bound port is written there (process mode reads its children's).
+    """
+    host, port = settings.host, settings.port
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=probes.metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
-        return _status(probes.healthy)
+        return await _status(probes.healthy)
 
     async def readyz(_: web.Request) -> web.Response:
-        return _status(probes.ready)
+        return await _status(probes.ready)
 
     app = web.Application()
     app.add_routes(
@@ -60,6 +72,9 @@ async def serve_http(probes: Probes, host: str, port: int) -> AsyncIterator[int]
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None) or []
-        yield sockets[0].getsockname()[1] if sockets else port
+        bound = int(sockets[0].getsockname()[1]) if sockets else port
+        if settings.port_file is not None:
+            settings.port_file.write_text(str(bound))
+        yield bound
     finally:
         await runner.cleanup()

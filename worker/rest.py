@@ -266,8 +266,9 @@ async def serve_rest(api: V2Api, settings: RestSettings) -> AsyncIterator[int]:
             assert runner.server is not None
             gate = ConnectionGate(runner.server, settings.max_connections)
             server = await asyncio.get_running_loop().create_server(
-                gate, settings.host, settings.port, ssl=endpoint_ssl(settings), backlog=128
-            )
+                gate, settings.host, settings.port, ssl=endpoint_ssl(settings), backlog=128,
+                reuse_port=settings.reuse_port or None,
+            )  # fmt: skip
             try:
                 yield int(server.sockets[0].getsockname()[1]) if server.sockets else settings.port
             finally:
