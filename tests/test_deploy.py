@@ -602,3 +602,9 @@ def test_process_mode_examples_run_serve_with_several_processes() -> None:
     assert int(container["resources"]["requests"]["cpu"]) == processes, "a core per process"
     overlay = yaml.safe_load((K8S / "processes" / "kustomization.yaml").read_text())
     assert overlay["resources"] == ["../base"]
+    assert {p["path"] for p in overlay["patches"]} == {
+        p.name for p in (K8S / "processes").glob("*-processes.yaml")
+    }
+    scaled = yaml.safe_load((K8S / "processes" / "scaledobject-processes.yaml").read_text())
+    partitions = manifests()["ScaledObject"]["spec"]["maxReplicaCount"]  # the base: partitions
+    assert scaled["spec"]["maxReplicaCount"] * processes <= partitions, "a partition per member"

@@ -27,6 +27,7 @@ import pytest
 from worker.answering import RunAnswers
 from worker.app import Worker
 from worker.client import InferenceClient
+from worker.errors import ConfigError
 from worker.model import LoadedModel
 from worker.oip import pb, pb_grpc
 from worker.repository import ModelRepository
@@ -376,9 +377,12 @@ async def test_two_workers_share_the_rest_and_grpc_ports_only_with_reuse_port(
         path, body = "/v2/models/digits/versions/1/infer", v2_body(testset[0][:1])
         # A new connection each: the kernel spreads them (1 in 2**23 that one worker gets all).
         statuses = [(await rest(first.rest_port, path, body))[0] for _ in range(24)]
-        alone = changed(shared, "rest", reuse_port=False)
-        with pytest.raises(BaseException) as refused:  # noqa: PT011 - checked below
-            await Worker(alone, repository).run()
+        refusals = []
+        for endpoint in ("rest", "grpc"):  # either alone on a shared port: a clear error
+            alone = changed(shared, endpoint, reuse_port=False)
+            with pytest.raises(ExceptionGroup) as refused:
+                await Worker(alone, repository).run()
+            refusals.append(refused.value.exceptions)
         first.stop()
         second.stop()
     assert statuses == [200] * 24
@@ -386,7 +390,9 @@ async def test_two_workers_share_the_rest_and_grpc_ports_only_with_reuse_port(
                               outcome="ok") for w in (first, second)]  # fmt: skip
     assert sum(served) == 24
     assert min(served) > 0, f"both workers answer on the shared port: {served}"
-    assert "address already in use" in repr(refused.value).lower()
+    for (error,), name in zip(refusals, ("REST", "gRPC"), strict=True):
+        assert isinstance(error, ConfigError)
+        assert f"the {name} endpoint cannot listen on 127.0.0.1:" in str(error)
 
 
 async def test_trace_context_continues_over_rest_and_grpc(

@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -143,13 +144,12 @@ async def _serve_processes(settings: Settings, processes: int) -> int:
 
 
 def _processes(text: str) -> int:
-    """An argparse type: a count of processes, or ``auto`` (the cores this process may use)."""
+    """An argparse type: a count of processes, or ``auto`` (cores this process may use)."""
+    from worker.processes import available_cores  # noqa: PLC0415 - only for serve
+
     if text == "auto":
-        return len(os.sched_getaffinity(0))
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
+        return min(available_cores(), MAX_PROCESSES)
+    value = int(text) if re.fullmatch(r"[0-9]{1,4}", text) else 0
     if not 1 <= value <= MAX_PROCESSES:
         raise argparse.ArgumentTypeError(
             f"{text[:20]!r} is neither 'auto' nor a whole number from 1 to {MAX_PROCESSES}"

@@ -39,7 +39,7 @@ from worker.endpoints import (
     request_bytes,
     warn_if_open,
 )
-from worker.errors import DecodeError, shown
+from worker.errors import ConfigError, DecodeError, shown
 from worker.oip import pb, pb_grpc
 from worker.v2proto import request_from_message, response_message
 
@@ -208,10 +208,16 @@ async def serve_grpc(api: V2Api, settings: GrpcSettings) -> AsyncIterator[int]:
         )  # type: ignore[no-untyped-call]
         address = f"{settings.host}:{settings.port}"
         credentials = _credentials(settings)
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:  # grpc says only "Failed to bind"
+            raise ConfigError(
+                f"the gRPC endpoint cannot listen on {address}: the port is in use (or the "
+                "address is not this machine's); WORKER_GRPC__PORT chooses it"
+            ) from exc
         await server.start()
         try:
             yield port

@@ -79,7 +79,6 @@ class Metrics:
             "CUDA memory held by torch on each device in use, allocated or reserved (cached)",
             ["device", "kind"],
             registry=r,
-            multiprocess_mode="livesum",
         )
         self.transport = Counter(
             "inference_transport_requests",
@@ -97,20 +96,17 @@ class Metrics:
             "inference_requests_in_flight",
             "Requests in flight, Kafka records and REST/gRPC calls: taken in, not yet answered",
             registry=r,
-            multiprocess_mode="livesum",
         )
         self.shadow_queued = Gauge(
             "inference_shadow_queued",
             "Shadow copies waiting for their lane (bounded by max_in_flight; beyond it dropped)",
             registry=r,
-            multiprocess_mode="livesum",
         )
         self.lag = Gauge(
             "inference_consumer_lag",
             "Records of an assigned partition not yet committed (high watermark - committed)",
             ["topic", "partition"],
             registry=r,
-            multiprocess_mode="livesum",
         )
         self.dead_lettered = Counter(
             "inference_dead_lettered",
@@ -157,7 +153,6 @@ class Metrics:
             "inference_partitions_assigned",
             "Partitions of the requests topic assigned to this worker now",
             registry=r,
-            multiprocess_mode="livesum",
         )
         self.abandoned = Counter(
             "inference_abandoned_requests",
@@ -199,7 +194,6 @@ class Metrics:
             "Bytes a served version's response cache holds now (entries at their real size)",
             ["model", "version"],
             registry=r,
-            multiprocess_mode="livesum",
         )
         self.reloads = Counter(
             "inference_model_reloads",

@@ -5,19 +5,21 @@ loop), however many the machine has. Process mode runs N full workers (each its 
 producer, lanes and models) in one consumer group, so a machine's cores are used. The parent
 loads no model and reads no record; it
 
-- starts the children (``python -m worker serve`` with this process's environment, plus: a
+- starts the children (``python -m worker serve`` with the parent's environment, plus: a
   client id, and a static member id when one is set, made unique per child (``-0``, ``-1``...);
-  the HTTP endpoint on 127.0.0.1 at a free port, which the child writes to a file here);
+  torch threads shared out when left to the default; the HTTP endpoint on 127.0.0.1 at a free
+  port, which the child writes to a file here). A child gets SIGTERM if the parent dies;
 - restarts a child that exits while the parent is serving, after a backoff that doubles from
   :data:`BACKOFF_S` to :data:`BACKOFF_MAX_S` (back to the start once a child ran
-  :data:`STEADY_S`); the group gives its partitions to the others meanwhile;
+  :data:`STEADY_S`); the group gives its partitions to the others meanwhile. A child that
+  exits with status 2 (its settings are invalid) stops the parent: every restart would too;
 - forwards SIGTERM/SIGINT to every child (each drains and commits, as alone), waits for them
   (``shutdown_timeout_s`` plus :data:`GRACE_S`, then SIGKILL) and exits 0 only if all did;
-- serves one endpoint at ``WORKER_HTTP__*``: ``/metrics`` merged from every child's, counts of
-  children that exited included (prometheus-client's multiprocess mode: each child writes its
-  samples to files in a folder the parent reads; gauges are summed over live children),
+- serves one endpoint at ``WORKER_HTTP__*``: ``/metrics`` merged from every child's
+  (:mod:`worker.merging`, read every :data:`SCRAPE_S`: counters and histograms of children
+  that exited kept, gauges of the living summed; plus ``inference_process_restarts_total``),
   ``/healthz`` 200 only while every child runs and answers its own as healthy, ``/readyz``
-  200 only when every child is ready.
+  200 only when every child is ready (children asked at once, :data:`PROBE_TIMEOUT_S` each).
 
 REST and gRPC: each child serves them on the same port (SO_REUSEPORT; the kernel spreads
 connections over the children).
@@ -27,6 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import math
+import os
 import signal
 import sys
 import tempfile
@@ -37,12 +42,16 @@ from pathlib import Path
 
 import aiohttp
 import structlog
-from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
+from worker.errors import ConfigError
 from worker.http import Probes, serve_http
+from worker.merging import Snapshot, lasting, merge, parse, render
 from worker.settings import Settings
 
-__all__ = ["BACKOFF_MAX_S", "BACKOFF_S", "GRACE_S", "STEADY_S", "Parent", "child_environment"]
+__all__ = [
+    "BACKOFF_MAX_S", "BACKOFF_S", "CONFIG_EXIT", "GRACE_S", "MAX_METRICS_BYTES", "PROBE_TIMEOUT_S",
+    "SCRAPE_S", "STEADY_S", "Parent", "available_cores", "child_environment",
+]  # fmt: skip
 
 log = structlog.get_logger(__name__)
 
@@ -54,17 +63,35 @@ STEADY_S = 60.0
 """A child that ran this long before exiting is restarted after the first backoff again."""
 GRACE_S = 10.0
 """Beyond ``shutdown_timeout_s``: how long children may take to drain before SIGKILL."""
-PROBE_TIMEOUT_S = 2.0
-"""How long the parent's probes wait for a child's answer."""
+PROBE_TIMEOUT_S = 1.5
+"""How long the parent waits for a child's probe or metrics (children are asked at once)."""
+SCRAPE_S = 1.0
+"""How often the parent reads its children's metrics."""
+MAX_METRICS_BYTES = 16 * 1024 * 1024
+"""The most of a child's ``/metrics`` the parent reads."""
+CONFIG_EXIT = 2
+"""A worker's exit status for invalid settings (:func:`worker.cli.main`)."""
+_MEMBER_ID_MAX = 249
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, within a cgroup v2 CPU quota if any."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def child_environment(
-    settings: Settings, environ: Mapping[str, str], index: int, folder: Path
+    settings: Settings, environ: Mapping[str, str], index: int, folder: Path, processes: int = 1
 ) -> dict[str, str]:
     """The environment of child ``index``: the parent's, made unique where children differ."""
     env = dict(environ)
     env |= {
-        "PROMETHEUS_MULTIPROC_DIR": str(folder / "metrics"),
         "WORKER_HTTP__ENABLED": "true",
         "WORKER_HTTP__HOST": "127.0.0.1",
         "WORKER_HTTP__PORT": "0",
@@ -76,7 +103,15 @@ def child_environment(
     member = settings.kafka.group_instance_id
     if member is not None:
         env["WORKER_KAFKA__GROUP_INSTANCE_ID"] = f"{member}-{index}"
+    if settings.models.torch_threads == 0:  # the default, a thread per core: share them out
+        env["WORKER_MODELS__TORCH_THREADS"] = str(max(1, available_cores() // processes - 1))
     return env
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM this process when its parent dies (the child then drains and stops)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -86,6 +121,8 @@ class _Child:
     started: float = 0.0
     failures: int = 0
     exits: list[int] = field(default_factory=list)
+    metrics: Snapshot | None = None
+    """Its metrics as last read."""
 
 
 class Parent:
@@ -100,14 +137,23 @@ class Parent:
         environ: Mapping[str, str],
         command: Sequence[str] = (sys.executable, "-m", "worker", "serve"),
     ) -> None:
+        member = settings.kafka.group_instance_id
+        if member is not None and len(f"{member}-{processes - 1}") > _MEMBER_ID_MAX:
+            raise ConfigError(
+                f"WORKER_KAFKA__GROUP_INSTANCE_ID is too long for {processes} processes: each "
+                f"child's gets '-<n>' appended, and at most {_MEMBER_ID_MAX} characters are valid"
+            )
         self._settings = settings
         self._environ = environ
         self._command = command
         self._children = [_Child(i) for i in range(processes)]
         self._folder = folder
-        (folder / "metrics").mkdir(parents=True, exist_ok=True)
         self._stopping = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
+        self._gone: Snapshot = Snapshot()
+        """What children that exited had counted (counters, histograms)."""
+        self._restarts = 0
+        self._fatal: int | None = None
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -119,7 +165,7 @@ class Parent:
         environ: Mapping[str, str],
         command: Sequence[str] = (sys.executable, "-m", "worker", "serve"),
     ) -> AsyncIterator[Parent]:
-        """A parent with a private folder (port files, metrics) removed on exit.
+        """A parent with a private folder (its children's port files) removed on exit.
 
         ``environ`` is passed on to the children (the secrets folder and the like included);
         ``command`` starts one (a seam for tests).
@@ -132,19 +178,19 @@ class Parent:
         self._stopping.set()
 
     def reload(self) -> None:
-        """SIGHUP: every running child reloads its model repository."""
+        """SIGHUP: every serving child reloads its model repository.
+
+        One still starting up loads the repository as it is anyway (and would die of a SIGHUP
+        before its handler is in place).
+        """
         for child in self._children:
-            if child.process is not None and child.process.returncode is None:
+            if self._running(child) and self._port_file(child).exists():
+                assert child.process is not None
                 with contextlib.suppress(ProcessLookupError):
                     child.process.send_signal(signal.SIGHUP)
 
-    @property
-    def pids(self) -> list[int]:
-        """The running children's process ids."""
-        return [c.process.pid for c in self._children if c.process and c.process.returncode is None]
-
     async def run(self) -> int:
-        """Serve until stopped; 0 if every child stopped cleanly."""
+        """Serve until stopped: 0 if every child stopped cleanly, 2 on a child's config error."""
         http = self._settings.http
         async with contextlib.AsyncExitStack() as stack:
             self._session = await stack.enter_async_context(aiohttp.ClientSession())
@@ -152,75 +198,122 @@ class Parent:
                 probes = Probes(self._metrics, self._healthy_now, self._ready_now)
                 port = await stack.enter_async_context(serve_http(probes, http))
                 log.info("process mode", processes=len(self._children), http_port=port)
-            try:
-                async with asyncio.TaskGroup() as group:
+            async with asyncio.TaskGroup() as group:
+                scraping = group.create_task(self._scrape_loop())
+                async with asyncio.TaskGroup() as children:
                     for child in self._children:
-                        group.create_task(self._keep(child))
-            finally:  # the parent failing: no child is left behind
-                for child in self._children:
-                    if child.process is not None and child.process.returncode is None:
-                        with contextlib.suppress(ProcessLookupError):
-                            child.process.kill()
-        return 0 if all(c.exits[-1:] in ([0], []) for c in self._children) else 1
+                        children.create_task(self._keep(child))
+                scraping.cancel()
+        exits = {c.index: c.exits[-1] for c in self._children if c.exits}
+        log.info("worker processes stopped", exit_codes=exits)
+        if self._fatal is not None:
+            return self._fatal
+        return 0 if all(code == 0 for code in exits.values()) else 1
 
     async def _keep(self, child: _Child) -> None:
         """Run one child, restarting it with backoff, until stopping; then stop it."""
         while not self._stopping.is_set():
-            await self._start(child)
-            assert child.process is not None
-            exited = asyncio.ensure_future(child.process.wait())
-            stopping = asyncio.ensure_future(self._stopping.wait())
             try:
-                await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopping.cancel()
-            if not exited.done():
-                await self._terminate(child, exited)
-                return
-            code = exited.result()
-            self._gone(child, code)
+                await self._start(child)
+            except OSError as exc:  # fork or exec failed (a pid limit, say): try again later
+                log.error("worker process could not be started", child=child.index,  # noqa: TRY400 - the reason is the message
+                          error=repr(exc)[:300])  # fmt: skip
+                code = -1
+            else:
+                exited = await self._until_exit(child)
+                if exited is None:
+                    return
+                code = exited
+                self._exited(child, code)
+                if code == CONFIG_EXIT:
+                    log.error("worker process exited: its settings are invalid; stopping all",
+                              child=child.index)  # fmt: skip
+                    self._fatal = CONFIG_EXIT
+                    self.stop()
+                    return
             ran = time.monotonic() - child.started
             child.failures = 1 if ran >= STEADY_S else child.failures + 1
             wait = min(BACKOFF_S * 2 ** (child.failures - 1), BACKOFF_MAX_S)
+            self._restarts += 1
             log.error("worker process exited; restarting it", child=child.index,
                       exit_code=code, ran_s=round(ran, 1), restart_in_s=wait)  # fmt: skip
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), wait)
 
     async def _start(self, child: _Child) -> None:
-        env = child_environment(self._settings, self._environ, child.index, self._folder)
-        (self._folder / f"child-{child.index}.port").unlink(missing_ok=True)
-        child.process = await asyncio.create_subprocess_exec(*self._command, env=env)
+        processes = len(self._children)
+        env = child_environment(self._settings, self._environ, child.index, self._folder, processes)
+        self._port_file(child).unlink(missing_ok=True)
         child.started = time.monotonic()
+        child.process = await asyncio.create_subprocess_exec(
+            *self._command, env=env, preexec_fn=_die_with_parent
+        )
         log.info("worker process started", child=child.index, pid=child.process.pid)
 
-    async def _terminate(self, child: _Child, exited: asyncio.Future[int]) -> None:
-        """SIGTERM, a bounded wait for the drain, SIGKILL past it."""
+    async def _until_exit(self, child: _Child) -> int | None:
+        """The child's exit status; or, when stopping comes first, stop it and None."""
+        assert child.process is not None
+        async with asyncio.TaskGroup() as group:
+            exited = group.create_task(child.process.wait())
+            stopping = group.create_task(self._stopping.wait())
+            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if exited.done():
+                return exited.result()
+            code = await self._terminate(child, exited)
+        self._exited(child, code)
+        return None
+
+    async def _terminate(self, child: _Child, exited: asyncio.Task[int]) -> int:
+        """SIGTERM, a bounded wait for the drain, SIGKILL past it; the exit status."""
         assert child.process is not None
         with contextlib.suppress(ProcessLookupError):
             child.process.send_signal(signal.SIGTERM)
         bound = self._settings.runtime.shutdown_timeout_s + GRACE_S
-        try:
-            code = await asyncio.wait_for(asyncio.shield(exited), bound)
-        except TimeoutError:
+        await asyncio.wait({exited}, timeout=bound)
+        if not exited.done():
             with contextlib.suppress(ProcessLookupError):
                 child.process.kill()
-            code = await exited
             log.warning("worker process did not stop in time; killed", child=child.index)
-        self._gone(child, code)
+        code = await exited
+        # Ended by this SIGTERM before its handlers were in place: it had fetched nothing.
+        return 0 if code == -signal.SIGTERM else code
 
-    def _gone(self, child: _Child, code: int) -> None:
+    def _exited(self, child: _Child, code: int) -> None:
         child.exits.append(code)
-        assert child.process is not None
-        multiprocess.mark_process_dead(  # type: ignore[no-untyped-call]
-            child.process.pid, str(self._folder / "metrics")
-        )
+        if child.metrics is not None:  # its counts stay in the merged totals
+            self._gone = merge([self._gone, lasting(child.metrics)])
+            child.metrics = None
+
+    def _running(self, child: _Child) -> bool:
+        return child.process is not None and child.process.returncode is None
+
+    def _port_file(self, child: _Child) -> Path:
+        return self._folder / f"child-{child.index}.port"
 
     def _metrics(self) -> bytes:
-        registry = CollectorRegistry()
-        folder = str(self._folder / "metrics")
-        multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
-        return generate_latest(registry)
+        name = "inference_process_restarts"
+        restarts = Snapshot(
+            {name: ("counter", "Worker processes restarted by the parent")},
+            {(name, f"{name}_total", ()): float(self._restarts)},
+        )
+        living = [c.metrics for c in self._children if c.metrics is not None]
+        return render(merge([self._gone, *living, restarts]))
+
+    async def _scrape_loop(self) -> None:
+        """Read every running child's metrics every :data:`SCRAPE_S`."""
+        while True:
+            await asyncio.gather(*(self._scrape(c) for c in self._children))
+            await asyncio.sleep(SCRAPE_S)
+
+    async def _scrape(self, child: _Child) -> None:
+        status, text = await self._get(child, "metrics", MAX_METRICS_BYTES)
+        if status == 200 and self._running(child):  # noqa: PLR2004 - HTTP OK
+            try:
+                child.metrics = parse(text)
+            except ValueError as exc:
+                log.warning("a worker process's metrics could not be read", child=child.index,
+                            error=repr(exc)[:300])  # fmt: skip
 
     async def _healthy_now(self) -> tuple[bool, str]:
         return await self._ask("healthz")
@@ -229,27 +322,25 @@ class Parent:
         return await self._ask("readyz")
 
     async def _ask(self, probe: str) -> tuple[bool, str]:
-        """Every child's answer to ``probe``: ok only if all are ok; a line per child."""
-        lines, ok = [], True
-        for child in self._children:
-            answer = await self._ask_child(child, probe)
-            ok = ok and answer[0]
-            lines.append(f"process {child.index}: {answer[1]}")
+        """Every child's answer to ``probe``, asked at once: ok only if all are ok."""
+        answers = await asyncio.gather(*(self._get(c, probe, 1000) for c in self._children))
+        ok = all(status == 200 for status, _ in answers)  # noqa: PLR2004 - HTTP OK
+        lines = [f"process {i}: {text.strip()}" for i, (_, text) in enumerate(answers)]
         return ok, "\n".join(lines)
 
-    async def _ask_child(self, child: _Child, probe: str) -> tuple[bool, str]:
-        process = child.process
-        if process is None or process.returncode is not None:
-            return False, "not running (restarting)"
+    async def _get(self, child: _Child, path: str, limit: int) -> tuple[int, str]:
+        """(status, text) of a child's endpoint; (0, why) if it does not answer."""
+        if not self._running(child):
+            return 0, "not running (restarting)"
         try:
-            port = int((self._folder / f"child-{child.index}.port").read_text())
+            port = int(self._port_file(child).read_text())
         except (OSError, ValueError):
-            return False, "starting"
+            return 0, "starting"
         assert self._session is not None
-        url = f"http://127.0.0.1:{port}/{probe}"
+        url = f"http://127.0.0.1:{port}/{path}"
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S), self._session.get(url) as response:
-                text = (await response.content.read(1000)).decode("utf-8", "replace").strip()
-                return response.status == 200, text  # noqa: PLR2004 - HTTP OK
+                body = await response.content.read(limit)
+                return response.status, body.decode("utf-8", "replace")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return False, f"no answer ({type(exc).__name__})"
+            return 0, f"no answer ({type(exc).__name__})"

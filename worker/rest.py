@@ -55,7 +55,7 @@ from worker.endpoints import (
     server_version,
     warn_if_open,
 )
-from worker.errors import DecodeError
+from worker.errors import ConfigError, DecodeError
 from worker.rest_replies import ENCODE_ON_LOOP_VALUES, HTTP_STATUS, error_reply, result_reply
 from worker.rest_requests import (
     DECODE_ON_LOOP_BYTES,
@@ -265,10 +265,16 @@ async def serve_rest(api: V2Api, settings: RestSettings) -> AsyncIterator[int]:
         try:
             assert runner.server is not None
             gate = ConnectionGate(runner.server, settings.max_connections)
-            server = await asyncio.get_running_loop().create_server(
-                gate, settings.host, settings.port, ssl=endpoint_ssl(settings), backlog=128,
-                reuse_port=settings.reuse_port or None,
-            )  # fmt: skip
+            try:
+                server = await asyncio.get_running_loop().create_server(
+                    gate, settings.host, settings.port, ssl=endpoint_ssl(settings), backlog=128,
+                    reuse_port=settings.reuse_port or None,
+                )  # fmt: skip
+            except OSError as exc:
+                raise ConfigError(
+                    f"the REST endpoint cannot listen on {settings.host}:{settings.port}: "
+                    f"{exc.strerror or exc}; WORKER_REST__PORT chooses the port"
+                ) from exc
             try:
                 yield int(server.sockets[0].getsockname()[1]) if server.sockets else settings.port
             finally:
