@@ -143,16 +143,12 @@ async def test_fetching_pauses_every_partition_at_the_bound_and_resumes_when_ans
 
 
 @dataclass
-class RebalancingConsumer:
-    """One partition read to 40, committed at 4; the first fetch spans a rebalance, then fails.
+class OnePartition:
+    """A consumer of one partition: where it reads now, its commit, the seeks made."""
 
-    The rebalance hands the partition back (the listener bumps the intake's epoch).
-    """
-
-    intake: Intake | None = None
-    position_now: int = 40
+    position_now: int = 0
+    committed_at: int = 0
     seeks: list[int] = field(default_factory=list)
-    fetches: int = 0
 
     def assignment(self) -> set[TopicPartition]:
         return {PARTITIONS[0]}
@@ -164,11 +160,24 @@ class RebalancingConsumer:
         return self.position_now
 
     async def committed(self, _tp: TopicPartition) -> int:
-        return 4
+        return self.committed_at
 
     def seek(self, _tp: TopicPartition, offset: int) -> None:
         self.seeks.append(offset)
         self.position_now = offset
+
+
+@dataclass
+class RebalancingConsumer(OnePartition):
+    """One partition read to 40, committed at 4; the first fetch spans a rebalance, then fails.
+
+    The rebalance hands the partition back (the listener bumps the intake's epoch).
+    """
+
+    intake: Intake | None = None
+    position_now: int = 40
+    committed_at: int = 4
+    fetches: int = 0
 
     async def getmany(self, *_tps: TopicPartition, **_: Any) -> dict[Any, list[ConsumerRecord]]:
         self.fetches += 1
@@ -216,26 +225,10 @@ class SlowOwner:
 
 
 @dataclass
-class TakingUpConsumer:
+class TakingUpConsumer(OnePartition):
     """One partition of 1,000 records, committed at 0; reads from where it was last sought."""
 
-    owner: SlowOwner
-    position_now: int = 0
-
-    def assignment(self) -> set[TopicPartition]:
-        return {PARTITIONS[0]}
-
-    def paused(self) -> set[TopicPartition]:
-        return set()
-
-    async def position(self, _tp: TopicPartition) -> int:
-        return self.position_now
-
-    async def committed(self, _tp: TopicPartition) -> int:
-        return 0
-
-    def seek(self, _tp: TopicPartition, offset: int) -> None:
-        self.position_now = offset
+    owner: SlowOwner = field(default_factory=SlowOwner)
 
     async def getmany(self, **_: Any) -> dict[Any, list[ConsumerRecord]]:
         await asyncio.sleep(0)
@@ -246,8 +239,8 @@ class TakingUpConsumer:
 
 async def test_a_fetch_handed_on_across_an_exactly_once_take_up_skips_no_record() -> None:
     """A fetch spanning the take-up's seek is dropped from there: every offset served once."""
-    owner = SlowOwner()
-    consumer = TakingUpConsumer(owner)
+    consumer = TakingUpConsumer()
+    owner = consumer.owner
     intake, _, _ = intake_over(consumer, max_in_flight=10_000)  # type: ignore[arg-type]
     intake.handover = Handover(owner)
     intake.assigned = {PARTITIONS[0]}
