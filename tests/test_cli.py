@@ -90,3 +90,19 @@ def test_demo_outside_the_checkout_says_where_it_looked(tmp_path: Path) -> None:
     assert "testset.npz cannot be read" in done.stderr
     assert "WORKER_MODELS__REPOSITORY" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_serve_on_a_port_in_use_is_a_config_error_exit_2() -> None:
+    """The metrics port taken: one error line naming the setting, exit 2 (no restart helps)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        done = run_cli(
+            "serve", WORKER_HTTP__HOST="127.0.0.1", WORKER_HTTP__PORT=str(port),
+            WORKER_MODELS__REPOSITORY=str(MODELS), WORKER_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:1",
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+    assert "WORKER_HTTP__PORT" in done.stderr
+    assert "Traceback" not in done.stderr

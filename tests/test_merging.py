@@ -55,14 +55,17 @@ def test_what_outlives_a_child_is_its_counts_not_its_gauges() -> None:
 
 def test_a_family_whose_type_differs_between_children_keeps_the_first() -> None:
     """Children of different versions disagreeing on a type never mix their samples."""
-    counter = parse("# TYPE x counter\nx_total 1\n")
+    counter = parse("# TYPE x_total counter\nx_total 1\n")
     gauge = parse("# TYPE x gauge\nx 5\n")
+    assert counter.families["x"][0] == "counter", "the parser names a counter without _total"
     merged = merge([counter, gauge])
     assert merged.families["x"][0] == "counter"
     assert list(merged.samples.values()) == [1.0]
 
 
-@pytest.mark.parametrize("text", ["x{ 1", "# TYPE x counter\nx_total not-a-number\n"])
+@pytest.mark.parametrize(
+    "text", ["x{ 1", "# TYPE x counter\nx_total not-a-number\n", "Nbn_,{, ={bn_N\\,b}\n"]
+)
 def test_text_that_is_not_an_exposition_is_a_value_error(text: str) -> None:
     """A broken /metrics is refused (the parent logs it and keeps the last good one)."""
     with pytest.raises(ValueError):  # noqa: PT011 - the parser says little more

@@ -25,9 +25,10 @@ from .conftest import wait_for
 # (every path: /healthz too) at a port it writes where the parent looks, then exits with
 # EXIT_CODE at once, or (unset) waits for SIGTERM, notes it and exits 0.
 CHILD = """
-import os, signal, sys, threading
+import os, signal, sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge, generate_latest
 log = Path(sys.argv[1])
 index = int(os.environ["WORKER_KAFKA__CLIENT_ID"].rsplit("-", 1)[1])
 stopped = threading.Event()
@@ -36,9 +37,26 @@ with log.open("a") as f:
     f.write(f"start {index} {os.getpid()} {os.environ.get('WORKER_MODELS__TORCH_THREADS')}\\n")
 Counter("stand_in_requests", "requests").inc(index + 1)
 Gauge("stand_in_busy", "now").set(10)
+if "WIDE" in os.environ:  # an exposition of some 300 KB: read whole, however it arrives
+    wide = Counter("stand_in_wide", "many series", ["n"])
+    for n in range(4000):
+        wide.labels(str(n)).inc()
 if "EXIT_CODE" in os.environ:
     sys.exit(int(os.environ["EXIT_CODE"]))
-server, _ = start_http_server(0, addr="127.0.0.1")
+class Handler(BaseHTTPRequestHandler):  # /metrics on every path, sent in 8 KB pieces
+    def do_GET(self):
+        body = generate_latest()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        for start in range(0, len(body), 8192):
+            self.wfile.write(body[start:start + 8192])
+            self.wfile.flush()
+            time.sleep(0.0005)
+    def log_message(self, *_):
+        pass
+server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+threading.Thread(target=server.serve_forever, daemon=True).start()
 Path(os.environ["WORKER_HTTP__PORT_FILE"]).write_text(str(server.server_port))
 stopped.wait()
 with log.open("a") as f:
@@ -218,3 +236,24 @@ async def test_children_drain_when_their_parent_is_killed(tmp_path: Path) -> Non
     finally:
         if parent.returncode is None:
             parent.kill()
+
+
+async def test_a_large_exposition_is_read_whole_and_merged(tmp_path: Path) -> None:
+    """Children's /metrics of some 300 KB each: every series merged, none cut off."""
+    log = tmp_path / "children.log"
+    command = (sys.executable, "-c", CHILD, str(log))
+    settings = parent_settings(tmp_path)
+    async with Parent.running(settings, 2, environ={"WIDE": "1"}, command=command) as parent:
+        running = asyncio.create_task(parent.run())
+        assert settings.http.port_file is not None
+        await wait_for(settings.http.port_file.exists, timeout=30, what="the parent's port")
+        base = f"http://127.0.0.1:{settings.http.port_file.read_text()}"
+
+        async def whole() -> bool:
+            text = (await scrape(base, "/metrics"))[1].splitlines()
+            wide = [line for line in text if line.startswith("stand_in_wide_total{")]
+            return len(wide) == 4000 and all(line.endswith(" 2.0") for line in wide)
+
+        await wait_for(whole, timeout=60, what="4,000 series, each counted by both children")
+        parent.stop()
+        assert await asyncio.wait_for(running, 30) == 0

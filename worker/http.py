@@ -21,6 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from worker.endpoint_settings import HttpSettings
+from worker.errors import ConfigError
 
 __all__ = ["Check", "Probes", "serve_http"]
 
@@ -33,7 +34,7 @@ Check = Callable[[], tuple[bool, str] | Awaitable[tuple[bool, str]]]
 class Probes:
     """What the endpoint asks the worker."""
 
-    metrics: Callable[[], bytes]
+    metrics: Callable[[], bytes | Awaitable[bytes]]
     healthy: Check
     ready: Check
 
@@ -53,7 +54,9 @@ async def serve_http(probes: Probes, settings: HttpSettings) -> AsyncIterator[in
     host, port = settings.host, settings.port
 
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=probes.metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = probes.metrics()
+        body = await body if inspect.isawaitable(body) else body
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
         return await _status(probes.healthy)
@@ -69,7 +72,13 @@ async def serve_http(probes: Probes, settings: HttpSettings) -> AsyncIterator[in
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"the metrics and health endpoint cannot listen on {host}:{port}: "
+                f"{exc.strerror or exc}; WORKER_HTTP__PORT chooses the port"
+            ) from exc
         server = site._server
         sockets = getattr(server, "sockets", None) or []
         bound = int(sockets[0].getsockname()[1]) if sockets else port

@@ -37,6 +37,15 @@ class Snapshot:
 
 def parse(text: str) -> Snapshot:
     """One exposition; raises ValueError if it is not Prometheus text."""
+    try:
+        return _parse(text)
+    except ValueError:
+        raise
+    except Exception as exc:  # the parser fails in several ways on malformed text
+        raise ValueError(f"not a Prometheus exposition: {exc!r:.200}") from exc
+
+
+def _parse(text: str) -> Snapshot:
     snapshot = Snapshot()
     for family in text_string_to_metric_families(text):
         if family.name.endswith("_created"):

@@ -19,10 +19,8 @@ loads no model and reads no record; it
   (:mod:`worker.merging`, read every :data:`SCRAPE_S`: counters and histograms of children
   that exited kept, gauges of the living summed; plus ``inference_process_restarts_total``),
   ``/healthz`` 200 only while every child runs and answers its own as healthy, ``/readyz``
-  200 only when every child is ready (children asked at once, :data:`PROBE_TIMEOUT_S` each).
-
-REST and gRPC: each child serves them on the same port (SO_REUSEPORT; the kernel spreads
-connections over the children).
+  200 only when every child is ready (children asked at once, :data:`PROBE_TIMEOUT_S` each);
+- has every child serve REST and gRPC on the same port (SO_REUSEPORT spreads connections).
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,10 +106,27 @@ def child_environment(
     return env
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: SIGTERM this process when its parent dies (the child then drains and stops)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _prctl() -> Callable[..., int] | None:
+    """The C library's prctl, looked up before any fork (nothing loads between fork and exec)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _prctl()
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn``: SIGTERM the child when ``parent`` dies (it then drains and stops)."""
+
+    def arrange() -> None:  # pragma: no cover - runs in the child between fork and exec
+        if _PRCTL is not None:
+            _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before that: stop now
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arrange
 
 
 @dataclass
@@ -121,8 +136,8 @@ class _Child:
     started: float = 0.0
     failures: int = 0
     exits: list[int] = field(default_factory=list)
-    metrics: Snapshot | None = None
-    """Its metrics as last read."""
+    metrics: str | None = None
+    """Its ``/metrics`` as last read (parsed only when asked for, off the event loop)."""
 
 
 class Parent:
@@ -191,6 +206,21 @@ class Parent:
 
     async def run(self) -> int:
         """Serve until stopped: 0 if every child stopped cleanly, 2 on a child's config error."""
+        try:
+            await self._run()
+        finally:  # the parent failing: each child still running drains and stops on its own
+            for child in self._children:
+                if self._running(child):
+                    assert child.process is not None
+                    with contextlib.suppress(ProcessLookupError):
+                        child.process.send_signal(signal.SIGTERM)
+        exits = {c.index: c.exits[-1] for c in self._children if c.exits}
+        log.info("worker processes stopped", exit_codes=exits)
+        if self._fatal is not None:
+            return self._fatal
+        return 0 if all(code == 0 for code in exits.values()) else 1
+
+    async def _run(self) -> None:
         http = self._settings.http
         async with contextlib.AsyncExitStack() as stack:
             self._session = await stack.enter_async_context(aiohttp.ClientSession())
@@ -204,11 +234,6 @@ class Parent:
                     for child in self._children:
                         children.create_task(self._keep(child))
                 scraping.cancel()
-        exits = {c.index: c.exits[-1] for c in self._children if c.exits}
-        log.info("worker processes stopped", exit_codes=exits)
-        if self._fatal is not None:
-            return self._fatal
-        return 0 if all(code == 0 for code in exits.values()) else 1
 
     async def _keep(self, child: _Child) -> None:
         """Run one child, restarting it with backoff, until stopping; then stop it."""
@@ -219,12 +244,15 @@ class Parent:
                 log.error("worker process could not be started", child=child.index,  # noqa: TRY400 - the reason is the message
                           error=repr(exc)[:300])  # fmt: skip
                 code = -1
+                child.exits.append(code)
             else:
                 exited = await self._until_exit(child)
                 if exited is None:
                     return
                 code = exited
-                self._exited(child, code)
+                await self._exited(child, code)
+                if self._stopping.is_set():
+                    return
                 if code == CONFIG_EXIT:
                     log.error("worker process exited: its settings are invalid; stopping all",
                               child=child.index)  # fmt: skip
@@ -246,7 +274,7 @@ class Parent:
         self._port_file(child).unlink(missing_ok=True)
         child.started = time.monotonic()
         child.process = await asyncio.create_subprocess_exec(
-            *self._command, env=env, preexec_fn=_die_with_parent
+            *self._command, env=env, preexec_fn=_die_with(os.getpid())
         )
         log.info("worker process started", child=child.index, pid=child.process.pid)
 
@@ -261,7 +289,7 @@ class Parent:
             if exited.done():
                 return exited.result()
             code = await self._terminate(child, exited)
-        self._exited(child, code)
+        await self._exited(child, code)
         return None
 
     async def _terminate(self, child: _Child, exited: asyncio.Task[int]) -> int:
@@ -276,14 +304,21 @@ class Parent:
                 child.process.kill()
             log.warning("worker process did not stop in time; killed", child=child.index)
         code = await exited
-        # Ended by this SIGTERM before its handlers were in place: it had fetched nothing.
-        return 0 if code == -signal.SIGTERM else code
+        # Ended by this SIGTERM (or a terminal's SIGINT) before its handlers were in place: it
+        # had fetched nothing.
+        return 0 if code in (-signal.SIGTERM, -signal.SIGINT) else code
 
-    def _exited(self, child: _Child, code: int) -> None:
+    async def _exited(self, child: _Child, code: int) -> None:
         child.exits.append(code)
-        if child.metrics is not None:  # its counts stay in the merged totals
-            self._gone = merge([self._gone, lasting(child.metrics)])
-            child.metrics = None
+        text, child.metrics = child.metrics, None
+        if text is not None:  # its counts stay in the merged totals
+            try:
+                gone = lasting(await asyncio.to_thread(parse, text))
+            except ValueError as exc:
+                log.warning("a worker process's last metrics could not be read",
+                            child=child.index, error=repr(exc)[:300])  # fmt: skip
+            else:
+                self._gone = merge([self._gone, gone])
 
     def _running(self, child: _Child) -> bool:
         return child.process is not None and child.process.returncode is None
@@ -291,29 +326,23 @@ class Parent:
     def _port_file(self, child: _Child) -> Path:
         return self._folder / f"child-{child.index}.port"
 
-    def _metrics(self) -> bytes:
-        name = "inference_process_restarts"
-        restarts = Snapshot(
-            {name: ("counter", "Worker processes restarted by the parent")},
-            {(name, f"{name}_total", ()): float(self._restarts)},
-        )
-        living = [c.metrics for c in self._children if c.metrics is not None]
-        return render(merge([self._gone, *living, restarts]))
+    async def _metrics(self) -> bytes:
+        """Every child's metrics merged (parsed in a thread: large texts take a while)."""
+        texts = [c.metrics for c in self._children if c.metrics is not None]
+        return await asyncio.to_thread(_merged, self._gone, texts, self._restarts)
 
     async def _scrape_loop(self) -> None:
         """Read every running child's metrics every :data:`SCRAPE_S`."""
         while True:
-            await asyncio.gather(*(self._scrape(c) for c in self._children))
+            async with asyncio.TaskGroup() as group:
+                for child in self._children:
+                    group.create_task(self._scrape(child))
             await asyncio.sleep(SCRAPE_S)
 
     async def _scrape(self, child: _Child) -> None:
         status, text = await self._get(child, "metrics", MAX_METRICS_BYTES)
         if status == 200 and self._running(child):  # noqa: PLR2004 - HTTP OK
-            try:
-                child.metrics = parse(text)
-            except ValueError as exc:
-                log.warning("a worker process's metrics could not be read", child=child.index,
-                            error=repr(exc)[:300])  # fmt: skip
+            child.metrics = text
 
     async def _healthy_now(self) -> tuple[bool, str]:
         return await self._ask("healthz")
@@ -323,7 +352,9 @@ class Parent:
 
     async def _ask(self, probe: str) -> tuple[bool, str]:
         """Every child's answer to ``probe``, asked at once: ok only if all are ok."""
-        answers = await asyncio.gather(*(self._get(c, probe, 1000) for c in self._children))
+        async with asyncio.TaskGroup() as group:
+            asked = [group.create_task(self._get(c, probe, 1000)) for c in self._children]
+        answers = [task.result() for task in asked]
         ok = all(status == 200 for status, _ in answers)  # noqa: PLR2004 - HTTP OK
         lines = [f"process {i}: {text.strip()}" for i, (_, text) in enumerate(answers)]
         return ok, "\n".join(lines)
@@ -340,7 +371,29 @@ class Parent:
         url = f"http://127.0.0.1:{port}/{path}"
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S), self._session.get(url) as response:
-                body = await response.content.read(limit)
-                return response.status, body.decode("utf-8", "replace")
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > limit and path == "metrics":  # never a part of it
+                        return 0, f"metrics over {limit} bytes"
+                    if len(body) > limit:  # a probe's status says it; its text is shown cut
+                        break
+                return response.status, body[:limit].decode("utf-8", "replace")
         except (aiohttp.ClientError, TimeoutError) as exc:
             return 0, f"no answer ({type(exc).__name__})"
+
+
+def _merged(gone: Snapshot, texts: list[str], restarts: int) -> bytes:
+    """The children's metrics (``gone``: of those that exited) merged, with the restarts."""
+    living = []
+    for text in texts:
+        try:
+            living.append(parse(text))
+        except ValueError as exc:  # that child's are left out this time
+            log.warning("a worker process's metrics could not be read", error=repr(exc)[:300])
+    name = "inference_process_restarts"
+    counted = Snapshot(
+        {name: ("counter", "Worker processes restarted by the parent")},
+        {(name, f"{name}_total", ()): float(restarts)},
+    )
+    return render(merge([gone, *living, counted]))
