@@ -352,8 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.flush()
             # A model call may be stuck in a thread; an orderly exit would wait on it forever.
             os._exit(max(e.exit_code for e in hard))
-        if args.command == "serve" and all(isinstance(e, ConfigError) for e in errors):
-            return 2  # as invalid settings: a restart cannot help (process mode stops on it)
+        if args.command == "serve":  # its supervisor reads the status (ConfigError: 2)
+            return max(e.exit_code if isinstance(e, WorkerError) else 1 for e in errors)
         return 1
 
 

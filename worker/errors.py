@@ -88,6 +88,17 @@ class WorkerError(Exception):
 class ConfigError(WorkerError):
     """Settings, the model repository or the Kafka topics are not usable; raised at start-up."""
 
+    exit_code = 2
+    """``serve``: a restart cannot help (process mode stops on it); other commands exit 1."""
+
+    @classmethod
+    def cannot_listen(
+        cls, what: str, address: str, setting: str, reason: str | None
+    ) -> ConfigError:
+        """An endpoint whose address cannot be bound (``reason``: the OS's, if it said one)."""
+        reason = reason or "the port is in use, or the address is not this machine's"
+        return cls(f"the {what} cannot listen on {address}: {reason}; {setting} chooses the port")
+
 
 class ConnectError(WorkerError):
     """No bootstrap server could be reached, or TLS or SASL authentication failed.

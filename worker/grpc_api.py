@@ -214,9 +214,8 @@ async def serve_grpc(api: V2Api, settings: GrpcSettings) -> AsyncIterator[int]:
             else:
                 port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:  # grpc says only "Failed to bind"
-            raise ConfigError(
-                f"the gRPC endpoint cannot listen on {address}: the port is in use (or the "
-                "address is not this machine's); WORKER_GRPC__PORT chooses it"
+            raise ConfigError.cannot_listen(
+                "gRPC endpoint", address, "WORKER_GRPC__PORT", None
             ) from exc
         await server.start()
         try:

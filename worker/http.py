@@ -75,9 +75,9 @@ async def serve_http(probes: Probes, settings: HttpSettings) -> AsyncIterator[in
         try:
             await site.start()
         except OSError as exc:
-            raise ConfigError(
-                f"the metrics and health endpoint cannot listen on {host}:{port}: "
-                f"{exc.strerror or exc}; WORKER_HTTP__PORT chooses the port"
+            what = "metrics and health endpoint"
+            raise ConfigError.cannot_listen(
+                what, f"{host}:{port}", "WORKER_HTTP__PORT", exc.strerror
             ) from exc
         server = site._server
         sockets = getattr(server, "sockets", None) or []

@@ -67,8 +67,8 @@ SCRAPE_S = 1.0
 """How often the parent reads its children's metrics."""
 MAX_METRICS_BYTES = 16 * 1024 * 1024
 """The most of a child's ``/metrics`` the parent reads."""
-CONFIG_EXIT = 2
-"""A worker's exit status for invalid settings (:func:`worker.cli.main`)."""
+CONFIG_EXIT = ConfigError.exit_code
+"""``serve``'s exit status for a configuration error (:func:`worker.cli.main`)."""
 _MEMBER_ID_MAX = 249
 
 
@@ -323,7 +323,7 @@ class Parent:
     def _running(self, child: _Child) -> bool:
         return child.process is not None and child.process.returncode is None
 
-    def _port_file(self, child: _Child) -> Path:
+    def _port_file(self, child: _Child) -> Path:  # as child_environment names it
         return self._folder / f"child-{child.index}.port"
 
     async def _metrics(self) -> bytes:

@@ -271,9 +271,9 @@ async def serve_rest(api: V2Api, settings: RestSettings) -> AsyncIterator[int]:
                     reuse_port=settings.reuse_port or None,
                 )  # fmt: skip
             except OSError as exc:
-                raise ConfigError(
-                    f"the REST endpoint cannot listen on {settings.host}:{settings.port}: "
-                    f"{exc.strerror or exc}; WORKER_REST__PORT chooses the port"
+                address = f"{settings.host}:{settings.port}"
+                raise ConfigError.cannot_listen(
+                    "REST endpoint", address, "WORKER_REST__PORT", exc.strerror
                 ) from exc
             try:
                 yield int(server.sockets[0].getsockname()[1]) if server.sockets else settings.port
