@@ -30,6 +30,7 @@ from typing import Any, cast
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
+from worker.avro_binary import read_request, write_response
 from worker.domain import (
     BYTES,
     DATATYPES,
@@ -175,7 +176,13 @@ def decode_request(value: bytes | None) -> InferenceRequest:
     """Decode a request; raises :class:`~worker.errors.DecodeError` on anything else."""
     if not value:
         raise DecodeError("record value is empty; expected an Avro-encoded InferenceRequest")
-    return _request(_REQUEST.decode(value))
+    # The current schema, framed or bare, is read by hand (worker.avro_binary); anything it is
+    # not sure of, and every earlier schema, by fastavro.
+    header = _REQUEST.header
+    fast = read_request(value, 10) if value[:10] == header else None
+    if fast is None and value[:2] != SOE_MARKER:
+        fast = read_request(value)
+    return fast if fast is not None else _request(_REQUEST.decode(value))
 
 
 def decode_request_body(body: bytes | memoryview, writer: Any) -> InferenceRequest:
@@ -205,11 +212,17 @@ def _request(rec: Mapping[str, Any]) -> InferenceRequest:
 
 def encode_response(response: InferenceResponse) -> bytes:
     """Encode a response as an Avro single-object message."""
+    fast = write_response(response)  # by hand (worker.avro_binary), or None: fastavro
+    if fast is not None:
+        return _RESPONSE.header + fast
     return _RESPONSE.encode(_response_record(response))
 
 
 def encode_response_body(response: InferenceResponse) -> bytes:
     """A response as bare Avro of the current schema (for a schema registry's framing)."""
+    fast = write_response(response)
+    if fast is not None:
+        return fast
     return _RESPONSE.encode(_response_record(response), framed=False)
 
 

@@ -1,0 +1,201 @@
+"""The hand-written Avro of worker.avro_binary against fastavro, the reference (no Kafka)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import fastavro
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.avro_binary import DATATYPE_SYMBOLS, read_request, write_response
+from worker.codec import (
+    SOE_MARKER,
+    decode_request,
+    encode_request,
+    encode_response,
+    encode_response_body,
+    schema_dir,
+)
+from worker.domain import ErrorInfo, InferenceRequest, InferenceResponse, Tensor, Timing
+
+REQUEST = fastavro.parse_schema(json.loads((schema_dir() / "inference_request.avsc").read_text()))
+RESPONSE = fastavro.parse_schema(json.loads((schema_dir() / "inference_response.avsc").read_text()))
+LONGS = st.integers(-(2**63), 2**63 - 1)
+TEXT = st.text(max_size=12)
+PARAMETER = st.one_of(TEXT, LONGS, st.floats(allow_nan=False), st.booleans())
+TENSORS = st.builds(
+    Tensor,
+    name=TEXT,
+    datatype=st.sampled_from(DATATYPE_SYMBOLS),
+    shape=st.lists(LONGS, max_size=4).map(tuple),
+    data=st.binary(max_size=24),
+)
+REQUESTS = st.builds(
+    InferenceRequest,
+    id=TEXT,
+    model_name=TEXT,
+    inputs=st.lists(TENSORS, max_size=3),
+    model_version=st.none() | TEXT,
+    parameters=st.none() | st.dictionaries(TEXT, PARAMETER, max_size=3),
+    deadline_ms=st.none() | LONGS,
+)
+
+
+def by_fastavro(body: bytes) -> InferenceRequest | None:
+    """What fastavro reads from ``body`` (all of it), or None where it refuses it."""
+    buf = io.BytesIO(body)
+    try:
+        rec: Any = fastavro.schemaless_reader(buf, REQUEST, REQUEST)
+    except Exception:  # noqa: BLE001 - any refusal is a refusal
+        return None
+    if buf.tell() != len(body):
+        return None
+    tensors = [
+        Tensor(t["name"], t["datatype"], tuple(t["shape"]), t["data"]) for t in rec["inputs"]
+    ]
+    return InferenceRequest(
+        rec["id"], rec["model_name"], tensors, rec["model_version"], rec["parameters"],
+        rec["deadline_ms"],
+    )  # fmt: skip
+
+
+def bare(request: InferenceRequest) -> bytes:
+    """The request as fastavro writes it, without the single-object header."""
+    return encode_request(request)[10:]
+
+
+@settings(max_examples=400, deadline=None)
+@given(REQUESTS)
+def test_reads_generated_requests_as_fastavro_does(request: InferenceRequest) -> None:
+    """A request written by fastavro reads back by hand, equal to the request and to fastavro's."""
+    body = bare(request)
+    assert read_request(body) == request == by_fastavro(body)
+    assert read_request(SOE_MARKER + bytes(8) + body, 10) == request
+
+
+@settings(max_examples=1000, deadline=None)
+@given(REQUESTS, st.data())
+def test_mangled_records_are_read_as_fastavro_reads_them(
+    request: InferenceRequest, data: st.DataObject
+) -> None:
+    """A record with bytes changed, cut or added is read by hand only as fastavro reads it."""
+    body = bytearray(bare(request))
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(body)))
+        what = data.draw(st.sampled_from(["set", "cut", "add"]))
+        if what == "set" and at < len(body):
+            body[at] = data.draw(st.integers(0, 255))
+        elif what == "cut":
+            del body[at:]
+        else:
+            body[at:at] = data.draw(st.binary(min_size=1, max_size=10))
+    mangled = bytes(body)
+    fast = read_request(mangled)
+    if fast is not None:
+        assert fast == by_fastavro(mangled)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.binary(max_size=80))
+def test_random_bytes_are_read_as_fastavro_reads_them(body: bytes) -> None:
+    """Any bytes at all are either left to fastavro or read as fastavro reads them."""
+    fast = read_request(body)
+    if fast is not None:
+        assert fast == by_fastavro(body)
+
+
+def test_unsure_records_are_left_to_fastavro() -> None:
+    """Overlong varints, negative block counts, unknown enums and leftovers are not read by hand."""
+    good = bare(InferenceRequest("id", "m", [Tensor("x", "FP32", (1,), bytes(4))]))
+    assert read_request(good) is not None
+    assert read_request(good + b"\x00") is None  # a byte left over
+    assert read_request(b"\xff" * 11 + good) is None  # a varint past 64 bits
+    negative = bare(InferenceRequest("id", "m", []))
+    assert read_request(negative.replace(b"m\x00\x00", b"m\x00\x01", 1)) is None  # count -1
+    enum = good.replace(b"x\x14", b"x\x1a", 1)  # FP32 (10) -> index 13: no such symbol
+    assert read_request(enum) is None
+    assert read_request(good.replace(b"\x04id", b"\x01id", 1)) is None  # a length of -1
+    deadline = bare(InferenceRequest("id", "m", [], deadline_ms=1))
+    assert deadline.endswith(b"\x02\x02")
+    past_64_bits = deadline[:-1] + b"\xff" * 9 + b"\x7f"  # ten bytes, 70 bits of value
+    assert read_request(past_64_bits) is None
+    flag = bare(InferenceRequest("id", "m", [], parameters={"b": True}))
+    assert flag.endswith(b"\x06\x01\x00\x00")  # boolean branch (3), true, map end, no deadline
+    assert read_request(flag[:-3] + b"\x02\x00\x00") is None  # a boolean byte of 2
+    assert decode_request(encode_request(InferenceRequest("id", "m", []))) == InferenceRequest(
+        "id", "m", []
+    )  # what is left to fastavro is still read
+
+
+OUTPUTS = st.builds(
+    Tensor,
+    name=TEXT,
+    datatype=st.sampled_from(DATATYPE_SYMBOLS),
+    shape=st.lists(st.integers(-(2**64), 2**64), max_size=3).map(tuple),
+    data=st.binary(max_size=24),
+)
+RESPONSES = st.builds(
+    InferenceResponse,
+    id=st.text(max_size=12),  # lone surrogates included: neither writer can carry them
+    model_name=TEXT,
+    model_version=st.none() | TEXT,
+    outputs=st.lists(OUTPUTS, max_size=3),
+    error=st.none() | st.builds(ErrorInfo, TEXT, TEXT),
+    timing=st.none() | st.builds(Timing, LONGS, LONGS, st.integers(-(2**32), 2**32)),
+    parameters=st.none() | st.dictionaries(TEXT, PARAMETER, max_size=2),
+)
+
+
+def fastavro_body(response: InferenceResponse) -> bytes | type[Exception]:
+    """The response body fastavro writes (unions as plain dicts), or the type of what it raises."""
+    error, timing = response.error, response.timing
+    record = {
+        "id": response.id,
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "outputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": t.shape, "data": t.data}
+            for t in response.outputs
+        ],
+        "error": None if error is None else {"code": error.code, "message": error.message},
+        "timing": None if timing is None else {
+            "queue_us": timing.queue_us, "compute_us": timing.compute_us,
+            "batch_size": timing.batch_size,
+        },
+        "parameters": response.parameters,
+    }  # fmt: skip
+    buf = io.BytesIO()
+    try:
+        fastavro.schemaless_writer(buf, RESPONSE, record)
+    except Exception as exc:  # noqa: BLE001 - compared with what the hand-written path does
+        return type(exc)
+    return buf.getvalue()
+
+
+@settings(max_examples=1500, deadline=None)
+@given(RESPONSES)
+def test_writes_replies_byte_for_byte_as_fastavro(response: InferenceResponse) -> None:
+    """Each reply written by hand is fastavro's bytes; what it leaves, fastavro writes."""
+    reference = fastavro_body(response)
+    try:
+        fast = write_response(response)
+    except UnicodeEncodeError:
+        assert not isinstance(reference, bytes)
+        return
+    if fast is not None:
+        assert fast == reference
+    if isinstance(reference, bytes):
+        assert encode_response(response)[10:] == reference == encode_response_body(response)
+
+
+def test_covers_the_usual_reply() -> None:
+    """A model's reply (outputs and timing, no error or parameters) is written by hand."""
+    response = InferenceResponse(
+        "req-1", "mlp", "1", [Tensor("logits", "FP32", (1, 10), bytes(40))],
+        timing=Timing(1234, 5678, 64),
+    )  # fmt: skip
+    assert write_response(response) == fastavro_body(response)
+    assert write_response(InferenceResponse("r", "m", error=ErrorInfo("X", "y"))) is None

@@ -1,0 +1,270 @@
+"""The request and reply of the current schemas in Avro binary, written out by hand: a fast path.
+
+fastavro reads and writes any schema, which costs about 10 us a record in the calls around
+its work (a stream, a resolution check, a dict per record). Every request the worker serves
+and every reply it sends has the same two schemas, so this module reads and writes exactly
+those, a few microseconds each:
+
+- :func:`read_request`: the body of an ``inference_request`` written with the *current*
+  schema, straight into an :class:`~worker.domain.InferenceRequest`. Anything it is not sure
+  of (a varint past 64 bits, a negative block count, an unknown enum index, bytes left over,
+  text that is not UTF-8, a count larger than the bytes left) makes it return ``None``, and
+  the caller reads the record with fastavro, which then decides (and words the error). So
+  this path only ever accepts what fastavro reads the same way; tests/test_avro_binary.py
+  checks that on generated and mangled records.
+- :func:`write_response`: the body of an ``inference_response`` of the current schema, byte
+  for byte what fastavro writes. Strings and shapes that repeat from reply to reply (model
+  name, version, output names, shapes) are encoded once and kept in small caches: only the
+  id, the timing and the output bytes are new in each reply. Replies it does not cover (a
+  ``parameters`` map) return ``None`` for fastavro to write.
+
+Nothing here allocates more than the record's own length: every count is checked against
+the bytes left before anything is built.
+"""
+
+from __future__ import annotations
+
+import struct
+from functools import lru_cache
+from typing import Any
+
+from worker.domain import InferenceRequest, InferenceResponse, Parameters, Tensor
+
+__all__ = ["DATATYPE_SYMBOLS", "read_request", "write_response"]
+
+DATATYPE_SYMBOLS = (
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+)  # fmt: skip
+"""The ``DataType`` enum's symbols, in the schemas' order (checked against them in tests)."""
+
+_INDEX = {symbol: i for i, symbol in enumerate(DATATYPE_SYMBOLS)}
+_DOUBLE = struct.Struct("<d")
+_SMALL = tuple(bytes((n,)) for n in range(128))
+_MORE = 0x80
+"""A varint byte's continuation bit; below it, a byte is a varint's last."""
+_LAST_SHIFT = 63
+"""A varint's tenth byte holds bits 63-69: none past 64 bits may be set, no byte follows."""
+_STRING, _LONG, _DOUBLE_BRANCH, _BOOLEAN = range(4)
+"""The branches of a parameter's union, ``["string", "long", "double", "boolean"]``."""
+_CACHED = 4096
+"""Most distinct strings and shapes each cache keeps (names, versions: a bounded set)."""
+
+
+class _Unsure(Exception):  # noqa: N818 - internal signal, never leaves this module
+    """What is left to fastavro."""
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def _long(buf: bytes, at: int) -> tuple[int, int]:
+    """A zig-zag varint at ``at``: its value and the position after it."""
+    byte = buf[at]
+    if byte < _MORE:
+        return (byte >> 1) ^ -(byte & 1), at + 1
+    value = byte & 0x7F
+    shift = 7
+    while True:
+        at += 1
+        byte = buf[at]
+        value |= (byte & 0x7F) << shift
+        if byte < _MORE:
+            break
+        shift += 7
+        if shift > _LAST_SHIFT:
+            raise _Unsure
+    if value >> 64:
+        raise _Unsure
+    return (value >> 1) ^ -(value & 1), at + 1
+
+
+def _raw(buf: bytes, at: int) -> tuple[bytes, int]:
+    """Avro ``bytes``: a length, then that many bytes."""
+    size, at = _long(buf, at)
+    end = at + size
+    if size < 0 or end > len(buf):
+        raise _Unsure
+    return buf[at:end], end
+
+
+def _text(buf: bytes, at: int) -> tuple[str, int]:
+    """Avro ``string``: UTF-8 (strict, as fastavro reads it)."""
+    raw, at = _raw(buf, at)
+    return raw.decode(), at
+
+
+def _count(buf: bytes, at: int, smallest: int) -> tuple[int, int]:
+    """An array or map block's item count; each item takes at least ``smallest`` bytes."""
+    count, at = _long(buf, at)
+    if count < 0 or count * smallest > len(buf) - at:
+        raise _Unsure
+    return count, at
+
+
+def _tensor(buf: bytes, at: int) -> tuple[Tensor, int]:
+    name, at = _text(buf, at)
+    index, at = _long(buf, at)
+    if not 0 <= index < len(DATATYPE_SYMBOLS):
+        raise _Unsure
+    shape: list[int] = []
+    count, at = _count(buf, at, 1)
+    while count:
+        for _ in range(count):
+            dim, at = _long(buf, at)
+            shape.append(dim)
+        count, at = _count(buf, at, 1)
+    data, at = _raw(buf, at)
+    return Tensor(name, DATATYPE_SYMBOLS[index], tuple(shape), data), at
+
+
+def _parameter(buf: bytes, at: int) -> tuple[str | int | float | bool, int]:
+    branch, at = _long(buf, at)
+    if branch == _STRING:
+        return _text(buf, at)
+    if branch == _LONG:
+        return _long(buf, at)
+    if branch == _DOUBLE_BRANCH:
+        if at + 8 > len(buf):
+            raise _Unsure
+        return _DOUBLE.unpack_from(buf, at)[0], at + 8
+    if branch == _BOOLEAN and at < len(buf) and buf[at] in (0, 1):
+        return buf[at] == 1, at + 1
+    raise _Unsure
+
+
+def _parameters(buf: bytes, at: int) -> tuple[Parameters | None, int]:
+    branch, at = _long(buf, at)
+    if branch == 0:
+        return None, at
+    if branch != 1:
+        raise _Unsure
+    out: Parameters = {}
+    count, at = _count(buf, at, 2)
+    while count:
+        for _ in range(count):
+            key, at = _text(buf, at)
+            out[key], at = _parameter(buf, at)
+        count, at = _count(buf, at, 2)
+    return out, at
+
+
+def _optional_text(buf: bytes, at: int) -> tuple[str | None, int]:
+    branch, at = _long(buf, at)
+    if branch == 0:
+        return None, at
+    if branch != 1:
+        raise _Unsure
+    return _text(buf, at)
+
+
+def read_request(body: bytes, start: int = 0) -> InferenceRequest | None:
+    """The request body of the current schema in ``body[start:]``, or None: fastavro reads it."""
+    try:
+        ident, at = _text(body, start)
+        model, at = _text(body, at)
+        version, at = _optional_text(body, at)
+        inputs: list[Tensor] = []
+        count, at = _count(body, at, 4)
+        while count:
+            for _ in range(count):
+                tensor, at = _tensor(body, at)
+                inputs.append(tensor)
+            count, at = _count(body, at, 4)
+        parameters, at = _parameters(body, at)
+        branch, at = _long(body, at)
+        deadline = None
+        if branch == 1:
+            deadline, at = _long(body, at)
+        elif branch != 0:
+            return None
+    except (_Unsure, IndexError, UnicodeDecodeError):
+        return None
+    if at != len(body):
+        return None
+    return InferenceRequest(ident, model, inputs, version, parameters, deadline)
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def _varint(value: int, bits: int = 64) -> bytes:
+    """``value`` as a zig-zag varint (an Avro ``long``; ``bits=32``: an ``int``)."""
+    if type(value) is not int or not -(1 << (bits - 1)) <= value < 1 << (bits - 1):
+        raise _Unsure
+    value = (value << 1) ^ (value >> 63)
+    if value < _MORE:
+        return _SMALL[value]
+    out = bytearray()
+    while value >= _MORE:
+        out.append((value & 0x7F) | _MORE)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _string(text: str) -> bytes:
+    raw = text.encode()
+    return _varint(len(raw)) + raw
+
+
+@lru_cache(maxsize=_CACHED)
+def _known_string(text: str) -> bytes:
+    """A string that repeats from reply to reply (a model name, a version, an output name)."""
+    return _string(text)
+
+
+@lru_cache(maxsize=_CACHED)
+def _known_shape(shape: tuple[int, ...]) -> bytes:
+    if not shape:
+        return b"\x00"
+    return _varint(len(shape)) + b"".join(_varint(d) for d in shape) + b"\x00"
+
+
+def _output(tensor: Tensor) -> bytes:
+    shape = tensor.shape
+    data = tensor.data
+    if type(shape) is not tuple or type(data) is not bytes:
+        raise _Unsure
+    return b"".join((
+        _known_string(tensor.name),
+        _SMALL[_INDEX[tensor.datatype] << 1],
+        _known_shape(shape),
+        _varint(len(data)),
+        data,
+    ))  # fmt: skip
+
+
+def write_response(response: InferenceResponse) -> bytes | None:
+    """A response body of the current schema, or None when fastavro must write it.
+
+    Raises what fastavro would for text UTF-8 cannot carry (``UnicodeEncodeError``).
+    """
+    if response.parameters is not None or response.error is not None:
+        return None
+    version = response.model_version
+    outputs = response.outputs
+    timing = response.timing
+    try:
+        parts: list[Any] = [
+            _string(response.id),
+            _known_string(response.model_name),
+            b"\x00" if version is None else b"\x02" + _known_string(version),
+        ]
+        if outputs:
+            parts.append(_varint(len(outputs)))
+            parts += [_output(t) for t in outputs]
+        parts.append(b"\x00\x00")  # the outputs' end; error: null
+        if timing is None:
+            parts.append(b"\x00")
+        else:
+            parts += (
+                b"\x02",
+                _varint(timing.queue_us),
+                _varint(timing.compute_us),
+                _varint(timing.batch_size, 32),
+            )
+        parts.append(b"\x00")  # parameters: null
+    except (_Unsure, KeyError, TypeError):
+        return None
+    return b"".join(parts)
