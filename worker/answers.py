@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Protocol
 
 import structlog
@@ -24,6 +24,7 @@ import structlog
 from worker.domain import ErrorInfo, InferenceRequest, InferenceResponse, Tensor, Timing
 from worker.errors import SHOWN_CHARS, ErrorCode, RequestError
 from worker.origins import Call, Origin
+from worker.records import record
 from worker.tracing import Trace
 
 __all__ = [
@@ -65,7 +66,7 @@ class Stage(enum.StrEnum):
     """Answering its batch raised unexpectedly (a bug): the last-resort guard copied it."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Answer:
     """One request's outcome: a response, a failure, or both (see the module docstring)."""
 
@@ -85,7 +86,7 @@ Deliver = Callable[[Sequence[Answer]], None]
 All answers of one request come in one call."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ReplyMeta:
     """What metrics and the audit trail need to know about a reply."""
 

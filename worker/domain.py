@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from worker.errors import ErrorCode, ReplyError, RequestError, shown
+from worker.records import record
 
 __all__ = [
     "BYTES",
@@ -60,7 +61,7 @@ _DATATYPE_OF_KIND: dict[tuple[str, int], str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Tensor:
     """A named tensor as it travels: OIP datatype, shape and raw little-endian bytes."""
 
@@ -161,7 +162,7 @@ class Tensor:
         return out.reshape(self.shape)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class ErrorInfo:
     """Why a request failed: an :class:`~worker.errors.ErrorCode` value and a message."""
 
@@ -169,7 +170,7 @@ class ErrorInfo:
     message: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Timing:
     """Where the time went for one reply."""
 
@@ -181,7 +182,7 @@ class Timing:
 Parameters = dict[str, str | int | float | bool]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class InferenceRequest:
     """An inference request (``schemas/inference_request.avsc``)."""
 
@@ -198,7 +199,7 @@ class InferenceRequest:
         return next((t for t in self.inputs if t.name == name), None)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class InferenceResponse:
     """A reply (``schemas/inference_response.avsc``): outputs, or an error."""
 

@@ -17,6 +17,7 @@ from aiokafka import TopicPartition  # a plain named tuple: (topic, partition)
 
 from worker.domain import InferenceRequest, InferenceResponse
 from worker.headers import Headers
+from worker.records import record
 
 __all__ = ["Call", "Origin", "Record", "Respond"]
 
@@ -24,7 +25,7 @@ Respond = Callable[[InferenceResponse, list[tuple[str, bytes]]], None]
 """A caller's answer: the response and the headers that go with it (``traceparent``)."""
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Record:
     """A request record fetched from the requests topic (references, no copies)."""
 

@@ -18,12 +18,13 @@ from typing import Any
 import numpy.typing as npt
 
 from worker.model_config import ModelConfig
+from worker.records import record
 from worker.text import TextEncoder, Tokenized
 
 __all__ = ["Argument", "Prepared", "program_arguments"]
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Prepared:
     """One request's inputs as the program takes them, and what batching needs to know."""
 

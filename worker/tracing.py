@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
+
+from worker.records import record
 
 __all__ = ["Trace", "continue_trace"]
 
@@ -20,7 +21,7 @@ _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Trace:
     """The worker's span for one request."""
 
