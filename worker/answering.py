@@ -28,7 +28,7 @@ from worker.caching import store
 from worker.domain import Timing
 from worker.errors import SHOWN_CHARS
 from worker.forward import Run
-from worker.metrics import Metrics
+from worker.metrics import Metrics, observe_many
 from worker.model import LoadedModel, Prepared
 from worker.shadow import Comparison, Outcome, Result
 
@@ -119,10 +119,11 @@ class RunAnswers:
             self._metrics.tokens.labels(*labels, "real").inc(
                 sum(job.prepared.tokens for job in live)
             )
-        queue_wait = self._metrics.queue_wait.labels(*labels)
+        observe_many(
+            self._metrics.queue_wait.labels(*labels), [started - job.enqueued for job in live]
+        )
         answers: list[Answer] = []
         for job, result in zip(live, results, strict=True):
-            queue_wait.observe(started - job.enqueued)
             self._compare(job, result)
             if job.is_shadow:
                 continue
