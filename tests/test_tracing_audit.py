@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import pytest
 from aiokafka import TopicPartition
 
+from worker import tracing
 from worker.answers import ReplyMeta
 from worker.audit import AuditLog, audit_record
 from worker.origins import Record
@@ -52,6 +54,21 @@ def test_span_ids_differ_between_requests() -> None:
     """Two replies to the same caller span get different span ids."""
     header = f"00-{TRACE}-b7ad6b7169203331-01".encode()
     assert continue_trace(header).span_id != continue_trace(header).span_id
+
+
+def test_new_ids_are_lower_hex_of_full_width_and_never_all_zeros(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A new trace's ids: 32 and 16 lower-case hex digits, padded; an all-zero draw is not used."""
+    for _ in range(200):
+        trace = continue_trace(None)
+        assert re.fullmatch(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-00", trace.traceparent)
+    monkeypatch.setattr(tracing, "getrandbits", lambda _bits: 0)
+    trace = continue_trace(None)
+    assert trace.trace_id != "0" * 32
+    assert trace.span_id != "0" * 16
+    monkeypatch.setattr(tracing, "getrandbits", lambda _bits: 5)
+    assert continue_trace(None).span_id == "0000000000000005"
 
 
 class CountingStream(io.StringIO):

@@ -49,7 +49,7 @@ VERSION_HEADERS = ("model_version", "mlserver-version")
 
 def first_header(headers: Headers, names: Sequence[str]) -> str | None:
     """The first of ``names`` present (in that order) as text, or None; the last value wins."""
-    found = dict(headers)
+    found = {key: value for key, value in headers if key in names}  # only the names asked for
     for name in names:
         value = found.get(name)
         if value:
