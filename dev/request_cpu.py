@@ -90,7 +90,7 @@ def measure(args: argparse.Namespace, repo: Path) -> int:
         if args.profile is not None:
             spy = subprocess.Popen(
                 ["py-spy", "record", "--format", "raw", "--threads", "--rate", "200",
-                 "--pid", str(served.pid), "--output", str(args.profile)],
+                 "--nonblocking", "--pid", str(served.pid), "--output", str(args.profile)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         before = thread_cpu(served.pid)

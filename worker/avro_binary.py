@@ -43,6 +43,8 @@ _DOUBLE = struct.Struct("<d")
 _SMALL = tuple(bytes((n,)) for n in range(128))
 _MORE = 0x80
 """A varint byte's continuation bit; below it, a byte is a varint's last."""
+_TWO_BYTES = 1 << 14
+"""Values below this take two varint bytes."""
 _LAST_SHIFT = 63
 """A varint's tenth byte holds bits 63-69: none past 64 bits may be set, no byte follows."""
 _STRING, _LONG, _DOUBLE_BRANCH, _BOOLEAN = range(4)
@@ -195,6 +197,8 @@ def _varint(value: int, bits: int = 64) -> bytes:
     value = (value << 1) ^ (value >> 63)
     if value < _MORE:
         return _SMALL[value]
+    if value < _TWO_BYTES:  # timings of a few ms, shapes, lengths: one or two bytes mostly
+        return bytes((value & 0x7F | _MORE, value >> 7))
     out = bytearray()
     while value >= _MORE:
         out.append((value & 0x7F) | _MORE)

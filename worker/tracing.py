@@ -43,7 +43,7 @@ def _random_id(bits: int) -> str:
     Python's Mersenne Twister, seeded from the OS at start-up and again in a forked child:
     trace ids need to be unique, not secret, and ``secrets`` costs a system call each.
     """
-    return f"{getrandbits(bits) or 1:0{bits // 4}x}"
+    return (getrandbits(bits) or 1).to_bytes(bits // 8).hex()
 
 
 def continue_trace(traceparent: bytes | None) -> Trace:
