@@ -89,8 +89,8 @@ def measure(args: argparse.Namespace, repo: Path) -> int:
         spy = None
         if args.profile is not None:
             spy = subprocess.Popen(
-                ["py-spy", "record", "--format", "raw", "--threads", "--rate", "200",
-                 "--nonblocking", "--pid", str(served.pid), "--output", str(args.profile)],
+                ["py-spy", "record", "--format", "raw", "--threads", "--rate", "500",
+                 "--nonblocking", "--gil", "--pid", str(served.pid), "--output", str(args.profile)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         before = thread_cpu(served.pid)

@@ -55,6 +55,8 @@ FRAME = 5
 """Bytes before the Avro body of a framed record: the magic byte and the schema id."""
 SELDON_TYPE = "seldon-infer-type"
 """Seldon Core 2's Kafka header naming a V2 message's encoding."""
+_FORMAT_HEADERS = frozenset(("content-type", "Content-Type", SELDON_TYPE))
+"""Headers that can name a record's format; without any, its first byte decides."""
 
 
 class WireFormat(enum.StrEnum):
@@ -68,6 +70,13 @@ class WireFormat(enum.StrEnum):
 
 def wire_format(value: bytes | None, headers: Headers) -> WireFormat:
     """The format a record speaks: its content type first, then its first byte."""
+    for key, _ in headers:
+        if key in _FORMAT_HEADERS:
+            return _by_headers(value, headers)
+    return _by_first_byte(value)  # the usual record: no header says a format
+
+
+def _by_headers(value: bytes | None, headers: Headers) -> WireFormat:
     content = first_header(headers, ("content-type", "Content-Type"))
     if content is not None:
         kind = content.split(";")[0].strip().lower()
@@ -81,6 +90,10 @@ def wire_format(value: bytes | None, headers: Headers) -> WireFormat:
             return WireFormat.JSON
         if seldon.startswith("proto/"):
             return WireFormat.PROTOBUF
+    return _by_first_byte(value)
+
+
+def _by_first_byte(value: bytes | None) -> WireFormat:
     if value and value[:1] == MAGIC:
         return WireFormat.REGISTRY
     return WireFormat.AVRO
@@ -148,15 +161,14 @@ class Codecs:
     ) -> tuple[bytes, list[tuple[str, bytes]]]:
         """The reply to a request record, in its format: the value and the headers it adds."""
         kind = wire_format(value, headers)
-        seldon = first_header(headers, (SELDON_TYPE,)) is not None
         if kind is WireFormat.JSON:
             added = [("content-type", JSON_CONTENT_TYPE.encode())]
-            if seldon:
+            if first_header(headers, (SELDON_TYPE,)) is not None:
                 added.append((SELDON_TYPE, b"json/inferModelResponse"))
             return encode_json_response(response), added
         if kind is WireFormat.PROTOBUF:
             added = [("content-type", PROTO_CONTENT_TYPE.encode())]
-            if seldon:
+            if first_header(headers, (SELDON_TYPE,)) is not None:
                 added.append((SELDON_TYPE, b"proto/InferModelResponse"))
             return encode_proto_response(response), added
         if kind is WireFormat.REGISTRY and self.schemas is not None:
