@@ -128,7 +128,8 @@ class Tensor:
                 f"input {shown(self.name)}: shape {list(self.shape)} of {self.datatype} needs "
                 f"{count * dtype.itemsize} bytes, data has {len(self.data)}",
             )
-        return np.frombuffer(self.data, dtype=dtype).reshape(self.shape)
+        # A read-only view of the bytes (``np.frombuffer(...).reshape(...)`` in one call).
+        return np.ndarray(self.shape, dtype, self.data)
 
     def _strings(self) -> npt.NDArray[Any]:
         def invalid(why: str) -> RequestError:

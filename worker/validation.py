@@ -41,24 +41,10 @@ def validate_request(
     ``text``: the tokenizer step of a ``[tokenizer]`` model. Its strings are tokenised here
     unless ``tokenize`` is False: then they are checked and returned ``pending``.
     """
-    name = config.name
-    expected = {s.name for s in config.inputs}
-    for given in request.inputs:
-        if given.name not in expected:
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"unknown input {shown(given.name)} for model {name!r}; expected inputs: "
-                + ", ".join(s.describe() for s in config.inputs),
-            )
     arrays = []
     rows = None
-    for spec in config.inputs:
-        tensor = request.input(spec.name)
-        if tensor is None:
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"missing input {spec.describe()} for model {name!r}",
-            )
+    lengths = set()
+    for spec, tensor in zip(config.inputs, _matched(config, request), strict=True):
         _check_spec(tensor, spec)
         array = tensor.to_numpy()
         if text is not None:
@@ -75,10 +61,41 @@ def validate_request(
                 f"inputs disagree on the batch dimension ({rows} vs {array.shape[0]})",
             )
         rows = array.shape[0]
+        if spec.is_sequence:
+            lengths.add(int(array.shape[1]))
         arrays.append(array)
     assert rows is not None
-    length = _length(config, arrays)
+    length = _length(config, lengths)
     return Prepared(arrays, rows, length, rows * length)
+
+
+def _matched(config: ModelConfig, request: InferenceRequest) -> Sequence[Tensor]:
+    """The request's tensor for each declared input, in the config's order.
+
+    Refused: an input the model does not declare (checked first), or a declared one missing.
+    A name given twice: its first tensor.
+    """
+    given, specs = request.inputs, config.inputs
+    if len(given) == 1 and len(specs) == 1 and given[0].name == specs[0].name:
+        return given  # the usual request: the one input its model declares
+    expected = {s.name for s in specs}
+    for tensor in given:
+        if tensor.name not in expected:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"unknown input {shown(tensor.name)} for model {config.name!r}; expected "
+                "inputs: " + ", ".join(s.describe() for s in specs),
+            )
+    found = []
+    for spec in specs:
+        match = request.input(spec.name)
+        if match is None:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"missing input {spec.describe()} for model {config.name!r}",
+            )
+        found.append(match)
+    return found
 
 
 def tokenize_pending(
@@ -92,9 +109,8 @@ def tokenize_pending(
     ]
 
 
-def _length(config: ModelConfig, arrays: Sequence[npt.NDArray[Any]]) -> int:
+def _length(config: ModelConfig, lengths: set[int]) -> int:
     """The one length all sequence inputs of a request share (1 for fixed shapes)."""
-    lengths = {int(a.shape[1]) for a, s in zip(arrays, config.inputs, strict=True) if s.is_sequence}
     if not lengths:
         return 1
     if len(lengths) > 1 or 0 in lengths:
