@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from typing import Any
 
 import fastavro
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from worker import avro_binary
 from worker.avro_binary import DATATYPE_SYMBOLS, read_request, write_response
 from worker.codec import (
     SOE_MARKER,
@@ -105,6 +107,67 @@ def test_random_bytes_are_read_as_fastavro_reads_them(body: bytes) -> None:
     fast = read_request(body)
     if fast is not None:
         assert fast == by_fastavro(body)
+
+
+@settings(max_examples=500, deadline=None)
+@given(REQUESTS, st.data())
+def test_requests_of_a_known_layout_are_read_as_fastavro_reads_them(
+    request: InferenceRequest, data: st.DataObject
+) -> None:
+    """A request laid out as one read before (model to data length) is read as fastavro reads it.
+
+    Its id, data bytes, parameters, deadline and anything after its data may differ, or be
+    mangled; the first read teaches the layout, the others use it.
+    """
+    first = request.inputs[0] if request.inputs else Tensor("x", "FP32", (1,), bytes(4))
+    known = replace(request, inputs=[first])
+    assert read_request(bare(known)) == known  # learnt
+    again = data.draw(REQUESTS)
+    data_bytes = data.draw(st.binary(min_size=len(first.data), max_size=len(first.data)))
+    more = data.draw(st.lists(TENSORS, max_size=1))
+    alike = replace(
+        again, model_name=known.model_name, model_version=known.model_version,
+        inputs=[replace(first, data=data_bytes), *more],
+    )  # fmt: skip
+    body = bare(alike)
+    assert read_request(body) == alike == by_fastavro(body)
+    cut = data.draw(st.integers(0, len(body)))
+    mangled = body[:cut] + data.draw(st.binary(max_size=6))
+    fast = read_request(mangled)
+    if fast is not None:
+        assert fast == by_fastavro(mangled)
+
+
+def test_layouts_survive_unusual_but_valid_blocks() -> None:
+    """Inputs in two blocks of one, or ended by a two-byte zero, are read as fastavro reads them."""
+    one = Tensor("in", "INT8", (1, 3), b"\x07\x08\x09")
+    request = InferenceRequest("id-1", "blocks", [one])
+    body = bare(request)
+    at = body.index(b"\x07\x08\x09") + 3
+    assert body[at:] == b"\x00\x00\x00"
+    assert read_request(body) == request  # learnt: "blocks" ... up to the data
+    second = bare(InferenceRequest("", "x", [Tensor("more", "INT8", (1,), b"\x05")]))
+    tensor = second[second.index(b"\x08more") :][:-3]  # name, type, shape, data
+    two_blocks = body[:at] + b"\x02" + tensor + b"\x00\x00\x00"
+    assert read_request(two_blocks) == by_fastavro(two_blocks)
+    assert by_fastavro(two_blocks) == replace(
+        request, inputs=[one, Tensor("more", "INT8", (1,), b"\x05")]
+    )
+    long_zero = body[:at] + b"\x80\x00" + b"\x00\x00"  # a zero count written in two bytes
+    other = "other-layout"
+    long_zero = long_zero.replace(b"\x0cblocks", b"\x18" + other.encode())
+    assert read_request(long_zero) == by_fastavro(long_zero) is not None
+    same_first_byte = bare(InferenceRequest("id-2", other, [replace(one, data=b"\x07\x01\x02")]))
+    assert read_request(same_first_byte) == by_fastavro(same_first_byte)
+
+
+def test_layouts_kept_are_bounded() -> None:
+    """However many layouts traffic brings, at most _MAX_LAYOUTS are kept."""
+    for i in range(avro_binary._MAX_LAYOUTS * 3):
+        request = InferenceRequest(str(i), f"model-{i}", [Tensor("x", "FP32", (i,), bytes(4))])
+        assert read_request(bare(request)) == request
+        assert len(avro_binary._LAYOUTS) <= avro_binary._MAX_LAYOUTS
+    assert len(avro_binary._LAYOUT_SIZES) <= avro_binary._MAX_LAYOUTS
 
 
 def test_unsure_records_are_left_to_fastavro() -> None:
