@@ -64,6 +64,11 @@ def by_fastavro(body: bytes) -> InferenceRequest | None:
     )  # fmt: skip
 
 
+def same(fast: InferenceRequest | None, reference: InferenceRequest | None) -> bool:
+    """Equal requests; a NaN parameter (a mangled double) equals itself here."""
+    return fast == reference or repr(fast) == repr(reference)
+
+
 def bare(request: InferenceRequest) -> bytes:
     """The request as fastavro writes it, without the single-object header."""
     return encode_request(request)[10:]
@@ -78,7 +83,7 @@ def test_reads_generated_requests_as_fastavro_does(request: InferenceRequest) ->
     assert read_request(SOE_MARKER + bytes(8) + body, 10) == request
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(REQUESTS, st.data())
 def test_mangled_records_are_read_as_fastavro_reads_them(
     request: InferenceRequest, data: st.DataObject
@@ -97,7 +102,7 @@ def test_mangled_records_are_read_as_fastavro_reads_them(
     mangled = bytes(body)
     fast = read_request(mangled)
     if fast is not None:
-        assert fast == by_fastavro(mangled)
+        assert same(fast, by_fastavro(mangled))
 
 
 @settings(max_examples=800, deadline=None)
@@ -106,7 +111,7 @@ def test_random_bytes_are_read_as_fastavro_reads_them(body: bytes) -> None:
     """Any bytes at all are either left to fastavro or read as fastavro reads them."""
     fast = read_request(body)
     if fast is not None:
-        assert fast == by_fastavro(body)
+        assert same(fast, by_fastavro(body))
 
 
 @settings(max_examples=500, deadline=None)
@@ -135,7 +140,7 @@ def test_requests_of_a_known_layout_are_read_as_fastavro_reads_them(
     mangled = body[:cut] + data.draw(st.binary(max_size=6))
     fast = read_request(mangled)
     if fast is not None:
-        assert fast == by_fastavro(mangled)
+        assert same(fast, by_fastavro(mangled))
 
 
 def test_layouts_survive_unusual_but_valid_blocks() -> None:
@@ -238,7 +243,7 @@ def fastavro_body(response: InferenceResponse) -> bytes | type[Exception]:
     return buf.getvalue()
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(RESPONSES)
 def test_writes_replies_byte_for_byte_as_fastavro(response: InferenceResponse) -> None:
     """Each reply written by hand is fastavro's bytes; what it leaves, fastavro writes."""
@@ -252,6 +257,36 @@ def test_writes_replies_byte_for_byte_as_fastavro(response: InferenceResponse) -
         assert fast == reference
     if isinstance(reference, bytes):
         assert encode_response(response)[10:] == reference == encode_response_body(response)
+
+
+@settings(max_examples=400, deadline=None)
+@given(RESPONSES, st.data())
+def test_replies_of_a_known_head_are_written_as_fastavro_writes_them(
+    response: InferenceResponse, data: st.DataObject
+) -> None:
+    """A one-output reply like one written before (but id, data and timing) is fastavro's bytes."""
+    out = response.outputs[0] if response.outputs else Tensor("y", "FP32", (1, 2), bytes(8))
+    first = replace(response, outputs=[out], error=None, parameters=None)
+    if not isinstance(fastavro_body(first), bytes):
+        return
+    assert write_response(first) == fastavro_body(first)  # its head is kept
+    again = data.draw(RESPONSES)
+    alike = replace(
+        first, id=again.id, timing=again.timing,
+        outputs=[replace(out, data=data.draw(st.binary(min_size=len(out.data),
+                                                       max_size=len(out.data))))],
+    )  # fmt: skip
+    reference = fastavro_body(alike)
+    if isinstance(reference, bytes):
+        assert write_response(alike) == reference
+
+
+def test_heads_kept_are_bounded() -> None:
+    """However many model versions and shapes reply, at most _MAX_HEADS heads are kept."""
+    for i in range(avro_binary._MAX_HEADS * 2):
+        response = InferenceResponse("r", "m", str(i), [Tensor("y", "FP32", (i,), b"")])
+        assert write_response(response) == fastavro_body(response)
+        assert len(avro_binary._HEADS) <= avro_binary._MAX_HEADS
 
 
 def test_covers_the_usual_reply() -> None:

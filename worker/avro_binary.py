@@ -16,10 +16,10 @@ those, a few microseconds each:
   so the last few dozen layouts are kept: a request that starts with one is its id, one
   lookup, its data and a three-byte tail (2-3 us instead of 5-8).
 - :func:`write_response`: the body of an ``inference_response`` of the current schema, byte
-  for byte what fastavro writes. Strings and shapes that repeat from reply to reply (model
-  name, version, output names, shapes) are encoded once and kept in small caches: only the
-  id, the timing and the output bytes are new in each reply. Replies it does not cover (a
-  ``parameters`` map) return ``None`` for fastavro to write.
+  for byte what fastavro writes. A one-output reply's bytes from the model name to its data's
+  length (its *head*) repeat from reply to reply of a model version, so the last few hundred
+  heads are kept: only the id, the output bytes and the timing are new in each reply. Replies
+  it does not cover (an error, a ``parameters`` map) return ``None`` for fastavro to write.
 
 Nothing here allocates more than the record's own length: every count is checked against
 the bytes left before anything is built.
@@ -28,10 +28,8 @@ the bytes left before anything is built.
 from __future__ import annotations
 
 import struct
-from functools import lru_cache
-from typing import Any
 
-from worker.domain import InferenceRequest, InferenceResponse, Parameters, Tensor
+from worker.domain import InferenceRequest, InferenceResponse, Parameters, Tensor, Timing
 
 __all__ = ["DATATYPE_SYMBOLS", "read_request", "write_response"]
 
@@ -52,8 +50,6 @@ _LAST_SHIFT = 63
 """A varint's tenth byte holds bits 63-69: none past 64 bits may be set, no byte follows."""
 _STRING, _LONG, _DOUBLE_BRANCH, _BOOLEAN = range(4)
 """The branches of a parameter's union, ``["string", "long", "double", "boolean"]``."""
-_CACHED = 4096
-"""Most distinct strings and shapes each cache keeps (names, versions: a bounded set)."""
 
 
 class _Unsure(Exception):  # noqa: N818 - internal signal, never leaves this module
@@ -276,30 +272,56 @@ def _string(text: str) -> bytes:
     return _varint(len(raw)) + raw
 
 
-@lru_cache(maxsize=_CACHED)
-def _known_string(text: str) -> bytes:
-    """A string that repeats from reply to reply (a model name, a version, an output name)."""
-    return _string(text)
-
-
-@lru_cache(maxsize=_CACHED)
-def _known_shape(shape: tuple[int, ...]) -> bytes:
+def _shape(shape: tuple[int, ...]) -> bytes:
+    if type(shape) is not tuple:
+        raise _Unsure
     if not shape:
         return b"\x00"
     return _varint(len(shape)) + b"".join(_varint(d) for d in shape) + b"\x00"
 
 
 def _output(tensor: Tensor) -> bytes:
-    shape = tensor.shape
     data = tensor.data
-    if type(shape) is not tuple or type(data) is not bytes:
+    if type(data) is not bytes:
         raise _Unsure
     return b"".join((
-        _known_string(tensor.name),
-        _SMALL[_INDEX[tensor.datatype] << 1],
-        _known_shape(shape),
-        _varint(len(data)),
-        data,
+        _string(tensor.name), _SMALL[_INDEX[tensor.datatype] << 1], _shape(tensor.shape),
+        _varint(len(data)), data,
+    ))  # fmt: skip
+
+
+def _start(model: str, version: str | None) -> bytes:
+    """The model name and version of a reply."""
+    return _string(model) + (b"\x00" if version is None else b"\x02" + _string(version))
+
+
+# A head: a one-output reply's bytes from the model name to its data's length, by what they
+# say. The replies of one model version repeat it (but for the batch's row count).
+_Head = tuple[str, "str | None", str, str, tuple[int, ...], int]
+_HEADS: dict[_Head, bytes] = {}
+_MAX_HEADS = 256
+"""Heads kept (all forgotten when more come)."""
+
+
+def _head(key: _Head) -> bytes:
+    model, version, name, datatype, shape, size = key
+    head = b"".join((
+        _start(model, version), b"\x02", _string(name), _SMALL[_INDEX[datatype] << 1],
+        _shape(shape), _varint(size),
+    ))  # fmt: skip
+    if len(_HEADS) >= _MAX_HEADS:
+        _HEADS.clear()
+    _HEADS[key] = head
+    return head
+
+
+def _end(timing: Timing | None) -> bytes:
+    """After the outputs: their end, no error, the timing, no parameters."""
+    if timing is None:
+        return b"\x00\x00\x00\x00"
+    return b"".join((
+        b"\x00\x00\x02", _varint(timing.queue_us), _varint(timing.compute_us),
+        _varint(timing.batch_size, 32), b"\x00",
     ))  # fmt: skip
 
 
@@ -310,29 +332,21 @@ def write_response(response: InferenceResponse) -> bytes | None:
     """
     if response.parameters is not None or response.error is not None:
         return None
-    version = response.model_version
     outputs = response.outputs
-    timing = response.timing
     try:
-        parts: list[Any] = [
-            _string(response.id),
-            _known_string(response.model_name),
-            b"\x00" if version is None else b"\x02" + _known_string(version),
-        ]
+        if len(outputs) == 1 and type(data := outputs[0].data) is bytes:
+            out = outputs[0]
+            key = (
+                response.model_name, response.model_version, out.name, out.datatype, out.shape,
+                len(data),
+            )  # fmt: skip
+            head = _HEADS.get(key) or _head(key)
+            return b"".join((_string(response.id), head, data, _end(response.timing)))
+        parts = [_string(response.id), _start(response.model_name, response.model_version)]
         if outputs:
             parts.append(_varint(len(outputs)))
             parts += [_output(t) for t in outputs]
-        parts.append(b"\x00\x00")  # the outputs' end; error: null
-        if timing is None:
-            parts.append(b"\x00")
-        else:
-            parts += (
-                b"\x02",
-                _varint(timing.queue_us),
-                _varint(timing.compute_us),
-                _varint(timing.batch_size, 32),
-            )
-        parts.append(b"\x00")  # parameters: null
+        parts.append(_end(response.timing))
     except (_Unsure, KeyError, TypeError):
         return None
     return b"".join(parts)
