@@ -123,17 +123,19 @@ class RunAnswers:
             self._metrics.queue_wait.labels(*labels), [started - job.enqueued for job in live]
         )
         answers: list[Answer] = []
+        compute_us, size = int(compute_s * 1e6), len(live)
         for job, result in zip(live, results, strict=True):
-            self._compare(job, result)
+            if job.comparison is not None:
+                self._compare(job, result)
             if job.is_shadow:
                 continue
-            timing = Timing(int((started - job.enqueued) * 1e6), int(compute_s * 1e6), len(live))
+            timing = Timing(int((started - job.enqueued) * 1e6), compute_us, size)
             response = model_response(
                 job.request, model.name, model.version, result, timing,
                 truncated=job.prepared.truncated,
             )  # fmt: skip
             answers.append(Answer(job.origin, response, batch_id=batch_id, served=True))
-            if not isinstance(result, Exception):
+            if job.model.cache is not None and not isinstance(result, Exception):
                 store(job, result, self._metrics)  # a version with a [cache]: kept for repeats
         return answers
 

@@ -28,6 +28,7 @@ the bytes left before anything is built.
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 
 from worker.domain import InferenceRequest, InferenceResponse, Parameters, Tensor, Timing
 
@@ -319,10 +320,13 @@ def _end(timing: Timing | None) -> bytes:
     """After the outputs: their end, no error, the timing, no parameters."""
     if timing is None:
         return b"\x00\x00\x00\x00"
-    return b"".join((
-        b"\x00\x00\x02", _varint(timing.queue_us), _varint(timing.compute_us),
-        _varint(timing.batch_size, 32), b"\x00",
-    ))  # fmt: skip
+    return b"\x00\x00\x02" + _varint(timing.queue_us) + _batch(timing.compute_us, timing.batch_size)
+
+
+@lru_cache(maxsize=64)
+def _batch(compute_us: int, batch_size: int) -> bytes:
+    """The timing a batch's replies share, and the parameters' null: encoded once a batch."""
+    return _varint(compute_us) + _varint(batch_size, 32) + b"\x00"
 
 
 def write_response(response: InferenceResponse) -> bytes | None:

@@ -191,8 +191,9 @@ class Intake:
 
     def _hand_on(self, tp: TopicPartition, records: Sequence[Any], pipeline: Dispatcher) -> None:
         """Track fetched records and hand each on as a :class:`~worker.origins.Record`."""
+        handover = self.handover
         for r in records:
-            if not self._fresh(tp, r.offset):
+            if handover is not None and not handover.fresh(tp, r.offset):
                 continue
             self.tracker.track(tp, r.offset)
             generation = self.tracker.generation(tp)

@@ -146,6 +146,15 @@ def _check_ids(spec: TensorSpec, vocab_size: int, array: npt.NDArray[Any]) -> No
         )
 
 
+def _fits(shape: tuple[int, ...], wanted: tuple[int, ...]) -> bool:
+    """Every dimension but the first as declared (-1: any); the lengths are equal."""
+    for i in range(1, len(wanted)):
+        want = wanted[i]
+        if want not in (-1, shape[i]):
+            return False
+    return True
+
+
 def _check_spec(tensor: Tensor, spec: TensorSpec) -> None:
     if tensor.datatype != spec.datatype:
         if spec.datatype == BYTES:
@@ -158,12 +167,8 @@ def _check_spec(tensor: Tensor, spec: TensorSpec) -> None:
             ErrorCode.INVALID_ARGUMENT,
             f"input {spec.name!r} has datatype {tensor.datatype}; expected {spec.describe()}",
         )
-    shape = tensor.shape
-    if (
-        len(shape) != len(spec.shape)
-        or shape[0] < 1
-        or any(want not in (-1, got) for want, got in zip(spec.shape[1:], shape[1:], strict=True))
-    ):
+    shape, wanted = tensor.shape, spec.shape
+    if len(shape) != len(wanted) or shape[0] < 1 or not _fits(shape, wanted):
         raise RequestError(
             ErrorCode.INVALID_ARGUMENT,
             f"input {spec.name!r} has shape {list(shape)}; expected {spec.describe()} "
