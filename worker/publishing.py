@@ -116,12 +116,15 @@ class Publisher:
         """Item indices by (topic, partition); an item whose topic has no metadata errs."""
         by_partition: dict[tuple[str, int], list[int]] = {}
         sticky: dict[str, int] = {}
+        known = self._partitions
         for index, item in enumerate(items):
-            try:
-                partitions = await self._partitions_of(item.topic)
-            except KafkaError as exc:
-                errors[index] = exc
-                continue
+            partitions = known.get(item.topic)  # an await per item only for a new topic
+            if partitions is None:
+                try:
+                    partitions = await self._partitions_of(item.topic)
+                except KafkaError as exc:
+                    errors[index] = exc
+                    continue
             key = item.key
             if key is None:
                 partition = sticky.setdefault(item.topic, random.choice(partitions))  # noqa: S311
