@@ -291,3 +291,18 @@ def test_a_broken_handler_is_a_config_error(tmp_path: Path, code: str, fragment:
     (tmp_path / "digits" / "1" / "handler.py").write_text(code)
     with pytest.raises(ConfigError, match=fragment):
         ModelRepository.load(tmp_path, allow_code=True)
+
+
+def test_programs_skip_the_argument_match_but_keep_their_guards(
+    repository: ModelRepository,
+) -> None:
+    """A loaded program skips torch.export's per-call argument match; its shape guards still run."""
+    model = repository.route("digits", None, "").primary
+    module = model._module
+    assert getattr(module, "validate_inputs", None) is False
+    with torch.inference_mode(), pytest.raises(AssertionError, match="Guard failed"):
+        module(torch.zeros(1, 63))
+    with torch.inference_mode():
+        outputs = module(torch.zeros(2, 64))
+    first = outputs[0] if isinstance(outputs, tuple) else outputs
+    assert first.shape == (2, 10)

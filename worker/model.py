@@ -143,7 +143,7 @@ class LoadedModel:
                 program = move_to_device_pass(program, device)
         except Exception as exc:
             raise ConfigError(f"{path}: cannot load torch.export program: {exc}") from exc
-        module: torch.nn.Module = program.module()
+        module = _callable(program)
         if config.quantize == "int8":
             module = quantize_int8(module, path)
         if execution.precision != "fp32":
@@ -358,6 +358,19 @@ def _disagreement(
                 model._runner = model._module
                 return f"the compiled program's output {name!r} differs from eager's"
     return None
+
+
+def _callable(program: torch.export.ExportedProgram) -> torch.nn.Module:
+    """The program as a module to call.
+
+    Its guards (shapes, ranges) run inside its graph; the pre-hook torch adds would match the
+    arguments' pytree again on each call (half a small model's call at batch 1), so it is
+    turned off: the worker always passes its checked inputs as positional tensors.
+    """
+    module: torch.nn.Module = program.module()
+    if hasattr(module, "_guards_fn"):
+        setattr(module, "validate_inputs", False)  # noqa: B010 - torch declares no such attribute
+    return module
 
 
 def export_model(module: torch.nn.Module, features: int, path: Path) -> None:
