@@ -175,6 +175,53 @@ def test_layouts_kept_are_bounded() -> None:
     assert len(avro_binary._LAYOUT_SIZES) <= avro_binary._MAX_LAYOUTS
 
 
+def varint(value: int) -> bytes:
+    """``value`` (non-negative) as an Avro zig-zag varint."""
+    value <<= 1
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes([*out, value])
+
+
+def test_refused_or_long_records_teach_no_layout() -> None:
+    """Records refused at their tail, or with layouts over 256 bytes, are never kept."""
+    avro_binary._LAYOUTS.clear()
+    avro_binary._LAYOUT_SIZES.clear()
+    shape = varint(300) + varint(1) * 300 + b"\x00"  # a 300-dimension shape
+    for i in range(70):
+        name = f"m{i}".encode()
+        head = varint(1) + b"x" + varint(len(name)) + name + b"\x00\x02" + varint(1) + b"t\x14"
+        refused = head + varint(0) * 2 + b"\x00\x00\x7f"  # a deadline branch of -64
+        assert read_request(refused) is None
+        long = head + shape + varint(0) + b"\x00\x00\x00"
+        assert read_request(long) == by_fastavro(long) is not None
+    assert not avro_binary._LAYOUTS
+    assert not avro_binary._LAYOUT_SIZES
+
+
+def test_layout_lengths_kept_are_few() -> None:
+    """Layouts of many lengths: at most 8 lengths are looked up per request."""
+    for i in range(40):
+        request = InferenceRequest("id", "m" * (i + 1), [Tensor("x", "FP32", (1,), bytes(4))])
+        assert read_request(bare(request)) == request
+        assert len(avro_binary._LAYOUT_SIZES) <= avro_binary._MAX_LAYOUT_SIZES
+
+
+def test_decode_request_takes_bytearray_and_memoryview() -> None:
+    """The public decode_request reads a bytearray or memoryview as it reads the same bytes."""
+    request = InferenceRequest("id", "m", [Tensor("x", "FP32", (1,), bytes(4))])
+    value = encode_request(request)
+    for kind in (
+        bytearray(value),
+        memoryview(value),
+        bytearray(value[10:]),
+        memoryview(value)[10:],
+    ):
+        assert decode_request(kind) == request
+
+
 def test_unsure_records_are_left_to_fastavro() -> None:
     """Overlong varints, negative block counts, unknown enums and leftovers are not read by hand."""
     good = bare(InferenceRequest("id", "m", [Tensor("x", "FP32", (1,), bytes(4))]))

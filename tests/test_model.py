@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +18,9 @@ from worker.domain import InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError
 from worker.forward import run_isolated, split_outputs, stack_inputs
 from worker.model import LoadedModel, Prepared
+from worker.model_config import ModelConfig
 from worker.repository import ModelRepository
+from worker.validation import validate_request
 
 from .conftest import MODELS
 
@@ -306,3 +309,26 @@ def test_programs_skip_the_argument_match_but_keep_their_guards(
         outputs = module(torch.zeros(2, 64))
     first = outputs[0] if isinstance(outputs, tuple) else outputs
     assert first.shape == (2, 10)
+
+
+def test_two_input_checks_come_in_the_configs_order(tmp_path: Path) -> None:
+    """A wrong first input is named before a missing second one; an unknown one before both."""
+    (tmp_path / "config.toml").write_text(
+        '[[inputs]]\nname = "a"\ndatatype = "FP32"\nshape = [-1, 2]\n\n'
+        '[[inputs]]\nname = "b"\ndatatype = "FP32"\nshape = [-1, 2]\n\n'
+        '[[outputs]]\nname = "y"\ndatatype = "FP32"\nshape = [-1, 1]\n'
+    )
+    config = ModelConfig.load(tmp_path)
+    wrong_a = Tensor.from_numpy("a", np.zeros((1, 2), np.int8))
+    good_a = Tensor.from_numpy("a", np.zeros((1, 2), np.float32))
+    cases = [
+        ((wrong_a,), "input 'a' has datatype INT8"),
+        ((good_a,), "missing input b FP32 [-1, 2]"),
+        ((good_a, Tensor.from_numpy("c", np.zeros((1, 2), np.float32))), "unknown input 'c'"),
+    ]
+    for tensors, fragment in cases:
+        with pytest.raises(RequestError, match=re.escape(fragment)):
+            validate_request(config, None, InferenceRequest("id", "two", list(tensors)))
+    both = [good_a, Tensor.from_numpy("b", np.ones((1, 2), np.float32))]
+    prepared = validate_request(config, None, InferenceRequest("id", "two", both[::-1]))
+    assert [a.tolist() for a in prepared.arrays] == [[[0.0, 0.0]], [[1.0, 1.0]]]

@@ -22,7 +22,8 @@ those, a few microseconds each:
   it does not cover (an error, a ``parameters`` map) return ``None`` for fastavro to write.
 
 Nothing here allocates more than the record's own length: every count is checked against
-the bytes left before anything is built.
+the bytes left before anything is built. The layouts kept are bounded in number, in distinct
+lengths and in bytes, and only records read whole teach one.
 """
 
 from __future__ import annotations
@@ -188,9 +189,10 @@ def _read_rest(body: bytes, ident: str, after_id: int) -> InferenceRequest | Non
             data_end = at
         count, at = _count(body, at, 4)
         blocks.append(count)
-    if blocks == [1, 0]:
+    request = _tail(body, at, ident=ident, model=model, version=version, inputs=inputs)
+    if request is not None and blocks == [1, 0]:  # only what was read whole teaches a layout
         _learn(body[after_id : data_end - len(inputs[0].data)], model, version, inputs[0])
-    return _tail(body, at, ident=ident, model=model, version=version, inputs=inputs)
+    return request
 
 
 def _tail(
@@ -216,15 +218,23 @@ _LAYOUTS: dict[bytes, _Layout] = {}
 _LAYOUT_SIZES: list[int] = []
 _MAX_LAYOUTS = 64
 """Layouts kept (all forgotten when more come: any traffic only ever costs the slow path)."""
+_MAX_LAYOUT_SIZES = 8
+"""Distinct layout lengths kept: a request is looked up once per length."""
+_MAX_LAYOUT_BYTES = 256
+"""Longest layout kept: a name or shape longer than that is read field by field."""
 
 
 def _learn(prefix: bytes, model: str, version: str | None, tensor: Tensor) -> None:
-    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+    if len(prefix) > _MAX_LAYOUT_BYTES:
+        return
+    fresh_size = len(prefix) not in _LAYOUT_SIZES
+    if len(_LAYOUTS) >= _MAX_LAYOUTS or (fresh_size and len(_LAYOUT_SIZES) >= _MAX_LAYOUT_SIZES):
         _LAYOUTS.clear()
         _LAYOUT_SIZES.clear()
+        fresh_size = True
     layout = (model, version, tensor.name, tensor.datatype, tensor.shape, len(tensor.data))
     _LAYOUTS[prefix] = layout
-    if len(prefix) not in _LAYOUT_SIZES:
+    if fresh_size:
         _LAYOUT_SIZES.append(len(prefix))
 
 
@@ -351,6 +361,6 @@ def write_response(response: InferenceResponse) -> bytes | None:
             parts.append(_varint(len(outputs)))
             parts += [_output(t) for t in outputs]
         parts.append(_end(response.timing))
-    except (_Unsure, KeyError, TypeError):
+    except (_Unsure, KeyError, TypeError, AttributeError):  # fastavro words the refusal
         return None
     return b"".join(parts)

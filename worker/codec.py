@@ -172,12 +172,13 @@ def encode_request(request: InferenceRequest) -> bytes:
     )
 
 
-def decode_request(value: bytes | None) -> InferenceRequest:
+def decode_request(value: bytes | bytearray | memoryview | None) -> InferenceRequest:
     """Decode a request; raises :class:`~worker.errors.DecodeError` on anything else."""
     if not value:
         raise DecodeError("record value is empty; expected an Avro-encoded InferenceRequest")
     # The current schema, framed or bare, is read by hand (worker.avro_binary); anything it is
     # not sure of, and every earlier schema, by fastavro.
+    value = value if isinstance(value, bytes) else bytes(value)
     header = _REQUEST.header
     fast = read_request(value, 10) if value[:10] == header else None
     if fast is None and value[:2] != SOE_MARKER:

@@ -45,6 +45,11 @@ def validate_request(
     rows = None
     lengths = set()
     for spec, tensor in zip(config.inputs, _matched(config, request), strict=True):
+        if tensor is None:
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"missing input {spec.describe()} for model {config.name!r}",
+            )
         _check_spec(tensor, spec)
         array = tensor.to_numpy()
         if text is not None:
@@ -69,11 +74,10 @@ def validate_request(
     return Prepared(arrays, rows, length, rows * length)
 
 
-def _matched(config: ModelConfig, request: InferenceRequest) -> Sequence[Tensor]:
-    """The request's tensor for each declared input, in the config's order.
+def _matched(config: ModelConfig, request: InferenceRequest) -> Sequence[Tensor | None]:
+    """The request's tensor for each declared input, in the config's order (None: missing).
 
-    Refused: an input the model does not declare (checked first), or a declared one missing.
-    A name given twice: its first tensor.
+    Refused first: an input the model does not declare. A name given twice: its first tensor.
     """
     given, specs = request.inputs, config.inputs
     if len(given) == 1 and len(specs) == 1 and given[0].name == specs[0].name:
@@ -86,16 +90,7 @@ def _matched(config: ModelConfig, request: InferenceRequest) -> Sequence[Tensor]
                 f"unknown input {shown(tensor.name)} for model {config.name!r}; expected "
                 "inputs: " + ", ".join(s.describe() for s in specs),
             )
-    found = []
-    for spec in specs:
-        match = request.input(spec.name)
-        if match is None:
-            raise RequestError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"missing input {spec.describe()} for model {config.name!r}",
-            )
-        found.append(match)
-    return found
+    return [request.input(spec.name) for spec in specs]
 
 
 def tokenize_pending(
