@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -13,7 +14,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from worker import stacking
 from worker.domain import InferenceRequest, Tensor
 from worker.errors import ConfigError, ErrorCode, RequestError
 from worker.forward import run_isolated, split_outputs, stack_inputs
@@ -332,3 +336,23 @@ def test_two_input_checks_come_in_the_configs_order(tmp_path: Path) -> None:
     both = [good_a, Tensor.from_numpy("b", np.ones((1, 2), np.float32))]
     prepared = validate_request(config, None, InferenceRequest("id", "two", both[::-1]))
     assert [a.tolist() for a in prepared.arrays] == [[[0.0, 0.0]], [[1.0, 1.0]]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 4), min_size=1, max_size=6),
+    st.sampled_from(["<f4", "<f2", "<i8", "u1", "?", ">f8"]),
+    st.lists(st.integers(0, 3), max_size=2),
+    st.integers(0, 2**32 - 1),
+)
+def test_outputs_cut_per_batch_match_a_conversion_per_request(
+    rows: list[int], dtype: str, rest: list[int], seed: int
+) -> None:
+    """Each request's output tensor is what converting its own rows alone would give."""
+    total = sum(rows)
+    array = np.random.default_rng(seed).integers(0, 100, (total, *rest)).astype(dtype)
+    per_request = [Prepared([], rows=n) for n in rows]
+    bounds = list(itertools.accumulate(rows, initial=0))
+    cut = stacking._cut("y", array, per_request, bounds, sequence=False)
+    expected = [Tensor.from_numpy("y", array[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
+    assert cut == expected

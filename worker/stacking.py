@@ -102,16 +102,36 @@ def split_outputs(
                 f"model {model.name} v{model.version} output {spec.name!r} has "
                 f"{outputs[spec.name].shape[0]} rows for a batch of {total}"
             )
-    bounds = np.cumsum([0, *(p.rows for p in per_request)]).tolist()
-    return [
-        [
-            Tensor.from_numpy(
-                spec.name,
-                outputs[spec.name][lo:hi, : p.length]
-                if spec.is_sequence
-                else outputs[spec.name][lo:hi],
-            )
-            for spec in model.config.outputs
+    bounds = list(itertools.accumulate((p.rows for p in per_request), initial=0))
+    columns = [
+        _cut(spec.name, outputs[spec.name], per_request, bounds, sequence=spec.is_sequence)
+        for spec in model.config.outputs
+    ]
+    if not columns:
+        return [[] for _ in per_request]
+    return [list(tensors) for tensors in zip(*columns, strict=True)]
+
+
+def _cut(
+    name: str,
+    array: npt.NDArray[Any],
+    per_request: Sequence[Prepared],
+    bounds: Sequence[int],
+    *,
+    sequence: bool,
+) -> list[Tensor]:
+    """One output cut into each request's tensor (rows ``bounds[i]:bounds[i + 1]``)."""
+    rows = itertools.pairwise(bounds)
+    if sequence or array.dtype.kind in "OUS" or not per_request:  # per request: trimmed, strings
+        return [
+            Tensor.from_numpy(name, array[lo:hi, : p.length] if sequence else array[lo:hi])
+            for p, (lo, hi) in zip(per_request, rows, strict=True)
         ]
-        for p, (lo, hi) in zip(per_request, itertools.pairwise(bounds), strict=True)
+    # Fixed shapes: the batch converted to wire bytes once, each request's rows a slice of them.
+    whole = Tensor.from_numpy(name, array)
+    row = len(whole.data) // array.shape[0] if array.shape[0] else 0
+    rest = whole.shape[1:]
+    return [
+        Tensor(name, whole.datatype, (hi - lo, *rest), whole.data[lo * row : hi * row])
+        for lo, hi in rows
     ]
