@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from worker.errors import ConfigError, ErrorCode, RequestError, shown
@@ -32,6 +33,7 @@ from worker.model_config import (
     Execution,
     ModelConfig,
 )
+from worker.records import record
 
 __all__ = ["LoadOptions", "ModelRepository", "Route", "ServedModel", "split_bucket"]
 
@@ -42,7 +44,7 @@ def split_bucket(request_id: str, total: int) -> int:
     return int.from_bytes(digest, "big") % total
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Route:
     """Where one request goes."""
 
@@ -66,7 +68,7 @@ class ServedModel:
         """The model's name (its folder)."""
         return self.config.name
 
-    @property
+    @cached_property  # versions and routing never change: a reload makes a new ServedModel
     def default_version(self) -> str:
         """Where requests naming no version go when there is no split."""
         return self.config.routing.default_version or max(self.versions, key=int)
