@@ -191,9 +191,8 @@ class Intake:
 
     def _hand_on(self, tp: TopicPartition, records: Sequence[Any], pipeline: Dispatcher) -> None:
         """Track fetched records and hand each on as a :class:`~worker.origins.Record`."""
-        handover = self.handover
         for r in records:
-            if handover is not None and not handover.fresh(tp, r.offset):
+            if self.handover is not None and not self.handover.fresh(tp, r.offset):
                 continue
             self.tracker.track(tp, r.offset)
             generation = self.tracker.generation(tp)
