@@ -356,3 +356,33 @@ def test_outputs_cut_per_batch_match_a_conversion_per_request(
     cut = stacking._cut("y", array, per_request, bounds, sequence=False)
     expected = [Tensor.from_numpy("y", array[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
     assert cut == expected
+
+
+def test_a_program_with_keyword_arguments_is_refused_at_load(tmp_path: Path) -> None:
+    """The worker passes inputs positionally: a program exported with keywords is a ConfigError."""
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x: torch.Tensor, *, scale: torch.Tensor) -> torch.Tensor:
+            return x * scale
+
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(
+        Scaled(), (torch.ones(2, 3),), {"scale": torch.ones(2, 3)},
+        dynamic_shapes={"x": {0: batch}, "scale": {0: batch}},
+    )  # fmt: skip
+    (tmp_path / "kw" / "1").mkdir(parents=True)
+    torch.export.save(program, tmp_path / "kw" / "1" / "model.pt2")
+    (tmp_path / "kw" / "config.toml").write_text(
+        '[[inputs]]\nname = "x"\ndatatype = "FP32"\nshape = [-1, 3]\n\n'
+        '[[inputs]]\nname = "scale"\ndatatype = "FP32"\nshape = [-1, 3]\n\n'
+        '[[outputs]]\nname = "y"\ndatatype = "FP32"\nshape = [-1, 3]\n'
+    )
+    with pytest.raises(ConfigError, match="keyword arguments"):
+        ModelRepository.load(tmp_path)
+
+
+def test_an_empty_shape_numpy_cannot_hold_is_a_request_error() -> None:
+    """A zero-size shape too large for numpy to index is INVALID_ARGUMENT, not a crash."""
+    with pytest.raises(RequestError, match="cannot be held") as info:
+        Tensor("x", "FP32", (1, 0, 2**62), b"").to_numpy()
+    assert info.value.code is ErrorCode.INVALID_ARGUMENT

@@ -129,7 +129,14 @@ class Tensor:
                 f"{count * dtype.itemsize} bytes, data has {len(self.data)}",
             )
         # A read-only view of the bytes (``np.frombuffer(...).reshape(...)`` in one call).
-        return np.ndarray(self.shape, dtype, self.data)
+        try:
+            return np.ndarray(self.shape, dtype, self.data)
+        except ValueError as exc:  # an empty shape numpy cannot index, e.g. (1, 0, 2**62)
+            raise RequestError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"input {shown(self.name)}: shape {shown(str(list(self.shape)))} cannot be held "
+                f"({exc})",
+            ) from exc
 
     def _strings(self) -> npt.NDArray[Any]:
         def invalid(why: str) -> RequestError:

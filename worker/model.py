@@ -143,7 +143,7 @@ class LoadedModel:
                 program = move_to_device_pass(program, device)
         except Exception as exc:
             raise ConfigError(f"{path}: cannot load torch.export program: {exc}") from exc
-        module = _callable(program)
+        module = _callable(program, path)
         if config.quantize == "int8":
             module = quantize_int8(module, path)
         if execution.precision != "fp32":
@@ -360,13 +360,19 @@ def _disagreement(
     return None
 
 
-def _callable(program: torch.export.ExportedProgram) -> torch.nn.Module:
-    """The program as a module to call.
+def _callable(program: torch.export.ExportedProgram, path: Path) -> torch.nn.Module:
+    """The program as a module to call; :class:`ConfigError` if it takes keyword arguments.
 
     Its guards (shapes, ranges) run inside its graph; the pre-hook torch adds would match the
     arguments' pytree again on each call (half a small model's call at batch 1), so it is
-    turned off: the worker always passes its checked inputs as positional tensors.
+    turned off: the worker always passes its checked inputs as positional tensors, which is
+    why a program exported with keyword arguments is refused here (the hook refused it too).
     """
+    if program.call_spec.in_spec is not None and program.call_spec.in_spec.child(1).num_children:
+        raise ConfigError(
+            f"{path}: the program takes keyword arguments; export it with positional inputs "
+            "only, in the order config.toml lists them"
+        )
     module: torch.nn.Module = program.module()
     if hasattr(module, "_guards_fn"):
         setattr(module, "validate_inputs", False)  # noqa: B010 - torch declares no such attribute
