@@ -112,13 +112,13 @@ async def test_a_killed_child_is_restarted_and_no_request_is_lost(
     """SIGKILL to one child mid-stream: every id still answered, the child back, healthy."""
     parent, endpoint = await started(settings, tmp_path, worker_processes)
     first = children_of(parent.proc.pid)
-    total = 6000  # long enough that the kill lands mid-stream on a fast worker too
-    ids = await publish_digits(settings, testset[0], total, prefix="kill")
+    ids = await publish_digits(settings, testset[0], 1500, prefix="kill")
     async with reply_reader(settings) as replies:
-        await wait_for(lambda: len(replies) >= total // 30, timeout=120, what="first replies")
-        os.kill(min(first), signal.SIGKILL)  # first: a scrape before it let the stream finish
-        assert len(reply_counts(replies)) < total, "the kill must land mid-stream"
+        await wait_for(lambda: len(replies) >= 150, timeout=120, what="first replies")
+        os.kill(min(first), signal.SIGKILL)
         before = await endpoint.answered()
+        # Published after the kill: the stream goes on across it, on every partition.
+        ids += await publish_digits(settings, testset[0], 1500, prefix="after")
         await wait_for(
             lambda: set(ids) <= set(reply_counts(replies)), timeout=180, what="every reply"
         )
