@@ -136,12 +136,18 @@ def _parameter(buf: bytes, at: int) -> tuple[str | int | float | bool, int]:
     raise _Unsure
 
 
-def _parameters(buf: bytes, at: int) -> tuple[Parameters | None, int]:
+def _present(buf: bytes, at: int) -> tuple[bool, int]:
+    """A ``["null", X]`` union's branch: whether an X follows."""
     branch, at = _long(buf, at)
-    if branch == 0:
-        return None, at
-    if branch != 1:
+    if branch not in (0, 1):
         raise _Unsure
+    return branch == 1, at
+
+
+def _parameters(buf: bytes, at: int) -> tuple[Parameters | None, int]:
+    present, at = _present(buf, at)
+    if not present:
+        return None, at
     out: Parameters = {}
     count, at = _count(buf, at, 2)
     while count:
@@ -153,12 +159,8 @@ def _parameters(buf: bytes, at: int) -> tuple[Parameters | None, int]:
 
 
 def _optional_text(buf: bytes, at: int) -> tuple[str | None, int]:
-    branch, at = _long(buf, at)
-    if branch == 0:
-        return None, at
-    if branch != 1:
-        raise _Unsure
-    return _text(buf, at)
+    present, at = _present(buf, at)
+    return _text(buf, at) if present else (None, at)
 
 
 def read_request(body: bytes, start: int = 0) -> InferenceRequest | None:
@@ -200,12 +202,10 @@ def _tail(
 ) -> InferenceRequest | None:
     """The parameters and the deadline, then the end of the body."""
     parameters, at = _parameters(body, at)
-    branch, at = _long(body, at)
+    present, at = _present(body, at)
     deadline = None
-    if branch == 1:
+    if present:
         deadline, at = _long(body, at)
-    elif branch != 0:
-        return None
     if at != len(body):
         return None
     return InferenceRequest(ident, model, inputs, version, parameters, deadline)

@@ -213,15 +213,12 @@ def _request(rec: Mapping[str, Any]) -> InferenceRequest:
 
 def encode_response(response: InferenceResponse) -> bytes:
     """Encode a response as an Avro single-object message."""
-    fast = write_response(response)  # by hand (worker.avro_binary), or None: fastavro
-    if fast is not None:
-        return _RESPONSE.header + fast
-    return _RESPONSE.encode(_response_record(response))
+    return _RESPONSE.header + encode_response_body(response)
 
 
 def encode_response_body(response: InferenceResponse) -> bytes:
     """A response as bare Avro of the current schema (for a schema registry's framing)."""
-    fast = write_response(response)
+    fast = write_response(response)  # by hand (worker.avro_binary), or None: fastavro
     if fast is not None:
         return fast
     return _RESPONSE.encode(_response_record(response), framed=False)
