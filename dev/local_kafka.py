@@ -32,7 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT", "BrokerError", "LocalBroker", "metadata_ok", "start", "status", "stop"]
+__all__ = [
+    "DEFAULT",
+    "BrokerError",
+    "LocalBroker",
+    "metadata_ok",
+    "new_cluster_id",
+    "start",
+    "status",
+    "stop",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "dev" / "kafka"
@@ -119,6 +128,18 @@ def _tail(path: Path, lines: int = 40) -> str:
         return f"(no {path.name})"
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes, unpadded base64url, as `StorageTool random-uuid` prints.
+
+    Like Kafka's `Uuid.randomUuid`, an id starting with "-" is drawn again: one in 64 does, and
+    a command line reads it as an option (`format -t -xyz` failed CI once).
+    """
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text
+
+
 @dataclass(frozen=True)
 class LocalBroker:
     """One single-node broker: its ports and its folder (``.kafka`` or ``.kafka/brokers/NAME``)."""
@@ -191,13 +212,10 @@ class LocalBroker:
         if (data / "meta.properties").is_file():
             return
         data.mkdir(parents=True, exist_ok=True)
-        # A cluster id: 16 random bytes, unpadded base64url (as `StorageTool random-uuid` prints).
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         cmd = self._java(
             "kafka.tools.StorageTool",
             "format",
-            "-t",
-            cluster_id,
+            f"--cluster-id={new_cluster_id()}",
             "-c",
             str(self._config),
             "--ignore-formatted",
