@@ -59,6 +59,12 @@ def test_closed_loop_against_the_worker_and_the_echo_reference(
     check_sane(echo[0], 300)
     assert echo[0]["mean_batch"] is None
     assert (worker[0]["responses"], echo[0]["responses"]) == (300, 0)
+    for row in (worker[0], echo[0]):  # who used the CPU while the clock ran
+        cpu = row["cpu_us_per_request"]
+        assert isinstance(cpu, dict)
+        assert set(cpu) == {"client", "broker", "target", "idle"}
+        assert cpu["client"] > 0, "the bench process itself sent and read"
+        assert cpu["target"] > 0, "the worker (or echo loop) it started answered"
 
 
 def test_plain_loop_reference_answers_every_request(settings: Settings, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from aiokafka import AIOKafkaProducer
 
+from worker.bench import cpu
 from worker.bench.corpus import paragraphs
 from worker.bench.targets import input_of
 from worker.codec import decode_response, encode_request
@@ -67,6 +68,8 @@ class BenchResult:
     """Text models: tokens in the requests sent (as the model's tokenizer counts them)."""
     padding_efficiency: float | None = None
     """Text models: real / padded tokens in the worker's batches (from its metrics)."""
+    cpu_us: dict[str, float] = field(default_factory=dict)
+    """CPU microseconds per request while the clock ran, by party (:mod:`worker.bench.cpu`)."""
 
     @property
     def throughput(self) -> float:
@@ -107,6 +110,7 @@ class BenchResult:
             "padding_efficiency": None
             if self.padding_efficiency is None
             else round(self.padding_efficiency, 3),
+            "cpu_us_per_request": self.cpu_us or None,
         }
 
 
@@ -309,6 +313,7 @@ async def drive(
         await _until(lambda: not load.matcher, timeout, "the warm-up reply")
         load.latencies.clear()
         load.values.clear()
+        cpu_before = cpu.snapshot()
         started = time.perf_counter()
         if mode == "open":
 
@@ -336,7 +341,9 @@ async def drive(
 
         await _until(done, timeout, f"{requests} replies")
         seconds = time.perf_counter() - started
+        cpu_used = cpu.per_request(cpu_before, cpu.snapshot(), requests)
     result = load.result(label, mode, requests, seconds)
+    result.cpu_us = cpu_used
     if model == "minilm":
         result.tokens = text_tokens(bench_texts(requests * rows))
     return result

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from worker.bench.cpu import PARTIES
 from worker.bench.load import BenchResult
 
 __all__ = ["padding_efficiency", "plot", "print_rebalance", "print_table", "progress_bar"]
@@ -34,10 +35,18 @@ def print_table(console: Any, report: dict[str, Any]) -> None:
                "max_ms", "mean_batch", "max_batch", "errors"]  # fmt: skip
     if any(row.get("tokens_per_s") for row in report["results"]):  # a text model's run
         columns[4:4] = ["tokens_per_s", "padding_efficiency"]
+    shares = any(row.get("cpu_us_per_request") for row in report["results"])
+    if shares:  # CPU per request of the load client, the broker, the target; idle cores
+        columns.append("cpu_us c/b/t/idle")
     for column in columns:
         table.add_column(column, justify="left" if column in ("label", "mode") else "right")
     for row in report["results"]:
-        table.add_row(*("" if row[c] is None else str(row[c]) for c in columns))
+        plain = columns[: len(columns) - shares]
+        cells = ["" if row.get(c) is None else str(row[c]) for c in plain]
+        if shares:
+            cpu = row.get("cpu_us_per_request") or {}
+            cells.append("/".join(f"{cpu[p]:.0f}" for p in PARTIES) if cpu else "")
+        table.add_row(*cells)
     Console = type(console)  # noqa: N806 - print the table on stdout, progress stays on stderr
     out = Console(width=max(120, Console().width))
     out.print(table)
