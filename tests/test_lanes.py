@@ -7,9 +7,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from aiokafka import TopicPartition
 
+from worker import answering
 from worker.admission import Admitted, Limits, admit
 from worker.answers import Answer
 from worker.codec import encode_request
@@ -88,8 +90,12 @@ async def test_a_request_over_the_token_budget_on_its_own_is_resource_exhausted(
     assert "at most 8192" in response.error.message
 
 
-async def test_a_run_s_answers_are_delivered_batch_by_batch() -> None:
-    """A run of 4 batches: 4 deliveries of 2 answers, not one of 8 (the loop is free between)."""
+@pytest.mark.parametrize(("every", "groups"), [(2, [2, 2, 2, 2]), (3, [4, 4]), (64, [8])])
+async def test_a_run_s_answers_are_delivered_in_groups_of_whole_batches(
+    monkeypatch: pytest.MonkeyPatch, every: int, groups: list[int]
+) -> None:
+    """4 batches of 2 in a run: delivered as DELIVER_EVERY answers gather, the rest at the end."""
+    monkeypatch.setattr(answering, "DELIVER_EVERY", every)
 
     class Doubling(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +114,7 @@ async def test_a_run_s_answers_are_delivered_batch_by_batch() -> None:
             lanes.open(repository)
             put_sized(lanes, repository, 8)  # all queued before the lane's batcher first looks
             await lanes.drain()
-    assert [n for n in deliveries if n] == [2, 2, 2, 2]
+    assert deliveries == groups
 
 
 def put_sized(lanes: Lanes, repository: ModelRepository, count: int) -> None:

@@ -4,9 +4,11 @@
 (:mod:`worker.lanes`): it answers the jobs whose deadline passed without running them, hands
 the live batches to the version's runner in one hand-off (:func:`worker.forward.run_batches`,
 off the event loop), and turns each batch's results into answers
-(:func:`~worker.answers.model_response`) with the batch's metrics, delivered batch by batch
-with the event loop free in between (a run's replies encoded at once would hold it for tens of
-milliseconds, a waiting REST or gRPC request included); shadow copies are compared
+(:func:`~worker.answers.model_response`) with the batch's metrics, delivered in groups of
+whole batches (at least :data:`DELIVER_EVERY` answers, or the run's end) with the event loop
+free in between (a run's replies encoded at once would hold it for tens of milliseconds, a
+waiting REST or gRPC request included; a group per batch of one would cost a loop turn per
+request); shadow copies are compared
 (:mod:`worker.shadow`), never answered. A bug answering a batch fails its requests at stage
 ``BATCH`` (the last-resort guard) and the lane goes on.
 """
@@ -32,9 +34,12 @@ from worker.metrics import Metrics, observe_many
 from worker.model import LoadedModel, Prepared
 from worker.shadow import Comparison, Outcome, Result
 
-__all__ = ["RunAnswers", "Runner"]
+__all__ = ["DELIVER_EVERY", "RunAnswers", "Runner"]
 
 log = structlog.get_logger(__name__)
+
+DELIVER_EVERY = 64
+"""Answers of a run delivered together (whole batches): at most about one full batch's."""
 
 Runner = Callable[[LoadedModel, list[list[Prepared]], threading.Event | None], Awaitable[Run]]
 """Runs a run of batches off the event loop (:func:`worker.forward.run_batches`); the event, when
@@ -91,12 +96,15 @@ class RunAnswers:
                         for job in live
                         if not job.is_shadow
                     ]
-                # Batch by batch, the event loop free in between: encoding a run's replies
-                # at once would hold it for tens of ms (a waiting call's request included).
-                self._deliver(answers)
-                answers = []
-                await asyncio.sleep(0)
-        self._deliver(answers)
+                # In groups, the event loop free in between: encoding a run's replies at once
+                # would hold it for tens of ms (a waiting call's request included); a group
+                # per small batch would cost a loop turn and a delivery per request.
+                if len(answers) >= DELIVER_EVERY:
+                    self._deliver(answers)
+                    answers = []
+                    await asyncio.sleep(0)
+        if answers:
+            self._deliver(answers)
         return left
 
     def _answer(
