@@ -18,7 +18,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from worker.domain import DATATYPES, InferenceRequest, Tensor
-from worker.errors import DecodeError, ErrorCode
+from worker.errors import DecodeError, ErrorCode, RequestError
 from worker.formats import PLAIN
 from worker.oip import pb
 from worker.repository import ModelRepository
@@ -101,12 +101,17 @@ def checked_tensor(request: InferenceRequest | DecodeError, shape: list[int]) ->
     return tensor
 
 
-DIMS = st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(0, 8), st.just(MAX_DIMENSION + 1))
+DIMS = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(0, 8),
+    st.sampled_from([MAX_DIMENSION, MAX_DIMENSION + 1]),
+)
 
 
 @given(st.lists(DIMS, max_size=80), st.lists(st.floats(allow_nan=False), max_size=20))
 @example(shape=[], data=[3.4028235677973366e38])  # beyond FP32: once cast silently to inf
 @example(shape=[1], data=[1e39])
+@example(shape=[0, MAX_DIMENSION, MAX_DIMENSION, MAX_DIMENSION], data=[])  # no data, 2**93 places
 def test_any_json_shape_is_a_request_of_that_shape_or_a_decode_error(
     shape: list[int], data: list[float]
 ) -> None:
@@ -116,7 +121,28 @@ def test_any_json_shape_is_a_request_of_that_shape_or_a_decode_error(
         assert tensor.to_numpy().size == len(data)
 
 
+@given(st.lists(DIMS, max_size=40), st.sampled_from(["BYTES", "FP32", "BOOL"]))
+@example(shape=[0, MAX_DIMENSION, MAX_DIMENSION, MAX_DIMENSION], datatype="BYTES")
+def test_an_empty_tensor_of_any_shape_is_an_array_or_a_coded_error(
+    shape: list[int], datatype: str
+) -> None:
+    """A decoded tensor with no data becomes an array of its shape, or INVALID_ARGUMENT."""
+    outcome: Any
+    try:
+        outcome = Tensor("x", datatype, tuple(shape), b"").to_numpy()
+    except RequestError as exc:
+        outcome = exc
+    if isinstance(outcome, RequestError):
+        assert outcome.code is ErrorCode.INVALID_ARGUMENT
+        assert len(outcome.message) < 400
+    else:
+        assert outcome.shape == tuple(shape)
+        assert outcome.size == 0
+
+
 @given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=80), st.booleans())
+@example(shape=[0, MAX_DIMENSION, MAX_DIMENSION, MAX_DIMENSION], raw=False)
+@example(shape=[0, MAX_DIMENSION, MAX_DIMENSION, MAX_DIMENSION], raw=True)
 def test_any_protobuf_shape_is_a_request_or_a_decode_error(shape: list[int], raw: bool) -> None:
     """Raw or typed contents: a request whose shape was checked, or INVALID_ARGUMENT."""
     checked_tensor(decoded(proto_body(shape, raw=raw), PROTO), shape)

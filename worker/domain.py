@@ -167,7 +167,10 @@ class Tensor:
             at += size
         if at != len(data):
             raise invalid(f"has {len(data) - at} bytes after its {count} elements")
-        return out.reshape(self.shape)
+        try:
+            return out.reshape(self.shape)
+        except ValueError as exc:  # no elements in a shape numpy cannot index: (0, 2**62, 2**62)
+            raise invalid(f"shape {shown(str(list(self.shape)))} cannot be held ({exc})") from exc
 
 
 @record

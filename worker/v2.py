@@ -105,7 +105,10 @@ def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: A
     if problem:
         raise DecodeError(f"input {shown(name)}: data is not {datatype} values: {problem}")
     _check_count(name, dims, array.size)
-    converted = array.astype(dtype).reshape(dims)
+    try:
+        converted = array.astype(dtype).reshape(dims)
+    except ValueError as exc:  # no values in a shape numpy cannot index, e.g. (0, 2**31, 2**31)
+        raise DecodeError(f"input {shown(name)}: shape {list(dims)} cannot be held") from exc
     return Tensor.from_numpy(name, converted)
 
 
