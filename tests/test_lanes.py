@@ -13,17 +13,20 @@ from aiokafka import TopicPartition
 
 from worker import answering
 from worker.admission import Admitted, Limits, admit
+from worker.answering import RunAnswers
 from worker.answers import Answer
 from worker.codec import encode_request
 from worker.domain import InferenceRequest, InferenceResponse, Tensor
 from worker.formats import PLAIN
 from worker.lanes import Lanes
 from worker.metrics import Metrics
+from worker.model import LoadedModel
 from worker.origins import Record
 from worker.outgoing import Destinations
 from worker.repository import ModelRepository, ServedModel
 from worker.settings import BatchingSettings
 
+from .test_caching import cache_of, job
 from .test_device import sized_model
 
 DEST = Destinations("replies", "dlq", "g")
@@ -126,3 +129,35 @@ def put_sized(lanes: Lanes, repository: ModelRepository, count: int) -> None:
         outcome = admit(source, repository, Limits(4 << 20, 10**6), DEST, PLAIN, now=0.0)
         assert isinstance(outcome, Admitted)
         lanes.put(outcome)
+
+
+async def test_a_run_of_shadow_copies_lets_the_event_loop_go_between_groups(
+    repo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shadow copies bring no answers, yet a long run of them yields every DELIVER_EVERY jobs."""
+    monkeypatch.setattr(answering, "DELIVER_EVERY", 2)
+    model = cache_of(ModelRepository.load(repo_dir))
+    batches = [[job(model, 2 * b + i, shadow=True) for i in range(2)] for b in range(4)]
+    outputs = [Tensor.from_numpy("label", np.array([7]))]
+
+    async def runner(_m: LoadedModel, prepared: list[object], _stop: object) -> list[object]:
+        return [(0.0, 0.001, [outputs] * len(p)) for p in prepared]  # type: ignore[arg-type]
+
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    delivered: list[Answer] = []
+    async with asyncio.TaskGroup() as group:
+        counter = group.create_task(count_turns())
+        await asyncio.sleep(0)
+        before = turns
+        await RunAnswers(delivered.extend, Metrics()).run(runner, None, batches)  # type: ignore[arg-type]
+        during = turns - before
+        counter.cancel()
+    assert delivered == [], "shadow copies are compared, never answered"
+    assert during >= 3, "the loop was let go between the run's groups"

@@ -5,7 +5,7 @@
 the live batches to the version's runner in one hand-off (:func:`worker.forward.run_batches`,
 off the event loop), and turns each batch's results into answers
 (:func:`~worker.answers.model_response`) with the batch's metrics, delivered in groups of
-whole batches (at least :data:`DELIVER_EVERY` answers, or the run's end) with the event loop
+whole batches (:data:`DELIVER_EVERY` jobs, or the run's end) with the event loop
 free in between (a run's replies encoded at once would hold it for tens of milliseconds, a
 waiting REST or gRPC request included; a group per batch of one would cost a loop turn per
 request); shadow copies are compared
@@ -39,7 +39,9 @@ __all__ = ["DELIVER_EVERY", "RunAnswers", "Runner"]
 log = structlog.get_logger(__name__)
 
 DELIVER_EVERY = 64
-"""Answers of a run delivered together (whole batches): at most about one full batch's."""
+"""Jobs of a run answered between two turns of the event loop, in whole batches: a group
+closes at the first batch that brings it to this many (so it holds fewer than this plus one
+batch, and the first group also the run's expired jobs), or at the run's end."""
 
 Runner = Callable[[LoadedModel, list[list[Prepared]], threading.Event | None], Awaitable[Run]]
 """Runs a run of batches off the event loop (:func:`worker.forward.run_batches`); the event, when
@@ -86,6 +88,7 @@ class RunAnswers:
             started = time.monotonic()
             runs = await runner(model, [[j.prepared for j in b] for b in live_batches], urgent)
             left = [job for batch in live_batches[len(runs) :] for job in batch]
+            handled = 0  # jobs since the event loop was last let go (shadow copies included)
             for live, (offset_s, compute_s, results) in zip(live_batches, runs, strict=False):
                 try:
                     answers += self._answer(model, live, started + offset_s, compute_s, results)
@@ -99,9 +102,11 @@ class RunAnswers:
                 # In groups, the event loop free in between: encoding a run's replies at once
                 # would hold it for tens of ms (a waiting call's request included); a group
                 # per small batch would cost a loop turn and a delivery per request.
-                if len(answers) >= DELIVER_EVERY:
-                    self._deliver(answers)
-                    answers = []
+                handled += len(live)
+                if handled >= DELIVER_EVERY:
+                    if answers:
+                        self._deliver(answers)
+                    answers, handled = [], 0
                     await asyncio.sleep(0)
         if answers:
             self._deliver(answers)
