@@ -123,6 +123,7 @@ def test_any_json_shape_is_a_request_of_that_shape_or_a_decode_error(
 
 @given(st.lists(DIMS, max_size=40), st.sampled_from(["BYTES", "FP32", "BOOL"]))
 @example(shape=[0, MAX_DIMENSION, MAX_DIMENSION, MAX_DIMENSION], datatype="BYTES")
+@example(shape=[2**63 - 1] * 40, datatype="FP32")  # a message that once printed all of it
 def test_an_empty_tensor_of_any_shape_is_an_array_or_a_coded_error(
     shape: list[int], datatype: str
 ) -> None:

@@ -125,8 +125,9 @@ class Tensor:
         if count * dtype.itemsize != len(self.data):
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"input {shown(self.name)}: shape {list(self.shape)} of {self.datatype} needs "
-                f"{count * dtype.itemsize} bytes, data has {len(self.data)}",
+                f"input {shown(self.name)}: shape {shown(str(list(self.shape)))} of "
+                f"{self.datatype} needs {shown(str(count * dtype.itemsize))} bytes, data has "
+                f"{len(self.data)}",
             )
         # A read-only view of the bytes (``np.frombuffer(...).reshape(...)`` in one call).
         try:

@@ -108,7 +108,9 @@ def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: A
     try:
         converted = array.astype(dtype).reshape(dims)
     except ValueError as exc:  # no values in a shape numpy cannot index, e.g. (0, 2**31, 2**31)
-        raise DecodeError(f"input {shown(name)}: shape {list(dims)} cannot be held") from exc
+        raise DecodeError(
+            f"input {shown(name)}: shape {_shown_shape(dims)} cannot be held"
+        ) from exc
     return Tensor.from_numpy(name, converted)
 
 
