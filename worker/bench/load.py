@@ -26,8 +26,8 @@ import numpy as np
 import numpy.typing as npt
 from aiokafka import AIOKafkaProducer
 
-from worker.bench import cpu
 from worker.bench.corpus import paragraphs
+from worker.bench.cpu import per_request, snapshot
 from worker.bench.targets import input_of
 from worker.codec import decode_response, encode_request
 from worker.correlation import Arrival, ReplyMatcher
@@ -313,7 +313,7 @@ async def drive(
         await _until(lambda: not load.matcher, timeout, "the warm-up reply")
         load.latencies.clear()
         load.values.clear()
-        cpu_before = cpu.snapshot()
+        cpu_before = snapshot()
         started = time.perf_counter()
         if mode == "open":
 
@@ -341,7 +341,7 @@ async def drive(
 
         await _until(done, timeout, f"{requests} replies")
         seconds = time.perf_counter() - started
-        cpu_used = cpu.per_request(cpu_before, cpu.snapshot(), requests)
+        cpu_used = per_request(cpu_before, snapshot(), requests)
     result = load.result(label, mode, requests, seconds)
     result.cpu_us = cpu_used
     if model == "minilm":
