@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Literal
 
@@ -42,3 +43,23 @@ def test_a_logged_traceback_shows_no_local_variables(
     assert PAYLOAD not in err
     if kind == "json":
         assert err.count("\n") == 1, "one JSON line"
+
+
+@pytest.mark.parametrize("child", [None, 0, 3])
+def test_a_child_s_every_line_names_it(
+    child: int | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With ``child`` set (serve --processes), our events and aiokafka's records carry it."""
+    root = logging.getLogger()
+    saved = structlog.get_config(), root.handlers[:], root.level
+    configure_logging(LogSettings(format="json", child=child))
+    try:
+        structlog.get_logger("worker.test").warning("ours")
+        logging.getLogger("aiokafka.test").warning("theirs")
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    finally:  # as it was for the other tests
+        structlog.configure(**saved[0])
+        root.handlers[:], root.level = saved[1], saved[2]
+    assert [line["event"] for line in lines] == ["ours", "theirs"]
+    for line in lines:
+        assert line.get("child") == child

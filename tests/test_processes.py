@@ -171,6 +171,7 @@ def test_each_child_gets_its_own_client_id_member_id_port_file_and_shared_ports(
     folder = Path("/run/x")
     envs = [child_environment(settings, {"KEEP": "1"}, i, folder) for i in range(3)]
     assert [e["WORKER_KAFKA__CLIENT_ID"] for e in envs] == ["w-0", "w-1", "w-2"]
+    assert [e["WORKER_LOG__CHILD"] for e in envs] == ["0", "1", "2"], "their log lines say which"
     assert [e["WORKER_KAFKA__GROUP_INSTANCE_ID"] for e in envs] == ["pod-a-0", "pod-a-1", "pod-a-2"]
     assert len({e["WORKER_HTTP__PORT_FILE"] for e in envs}) == 3
     assert all(e["KEEP"] == "1" and e["WORKER_REST__REUSE_PORT"] == "true" for e in envs)

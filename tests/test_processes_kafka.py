@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -101,6 +102,10 @@ async def test_two_processes_share_the_group_and_the_merged_metrics_count_every_
     parent.signal(signal.SIGTERM)
     assert await parent.wait(timeout=90) == 0
     assert parent.log().count("worker stopped cleanly") == 2, "each child drained and stopped"
+    stopped = [
+        json.loads(line) for line in parent.log().splitlines() if "worker stopped cleanly" in line
+    ]
+    assert sorted(line.get("child") for line in stopped) == [0, 1], "each child's lines name it"
 
 
 async def test_a_killed_child_is_restarted_and_no_request_is_lost(

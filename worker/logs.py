@@ -1,12 +1,15 @@
 """Logging set-up: structlog for our events, the standard library's records routed through it.
 
-JSON lines when stderr is not a TTY (containers, CI), readable console lines on a TTY.
+JSON lines when stderr is not a TTY (containers, CI), readable console lines on a TTY. In a
+child of ``serve --processes`` every line carries the child's index (``child``), as the
+parent's lines about that child do.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 
 import structlog
 
@@ -24,6 +27,8 @@ def configure_logging(settings: LogSettings) -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if settings.child is not None:  # a child of serve --processes: its lines say which
+        shared.append(partial(_add_child, settings.child))
     # No local variables in tracebacks (rich's default): a record's payload would be printed
     # in every frame that holds it.
     renderer: structlog.types.Processor = (
@@ -58,6 +63,13 @@ def configure_logging(settings: LogSettings) -> None:
     root.setLevel(settings.level)
     # aiokafka is chatty at INFO (every connection, every group join); keep its warnings.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+
+
+def _add_child(
+    child: int, _logger: object, _name: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
+    event.setdefault("child", child)
+    return event
 
 
 def _passthrough(

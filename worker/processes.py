@@ -95,6 +95,7 @@ def child_environment(
         "WORKER_HTTP__PORT": "0",
         "WORKER_HTTP__PORT_FILE": str(folder / f"child-{index}.port"),
         "WORKER_KAFKA__CLIENT_ID": f"{settings.kafka.client_id}-{index}",
+        "WORKER_LOG__CHILD": str(index),
         "WORKER_REST__REUSE_PORT": "true",
         "WORKER_GRPC__REUSE_PORT": "true",
     }

@@ -211,6 +211,8 @@ class LogSettings(BaseModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["auto", "json", "console"] = "auto"
     """``auto``: readable console lines on a TTY, JSON lines otherwise."""
+    child: int | None = Field(default=None, ge=0)
+    """Set by ``serve --processes`` in each child: every line it logs carries ``child``."""
 
 
 class Settings(BaseSettings):
