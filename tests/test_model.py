@@ -14,8 +14,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from worker import stacking
 from worker.domain import InferenceRequest, Tensor
@@ -150,6 +151,30 @@ def test_non_finite_inputs_are_refused_unless_allowed(
     )
     lenient = ModelRepository.load(tmp_path).route("digits", None, "").primary
     assert len(lenient.validate(request(Tensor.from_numpy("pixels", pixels))).arrays) == 1
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    pixels=arrays(
+        np.float32,
+        st.tuples(st.integers(1, 3), st.just(64)),
+        elements=st.floats(width=32, allow_nan=True, allow_infinity=True),
+    )
+)
+@example(pixels=np.full((1, 64), 3e38, np.float32))  # finite, but their sum overflows
+@example(pixels=np.array([[np.inf, -np.inf] * 32], np.float32))  # a sum of NaN
+def test_finite_check_accepts_exactly_the_finite_inputs(
+    repository: ModelRepository, pixels: npt.NDArray[np.float32]
+) -> None:
+    """An input is accepted if and only if numpy finds every value finite (large values too)."""
+    model = repository.route("digits", None, "").primary
+    if np.isfinite(pixels).all():
+        assert model.validate(request(Tensor.from_numpy("pixels", pixels))).rows == len(pixels)
+    else:
+        with pytest.raises(RequestError, match="NaN or infinite"):
+            model.validate(request(Tensor.from_numpy("pixels", pixels)))
 
 
 def test_run_isolated_answers_good_requests_when_some_raise(repository: ModelRepository) -> None:

@@ -222,7 +222,7 @@ def check_limits(limits: Limits, origin: Origin, request: InferenceRequest) -> N
                 f"input {shown(tensor.name)} has {len(shape)} dimensions; at most "
                 f"{MAX_SHAPE_DIMENSIONS} are accepted",
             )
-        if any(d < 0 for d in shape):
+        if shape and min(shape) < 0:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
                 f"input {shown(tensor.name)} has a negative dimension in its shape",

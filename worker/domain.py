@@ -115,7 +115,7 @@ class Tensor:
                 f"input {shown(self.name)}: unknown datatype {shown(self.datatype)}; "
                 f"expected one of {', '.join(DATATYPES)}",
             )
-        if any(d < 0 for d in self.shape):
+        if self.shape and min(self.shape) < 0:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
                 f"input {shown(self.name)}: shape {shown(str(list(self.shape)))} has a negative "
@@ -145,7 +145,7 @@ class Tensor:
                 ErrorCode.INVALID_ARGUMENT, f"input {shown(self.name)}: BYTES tensor {why}"
             )
 
-        if any(d < 0 for d in self.shape):
+        if self.shape and min(self.shape) < 0:
             raise invalid("shape has a negative dimension")
         count = 1
         for dim in self.shape:  # stops early: no huge products from hostile shapes
