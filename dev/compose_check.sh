@@ -18,6 +18,62 @@ if ! docker info >/dev/null 2>&1; then
   exit 1
 fi
 
+processes_check() {  # the `processes` profile on images the steps before built
+  local deadline health requests code stopped
+  export COMPOSE_PROFILES=processes
+  trap 'docker compose down -v >/dev/null 2>&1 || true' EXIT
+  if (exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null; then  # a broker of the host's holds 9092
+    local override
+    override=$(mktemp --suffix .yml)
+    printf 'services:\n  kafka:\n    ports: !override\n      - "127.0.0.1:19092:9092"\n' >"$override"
+    export COMPOSE_FILE="docker-compose.yml:$override"
+  fi
+  echo "compose-check: docker compose --profile processes up worker-processes" >&2
+  docker compose up --detach --no-build worker-processes
+  deadline=$((SECONDS + 300))
+  until [ "$(docker compose ps worker-processes --format '{{.Health}}')" = healthy ]; do
+    health=$(docker compose ps --all worker-processes --format '{{.State}} {{.Health}}')
+    if [ $SECONDS -ge $deadline ]; then
+      echo "compose-check: worker-processes not healthy after 300 s ($health)" >&2
+      docker compose logs --tail 40 worker-processes >&2
+      return 1
+    fi
+    sleep 2
+  done
+  # The demo alone (--no-deps: not the single-process worker): only the two children answer it.
+  docker compose run --rm --no-deps demo | tail -n 1
+  # The parent reads its children's /metrics each second: the last replies show within one.
+  deadline=$((SECONDS + 15))
+  while :; do
+    requests=$(docker compose exec -T worker-processes python -c "
+import urllib.request
+text = urllib.request.urlopen('http://127.0.0.1:9464/metrics', timeout=5).read().decode()
+print(int(sum(float(l.rsplit(' ', 1)[1]) for l in text.splitlines()
+              if l.startswith('inference_requests_total{'))))")
+    [ "$requests" -ge 360 ] && break
+    if [ $SECONDS -ge $deadline ]; then
+      echo "compose-check: merged /metrics counts $requests requests after 15 s; the demo sent 360" >&2
+      return 1
+    fi
+    sleep 1
+  done
+  docker compose stop worker-processes >/dev/null
+  code=$(docker inspect --format '{{.State.ExitCode}}' "$(docker compose ps --all -q worker-processes)")
+  stopped=$(docker compose logs --no-log-prefix worker-processes | grep -c "worker stopped cleanly" || true)
+  if [ "$code" != 0 ] || [ "$stopped" -lt 2 ]; then
+    echo "compose-check: worker-processes exit code $code, $stopped of 2 children drained" >&2
+    docker compose logs --tail 40 worker-processes >&2
+    return 1
+  fi
+  echo "compose-check: processes profile ok: healthy, /metrics counts $requests requests, 2 children drained, exit 0"
+  docker compose down -v >/dev/null 2>&1
+}
+
+if [ "${1:-}" = processes ]; then  # only this step, on images built before
+  processes_check
+  exit
+fi
+
 if [ -n "${COMPOSE_HARNESS:-}" ]; then
   [ -f "$COMPOSE_HARNESS" ] || { echo "compose-check: COMPOSE_HARNESS=$COMPOSE_HARNESS is no file" >&2; exit 1; }
   # A shared harness may be laid read-only; it copies its files into images and Kafka's
@@ -28,6 +84,7 @@ if [ -n "${COMPOSE_HARNESS:-}" ]; then
   chmod -R u+w "$copy"
   echo "compose-check: running $COMPOSE_HARNESS (local stand-ins for the public images)" >&2
   bash "$copy/$(basename "$COMPOSE_HARNESS")"
+  processes_check
   exit
 fi
 
@@ -44,7 +101,12 @@ echo "compose-check: docker compose up --scale worker=3" >&2
 docker compose up --detach --no-recreate --scale worker=3 worker
 for _ in $(seq 120); do
   healthy=$(docker compose ps worker --format '{{.Health}}' | grep -c '^healthy$' || true)
-  [ "$healthy" -ge 3 ] && { echo "compose-check: demo done, $healthy workers healthy"; exit 0; }
+  if [ "$healthy" -ge 3 ]; then
+    echo "compose-check: demo done, $healthy workers healthy"
+    docker compose down -v >/dev/null 2>&1
+    processes_check
+    exit
+  fi
   sleep 2
 done
 echo "compose-check: only $healthy of 3 workers became healthy" >&2
