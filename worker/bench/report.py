@@ -40,8 +40,8 @@ def print_table(console: Any, report: dict[str, Any]) -> None:
         columns.append("cpu_us c/b/t/idle")
     for column in columns:
         table.add_column(column, justify="left" if column in ("label", "mode") else "right")
+    plain = columns[:-1] if shares else columns  # the CPU shares' cell is built below
     for row in report["results"]:
-        plain = columns[: len(columns) - shares]
         cells = ["" if row.get(c) is None else str(row[c]) for c in plain]
         if shares:
             cpu = row.get("cpu_us_per_request") or {}
