@@ -24,7 +24,8 @@ help:
 	@echo "test        run the test suite (starts the broker if WORKER_KAFKA__BOOTSTRAP_SERVERS is unset)"
 	@echo "check       ruff + mypy --strict + test"
 	@echo "demo        broker + worker + digits demo client; prints accuracy and requests/s"
-	@echo "compose-check  docker compose up for real (needs a Docker engine): demo, --scale worker=3, down"
+	@echo "compose-check  docker compose up for real (needs a Docker engine): demo, --scale worker=3, down,"
+	@echo "              then the processes profile (serve --processes 2): demo, merged /metrics, drain"
 	@echo "              (COMPOSE_HARNESS=../shared/compose/run.sh: with local stand-ins for the images)"
 	@echo "train       retrain the models (models/*/train.py; needs scikit-learn)"
 

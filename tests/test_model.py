@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -153,9 +153,7 @@ def test_non_finite_inputs_are_refused_unless_allowed(
     assert len(lenient.validate(request(Tensor.from_numpy("pixels", pixels))).arrays) == 1
 
 
-@settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=200, deadline=None)
 @given(
     pixels=arrays(
         np.float32,
@@ -175,6 +173,22 @@ def test_finite_check_accepts_exactly_the_finite_inputs(
     else:
         with pytest.raises(RequestError, match="NaN or infinite"):
             model.validate(request(Tensor.from_numpy("pixels", pixels)))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("index", [(0, 0), (0, 63), (1, 17), (2, 0), (2, 63)])
+def test_a_lone_non_finite_value_is_found_at_any_index(
+    repository: ModelRepository, bad: float, index: tuple[int, int]
+) -> None:
+    """One NaN or infinity anywhere in a finite input is refused, its count and index named."""
+    model = repository.route("digits", None, "").primary
+    pixels = np.full((3, 64), 16.0, np.float32)
+    pixels[index] = bad
+    with pytest.raises(
+        RequestError,
+        match=rf"holds 1 NaN or infinite value\(s\), the first at index \[{index[0]}, {index[1]}\]",
+    ):
+        model.validate(request(Tensor.from_numpy("pixels", pixels)))
 
 
 def test_run_isolated_answers_good_requests_when_some_raise(repository: ModelRepository) -> None:
