@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from worker.errors import SHOWN_CHARS, ErrorCode, ReplyError, RequestError, shown
+from worker.errors import ErrorCode, ReplyError, RequestError, cut, shown
 from worker.records import record
 
 __all__ = [
@@ -118,15 +118,15 @@ class Tensor:
         if self.shape and min(self.shape) < 0:
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"input {shown(self.name)}: shape {shown(str(list(self.shape)))} has a negative "
+                f"input {shown(self.name)}: shape {cut(str(list(self.shape)))} has a negative "
                 "dimension",
             )
         count = math.prod(self.shape)
         if count * dtype.itemsize != len(self.data):
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"input {shown(self.name)}: shape {_cut(str(list(self.shape)))} of "
-                f"{self.datatype} needs {_cut(str(count * dtype.itemsize))} bytes, data has "
+                f"input {shown(self.name)}: shape {cut(str(list(self.shape)))} of "
+                f"{self.datatype} needs {cut(str(count * dtype.itemsize))} bytes, data has "
                 f"{len(self.data)}",
             )
         # A read-only view of the bytes (``np.frombuffer(...).reshape(...)`` in one call).
@@ -135,7 +135,7 @@ class Tensor:
         except ValueError as exc:  # an empty shape numpy cannot index, e.g. (1, 0, 2**62)
             raise RequestError(
                 ErrorCode.INVALID_ARGUMENT,
-                f"input {shown(self.name)}: shape {shown(str(list(self.shape)))} cannot be held "
+                f"input {shown(self.name)}: shape {cut(str(list(self.shape)))} cannot be held "
                 f"({exc})",
             ) from exc
 
@@ -171,12 +171,7 @@ class Tensor:
         try:
             return out.reshape(self.shape)
         except ValueError as exc:  # no elements in a shape numpy cannot index: (0, 2**62, 2**62)
-            raise invalid(f"shape {shown(str(list(self.shape)))} cannot be held ({exc})") from exc
-
-
-def _cut(text: str) -> str:
-    """``text`` as it is if short, else its start and how much was left out (a hostile shape)."""
-    return text if len(text) <= SHOWN_CHARS else shown(text)
+            raise invalid(f"shape {cut(str(list(self.shape)))} cannot be held ({exc})") from exc
 
 
 @record

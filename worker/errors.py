@@ -40,6 +40,7 @@ __all__ = [
     "RequestError",
     "WatchdogError",
     "WorkerError",
+    "cut",
     "shown",
 ]
 
@@ -56,6 +57,14 @@ def shown(value: str, limit: int = SHOWN_CHARS) -> str:
     if len(value) <= limit:
         return repr(value)
     return f"{value[:limit]!r}...({len(value) - limit} more characters)"
+
+
+def cut(text: str) -> str:
+    """``text`` as it is if short (a shape, a byte count: ``[1, 64]``), else cut by :func:`shown`.
+
+    A hostile shape of many dimensions never makes a message long.
+    """
+    return text if len(text) <= SHOWN_CHARS else shown(text)
 
 
 class ErrorCode(enum.StrEnum):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from worker.domain import BYTES, DATATYPES, InferenceResponse, Tensor
-from worker.errors import DecodeError, shown
+from worker.errors import DecodeError, cut, shown
 from worker.model_config import MAX_SHAPE_DIMENSIONS
 
 __all__ = [
@@ -109,7 +109,7 @@ def tensor_from_values(name: str, datatype: str, shape: Sequence[int], values: A
         converted = array.astype(dtype).reshape(dims)
     except ValueError as exc:  # no values in a shape numpy cannot index, e.g. (0, 2**31, 2**31)
         raise DecodeError(
-            f"input {shown(name)}: shape {_shown_shape(dims)} cannot be held"
+            f"input {shown(name)}: shape {cut(str(list(dims)))} cannot be held"
         ) from exc
     return Tensor.from_numpy(name, converted)
 
@@ -184,12 +184,9 @@ def _check_count(name: str, dims: tuple[int, ...], count: int) -> None:
     if needs != count:
         said = str(needs) if needs < 10**18 else "more than 10^18"  # never hundreds of digits
         raise DecodeError(
-            f"input {shown(name)}: shape {_shown_shape(dims)} needs {said} values; data has {count}"
+            f"input {shown(name)}: shape {cut(str(list(dims)))} needs {said} values; data has "
+            f"{count}"
         )
-
-
-def _shown_shape(dims: tuple[int, ...]) -> str:
-    return shown(str(list(dims)), 120)
 
 
 def _flat_strings(name: str, values: Any) -> list[bytes]:
