@@ -152,6 +152,9 @@ def test_invalid_limits_are_rejected() -> None:
         Batcher(process, max_batch_size=1, max_batch_delay=-1)
     with pytest.raises(ValueError, match="max_batches_per_run"):
         Batcher(process, max_batch_size=1, max_batch_delay=0, max_batches_per_run=0)
+    for seconds in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="max_run_seconds"):
+            Batcher(process, max_batch_size=1, max_batch_delay=0, max_run_seconds=seconds)
 
 
 async def spin() -> None:
@@ -272,6 +275,95 @@ async def test_a_backlog_is_shared_between_concurrent_calls() -> None:
         rec.gate.set()
     assert rec.runs == [4, 4], "each free call took its share of the eight batches"
     assert sorted(rec.batches) == [[2 * i, 2 * i + 1] for i in range(8)]
+
+
+class Timed:
+    """A ``process`` callback on a fake clock: a batch of a run takes ``per_batch`` seconds.
+
+    ``later``, if given: the time per batch in every run after the first.
+
+    ``hand_back``: runs (by index) that return all but their first batch's items, as a
+    preempted run does, after taking ``per_batch`` x 1000 per batch.
+    """
+
+    def __init__(
+        self, per_batch: float, hand_back: frozenset[int] = frozenset(), later: float | None = None
+    ) -> None:
+        self.now = 0.0
+        self.per_batch = per_batch
+        self.later = per_batch if later is None else later
+        self.hand_back = hand_back
+        self.runs: list[int] = []
+        self.done: list[int] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def __call__(self, run: list[list[int]]) -> list[int]:
+        index = len(self.runs)
+        self.runs.append(len(run))
+        if index in self.hand_back:
+            self.now += self.per_batch * 1000 * len(run)
+            self.done += run[0]
+            return [item for batch in run[1:] for item in batch]
+        self.now += (self.later if index else self.per_batch) * len(run)
+        self.done += [item for batch in run for item in batch]
+        return []
+
+
+async def timed_runs(
+    timed: Timed, items: int, *, budget: float, most: int, size: int = 1
+) -> list[int]:
+    """Batches per run when ``items`` are queued at once under a time bound (closed at once)."""
+    batcher: Batcher[int] = Batcher(
+        timed, max_batch_size=size, max_batch_delay=3600, max_batches_per_run=most,
+        max_run_seconds=budget, clock=timed.clock,
+    )  # fmt: skip
+    for i in range(items):
+        batcher.put(i)
+    batcher.close()
+    await asyncio.wait_for(batcher.run(), 5)
+    assert sorted(timed.done) == list(range(items)), "every item processed exactly once"
+    return timed.runs
+
+
+async def test_runs_are_bounded_by_time_at_the_measured_time_per_batch() -> None:
+    """The first run is one batch; then as many as fit the budget at 10 ms a batch (3 of 35 ms)."""
+    runs = await timed_runs(Timed(0.010), 20, budget=0.035, most=64)
+    assert runs == [1, 3, 3, 3, 3, 3, 3, 1]
+    fast = await timed_runs(Timed(0.001), 40, budget=0.035, most=8, size=2)
+    assert fast == [1, 8, 8, 3], "a budget that holds more than max_batches_per_run: that many"
+    slow = await timed_runs(Timed(1.0), 4, budget=0.035, most=8)
+    assert slow == [1, 1, 1, 1], "a batch slower than the budget still runs, one per run"
+
+
+async def test_the_time_per_batch_is_followed_halfway_each_run() -> None:
+    """10 ms a batch, then 2: the estimate goes 10, 6, 4, 3 ms, so runs grow 3, 5, 8, 11."""
+    runs = await timed_runs(Timed(0.010, later=0.002), 28, budget=0.035, most=64)
+    assert runs == [1, 3, 5, 8, 11]
+
+
+async def test_a_handed_back_run_does_not_count_towards_the_time_per_batch() -> None:
+    """A preempted run (items handed back) took long for what it did: the estimate ignores it."""
+    timed = Timed(0.010, hand_back=frozenset({1}))
+    runs = await timed_runs(timed, 12, budget=0.035, most=64)
+    assert runs[:3] == [1, 3, 3], "the run after the hand-back still takes three batches"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    fit=st.integers(min_value=1, max_value=12),
+    most=st.integers(min_value=1, max_value=16),
+    budget=st.floats(min_value=1e-4, max_value=10.0),
+)
+async def test_a_steady_time_per_batch_gives_runs_of_what_fits(
+    fit: int, most: int, budget: float
+) -> None:
+    """At a steady time per batch, every run after the first takes min(fit, most) batches."""
+    per_batch = budget / (fit + 0.5)  # exactly `fit` batches fit, whatever the rounding
+    want = min(fit, most)
+    runs = await timed_runs(Timed(per_batch), 1 + 3 * want, budget=budget, most=most)
+    assert runs == [1, want, want, want]
 
 
 def length_of(item: int) -> tuple[int, int]:

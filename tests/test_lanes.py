@@ -111,13 +111,33 @@ async def test_a_run_s_answers_are_delivered_in_groups_of_whole_batches(
         async with asyncio.TaskGroup() as group:
             lanes = Lanes(
                 group, threads=1, shadow_executor=shadow, metrics=Metrics(),
-                batching=BatchingSettings(max_batch_size=2, max_batches_per_run=4),
+                batching=BatchingSettings(max_batch_size=2, max_batches_per_run=4, max_run_ms=0),
                 deliver=lambda answers: deliveries.append(len(answers)), shadow_queue_limit=10,
             )  # fmt: skip
             lanes.open(repository)
             put_sized(lanes, repository, 8)  # all queued before the lane's batcher first looks
             await lanes.drain()
     assert deliveries == groups
+
+
+@pytest.mark.parametrize(("run_ms", "seconds"), [(7.0, 0.007), (0.0, None)])
+async def test_a_lane_s_runs_are_bounded_by_the_max_run_ms_setting(
+    run_ms: float, seconds: float | None
+) -> None:
+    """Each lane's batcher gets max_run_ms as its run time bound; 0 turns the bound off."""
+    model = sized_model(torch.nn.Identity())
+    repository = ModelRepository(Path("unused"), {"sized": ServedModel(model.config, {"1": model})})
+    with ThreadPoolExecutor(1) as shadow:
+        async with asyncio.TaskGroup() as group:
+            lanes = Lanes(
+                group, threads=1, shadow_executor=shadow, metrics=Metrics(),
+                batching=BatchingSettings(max_batches_per_run=5, max_run_ms=run_ms),
+                deliver=lambda _: None, shadow_queue_limit=10,
+            )  # fmt: skip
+            lanes.open(repository)
+            batchers = [lane.batcher for lane in lanes._lanes.values()]
+            await lanes.drain()
+    assert [(b.max_run_seconds, b.max_batches_per_run) for b in batchers] == [(seconds, 5)]
 
 
 def put_sized(lanes: Lanes, repository: ModelRepository, count: int) -> None:

@@ -17,13 +17,20 @@ Two ways to pay less per batch:
   at most ``max_batch_size`` items, in arrival order. With several calls allowed at once
   (``max_concurrent_batches``), the waiting full batches are shared between the free ones: a
   run takes at most its share, so no instance idles while another has a queue of batches.
+- ``max_run_seconds``: a run's answers are delivered when its last batch is done, so a run is
+  also bounded in time: the batcher times each run's ``process`` call, keeps an estimate of
+  the time per batch (halfway between the last run's and the estimate before), and takes at
+  most ``max_run_seconds`` / that estimate batches (at least one; the first run is one
+  batch). Small, fast batches then go in long runs, whose hand-off and delivery are paid
+  once for many batches; slow ones in short runs, so no request waits long for the batches
+  behind it.
 
 Variable-length items (text) are measured by ``measure(item) -> (rows, length)``; then
 
 - ``max_batch_tokens`` bounds a batch's *padded* size, rows x longest length (an item over the
   budget on its own still runs, alone); waiting stops early once that many tokens are queued;
 - ``sort_window`` > 1 groups what is waiting by length: the first ``max_batch_size`` x
-  ``max(sort_window, max_batches_per_run)`` waiting items are sorted by length and cut into
+  ``max(sort_window, batches this run may take)`` waiting items are sorted by length and cut into
   batches under both bounds, and a batch is also cut where the next item would bring its
   padding efficiency (real / padded tokens) below ``min_padding_efficiency``, so each batch
   pads little (a few well-packed batches cost less than one padded one). The batch holding
@@ -90,6 +97,7 @@ class Batcher(Generic[T]):
         classes: int = 1,
         aging: float = 1.0,
         urgent: threading.Event | None = None,
+        max_run_seconds: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1:
@@ -100,6 +108,8 @@ class Batcher(Generic[T]):
             raise ValueError("max_concurrent_batches must be at least 1")
         if max_batches_per_run < 1:
             raise ValueError("max_batches_per_run must be at least 1")
+        if max_run_seconds is not None and not max_run_seconds > 0:
+            raise ValueError("max_run_seconds must be positive")
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be at least 1")
         if sort_window < 1:
@@ -110,6 +120,9 @@ class Batcher(Generic[T]):
         self.max_batch_size = max_batch_size
         self.max_batch_delay = max_batch_delay
         self.max_batches_per_run = max_batches_per_run
+        self.max_run_seconds = max_run_seconds
+        self._per_batch: float | None = None
+        """Estimated seconds a batch of a run takes (None: no run timed yet)."""
         self.start_when_idle = start_when_idle
         self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._concurrency = max_concurrent_batches
@@ -181,11 +194,14 @@ class Batcher(Generic[T]):
 
     async def _run(self, batches: list[list[T]]) -> None:
         try:
+            began = self._clock()
             left = await self._process(batches)
             if left:  # not processed: back at the front of their classes, as they were
                 entries = [self._taken[id(item)] for item in left]
                 self._queue.give_back(entries)
                 self._queued_tokens += sum(e.rows * e.length for e in entries if self._measure)
+            else:  # a whole run: its time per batch (a preempted one's would be too short)
+                self._timed((self._clock() - began) / len(batches))
         finally:
             for batch in batches:
                 for item in batch:
@@ -226,13 +242,35 @@ class Batcher(Generic[T]):
             return batches
         return self._take_measured(share)
 
+    def _timed(self, seconds: float) -> None:
+        """Fold a whole run's seconds per batch into the estimate."""
+        last = self._per_batch
+        self._per_batch = seconds if last is None else (last + seconds) / 2
+
+    @property
+    def batches_per_run(self) -> int:
+        """Most batches the next run may take.
+
+        ``max_batches_per_run``, and within ``max_run_seconds`` at the estimated time per batch
+        (one batch before any run is timed).
+        """
+        cap, budget, per_batch = self.max_batches_per_run, self.max_run_seconds, self._per_batch
+        if budget is None:
+            return cap
+        if per_batch is None:
+            return 1
+        if per_batch <= 0 or budget >= per_batch * cap:
+            return cap
+        return max(1, int(budget / per_batch))
+
     def _share(self) -> int:
-        """Most batches this run may take: ``max_batches_per_run``, split among free calls."""
+        """Most batches this run may take: :attr:`batches_per_run`, split among free calls."""
+        cap = self.batches_per_run
         if self._concurrency == 1:
-            return self.max_batches_per_run
+            return cap
         free = self._concurrency - self._running  # this run's slot included
         full = len(self._queue) // self.max_batch_size
-        return max(1, min(self.max_batches_per_run, full // max(1, free)))
+        return max(1, min(cap, full // max(1, free)))
 
     def _full(self) -> bool:
         """Enough is waiting for a full batch: stop waiting for more."""
@@ -252,7 +290,7 @@ class Batcher(Generic[T]):
     def _take_measured(self, share: int) -> list[list[T]]:
         """A run of batches cut from the window under both bounds; the oldest item's first."""
         queue = self._queue
-        size = self.max_batch_size * max(self.sort_window, self.max_batches_per_run)
+        size = self.max_batch_size * max(self.sort_window, share)
         window = [queue.popleft() for _ in range(min(size, len(queue)))]
         order = list(range(len(window)))
         if self.sort_window > 1:

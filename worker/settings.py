@@ -73,8 +73,11 @@ class BatchingSettings(BaseModel):
     """...or when its oldest request has waited this long."""
     start_when_idle: bool = True
     """A request arriving while its model is idle starts a batch at once (no delay)."""
-    max_batches_per_run: int = Field(default=8, ge=1)
-    """Under a backlog, full batches handed to the inference thread in one go."""
+    max_batches_per_run: int = Field(default=64, ge=1)
+    """Under a backlog, full batches handed to the inference thread in one go (a *run*)..."""
+    max_run_ms: float = Field(default=50.0, ge=0, le=60_000)
+    """...and only as many as take about this long at the lane's measured time per batch: a
+    run's answers go out when it ends (0: no time bound)."""
     max_batch_tokens: int | None = Field(default=None, ge=1)
     """Sequence models: most padded tokens (rows x longest length) per batch (none: no bound)."""
     sort_window: int = Field(default=8, ge=1)
