@@ -48,6 +48,34 @@ def test_invalid_value_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> Non
         load_settings()
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MAX_RUN_MS", "1e-5"),  # would round to no bound at all
+        ("MAX_RUN_MS", "-1"),
+        ("MAX_RUN_MS", "nan"),
+        ("MAX_RUN_MS", "60001"),
+        ("MAX_BATCHES_PER_RUN", "4097"),
+        ("MAX_BATCHES_PER_RUN", "1" + "0" * 400),
+    ],
+)
+def test_a_run_bound_out_of_range_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """Run bounds that are negative, too large or too small to measure fail start-up."""
+    monkeypatch.setenv(f"WORKER_BATCHING__{name}", value)
+    with pytest.raises(ConfigError, match=name.lower()):
+        load_settings()
+
+
+def test_a_run_time_bound_of_zero_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAX_RUN_MS=0 is accepted (no time bound); the smallest other value is 0.001."""
+    monkeypatch.setenv("WORKER_BATCHING__MAX_RUN_MS", "0")
+    assert load_settings().batching.max_run_ms == 0
+    monkeypatch.setenv("WORKER_BATCHING__MAX_RUN_MS", "0.001")
+    assert load_settings().batching.max_run_ms == pytest.approx(0.001)
+
+
 def test_every_field_has_an_env_name() -> None:
     """env_var_names covers every field of every section."""
     names = env_var_names()

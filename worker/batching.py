@@ -18,12 +18,15 @@ Two ways to pay less per batch:
   (``max_concurrent_batches``), the waiting full batches are shared between the free ones: a
   run takes at most its share, so no instance idles while another has a queue of batches.
 - ``max_run_seconds``: a run's answers are delivered when its last batch is done, so a run is
-  also bounded in time: the batcher times each run's ``process`` call, keeps an estimate of
-  the time per batch (halfway between the last run's and the estimate before), and takes at
-  most ``max_run_seconds`` / that estimate batches (at least one; the first run is one
-  batch). Small, fast batches then go in long runs, whose hand-off and delivery are paid
+  also bounded in time: the batcher times each whole run's ``process`` call, keeps an
+  estimate of the time per item (halfway between the last run's and the estimate before),
+  and takes at most as many batches as fit ``max_run_seconds`` at that estimate for full
+  batches (at least one), and at most twice as many as the run before it (the first run is
+  one batch). Small, fast batches then go in long runs, whose hand-off and delivery are paid
   once for many batches; slow ones in short runs, so no request waits long for the batches
-  behind it.
+  behind it. An estimate made low (small batches of light traffic, a run of expired items
+  that never reached the model) lets a run grow by doubling only, and the next run's time
+  corrects it.
 
 Variable-length items (text) are measured by ``measure(item) -> (rows, length)``; then
 
@@ -121,8 +124,10 @@ class Batcher(Generic[T]):
         self.max_batch_delay = max_batch_delay
         self.max_batches_per_run = max_batches_per_run
         self.max_run_seconds = max_run_seconds
-        self._per_batch: float | None = None
-        """Estimated seconds a batch of a run takes (None: no run timed yet)."""
+        self._per_item: float | None = None
+        """Estimated seconds an item of a run takes (None: no run timed yet)."""
+        self._last_run = 0
+        """Batches of the run taken last (0: none yet)."""
         self.start_when_idle = start_when_idle
         self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._concurrency = max_concurrent_batches
@@ -200,8 +205,9 @@ class Batcher(Generic[T]):
                 entries = [self._taken[id(item)] for item in left]
                 self._queue.give_back(entries)
                 self._queued_tokens += sum(e.rows * e.length for e in entries if self._measure)
-            else:  # a whole run: its time per batch (a preempted one's would be too short)
-                self._timed((self._clock() - began) / len(batches))
+            else:  # a whole run: its time per item, halfway into the estimate (not preempted)
+                took, last = (self._clock() - began) / sum(map(len, batches)), self._per_item
+                self._per_item = took if last is None else (last + took) / 2
         finally:
             for batch in batches:
                 for item in batch:
@@ -239,26 +245,25 @@ class Batcher(Generic[T]):
             batches = [self._take()]
             while len(batches) < share and len(self._queue) >= self.max_batch_size:
                 batches.append(self._take())
-            return batches
-        return self._take_measured(share)
-
-    def _timed(self, seconds: float) -> None:
-        """Fold a whole run's seconds per batch into the estimate."""
-        last = self._per_batch
-        self._per_batch = seconds if last is None else (last + seconds) / 2
+        else:
+            batches = self._take_measured(share)
+        self._last_run = len(batches)
+        return batches
 
     @property
     def batches_per_run(self) -> int:
         """Most batches the next run may take.
 
-        ``max_batches_per_run``, and within ``max_run_seconds`` at the estimated time per batch
-        (one batch before any run is timed).
+        ``max_batches_per_run``; with ``max_run_seconds``, also as many full batches as fit it at
+        the estimated time per item, and at most twice the run before (one batch first).
         """
-        cap, budget, per_batch = self.max_batches_per_run, self.max_run_seconds, self._per_batch
+        cap, budget, per_item = self.max_batches_per_run, self.max_run_seconds, self._per_item
         if budget is None:
             return cap
-        if per_batch is None:
+        if per_item is None:
             return 1
+        cap = min(cap, 2 * self._last_run)
+        per_batch = per_item * min(self.max_batch_size, 1 << 30)
         if per_batch <= 0 or budget >= per_batch * cap:
             return cap
         return max(1, int(budget / per_batch))

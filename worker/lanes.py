@@ -176,7 +176,7 @@ class Lanes:
             max_batch_delay=delay_ms / 1000,
             max_concurrent_batches=1 if instances is None else instances.count,
             max_batches_per_run=self._batching.max_batches_per_run,
-            max_run_seconds=self._batching.max_run_ms / 1000 or None,
+            max_run_seconds=self._batching.max_run_ms / 1000 if self._batching.max_run_ms else None,
             start_when_idle=self._batching.start_when_idle,
             classify=_priority,
             classes=len(Priority),

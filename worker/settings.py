@@ -64,6 +64,10 @@ SECRETS_DIR_VAR = "WORKER_SECRETS_DIR"
 """Names a folder whose files set settings: file ``WORKER_KAFKA__SASL_PASSWORD`` sets that one."""
 
 
+MIN_RUN_MS = 0.001
+"""The shortest run time bound (``max_run_ms``) other than 0 (no bound)."""
+
+
 class BatchingSettings(BaseModel):
     """Default dynamic batching; a model's ``config.toml`` may override each value."""
 
@@ -73,11 +77,19 @@ class BatchingSettings(BaseModel):
     """...or when its oldest request has waited this long."""
     start_when_idle: bool = True
     """A request arriving while its model is idle starts a batch at once (no delay)."""
-    max_batches_per_run: int = Field(default=64, ge=1)
+    max_batches_per_run: int = Field(default=64, ge=1, le=4096)
     """Under a backlog, full batches handed to the inference thread in one go (a *run*)..."""
     max_run_ms: float = Field(default=50.0, ge=0, le=60_000)
     """...and only as many as take about this long at the lane's measured time per batch: a
     run's answers go out when it ends (0: no time bound)."""
+
+    @field_validator("max_run_ms")
+    @classmethod
+    def _off_or_measurable(cls, value: float) -> float:
+        if 0 < value < MIN_RUN_MS:  # would round to no bound at all (0) on the way to seconds
+            raise ValueError(f"max_run_ms must be 0 (no time bound) or at least {MIN_RUN_MS}")
+        return value
+
     max_batch_tokens: int | None = Field(default=None, ge=1)
     """Sequence models: most padded tokens (rows x longest length) per batch (none: no bound)."""
     sort_window: int = Field(default=8, ge=1)
