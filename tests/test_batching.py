@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 from typing import Any
 
 import pytest
@@ -153,9 +152,6 @@ def test_invalid_limits_are_rejected() -> None:
         Batcher(process, max_batch_size=1, max_batch_delay=-1)
     with pytest.raises(ValueError, match="max_batches_per_run"):
         Batcher(process, max_batch_size=1, max_batch_delay=0, max_batches_per_run=0)
-    for seconds in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="max_run_seconds"):
-            Batcher(process, max_batch_size=1, max_batch_delay=0, max_run_seconds=seconds)
 
 
 async def spin() -> None:
@@ -276,151 +272,6 @@ async def test_a_backlog_is_shared_between_concurrent_calls() -> None:
         rec.gate.set()
     assert rec.runs == [4, 4], "each free call took its share of the eight batches"
     assert sorted(rec.batches) == [[2 * i, 2 * i + 1] for i in range(8)]
-
-
-class Timed:
-    """A ``process`` callback on a fake clock: a batch of a run takes ``per_batch`` seconds.
-
-    ``later``, if given: the time per batch in every run after the first; ``schedule``, if
-    given: run i's time per batch is ``schedule[i % len(schedule)]`` instead.
-
-    ``hand_back``: runs (by index) that return all but their first batch's items, as a
-    preempted run does, after taking ``per_batch`` x 1000 per batch.
-    """
-
-    def __init__(
-        self,
-        per_batch: float,
-        hand_back: frozenset[int] = frozenset(),
-        later: float | None = None,
-        schedule: list[float] | None = None,
-    ) -> None:
-        self.now = 0.0
-        self.schedule = schedule
-        self.per_batch = per_batch
-        self.later = per_batch if later is None else later
-        self.hand_back = hand_back
-        self.runs: list[int] = []
-        self.done: list[int] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    async def __call__(self, run: list[list[int]]) -> list[int]:
-        index = len(self.runs)
-        self.runs.append(len(run))
-        if index in self.hand_back:
-            self.now += self.per_batch * 1000 * len(run)
-            self.done += run[0]
-            return [item for batch in run[1:] for item in batch]
-        if self.schedule:
-            self.now += self.schedule[index % len(self.schedule)] * len(run)
-        else:
-            self.now += (self.later if index else self.per_batch) * len(run)
-        self.done += [item for batch in run for item in batch]
-        return []
-
-
-async def timed_runs(
-    timed: Timed, items: int, *, budget: float, most: int, size: int = 1
-) -> list[int]:
-    """Batches per run when ``items`` are queued at once under a time bound (closed at once)."""
-    batcher: Batcher[int] = Batcher(
-        timed, max_batch_size=size, max_batch_delay=3600, max_batches_per_run=most,
-        max_run_seconds=budget, clock=timed.clock,
-    )  # fmt: skip
-    for i in range(items):
-        batcher.put(i)
-    batcher.close()
-    await asyncio.wait_for(batcher.run(), 5)
-    assert sorted(timed.done) == list(range(items)), "every item processed exactly once"
-    return timed.runs
-
-
-async def test_runs_are_bounded_by_time_at_the_measured_time_per_batch() -> None:
-    """One batch first, then doubling up to what fits the budget at 10 ms a batch (3 of 35 ms)."""
-    runs = await timed_runs(Timed(0.010), 20, budget=0.035, most=64)
-    assert runs == [1, 2, 3, 3, 3, 3, 3, 2]
-    fast = await timed_runs(Timed(0.001), 40, budget=0.035, most=8, size=2)
-    assert fast == [1, 2, 4, 8, 5], "a budget that holds more than max_batches_per_run: that many"
-    slow = await timed_runs(Timed(1.0), 4, budget=0.035, most=8)
-    assert slow == [1, 1, 1, 1], "a batch slower than the budget still runs, one per run"
-
-
-async def test_the_time_per_batch_is_followed_halfway_each_run() -> None:
-    """10 ms a batch, then 2: the estimate goes 10, 6, 4, 3 ms, so runs of 35 ms grow to 11."""
-    runs = await timed_runs(Timed(0.010, later=0.002), 26, budget=0.035, most=64)
-    assert runs == [1, 2, 4, 8, 11]
-
-
-async def test_a_handed_back_run_does_not_count_towards_the_time_per_batch() -> None:
-    """A preempted run (items handed back) took long for what it did: the estimate ignores it."""
-    timed = Timed(0.010, hand_back=frozenset({1}))
-    runs = await timed_runs(timed, 12, budget=0.035, most=64)
-    assert runs[:3] == [1, 2, 3], "the run after the hand-back still takes three batches"
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    fit=st.integers(min_value=1, max_value=12),
-    most=st.integers(min_value=1, max_value=16),
-    budget=st.floats(min_value=1e-4, max_value=10.0),
-)
-async def test_a_steady_time_per_batch_gives_runs_of_what_fits(
-    fit: int, most: int, budget: float
-) -> None:
-    """At a steady time per batch, runs double from one up to min(fit, most) batches."""
-    per_batch = budget / (fit + 0.5)  # exactly `fit` batches fit, whatever the rounding
-    want, expected = min(fit, most), [1]
-    while len(expected) < 8:
-        expected.append(min(want, 2 * expected[-1]))
-    runs = await timed_runs(Timed(per_batch), sum(expected), budget=budget, most=most)
-    assert runs == expected
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    schedule=st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=1, max_size=6),
-    most=st.integers(min_value=1, max_value=64),
-    items=st.integers(min_value=1, max_value=300),
-)
-async def test_a_run_grows_at_most_twice_the_one_before_whatever_the_times(
-    schedule: list[float], most: int, items: int
-) -> None:
-    """Any times per run (a cheap run of expired items, then a slow one): runs at most double."""
-    runs = await timed_runs(Timed(0.0, schedule=schedule), items, budget=0.05, most=most)
-    assert runs[0] == 1
-    assert all(1 <= run <= min(most, 2 * before) for before, run in itertools.pairwise(runs))
-
-
-async def test_several_instances_share_runs_bounded_by_time() -> None:
-    """Two calls at once: after the first runs, no run holds more than fits (3 of 35 ms)."""
-    timed = Timed(0.010)
-    batcher: Batcher[int] = Batcher(
-        timed, max_batch_size=1, max_batch_delay=3600, max_concurrent_batches=2,
-        max_batches_per_run=64, max_run_seconds=0.035, clock=timed.clock,
-    )  # fmt: skip
-    for i in range(60):
-        batcher.put(i)
-    batcher.close()
-    await asyncio.wait_for(batcher.run(), 5)
-    assert sorted(timed.done) == list(range(60))
-    assert max(timed.runs) == 3, "runs grew to what fits, and no further"
-
-
-async def test_length_aware_runs_are_bounded_by_time() -> None:
-    """A measured (text) lane: runs of batches of 2 grow to what fits (3 of 35 ms), no more."""
-    timed = Timed(0.010)
-    batcher: Batcher[int] = Batcher(
-        timed, max_batch_size=2, max_batch_delay=3600, max_batches_per_run=64,
-        max_run_seconds=0.035, clock=timed.clock, measure=length_of, sort_window=4,
-    )  # fmt: skip
-    for i in range(60):
-        batcher.put(1 + i % 5)
-    batcher.close()
-    await asyncio.wait_for(batcher.run(), 5)
-    assert len(timed.done) == 60
-    assert timed.runs[:4] == [1, 2, 3, 3]
 
 
 def length_of(item: int) -> tuple[int, int]:

@@ -146,7 +146,7 @@ async def test_errors_truncated_answers_and_shadow_results_are_never_stored(
         return [(0.0, 0.001, results)]
 
     answered: list[Answer] = []
-    await RunAnswers(answered.extend, Metrics()).run(runner, None, [jobs])  # type: ignore[arg-type]
+    await RunAnswers(answered.extend, Metrics()).run(runner, None, None, [jobs])  # type: ignore[arg-type]
     assert model.cache is not None
     assert model.cache.keys() == [cache_key(jobs[3].request.inputs)]
     assert len(answered) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from worker.metrics import Metrics
 from worker.model import LoadedModel
 from worker.origins import Record
 from worker.outgoing import Destinations
+from worker.pacing import Pace
 from worker.repository import ModelRepository, ServedModel
 from worker.settings import BatchingSettings
 
@@ -120,11 +122,11 @@ async def test_a_run_s_answers_are_delivered_in_groups_of_whole_batches(
     assert deliveries == groups
 
 
-@pytest.mark.parametrize(("run_ms", "seconds"), [(7.0, 0.007), (0.0, None)])
-async def test_a_lane_s_runs_are_bounded_by_the_max_run_ms_setting(
+@pytest.mark.parametrize(("run_ms", "seconds"), [(60_000.0, 60.0), (0.0, None)])
+async def test_a_lane_s_runs_are_paced_by_the_max_run_ms_setting(
     run_ms: float, seconds: float | None
 ) -> None:
-    """Each lane's batcher gets max_run_ms as its run time bound; 0 turns the bound off."""
+    """Each lane's batcher is paced by max_run_ms (0: not at all); its runs report to the pace."""
     model = sized_model(torch.nn.Identity())
     repository = ModelRepository(Path("unused"), {"sized": ServedModel(model.config, {"1": model})})
     with ThreadPoolExecutor(1) as shadow:
@@ -136,8 +138,13 @@ async def test_a_lane_s_runs_are_bounded_by_the_max_run_ms_setting(
             )  # fmt: skip
             lanes.open(repository)
             batchers = [lane.batcher for lane in lanes._lanes.values()]
+            put_sized(lanes, repository, 8)
             await lanes.drain()
-    assert [(b.max_run_seconds, b.max_batches_per_run) for b in batchers] == [(seconds, 5)]
+    assert [b.max_batches_per_run for b in batchers] == [5]
+    pace = batchers[0].pace
+    assert (pace and pace.max_run_seconds) == seconds
+    if pace is not None:
+        assert pace.batches(64, 1) >= 2, "a run told the pace it ran (none yet: one batch)"
 
 
 def put_sized(lanes: Lanes, repository: ModelRepository, count: int) -> None:
@@ -176,8 +183,39 @@ async def test_a_run_of_shadow_copies_lets_the_event_loop_go_between_groups(
         counter = group.create_task(count_turns())
         await asyncio.sleep(0)
         before = turns
-        await RunAnswers(delivered.extend, Metrics()).run(runner, None, batches)  # type: ignore[arg-type]
+        await RunAnswers(delivered.extend, Metrics()).run(runner, None, None, batches)  # type: ignore[arg-type]
         during = turns - before
         counter.cancel()
     assert delivered == [], "shadow copies are compared, never answered"
     assert during >= 3, "the loop was let go between the run's groups"
+
+
+class Told(Pace):
+    """A pace that records what it is told."""
+
+    def __init__(self) -> None:
+        super().__init__(0.05)
+        self.told: list[tuple[int, int]] = []
+
+    def ran(self, batches: int, items: int, seconds: float) -> None:
+        assert seconds >= 0
+        self.told.append((batches, items))
+        super().ran(batches, items, seconds)
+
+
+async def test_a_run_tells_its_pace_only_what_the_model_ran(repo_dir: Path) -> None:
+    """Neither expired jobs nor a preempted run's rest count; only expired jobs: nothing told."""
+    model = cache_of(ModelRepository.load(repo_dir))
+    outputs = [Tensor.from_numpy("label", np.array([7]))]
+
+    async def first_batch_only(_m: LoadedModel, prepared: list[object], _s: object) -> list[object]:
+        return [(0.0, 0.001, [outputs] * len(prepared[0]))]  # type: ignore[arg-type]
+
+    expired = [replace(job(model, i), deadline_ms=1) for i in range(3)]
+    live = [[job(model, 3 + 2 * b + i) for i in range(2)] for b in range(3)]
+    pace, answers = Told(), RunAnswers(lambda _: None, Metrics())
+    await answers.run(first_batch_only, None, pace, [expired])  # type: ignore[arg-type]
+    assert pace.told == [], "a run of expired jobs ran nothing"
+    left = await answers.run(first_batch_only, None, pace, [expired[:1] + live[0], *live[1:]])  # type: ignore[arg-type]
+    assert len(left) == 4, "the two batches not reached go back"
+    assert pace.told == [(1, 2)], "one batch of two live jobs ran"

@@ -32,6 +32,7 @@ from worker.errors import SHOWN_CHARS
 from worker.forward import Run
 from worker.metrics import Metrics, observe_many
 from worker.model import LoadedModel, Prepared
+from worker.pacing import Pace
 from worker.shadow import Comparison, Outcome, Result
 
 __all__ = ["DELIVER_EVERY", "RunAnswers", "Runner"]
@@ -58,12 +59,17 @@ class RunAnswers:
         self._batch_prefix = secrets.token_hex(4)
 
     async def run(
-        self, runner: Runner, urgent: threading.Event | None, batches: list[list[Job]]
+        self,
+        runner: Runner,
+        urgent: threading.Event | None,
+        pace: Pace | None,
+        batches: list[list[Job]],
     ) -> list[Job]:
         """Answer a run of batches: expired jobs at once, the rest in one hand-off.
 
         Returns the jobs of the batches a preempted run did not reach (``urgent`` set
-        meanwhile), for the batcher to take again.
+        meanwhile), for the batcher to take again. ``pace``: told what the model ran (its
+        batches, their jobs, the seconds from the hand-off to the last delivery).
         """
         left: list[Job] = []
         now_ms = time.time() * 1000
@@ -110,6 +116,9 @@ class RunAnswers:
                     await asyncio.sleep(0)
         if answers:
             self._deliver(answers)
+        if live_batches and pace is not None:
+            ran = live_batches[: len(runs)]
+            pace.ran(len(ran), sum(map(len, ran)), time.monotonic() - started)
         return left
 
     def _answer(

@@ -17,16 +17,9 @@ Two ways to pay less per batch:
   at most ``max_batch_size`` items, in arrival order. With several calls allowed at once
   (``max_concurrent_batches``), the waiting full batches are shared between the free ones: a
   run takes at most its share, so no instance idles while another has a queue of batches.
-- ``max_run_seconds``: a run's answers are delivered when its last batch is done, so a run is
-  also bounded in time: the batcher times each whole run's ``process`` call, keeps an
-  estimate of the time per item (halfway between the last run's and the estimate before),
-  and takes at most as many batches as fit ``max_run_seconds`` at that estimate for full
-  batches (at least one), and at most twice as many as the run before it (the first run is
-  one batch). Small, fast batches then go in long runs, whose hand-off and delivery are paid
-  once for many batches; slow ones in short runs, so no request waits long for the batches
-  behind it. An estimate made low (small batches of light traffic, a run of expired items
-  that never reached the model) lets a run grow by doubling only, and the next run's time
-  corrects it.
+- ``pace`` (:class:`~worker.pacing.Pace`): a run is also bounded in time, as many batches as
+  the pace allows (its estimate comes from what ``process`` reports to it, not from the
+  batcher: only the caller knows which items the model ran).
 
 Variable-length items (text) are measured by ``measure(item) -> (rows, length)``; then
 
@@ -69,6 +62,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from worker.pacing import Pace
 from worker.waiting import Entry, Waiting
 
 __all__ = ["Batcher", "BatcherClosedError"]
@@ -100,7 +94,7 @@ class Batcher(Generic[T]):
         classes: int = 1,
         aging: float = 1.0,
         urgent: threading.Event | None = None,
-        max_run_seconds: float | None = None,
+        pace: Pace | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size < 1:
@@ -111,8 +105,6 @@ class Batcher(Generic[T]):
             raise ValueError("max_concurrent_batches must be at least 1")
         if max_batches_per_run < 1:
             raise ValueError("max_batches_per_run must be at least 1")
-        if max_run_seconds is not None and not max_run_seconds > 0:
-            raise ValueError("max_run_seconds must be positive")
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError("max_batch_tokens must be at least 1")
         if sort_window < 1:
@@ -123,11 +115,7 @@ class Batcher(Generic[T]):
         self.max_batch_size = max_batch_size
         self.max_batch_delay = max_batch_delay
         self.max_batches_per_run = max_batches_per_run
-        self.max_run_seconds = max_run_seconds
-        self._per_item: float | None = None
-        """Estimated seconds an item of a run takes (None: no run timed yet)."""
-        self._last_run = 0
-        """Batches of the run taken last (0: none yet)."""
+        self.pace = pace
         self.start_when_idle = start_when_idle
         self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._concurrency = max_concurrent_batches
@@ -199,15 +187,11 @@ class Batcher(Generic[T]):
 
     async def _run(self, batches: list[list[T]]) -> None:
         try:
-            began = self._clock()
             left = await self._process(batches)
             if left:  # not processed: back at the front of their classes, as they were
                 entries = [self._taken[id(item)] for item in left]
                 self._queue.give_back(entries)
                 self._queued_tokens += sum(e.rows * e.length for e in entries if self._measure)
-            else:  # a whole run: its time per item, halfway into the estimate (not preempted)
-                took, last = (self._clock() - began) / sum(map(len, batches)), self._per_item
-                self._per_item = took if last is None else (last + took) / 2
         finally:
             for batch in batches:
                 for item in batch:
@@ -245,28 +229,18 @@ class Batcher(Generic[T]):
             batches = [self._take()]
             while len(batches) < share and len(self._queue) >= self.max_batch_size:
                 batches.append(self._take())
-        else:
-            batches = self._take_measured(share)
-        self._last_run = len(batches)
-        return batches
+            return batches
+        return self._take_measured(share)
 
     @property
     def batches_per_run(self) -> int:
         """Most batches the next run may take.
 
-        ``max_batches_per_run``; with ``max_run_seconds``, also as many full batches as fit it at
-        the estimated time per item, and at most twice the run before (one batch first).
+        ``max_batches_per_run``, and no more than the :attr:`pace` allows, if there is one.
         """
-        cap, budget, per_item = self.max_batches_per_run, self.max_run_seconds, self._per_item
-        if budget is None:
-            return cap
-        if per_item is None:
-            return 1
-        cap = min(cap, 2 * self._last_run)
-        per_batch = per_item * min(self.max_batch_size, 1 << 30)
-        if per_batch <= 0 or budget >= per_batch * cap:
-            return cap
-        return max(1, int(budget / per_batch))
+        if self.pace is None:
+            return self.max_batches_per_run
+        return self.pace.batches(self.max_batches_per_run, self.max_batch_size)
 
     def _share(self) -> int:
         """Most batches this run may take: :attr:`batches_per_run`, split among free calls."""

@@ -38,6 +38,7 @@ from worker.forward import Run, run_batches
 from worker.instances import Instances
 from worker.metrics import Metrics
 from worker.model import LoadedModel, Prepared
+from worker.pacing import Pace
 from worker.priority import Priority
 from worker.repository import ModelRepository
 from worker.settings import BatchingSettings
@@ -170,13 +171,15 @@ class Lanes:
             )  # fmt: skip
             self._pools.add(instances)
             runner = _in(instances)
+        run_ms = self._batching.max_run_ms
+        pace = Pace(run_ms / 1000) if run_ms else None
         batcher = Batcher(
-            partial(self._answers.run, runner, urgent),
+            partial(self._answers.run, runner, urgent, pace),
             max_batch_size=self._max_batch_size(model),
             max_batch_delay=delay_ms / 1000,
             max_concurrent_batches=1 if instances is None else instances.count,
             max_batches_per_run=self._batching.max_batches_per_run,
-            max_run_seconds=self._batching.max_run_ms / 1000 if self._batching.max_run_ms else None,
+            pace=pace,
             start_when_idle=self._batching.start_when_idle,
             classify=_priority,
             classes=len(Priority),

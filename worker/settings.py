@@ -80,8 +80,8 @@ class BatchingSettings(BaseModel):
     max_batches_per_run: int = Field(default=64, ge=1, le=4096)
     """Under a backlog, full batches handed to the inference thread in one go (a *run*)..."""
     max_run_ms: float = Field(default=50.0, ge=0, le=60_000)
-    """...and only as many as take about this long at the lane's measured time per batch: a
-    run's answers go out when it ends (0: no time bound)."""
+    """...and only as many full batches as take about this long at the lane's measured time
+    per request (:mod:`worker.pacing`): a run's answers go out when it ends (0: no time bound)."""
 
     @field_validator("max_run_ms")
     @classmethod
