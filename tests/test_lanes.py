@@ -6,6 +6,8 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from time import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -195,21 +197,25 @@ class Told(Pace):
 
     def __init__(self) -> None:
         super().__init__(0.05)
-        self.told: list[tuple[int, int]] = []
+        self.told: list[tuple[int, int, float]] = []
 
     def ran(self, batches: int, items: int, seconds: float) -> None:
-        assert seconds >= 0
-        self.told.append((batches, items))
+        self.told.append((batches, items, seconds))
         super().ran(batches, items, seconds)
 
 
-async def test_a_run_tells_its_pace_only_what_the_model_ran(repo_dir: Path) -> None:
+async def test_a_run_tells_its_pace_only_what_the_model_ran(
+    repo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Neither expired jobs nor a preempted run's rest count; only expired jobs: nothing told."""
     model = cache_of(ModelRepository.load(repo_dir))
     outputs = [Tensor.from_numpy("label", np.array([7]))]
+    clock = [100.0]
+    monkeypatch.setattr(answering, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time))
 
     async def first_batch_only(_m: LoadedModel, prepared: list[object], _s: object) -> list[object]:
-        return [(0.0, 0.001, [outputs] * len(prepared[0]))]  # type: ignore[arg-type]
+        clock[0] += 0.25  # the model's quarter of a second
+        return [(0.0, 0.25, [outputs] * len(prepared[0]))]  # type: ignore[arg-type]
 
     expired = [replace(job(model, i), deadline_ms=1) for i in range(3)]
     live = [[job(model, 3 + 2 * b + i) for i in range(2)] for b in range(3)]
@@ -218,4 +224,4 @@ async def test_a_run_tells_its_pace_only_what_the_model_ran(repo_dir: Path) -> N
     assert pace.told == [], "a run of expired jobs ran nothing"
     left = await answers.run(first_batch_only, None, pace, [expired[:1] + live[0], *live[1:]])  # type: ignore[arg-type]
     assert len(left) == 4, "the two batches not reached go back"
-    assert pace.told == [(1, 2)], "one batch of two live jobs ran"
+    assert pace.told == [(1, 2, 0.25)], "one batch of two live jobs ran, for the model's 0.25 s"
