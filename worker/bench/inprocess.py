@@ -64,7 +64,8 @@ __all__ = [
 ]  # fmt: skip
 
 RUN = 4
-"""Batches per call of ``run_batches`` (the worker's ``max_batches_per_run`` default)."""
+"""Batches per call of ``run_batches`` in this bench (a worker sizes its runs by
+``max_batches_per_run`` and ``max_run_ms``, :mod:`worker.pacing`)."""
 
 
 def emit(out: Path, record: dict[str, Any]) -> None:
