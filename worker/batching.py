@@ -232,19 +232,11 @@ class Batcher(Generic[T]):
             return batches
         return self._take_measured(share)
 
-    @property
-    def batches_per_run(self) -> int:
-        """Most batches the next run may take.
-
-        ``max_batches_per_run``, and no more than the :attr:`pace` allows, if there is one.
-        """
-        if self.pace is None:
-            return self.max_batches_per_run
-        return self.pace.batches(self.max_batches_per_run, self.max_batch_size)
-
     def _share(self) -> int:
-        """Most batches this run may take: :attr:`batches_per_run`, split among free calls."""
-        cap = self.batches_per_run
+        """Most batches this run may take (count and pace bounds), split among free calls."""
+        cap = self.max_batches_per_run
+        if self.pace is not None:
+            cap = self.pace.batches(cap, self.max_batch_size)
         if self._concurrency == 1:
             return cap
         free = self._concurrency - self._running  # this run's slot included
