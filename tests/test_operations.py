@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 from typing import Any
@@ -15,7 +16,7 @@ from aiokafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.answers import UNSERVED
-from worker.app import Worker
+from worker.app import YOUNG_GC_THRESHOLD, Worker
 from worker.client import InferenceClient
 from worker.domain import Tensor
 from worker.kafka import make_producer
@@ -168,6 +169,20 @@ async def test_readiness_flips_to_ready_only_after_the_assignment(
     assert last[1].startswith(f"ok: {settings.kafka.topic_partitions} partition(s); models: ")
     assert "digits v2 on cpu fp32 x1" in last[1], "where each version runs"
     assert health == (200, "ok\n")
+
+
+async def test_serving_freezes_the_heap_and_defers_young_collections(
+    settings: Settings, repository: ModelRepository
+) -> None:
+    """While serving: heap frozen, young threshold YOUNG_GC_THRESHOLD; both undone on stop."""
+    before = gc.get_threshold()
+    assert before[0] != YOUNG_GC_THRESHOLD, "the test process starts at another threshold"
+    async with running_worker(settings, repository):
+        serving, frozen = gc.get_threshold(), gc.get_freeze_count()
+    assert serving == (YOUNG_GC_THRESHOLD, *before[1:])
+    assert frozen > 0
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
 
 
 async def test_probes_while_stalled_and_while_stopping(
