@@ -59,7 +59,7 @@ YOUNG_GC_THRESHOLD = 50_000
 
 Every request makes and frees a few dozen objects, so at the default the collector walks the
 young generation every few dozen requests. At 50,000, ``dev/request_cpu.py`` (mlp, batch 64)
-measured lower CPU per request in 9 of 10 interleaved pairs (median ratio 0.87); one young
+measured lower CPU per request in 12 of 14 interleaved pairs (median ratio 0.83); one young
 collection then takes about 1.6 ms, far under the open loop's p99 (docs/performance.md, sixth
 pass). Older generations keep their defaults.
 """
