@@ -16,9 +16,10 @@ from aiokafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from worker.answers import UNSERVED
-from worker.app import YOUNG_GC_THRESHOLD, Worker
+from worker.app import Worker
 from worker.client import InferenceClient
 from worker.domain import Tensor
+from worker.heap import YOUNG_GC_THRESHOLD
 from worker.kafka import make_producer
 from worker.metrics import Metrics
 from worker.model import LoadedModel

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -26,6 +25,7 @@ import structlog
 import torch
 from aiokafka import AIOKafkaProducer, TopicPartition
 
+from worker import heap
 from worker.answers import Settled
 from worker.audit import AuditLog
 from worker.direct import Direct
@@ -50,19 +50,9 @@ from worker.settings import Settings
 from worker.supervision import Supervisor
 from worker.transactions import Transactions
 
-__all__ = ["YOUNG_GC_THRESHOLD", "Worker"]
+__all__ = ["Worker"]
 
 log = structlog.get_logger(__name__)
-
-YOUNG_GC_THRESHOLD = 50_000
-"""Allocations between two young-generation collections while serving (CPython's default: 700).
-
-Every request makes and frees a few dozen objects, so at the default the collector walks the
-young generation every few dozen requests. At 50,000, ``dev/request_cpu.py`` (mlp, batch 64)
-measured lower CPU per request in 12 of 14 interleaved pairs (median ratio 0.83); one young
-collection then takes about 1.6 ms, far under the open loop's p99 (docs/performance.md, sixth
-pass). Older generations keep their defaults.
-"""
 
 
 class Worker:
@@ -180,10 +170,7 @@ class Worker:
                 grpc=settings.grpc.enabled,
                 models=names(self.repository),
             )
-            _freeze_heap()
-            stack.callback(gc.unfreeze)  # let exit-time collection see everything again
-            stack.callback(gc.set_threshold, *gc.get_threshold())  # as it was, on the way out
-            gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
+            stack.enter_context(heap.serving())  # the heap frozen, young collections deferred
             async with asyncio.TaskGroup() as group:
                 pipeline = Pipeline(
                     group, settings, repository=lambda: self.repository,
@@ -314,16 +301,4 @@ class Worker:
         if self._pipeline is not None:
             self._pipeline.reload(repository)
         self.repository = repository
-        _freeze_heap()
-
-
-def _freeze_heap() -> None:
-    """Exempt what exists now (torch, the models, the clients) from garbage collection.
-
-    With torch loaded, Python tracks ~400,000 objects; a full collection walks them all and
-    stops the event loop for ~0.4 s (measured on the development machine), a latency spike
-    for every request in flight. Frozen objects are never walked again; objects made later
-    are collected as usual, and frozen ones still die by reference counting.
-    """
-    gc.collect()
-    gc.freeze()
+        heap.freeze()
