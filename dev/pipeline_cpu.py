@@ -7,12 +7,14 @@ model's thread, answering, reply encoding) over the bench's ``mlp`` model at bat
 scripted ``publish`` that only counts, as tests/test_pipeline.py does; dispatches ``--requests``
 encoded request records in chunks of ``--chunk`` (a fetch's worth each, the event loop let go
 in between, at most ``max_in_flight``'s default of 2,000 unanswered as in the worker), and waits
-until every reply is published. The heap is frozen before the warm-up, as the worker does at
-start-up. Prints the event-loop thread's CPU time (``time.thread_time``) and the whole
-process's (``time.process_time``) per request, after a warm-up of 3,000 requests. Set against
-``dev/request_cpu.py`` (the same worker under a real load through a broker), the difference is
-what the Kafka client and the sockets cost, and the parts of the worker this leaves out: the
-intake's offset tracking, the replier's producer calls, acknowledgements and commits.
+until every request is answered. The collector is set as the worker sets it while serving
+(``worker.heap.serving``: the heap frozen, young collections deferred; a source tree from
+before that module only freezes the heap). Prints the event-loop thread's CPU time
+(``time.thread_time``) and the whole process's (``time.process_time``) per request, after a
+warm-up of 3,000 requests. Set against ``dev/request_cpu.py`` (the same worker under a real
+load through a broker), the difference is what the Kafka client and the sockets cost, the
+parts of the worker this leaves out (the intake's offset tracking, the replier's producer
+calls, acknowledgements and commits), and what the same code costs more under load.
 ``--worker-src``: measure another source tree (a checkout of an earlier commit), to compare
 before and after in one sitting.
 """
@@ -21,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +43,10 @@ DEADLINE_S = 120
 async def measure(source: Path, tmp: Path, requests: int, chunk: int) -> tuple[float, float]:
     """Microseconds of CPU per request: (event-loop thread, all threads)."""
     sys.path.insert(0, str(source))  # before the worker's modules are imported
-    from aiokafka import TopicPartition
-
-    from worker.bench.load import request_stream
     from worker.bench.targets import bench_repository
     from worker.formats import Codecs
     from worker.inflight import InFlight
     from worker.metrics import Metrics
-    from worker.origins import Record
     from worker.outgoing import Destinations
     from worker.pipeline import Pipeline
     from worker.repository import ModelRepository
@@ -57,28 +56,28 @@ async def measure(source: Path, tmp: Path, requests: int, chunk: int) -> tuple[f
     chunk = min(chunk, BACKLOG)  # a larger fetch would wait for room that never comes
     root = bench_repository(tmp, max_batch_size=64, delay_ms=5, only="mlp")
     repository = ModelRepository.load(root)
-    tp = TopicPartition("requests", 0)
-    records = [
-        Record(tp, i, None, value, [], 1_000)
-        for i, (_, value) in zip(range(total), request_stream("mlp", 1, "cpu"), strict=False)
-    ]
+    records = _records(total)
     settings = Settings(
         models=ModelSettings(repository=root, torch_threads=1),
         runtime=RuntimeSettings(max_in_flight=total),
     )
-    published = 0
+    published = 0  # requests answered: a record's messages (reply, dead letter) come in one call
     answered = asyncio.Event()  # set on every publish: the dispatcher waits on it, no polling
 
     def publish(items: Sequence[Any]) -> None:
         nonlocal published
-        published += len(items)
+        published += len({id(item.origin) for item in items})
         answered.set()
 
     async def published_at_least(count: int) -> None:
-        async with asyncio.timeout(DEADLINE_S):
-            while published < count:
-                answered.clear()
-                await answered.wait()
+        try:
+            async with asyncio.timeout(DEADLINE_S):
+                while published < count:
+                    answered.clear()
+                    await answered.wait()
+        except TimeoutError:
+            failed = f"only {published} of {count} requests answered within {DEADLINE_S} s"
+            raise SystemExit(failed) from None
 
     async def dispatched(batch: Sequence[Any], sent: int) -> None:
         for start in range(0, len(batch), chunk):
@@ -90,24 +89,56 @@ async def measure(source: Path, tmp: Path, requests: int, chunk: int) -> tuple[f
             await asyncio.sleep(0)
         await published_at_least(sent)
 
-    async with asyncio.TaskGroup() as group:
-        pipeline = Pipeline(
-            group, settings, repository=lambda: repository,
-            destinations=Destinations("replies", "dlq", "g"), codecs=Codecs(),
-            in_flight=InFlight(total), metrics=Metrics(), publish=publish,
-            acknowledged=lambda _items: None,
-        )  # fmt: skip
-        async with pipeline:
-            gc.collect()
-            gc.freeze()  # as the worker's start-up does: the model and modules out of the GC
-            await dispatched(records[:WARM_UP], 0)
-            thread, process = time.thread_time(), time.process_time()
-            await dispatched(records[WARM_UP:], WARM_UP)
-            thread, process = time.thread_time() - thread, time.process_time() - process
-            async with asyncio.timeout(DEADLINE_S):
-                await pipeline.drain()
-    gc.unfreeze()
+    with collector():  # as Worker.run: set before the pipeline opens, undone after it closed
+        async with asyncio.TaskGroup() as group:
+            pipeline = Pipeline(
+                group, settings, repository=lambda: repository,
+                destinations=Destinations("replies", "dlq", "g"), codecs=Codecs(),
+                in_flight=InFlight(total), metrics=Metrics(), publish=publish,
+                acknowledged=lambda _items: None,
+            )  # fmt: skip
+            async with pipeline:
+                await dispatched(records[:WARM_UP], 0)
+                thread, process = time.thread_time(), time.process_time()
+                await dispatched(records[WARM_UP:], WARM_UP)
+                thread, process = time.thread_time() - thread, time.process_time() - process
+                async with asyncio.timeout(DEADLINE_S):
+                    await pipeline.drain()
     return thread / requests * 1e6, process / requests * 1e6
+
+
+def _records(count: int) -> list[Any]:
+    """``count`` records of the bench's mlp requests, as the intake hands them on."""
+    from aiokafka import TopicPartition
+
+    from worker.bench.load import request_stream
+    from worker.origins import Record
+
+    tp = TopicPartition("requests", 0)
+    stream = request_stream("mlp", 1, "cpu")
+    return [
+        Record(tp, i, None, value, [], 1_000)
+        for i, (_, value) in zip(range(count), stream, strict=False)
+    ]
+
+
+def collector() -> contextlib.AbstractContextManager[None]:
+    """The collector as the worker sets it while serving (the tree's own ``worker.heap``)."""
+    try:
+        from worker.heap import serving  # from the tree under measurement
+    except ImportError:  # a tree from before worker.heap: it froze the heap, nothing more
+        return _frozen()
+    return serving()
+
+
+@contextlib.contextmanager
+def _frozen() -> Iterator[None]:
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def main() -> int:
