@@ -18,11 +18,12 @@ __all__ = ["YOUNG_GC_THRESHOLD", "freeze", "serving"]
 YOUNG_GC_THRESHOLD = 50_000
 """Allocations between two young-generation collections while serving (CPython's default: 700).
 
-Every request makes and frees a few dozen objects, so at the default the collector walks the
-young generation every few dozen requests. At 50,000, ``dev/request_cpu.py`` (mlp, batch 64)
-measured lower CPU per request in 12 of 14 interleaved pairs (median ratio 0.83); one young
-collection then takes about 1.6 ms, far under the open loop's p99 (docs/performance.md, sixth
-pass). Older generations keep their defaults.
+The count is net (allocations less deallocations). Under ``dev/request_cpu.py``'s load (mlp,
+batch 64) the default ran the collector about 440 times in 20,000 requests, 7-9 us of CPU per
+request; at 50,000 it did not run at all, and CPU per request was lower in 12 of 14
+interleaved pairs (median ratio 0.82). If garbage cycles pile up that far, one young
+collection of 50,000 objects takes about 1.6 ms (docs/performance.md, #28's sixth pass).
+Older generations keep their defaults.
 """
 
 
