@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from pathlib import Path
 
@@ -469,3 +470,27 @@ def test_a_direct_request_is_held_to_the_byte_limit_by_its_tensors(
     assert code == "RESOURCE_EXHAUSTED"
     assert "request is 25600 bytes" in message
     assert isinstance(admit(source, repository, LIMITS, DEST, PLAIN, now=0.0), Admitted)
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=st.binary(max_size=2_000), request_id=st.sampled_from([None, b"c-1"]))
+def test_a_refused_record_leaves_no_garbage_cycle(
+    repository: ModelRepository, value: bytes, request_id: bytes | None
+) -> None:
+    """Any bytes, answered and dropped: nothing of them waits for the garbage collector."""
+    headers = [("correlation_id", request_id)] if request_id is not None else []
+    gc.disable()  # the cycles, if any, are counted below instead of collected meanwhile
+    gc.freeze()  # what exists already (torch...) out of the count, and of the collections' time
+    try:
+        gc.collect()
+        for _ in range(20):
+            outcome = admit(record(value, headers), repository, LIMITS, DEST, PLAIN, now=0.0)
+            if isinstance(outcome, Answered):
+                for answer in outcome.answers:
+                    messages(DEST, PLAIN, answer)
+            del outcome
+        left = gc.collect()
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    assert left < 20, f"{left} objects in cycles after 20 records (a kept traceback?)"

@@ -21,7 +21,7 @@ import structlog
 
 from worker.answers import Answer, Stage, error_response
 from worker.domain import InferenceRequest
-from worker.errors import SHOWN_CHARS, DecodeError, ErrorCode, RequestError, shown
+from worker.errors import SHOWN_CHARS, DecodeError, ErrorCode, RequestError, detached, shown
 from worker.formats import Codecs
 from worker.headers import header
 from worker.model import LoadedModel, Prepared
@@ -105,7 +105,7 @@ def admit(
         return _admit(origin, repository, limits, destinations, codecs, now=now, tokenize=tokenize)
     except Exception as exc:
         log.exception("admitting a request raised; it failed", origin=origin.where())
-        return Answered([Answer(origin, failed=Stage.ADMISSION, error=exc)])
+        return Answered([Answer(origin, failed=Stage.ADMISSION, error=detached(exc))])
 
 
 def _admit(
@@ -241,6 +241,7 @@ def check_limits(limits: Limits, origin: Origin, request: InferenceRequest) -> N
 
 def _undecodable(record: Record, exc: DecodeError) -> list[Answer]:
     """A DECODE failure (a dead-letter copy); an error reply too if the record names an id."""
+    exc = detached(exc)  # kept in the answer: not with the frames (and bytes) that raised it
     raw_id = header(record.headers, "correlation_id")
     if exc.request_id:  # a V2 body's own id
         raw_id = exc.request_id.encode()

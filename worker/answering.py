@@ -28,7 +28,7 @@ from worker.admission import Job
 from worker.answers import Answer, Deliver, Stage, expired_response, model_response
 from worker.caching import store
 from worker.domain import Timing
-from worker.errors import SHOWN_CHARS
+from worker.errors import SHOWN_CHARS, detached
 from worker.forward import Run
 from worker.metrics import Metrics, observe_many
 from worker.model import LoadedModel, Prepared
@@ -101,7 +101,7 @@ class RunAnswers:
                 except Exception as exc:  # the last-resort guard: a bug must not stop the lane
                     log.exception("answering a batch raised; its requests failed")
                     answers += [
-                        Answer(job.origin, failed=Stage.BATCH, error=exc)
+                        Answer(job.origin, failed=Stage.BATCH, error=detached(exc))
                         for job in live
                         if not job.is_shadow
                     ]

@@ -24,6 +24,7 @@ Behaviour lives in attributes, not in more types: a :class:`RequestError` carrie
 from __future__ import annotations
 
 import enum
+from typing import TypeVar
 
 __all__ = [
     "SHOWN_CHARS",
@@ -41,8 +42,14 @@ __all__ = [
     "WatchdogError",
     "WorkerError",
     "cut",
+    "detached",
     "shown",
 ]
+
+_E = TypeVar("_E", bound=BaseException)
+
+_MAX_CHAIN = 100
+"""Most chained exceptions :func:`detached` walks (a chain is a few links; this only bounds it)."""
 
 SHOWN_CHARS = 80
 """Longest request-supplied string repeated in an error message or a log line."""
@@ -197,3 +204,25 @@ class ReplyError(ClientError):
         self.request_id = request_id
         self.code = code
         self.message = message
+
+
+def detached(exc: _E) -> _E:
+    """``exc`` without tracebacks (its own, its chain's) or chain, to be kept after it was handled.
+
+    A traceback references the frames that raised, and so their locals: a record's bytes, a
+    forward pass's tensors. Its frames reference the exception back, so an exception kept in an
+    answer is a garbage cycle that holds all of that until the collector runs (the worker defers
+    young collections: :mod:`worker.heap`). Only the type and message are reported (replies,
+    dead-letter headers); log the traceback, if wanted, before detaching.
+    """
+    chain: list[BaseException] = [exc]  # the chained ones' frames are cycles of their own
+    seen: set[int] = set()
+    while chain and len(seen) < _MAX_CHAIN:
+        current = chain.pop()
+        if id(current) not in seen:
+            seen.add(id(current))
+            chain += [e for e in (current.__cause__, current.__context__) if e is not None]
+            current.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
+    return exc

@@ -27,7 +27,7 @@ from typing import Any
 
 from worker.device import ensure_usable, is_device_lost, is_out_of_memory, mark_lost, release_cache
 from worker.domain import Tensor
-from worker.errors import ErrorCode, RequestError
+from worker.errors import ErrorCode, RequestError, detached
 from worker.prepared import Prepared
 from worker.program import Program
 from worker.stacking import Empty, split_outputs, stack_inputs
@@ -60,22 +60,8 @@ def run_isolated(model: Program, per_request: Sequence[Prepared]) -> list[list[T
         outputs = model.predict(stack_inputs(model, per_request))
         return list(split_outputs(model, outputs, per_request))
     except Exception as exc:  # noqa: BLE001 - a model may raise anything; it is reported per request
-        error = _detached(exc)
+        error = detached(exc)
     return _isolate(model, per_request, error)  # out of the handler: the failed pass is gone
-
-
-def _detached(exc: Exception) -> Exception:
-    """``exc`` without its traceback and chained exceptions, which hold the failed pass.
-
-    A traceback references the frames of the forward pass that raised, and so its input,
-    intermediate and output tensors: kept, they keep the memory of the failed attempt in use
-    while its halves are retried (which then fail too). Only the exception's type and
-    message are reported (:func:`worker.answers.model_response`), so nothing is lost.
-    """
-    exc.__traceback__ = None
-    exc.__context__ = None
-    exc.__cause__ = None
-    return exc
 
 
 def _isolate(
@@ -172,7 +158,7 @@ def run_batches(
             assert isinstance(current, Staged)
             flight = _Flight(batch, began - first, launch_s, current, fetched)
         else:
-            error = _detached(fetched if isinstance(fetched, Exception) else RuntimeError("lost"))
+            error = detached(fetched if isinstance(fetched, Exception) else RuntimeError("lost"))
             del fetched
             current = None  # nothing of the failed attempt stays referenced
             isolating = time.monotonic()
@@ -195,7 +181,7 @@ def _land(model: Program, flight: _Flight) -> tuple[float, float, Results]:
     waiting = time.monotonic()
     results = _attempt(partial(_collect, model, flight.batch), flight.fetched)
     if isinstance(results, Exception):
-        error = _detached(results)
+        error = detached(results)
         del results
         flight.staged = flight.fetched = None  # nothing of the failed attempt stays referenced
         results = _isolate(model, flight.batch, error)

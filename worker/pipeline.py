@@ -46,6 +46,7 @@ from worker.answers import (
     safe_text,
 )
 from worker.caching import CacheGauges, lookup
+from worker.errors import detached
 from worker.formats import Codecs
 from worker.headers import header
 from worker.inflight import InFlight
@@ -161,7 +162,7 @@ class Pipeline:
 
     def unparseable(self, record: Record, error: Exception) -> None:
         """A record the Kafka client could not parse (bytes unknown): dead-letter its place."""
-        self.deliver([Answer(record, failed=Stage.FETCH, error=error)])
+        self.deliver([Answer(record, failed=Stage.FETCH, error=detached(error))])
 
     def deliver(self, answers: Sequence[Answer]) -> None:
         """Send each answer where its origin says: a record's to Kafka, a call's to its caller."""

@@ -29,7 +29,7 @@ import structlog
 
 from worker.admission import Admitted, Job
 from worker.answers import Answer, Deliver, Stage, error_response, expired_response
-from worker.errors import RequestError
+from worker.errors import RequestError, detached
 from worker.inbox import Inbox
 from worker.model import LoadedModel, Prepared
 from worker.text import PASS_BYTES
@@ -107,8 +107,9 @@ class Tokenizing:
                 outcomes = await loop.run_in_executor(self._executor, tokenize_jobs, jobs)
             except Exception as exc:  # the last-resort guard: a bug must not stop the worker
                 log.exception("tokenising raised; its requests are dead-lettered")
+                error = detached(exc)
                 self._deliver(
-                    [Answer(a.job.origin, failed=Stage.TOKENIZE, error=exc) for a in batch]
+                    [Answer(a.job.origin, failed=Stage.TOKENIZE, error=error) for a in batch]
                 )
                 continue
             for admitted in batch:
