@@ -36,7 +36,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 WARM_UP = 3_000
-BACKLOG = 2_000  # RuntimeSettings.max_in_flight's default
 DEADLINE_S = 120
 
 
@@ -52,8 +51,9 @@ async def measure(source: Path, tmp: Path, requests: int, chunk: int) -> tuple[f
     from worker.repository import ModelRepository
     from worker.settings import ModelSettings, RuntimeSettings, Settings
 
+    backlog = RuntimeSettings.model_fields["max_in_flight"].default  # unanswered, at most
     total = WARM_UP + requests
-    chunk = min(chunk, BACKLOG)  # a larger fetch would wait for room that never comes
+    chunk = min(chunk, backlog)  # a larger fetch would wait for room that never comes
     root = bench_repository(tmp, max_batch_size=64, delay_ms=5, only="mlp")
     repository = ModelRepository.load(root)
     records = _records(total)
@@ -82,7 +82,7 @@ async def measure(source: Path, tmp: Path, requests: int, chunk: int) -> tuple[f
     async def dispatched(batch: Sequence[Any], sent: int) -> None:
         for start in range(0, len(batch), chunk):
             part = batch[start : start + chunk]
-            await published_at_least(sent + len(part) - BACKLOG)
+            await published_at_least(sent + len(part) - backlog)
             for record in part:
                 pipeline.dispatch(record)
             sent += len(part)

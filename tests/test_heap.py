@@ -7,7 +7,7 @@ import gc
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from worker import heap
@@ -15,20 +15,28 @@ from worker.heap import YOUNG_GC_THRESHOLD
 
 
 @contextlib.contextmanager
-def cheap_collections() -> Iterator[None]:
-    """Full collections made no-ops: with torch loaded each would walk ~400,000 objects."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gc, "collect", lambda *_args: 0)
-        yield
+def collector_as_found() -> Iterator[tuple[int, int, int]]:
+    """Full collections made no-ops (each would walk torch's ~400,000 objects); state restored.
+
+    Yields the threshold found, which must not already be the serving one (a leak from before).
+    """
+    before = gc.get_threshold()
+    assert before[0] != YOUNG_GC_THRESHOLD, "the test process starts at another threshold"
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(gc, "collect", lambda *_args: 0)
+            yield before
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
 
 
+@settings(deadline=None)  # gc.get_freeze_count walks every frozen object
 @given(st.permutations(range(4)))
 def test_the_last_block_to_end_restores_whatever_the_order(ends: list[int]) -> None:
     """Overlapping blocks: deferred and frozen until the last ends, then as before, any order."""
-    before = gc.get_threshold()
-    assert before[0] != YOUNG_GC_THRESHOLD, "the test process starts at another threshold"
-    with cheap_collections():
-        blocks = [contextlib.ExitStack() for _ in ends]
+    with collector_as_found() as before, contextlib.ExitStack() as all_blocks:
+        blocks = [all_blocks.enter_context(contextlib.ExitStack()) for _ in ends]
         for block in blocks:
             block.enter_context(heap.serving())
         for done, index in enumerate(ends, start=1):
@@ -41,7 +49,6 @@ def test_the_last_block_to_end_restores_whatever_the_order(ends: list[int]) -> N
 
 def test_a_block_that_raises_still_restores() -> None:
     """A worker that fails while serving leaves the collector as it found it."""
-    before = gc.get_threshold()
     seen = []
 
     def fail_while_serving() -> None:
@@ -49,8 +56,19 @@ def test_a_block_that_raises_still_restores() -> None:
             seen.append(gc.get_threshold()[0])
             raise RuntimeError("model lost")
 
-    with cheap_collections(), pytest.raises(RuntimeError, match="model lost"):
-        fail_while_serving()
-    assert seen == [YOUNG_GC_THRESHOLD]
-    assert gc.get_threshold() == before
-    assert gc.get_freeze_count() == 0
+    with collector_as_found() as before:
+        with pytest.raises(RuntimeError, match="model lost"):
+            fail_while_serving()
+        assert seen == [YOUNG_GC_THRESHOLD]
+        assert gc.get_threshold() == before
+        assert gc.get_freeze_count() == 0
+
+
+def test_what_the_process_set_itself_is_left_alone() -> None:
+    """A threshold changed while serving stays; a heap frozen before the first worker stays."""
+    with collector_as_found() as before:
+        gc.freeze()  # as an application might before forking
+        with heap.serving():
+            gc.set_threshold(1_234, *before[1:])
+        assert gc.get_threshold() == (1_234, *before[1:])
+        assert gc.get_freeze_count() > 0

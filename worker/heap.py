@@ -3,7 +3,10 @@
 Both are settings of the process, not of one worker: several workers in one process (the
 tests, an application embedding :class:`~worker.app.Worker`) share them. The first worker to
 start serving applies them; the last to stop undoes them (the heap unfrozen, the threshold as
-it was before the first), in whatever order they stop.
+it was before the first), in whatever order they stop, unless the process set them itself.
+
+Deferring collections keeps garbage cycles alive longer, so the request path must not make
+them: an error kept in an answer is :func:`~worker.errors.detached` from its traceback first.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ Older generations keep their defaults.
 
 
 class _Serving:
-    """How many workers of this process serve, and the threshold from before the first."""
+    """How many workers of this process serve, and what was there before the first."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.count = 0
         self.before = gc.get_threshold()
+        self.frozen_before = False
+        """The process had frozen objects itself: the last worker leaves them frozen."""
 
 
 _SERVING = _Serving()
@@ -56,19 +61,33 @@ def serving() -> Iterator[None]:
     """While the block runs: the heap frozen (:func:`freeze`), young collections deferred.
 
     Counted per process: only the last block to end unfreezes the heap and restores the
-    threshold, so a worker stopping never changes them under another that still serves.
+    threshold, so a worker stopping never changes them under another that still serves. What
+    the process set itself is left alone: a threshold changed while serving stays, and a heap
+    it had frozen before the first worker started stays frozen.
     """
-    freeze()
-    with _SERVING.lock:
-        if _SERVING.count == 0:
-            _SERVING.before = gc.get_threshold()
-            gc.set_threshold(YOUNG_GC_THRESHOLD, *_SERVING.before[1:])
-        _SERVING.count += 1
+    entered = False
     try:
+        with _SERVING.lock:
+            if _SERVING.count == 0:
+                _SERVING.before = gc.get_threshold()
+                _SERVING.frozen_before = gc.get_freeze_count() > 0
+            freeze()
+            if _SERVING.count == 0:
+                gc.set_threshold(YOUNG_GC_THRESHOLD, *_SERVING.before[1:])
+            _SERVING.count += 1
+            entered = True
         yield
     finally:
-        with _SERVING.lock:
-            _SERVING.count -= 1
-            if _SERVING.count == 0:
-                gc.set_threshold(*_SERVING.before)
-                gc.unfreeze()  # let exit-time collection see everything again
+        if entered:
+            _leave()
+
+
+def _leave() -> None:
+    with _SERVING.lock:
+        _SERVING.count -= 1
+        if _SERVING.count:
+            return
+        if gc.get_threshold()[0] == YOUNG_GC_THRESHOLD:  # not changed by the process meanwhile
+            gc.set_threshold(*_SERVING.before)
+        if not _SERVING.frozen_before:
+            gc.unfreeze()  # let exit-time collection see everything again
