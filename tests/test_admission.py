@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -472,25 +474,59 @@ def test_a_direct_request_is_held_to_the_byte_limit_by_its_tensors(
     assert isinstance(admit(source, repository, LIMITS, DEST, PLAIN, now=0.0), Admitted)
 
 
-@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(value=st.binary(max_size=2_000), request_id=st.sampled_from([None, b"c-1"]))
-def test_a_refused_record_leaves_no_garbage_cycle(
-    repository: ModelRepository, value: bytes, request_id: bytes | None
-) -> None:
-    """Any bytes, answered and dropped: nothing of them waits for the garbage collector."""
-    headers = [("correlation_id", request_id)] if request_id is not None else []
-    gc.disable()  # the cycles, if any, are counted below instead of collected meanwhile
-    gc.freeze()  # what exists already (torch...) out of the count, and of the collections' time
+@contextlib.contextmanager
+def cycles_counted() -> Iterator[list[int]]:
+    """Collector off (frozen: what exists already); yields a list that gets what was in cycles."""
+    enabled = gc.isenabled()
+    gc.disable()  # cycles, if any, are counted at the end instead of collected meanwhile
+    gc.freeze()  # what exists already (torch...) out of the count and of the collection's time
+    counted: list[int] = []
     try:
         gc.collect()
+        yield counted
+        counted.append(gc.collect())
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    value=st.binary(max_size=2_000),
+    request_id=st.sampled_from([None, b"c-1"]),
+    content_type=st.sampled_from([None, b"application/json", b"application/x-protobuf"]),
+)
+def test_a_refused_record_leaves_no_garbage_cycle(
+    repository: ModelRepository, value: bytes, request_id: bytes | None, content_type: bytes | None
+) -> None:
+    """Any bytes in any format, answered and dropped: nothing of them waits for the collector."""
+    headers = [("correlation_id", request_id)] if request_id is not None else []
+    headers += [("content-type", content_type)] if content_type is not None else []
+    with cycles_counted() as left:
         for _ in range(20):
             outcome = admit(record(value, headers), repository, LIMITS, DEST, PLAIN, now=0.0)
             if isinstance(outcome, Answered):
                 for answer in outcome.answers:
                     messages(DEST, PLAIN, answer)
             del outcome
-        left = gc.collect()
-    finally:
-        gc.unfreeze()
-        gc.enable()
-    assert left < 20, f"{left} objects in cycles after 20 records (a kept traceback?)"
+    assert left[0] < 20, f"{left[0]} objects in cycles after 20 records (a kept traceback?)"
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=30)
+@given(strings=st.lists(st.binary(min_size=1, max_size=64), min_size=1, max_size=4))
+def test_refused_strings_leave_no_garbage_cycle(
+    text_repository: ModelRepository, strings: list[bytes]
+) -> None:
+    """Any strings for a text model, tokenised now or batch-wise: no cycle left behind."""
+    value = request("t-3", "minilm", tensors=[Tensor.from_strings("text", strings)])
+    with cycles_counted() as left:
+        for _ in range(10):
+            later = admit(record(value), text_repository, LIMITS, DEST, PLAIN, now=0.0)
+            pending = admit(
+                record(value), text_repository, LIMITS, DEST, PLAIN, now=0.0, tokenize=False
+            )
+            if isinstance(pending, Admitted):
+                pending.job.model.tokenize_many([pending.job.prepared])
+            del later, pending
+    assert left[0] < 10, f"{left[0]} objects in cycles after 10 requests (a kept traceback?)"

@@ -158,6 +158,7 @@ def _admit(
         route = repository.route(request.model_name, request.model_version, request.id)
         prepared = route.primary.validate(request, tokenize=tokenize)
     except RequestError as exc:
+        detached(exc)  # its chain's frames (the request's arrays) are cycles of their own
         log.info(
             "request answered with an error",
             correlation_id=request.id[:SHOWN_CHARS],
@@ -186,7 +187,8 @@ def _shadow_copy(job: Job, shadow: LoadedModel | None, *, tokenize: bool) -> Job
     if shadow.text is not None:  # the shadow may tokenise differently
         try:
             prepared = shadow.validate(job.request, tokenize=tokenize)
-        except RequestError:
+        except RequestError as exc:
+            detached(exc)  # no cycle left behind (see _admit)
             return None
     model = job.model
     output = shadow.config.routing.shadow_compare or shadow.config.outputs[-1].name

@@ -30,7 +30,7 @@ from aiokafka import TopicPartition
 from worker.codec import decode_response, encode_request
 from worker.correlation import Arrival, ReplyMatcher
 from worker.domain import InferenceRequest, InferenceResponse, Tensor
-from worker.errors import ConfigError, DecodeError, ReplyTimeoutError
+from worker.errors import ConfigError, DecodeError, ReplyTimeoutError, detached
 from worker.kafka import assign_all, check_connection, make_consumer, make_producer
 from worker.settings import KafkaSettings
 
@@ -208,4 +208,4 @@ def _decode_into(
     try:
         reply.set_result(decode_response(arrival.result().value or b""))
     except DecodeError as exc:
-        reply.set_exception(exc)
+        reply.set_exception(detached(exc))  # not in a cycle with the reply and its bytes

@@ -222,6 +222,8 @@ def detached(exc: _E) -> _E:
         if id(current) not in seen:
             seen.add(id(current))
             chain += [e for e in (current.__cause__, current.__context__) if e is not None]
+            if isinstance(current, BaseExceptionGroup):
+                chain += current.exceptions
             current.__traceback__ = None
     exc.__context__ = None
     exc.__cause__ = None

@@ -39,7 +39,7 @@ from worker.endpoints import (
     request_bytes,
     warn_if_open,
 )
-from worker.errors import ConfigError, DecodeError, shown
+from worker.errors import ConfigError, DecodeError, detached, shown
 from worker.oip import pb, pb_grpc
 from worker.v2proto import request_from_message, response_message
 
@@ -101,7 +101,8 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
                     self._codec, request_from_message, request, headers, None
                 )
         except DecodeError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+            message = detached(exc).message  # no cycle left behind
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
         remaining = context.time_remaining()
         answer = await self._api.direct.infer(
             "grpc", decoded, headers, timeout_s=remaining, wait_s=self._wait_s

@@ -63,7 +63,8 @@ def serving() -> Iterator[None]:
     Counted per process: only the last block to end unfreezes the heap and restores the
     threshold, so a worker stopping never changes them under another that still serves. What
     the process set itself is left alone: a threshold changed while serving stays, and a heap
-    it had frozen before the first worker started stays frozen.
+    it had frozen before the first worker started stays frozen (with what the workers froze:
+    the collector cannot tell them apart).
     """
     entered = False
     try:
@@ -87,7 +88,7 @@ def _leave() -> None:
         _SERVING.count -= 1
         if _SERVING.count:
             return
-        if gc.get_threshold()[0] == YOUNG_GC_THRESHOLD:  # not changed by the process meanwhile
+        if gc.get_threshold() == (YOUNG_GC_THRESHOLD, *_SERVING.before[1:]):  # still ours
             gc.set_threshold(*_SERVING.before)
         if not _SERVING.frozen_before:
             gc.unfreeze()  # let exit-time collection see everything again

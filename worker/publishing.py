@@ -26,7 +26,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLarge
 from aiokafka.partitioner import DefaultPartitioner
 
 from worker.answers import Stage
-from worker.errors import SHOWN_CHARS, WorkerError
+from worker.errors import SHOWN_CHARS, WorkerError, detached
 from worker.origins import Record
 from worker.outgoing import Destinations, Outgoing, dead_letter, without_value
 
@@ -106,8 +106,9 @@ class Publisher:
         results = await asyncio.gather(*(f for _, f in sends), return_exceptions=True)
         for (members, _), result in zip(sends, results, strict=True):
             if isinstance(result, BaseException):
+                error = detached(result)
                 for index in members:
-                    errors[index] = result
+                    errors[index] = error
         return errors
 
     async def _route(
@@ -123,7 +124,7 @@ class Publisher:
                 try:
                     partitions = await self._partitions_of(item.topic)
                 except KafkaError as exc:
-                    errors[index] = exc
+                    errors[index] = detached(exc)  # kept: not with this frame (the items)
                     continue
             key = item.key
             if key is None:
@@ -147,7 +148,7 @@ class Publisher:
             )
         except KafkaError as exc:
             failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
+            failed.set_exception(detached(exc))  # not in a cycle with the batch
             return failed
 
     async def _partitions_of(self, topic: str) -> list[int]:

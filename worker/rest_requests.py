@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from worker.domain import InferenceRequest
-from worker.errors import DecodeError
+from worker.errors import DecodeError, detached
 from worker.v2json import is_unicode, parse_json_body, request_from_body
 
 __all__ = [
@@ -65,7 +65,7 @@ def call_headers(request: web.Request, model: str) -> tuple[int | None, float | 
     try:
         timeout_s = _timeout(request)
     except DecodeError as exc:
-        raise RefusedError(400, exc.message) from None
+        raise RefusedError(400, detached(exc).message) from None  # no cycle left behind
     if not is_unicode(model):
         raise RefusedError(400, "the model name or version in the URL is not UTF-8 text")
     return header_length, timeout_s

@@ -73,7 +73,7 @@ class SchemaRegistry:
         self._subject = reply_subject
         self._session: aiohttp.ClientSession | None = None
         self._known: OrderedDict[int, Any] = OrderedDict()
-        self._failed: OrderedDict[int, tuple[RequestError, float]] = OrderedDict()
+        self._failed: OrderedDict[int, tuple[tuple[ErrorCode, str], float]] = OrderedDict()
         self._gate = asyncio.Semaphore(LOOKUPS_AT_ONCE)
         self._down_until = 0.0
         """Until then (``time.monotonic()``) the registry counts as unreachable."""
@@ -163,7 +163,7 @@ class SchemaRegistry:
             return schema
         failed = self._failed.get(schema_id)
         if failed is not None:
-            raise failed[0]
+            raise RequestError(*failed[0])  # a new one: a kept one would gather tracebacks
         raise RequestError(
             ErrorCode.UNAVAILABLE,
             f"schema id {schema_id} was not looked up before its record was read; send the "
@@ -278,7 +278,7 @@ class SchemaRegistry:
             self._known.popitem(last=False)
 
     def _fail(self, schema_id: int, code: ErrorCode, message: str, remember_s: float) -> None:
-        self._failed[schema_id] = (RequestError(code, message), time.monotonic() + remember_s)
+        self._failed[schema_id] = ((code, message), time.monotonic() + remember_s)
         while len(self._failed) > self._settings.cache_size:
             self._failed.popitem(last=False)
 

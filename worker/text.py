@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Encoding, Tokenizer
 
-from worker.errors import ConfigError, ErrorCode, RequestError, shown
+from worker.errors import ConfigError, ErrorCode, RequestError, detached, shown
 from worker.model_config import TOKENIZER_FEEDS
 from worker.text_reading import (
     BYTES_PER_TOKEN,
@@ -169,7 +169,7 @@ class TextEncoder:
             try:
                 decoded = _decoded(name, strings)
             except RequestError as exc:
-                spans.append(exc)
+                spans.append(detached(exc))  # kept: not with this frame (all the strings)
                 continue
             spans.append((len(readings), len(readings) + len(decoded)))
             readings += (Reading(text, size) for text, size in decoded)
