@@ -5,9 +5,9 @@
 Starts ``python -m worker serve`` (from ``--worker-src``, default this checkout) on fresh topics
 of the broker named by ``WORKER_KAFKA__BOOTSTRAP_SERVERS``, serving the bench's mlp model;
 waits until it answers; reads its resident memory (``VmRSS``, Linux); publishes ``--records``
-records of ``--size`` random bytes that no format decodes; waits until all of them are in the
-dead-letter topic; and prints the resident memory then and its peak (``VmHWM``). What a refused
-record leaves behind (a garbage cycle holding its bytes, say) shows as a higher peak than a
+records, each the same ``--size`` + 1 random bytes that no format decodes; waits until all are
+in the dead-letter topic; and prints the resident memory then and its peak (``VmHWM``). A refused
+record's leftovers (a garbage cycle holding its bytes, say) show as a higher peak than a
 tree without it, measured in the same sitting (the allocator keeps freed memory, so compare
 peaks, not the memory after).
 """
@@ -109,12 +109,16 @@ def main() -> int:
             after, peak = memory_mib(served.pid)
         finally:
             served.terminate()
-            served.wait(60)
+            try:
+                served.wait(60)
+            except subprocess.TimeoutExpired:
+                served.kill()
+                served.wait()
     print(
         f"{args.worker_src}: {held} of {args.records} records of {args.size} bytes dead-lettered;"
-        f" resident {before[0]} MiB before, {after} MiB after, peak {peak} MiB"
+        f" resident {before[0]} MiB before (peak {before[1]}), {after} MiB after, peak {peak} MiB"
     )
-    return 0 if held == args.records else 1
+    return 0 if held >= args.records else 1  # at least once: a copy may be written twice
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_the_exception_and_its_whole_chain_lose_their_tracebacks() -> None:
     assert kept.message == "not a request", "the message is what is reported"
 
 
-def test_a_looping_chain_and_a_group_are_walked_once() -> None:
+def test_a_looping_chain_ends_and_a_groups_members_lose_their_tracebacks() -> None:
     """A context loop ends; an exception group's members lose their tracebacks too."""
     first, second = raised(ValueError("a")), raised(ValueError("b"))
     first.__context__, second.__context__ = second, first

@@ -72,3 +72,6 @@ def test_what_the_process_set_itself_is_left_alone() -> None:
             gc.set_threshold(1_234, *before[1:])
         assert gc.get_threshold() == (1_234, *before[1:])
         assert gc.get_freeze_count() > 0
+        with heap.serving():  # older generations changed: the whole threshold is theirs now
+            gc.set_threshold(YOUNG_GC_THRESHOLD, 20, 20)
+        assert gc.get_threshold() == (YOUNG_GC_THRESHOLD, 20, 20)

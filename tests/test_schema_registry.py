@@ -117,7 +117,7 @@ async def test_wrong_credentials_or_no_client_certificate_fail_the_start(tmp_pat
 
 
 async def test_unknown_ids_ahead_of_a_good_one_never_starve_it(tmp_path: Path) -> None:
-    """50 unknown ids, then a good one, in one batch: all looked up; the good one is served."""
+    """50 unknown ids, then a good one: all looked up once; the good one served; fresh refusals."""
     pki = make_pki(tmp_path / "pki")
     seen: list[str] = []
     values: list[tuple[bytes | None, list[tuple[str, bytes]]]] = [
@@ -132,8 +132,11 @@ async def test_unknown_ids_ahead_of_a_good_one_never_starve_it(tmp_path: Path) -
         assert reg.writer(7) is not None
         with pytest.raises(RequestError, match="not in the schema registry") as caught:
             reg.writer(149)
+        with pytest.raises(RequestError, match="not in the schema registry") as again:
+            reg.writer(149)
         await reg.prepare(values)  # all remembered: nothing asked again
     assert caught.value.code is ErrorCode.INVALID_ARGUMENT
+    assert again.value is not caught.value, "a new error per record: a kept one grows tracebacks"
     assert len(seen) == 1 + 51
 
 
