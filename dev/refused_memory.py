@@ -67,9 +67,16 @@ async def flood(env: dict[str, str], records: int, size: int) -> int:
 
 def repository(tmp: Path) -> Path:
     """The bench's mlp model at batch 64 (what ``dev/request_cpu.py`` serves)."""
-    from worker.bench.targets import bench_repository
+    from worker.bench.targets import bench_repository  # after main() set sys.path
 
     return bench_repository(tmp, max_batch_size=64, delay_ms=5.0, only="mlp")
+
+
+def stop(served: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, SIGKILL after 60 s (:func:`worker.bench.targets.stop`)."""
+    from worker.bench.targets import stop as stop_child  # after main() set sys.path
+
+    stop_child(served)
 
 
 def main() -> int:
@@ -108,12 +115,7 @@ def main() -> int:
             held = asyncio.run(flood(env, args.records, args.size))
             after, peak = memory_mib(served.pid)
         finally:
-            served.terminate()
-            try:
-                served.wait(60)
-            except subprocess.TimeoutExpired:
-                served.kill()
-                served.wait()
+            stop(served)
     print(
         f"{args.worker_src}: {held} of {args.records} records of {args.size} bytes dead-lettered;"
         f" resident {before[0]} MiB before (peak {before[1]}), {after} MiB after, peak {peak} MiB"

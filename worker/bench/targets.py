@@ -37,6 +37,7 @@ __all__ = [
     "reference_folder",
     "sentence_transformers_throughput",
     "spawned",
+    "stop",
 ]
 
 MLPS = {"mlp": (64, 256), "heavy": (256, 4096)}
@@ -224,11 +225,17 @@ def spawned(
     try:
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a child :func:`launch` started: SIGTERM (it drains), SIGKILL after 60 s."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def launch(
