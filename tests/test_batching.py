@@ -87,6 +87,41 @@ async def test_next_batch_gathers_while_model_is_busy() -> None:
     assert max(len(b) for b in rec.batches) <= 5
 
 
+async def test_everything_withdrawn_while_a_batch_waits_forms_no_batch() -> None:
+    """A revoke empties the queue during the delay, then a stop: no batch, no error."""
+    rec = Recorder()
+    batcher: Batcher[int] = Batcher(
+        rec, max_batch_size=100, max_batch_delay=10.0, classify=lambda _: 1, classes=2
+    )
+    batcher.put(1)
+    batcher.put(2)
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(batcher.run())
+        await asyncio.sleep(0)  # one loop turn: the batcher takes up waiting out the delay
+        assert batcher.withdraw(lambda _: True) == [1, 2]
+        batcher.close()
+        await asyncio.wait_for(task, 5)
+    assert rec.batches == []
+
+
+async def test_items_put_after_a_withdrawal_form_the_next_batch() -> None:
+    """The batcher waits again after a revoke emptied its queue; the next items batch."""
+    rec = Recorder()
+    batcher: Batcher[int] = Batcher(rec, max_batch_size=2, max_batch_delay=10.0)
+    batcher.put(1)
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(batcher.run())
+        await asyncio.sleep(0)  # one loop turn: the batcher takes up waiting out the delay
+        assert batcher.withdraw(lambda _: True) == [1]
+        await asyncio.sleep(0)  # and sees nothing left to wait for
+        batcher.put(2)
+        batcher.put(3)
+        await asyncio.wait_for(rec.started.wait(), 5)
+        batcher.close()
+        await asyncio.wait_for(task, 5)
+    assert rec.batches == [[2, 3]]
+
+
 async def test_close_flushes_without_waiting_and_refuses_more() -> None:
     """close() processes what is queued at once, and later puts raise BatcherClosedError."""
     rec = Recorder()

@@ -164,6 +164,8 @@ class Batcher(Generic[T]):
         out = self._queue.withdraw(unwanted)
         if self._measure:
             self._queued_tokens -= sum(e.rows * e.length for e in out)
+        if out:
+            self._wakeup.set()  # a batch being waited for may have nothing left to wait for
         return [e.item for e in out]
 
     def close(self) -> None:
@@ -211,16 +213,19 @@ class Batcher(Generic[T]):
         return True
 
     async def _next_run(self) -> list[list[T]]:
-        while not self._queue:
-            if self._closed and not self._running:  # a run may still hand items back
-                return []
-            await self._wait(None)
-        if not (self._idle_start and self.start_when_idle):
-            oldest = self._queue.oldest_at()
-            while not self._full() and not self._closed:
-                remaining = oldest + self.max_batch_delay - self._clock()
-                if remaining <= 0 or not await self._wait(remaining):
-                    break
+        while True:
+            while not self._queue:
+                if self._closed and not self._running:  # a run may still hand items back
+                    return []
+                await self._wait(None)
+            if not (self._idle_start and self.start_when_idle):
+                oldest = self._queue.oldest_at()
+                while self._queue and not self._full() and not self._closed:
+                    remaining = oldest + self.max_batch_delay - self._clock()
+                    if remaining <= 0 or not await self._wait(remaining):
+                        break
+            if self._queue:  # else all of it was withdrawn meanwhile (a revoke): wait again
+                break
         self._idle_start = False
         # A run's answers go out when its last batch is done: a batch holding the top class
         # runs alone, so its answers are never held by the batches behind it.
