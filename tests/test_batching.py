@@ -104,21 +104,47 @@ async def test_everything_withdrawn_while_a_batch_waits_forms_no_batch() -> None
     assert rec.batches == []
 
 
-async def test_items_put_after_a_withdrawal_form_the_next_batch() -> None:
-    """The batcher waits again after a revoke emptied its queue; the next items batch."""
+async def test_an_item_put_right_after_a_withdrawal_waits_its_own_delay() -> None:
+    """Withdraw all then put in one turn: the new item keeps its own deadline, not the old one."""
     rec = Recorder()
-    batcher: Batcher[int] = Batcher(rec, max_batch_size=2, max_batch_delay=10.0)
-    batcher.put(1)
+    now = [0.0]
+    batcher: Batcher[int] = Batcher(
+        rec, max_batch_size=10, max_batch_delay=10.0, clock=lambda: now[0]
+    )
     async with asyncio.TaskGroup() as group:
-        task = group.create_task(batcher.run())
-        await asyncio.sleep(0)  # one loop turn: the batcher takes up waiting out the delay
+        group.create_task(batcher.run())
+        batcher.put(1)
+        await spin()  # the batcher waits out 1's delay (deadline 10)
         assert batcher.withdraw(lambda _: True) == [1]
-        await asyncio.sleep(0)  # and sees nothing left to wait for
+        now[0] = 11.0
+        batcher.put(2)  # deadline 21: past 1's deadline, not its own
+        await spin()
+        assert not rec.started.is_set(), "2 has waited 0 of its 10 s"
+        batcher.close()
+    assert rec.batches == [[2]]
+
+
+async def test_a_partial_withdrawal_leaves_the_rest_their_own_deadline() -> None:
+    """Withdrawing the oldest item moves the deadline to the next oldest, not earlier."""
+    rec = Recorder()
+    now = [0.0]
+    batcher: Batcher[int] = Batcher(
+        rec, max_batch_size=10, max_batch_delay=10.0, clock=lambda: now[0]
+    )
+    async with asyncio.TaskGroup() as group:
+        group.create_task(batcher.run())
+        batcher.put(1)
+        now[0] = 5.0
         batcher.put(2)
-        batcher.put(3)
+        await spin()  # the batcher waits out 1's delay (deadline 10)
+        now[0] = 11.0
+        assert batcher.withdraw(lambda item: item == 1) == [1]
+        await spin()
+        assert not rec.started.is_set(), "2's deadline is 15, the clock says 11"
+        now[0] = 15.0
+        batcher.put(3)  # a put wakes the batcher, which now finds 2 due
         await asyncio.wait_for(rec.started.wait(), 5)
         batcher.close()
-        await asyncio.wait_for(task, 5)
     assert rec.batches == [[2, 3]]
 
 

@@ -219,9 +219,9 @@ class Batcher(Generic[T]):
                     return []
                 await self._wait(None)
             if not (self._idle_start and self.start_when_idle):
-                oldest = self._queue.oldest_at()
+                # Read each time round: a withdrawal or a hand-back changes who is oldest.
                 while self._queue and not self._full() and not self._closed:
-                    remaining = oldest + self.max_batch_delay - self._clock()
+                    remaining = self._queue.oldest_at() + self.max_batch_delay - self._clock()
                     if remaining <= 0 or not await self._wait(remaining):
                         break
             if self._queue:  # else all of it was withdrawn meanwhile (a revoke): wait again
