@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,7 @@ from worker.repository import ModelRepository
 from worker.v2 import MAX_ID_BYTES
 
 from .conftest import TEXT_MODELS, configure
+from .cycles import cycles_counted
 
 DEST = Destinations("replies", "dlq", "g")
 LIMITS = Limits(max_request_bytes=4 << 20, max_request_elements=1_000_000)
@@ -472,23 +470,6 @@ def test_a_direct_request_is_held_to_the_byte_limit_by_its_tensors(
     assert code == "RESOURCE_EXHAUSTED"
     assert "request is 25600 bytes" in message
     assert isinstance(admit(source, repository, LIMITS, DEST, PLAIN, now=0.0), Admitted)
-
-
-@contextlib.contextmanager
-def cycles_counted() -> Iterator[list[int]]:
-    """Collector off (frozen: what exists already); yields a list that gets what was in cycles."""
-    enabled = gc.isenabled()
-    gc.disable()  # cycles, if any, are counted at the end instead of collected meanwhile
-    gc.freeze()  # what exists already (torch...) out of the count and of the collection's time
-    counted: list[int] = []
-    try:
-        gc.collect()
-        yield counted
-        counted.append(gc.collect())
-    finally:
-        gc.unfreeze()
-        if enabled:
-            gc.enable()
 
 
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 
 from worker.direct import Direct
+from worker.domain import InferenceRequest
 from worker.endpoint_settings import EndpointSettings, GrpcSettings
 from worker.endpoints import (
     EXTENSIONS,
@@ -40,10 +41,11 @@ from worker.endpoints import (
     warn_if_open,
 )
 from worker.errors import ConfigError, DecodeError, detached, shown
+from worker.headers import Headers
 from worker.oip import pb, pb_grpc
 from worker.v2proto import request_from_message, response_message
 
-__all__ = ["serve_grpc"]
+__all__ = ["decode_message", "serve_grpc"]
 
 PASSED_METADATA = ("traceparent", "tracestate", "correlation_id")
 OPEN_METHODS = ("ServerLive", "ServerReady")
@@ -93,16 +95,14 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if k in PASSED_METADATA}
         headers = [(k, v.encode() if isinstance(v, str) else v) for k, v in metadata.items()]
-        try:
-            if _typed_values(request) <= DECODE_ON_LOOP_VALUES:
-                decoded = request_from_message(request, headers, None)
-            else:
-                decoded = await asyncio.get_running_loop().run_in_executor(
-                    self._codec, request_from_message, request, headers, None
-                )
-        except DecodeError as exc:
-            message = detached(exc).message  # no cycle left behind
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        if _typed_values(request) <= DECODE_ON_LOOP_VALUES:
+            decoded = decode_message(request, headers)
+        else:
+            decoded = await asyncio.get_running_loop().run_in_executor(
+                self._codec, decode_message, request, headers
+            )
+        if isinstance(decoded, str):
+            return await context.abort(grpc.StatusCode.INVALID_ARGUMENT, decoded)  # it raises
         remaining = context.time_remaining()
         answer = await self._api.direct.infer(
             "grpc", decoded, headers, timeout_s=remaining, wait_s=self._wait_s
@@ -115,6 +115,18 @@ class _Service(pb_grpc.GRPCInferenceServiceServicer):
             code = getattr(grpc.StatusCode, response.error.code, grpc.StatusCode.UNKNOWN)
             await context.abort(code, response.error.message[:MAX_STATUS_CHARS])
         return response_message(response)
+
+
+def decode_message(request: Any, headers: Headers) -> InferenceRequest | str:
+    """A ModelInfer message as a request, or why it is not one (INVALID_ARGUMENT's message).
+
+    Only the decode error's message is kept: no traceback, so no cycle through the frames that
+    read the message is left for the collector.
+    """
+    try:
+        return request_from_message(request, headers, None)
+    except DecodeError as exc:
+        return detached(exc).message
 
 
 MAX_STATUS_CHARS = 4096

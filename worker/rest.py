@@ -55,7 +55,7 @@ from worker.endpoints import (
     server_version,
     warn_if_open,
 )
-from worker.errors import ConfigError, DecodeError, detached
+from worker.errors import ConfigError
 from worker.rest_replies import ENCODE_ON_LOOP_VALUES, HTTP_STATUS, error_reply, result_reply
 from worker.rest_requests import (
     DECODE_ON_LOOP_BYTES,
@@ -206,15 +206,12 @@ async def _infer_in_place(
         for h in PASSED_HEADERS
         if h in request.headers
     ]
-    try:
-        if len(body) <= DECODE_ON_LOOP_BYTES:
-            decoded, wanted, binary = decode_body(body, length, headers + passed)
-        else:
-            decoded, wanted, binary = await loop.run_in_executor(
-                endpoint.codec, decode_body, body, length, headers + passed
-            )
-    except DecodeError as exc:
-        raise RefusedError(400, detached(exc).message) from None  # no cycle left behind
+    if len(body) <= DECODE_ON_LOOP_BYTES:
+        decoded, wanted, binary = decode_body(body, length, headers + passed)
+    else:
+        decoded, wanted, binary = await loop.run_in_executor(
+            endpoint.codec, decode_body, body, length, headers + passed
+        )
     del body  # the tensors hold their own bytes
     if decoded.model_name != name or (version and decoded.model_version != version):
         raise RefusedError(400, "the body names another model than the URL")

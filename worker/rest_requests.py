@@ -114,10 +114,17 @@ def _too_large(content_length: int | None, limit: int) -> str:
 def decode_body(
     body: bytes, length: int, headers: list[tuple[str, bytes]]
 ) -> tuple[InferenceRequest, list[str], set[str]]:
-    """The request, the outputs it asks for and those wanted binary; DecodeError if bad."""
-    parsed = parse_json_body(memoryview(body)[:length])  # once, for inputs and outputs
-    decoded = request_from_body(parsed, headers, None, binary=body[length:])
-    wanted, binary = requested_outputs(parsed)
+    """The request, the outputs it asks for and those wanted binary; RefusedError (400) if bad.
+
+    The refusal keeps only the decode error's message: no traceback, so no cycle through the
+    frames that read the body is left for the collector.
+    """
+    try:
+        parsed = parse_json_body(memoryview(body)[:length])  # once, for inputs and outputs
+        decoded = request_from_body(parsed, headers, None, binary=body[length:])
+        wanted, binary = requested_outputs(parsed)
+    except DecodeError as exc:
+        raise RefusedError(400, detached(exc).message) from None
     return decoded, wanted, binary
 
 
