@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,8 @@ def main() -> int:
     parser.add_argument("--worker-src", type=Path, default=ROOT)
     parser.add_argument("--profile", type=Path, default=None)
     args = parser.parse_args()
+    if args.profile is not None and shutil.which("py-spy") is None:
+        parser.error("--profile needs py-spy on the PATH (pip install py-spy)")
     sys.path.insert(0, str(ROOT))
     from worker.bench.targets import bench_repository
 
