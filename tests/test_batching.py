@@ -148,6 +148,63 @@ async def test_a_partial_withdrawal_leaves_the_rest_their_own_deadline() -> None
     assert rec.batches == [[2, 3]]
 
 
+async def test_a_put_that_finds_the_model_idle_starts_while_a_batch_waited() -> None:
+    """start_when_idle: withdraw the waiting item, put another at once: it starts without delay."""
+    rec = Recorder()
+    rec.gate.clear()
+    batcher: Batcher[int] = Batcher(
+        rec, max_batch_size=10, max_batch_delay=10.0, start_when_idle=True, clock=lambda: 0.0
+    )
+    async with asyncio.TaskGroup() as group:
+        group.create_task(batcher.run())
+        batcher.put(1)  # the model is idle: 1 starts at once
+        await asyncio.wait_for(rec.started.wait(), 5)
+        batcher.put(2)  # the model is busy: 2 waits out its delay
+        rec.gate.set()
+        await spin()
+        assert rec.batches == [[1]], "2 waits its 10 s"
+        assert batcher.withdraw(lambda item: item == 2) == [2]
+        batcher.put(3)  # nothing queued, nothing running: no reason to wait
+        await spin()
+        assert rec.batches == [[1], [3]], "3 found the model idle"
+        batcher.close()
+
+
+async def test_one_object_put_twice_is_handed_back_and_processed_twice() -> None:
+    """Hand-backs find each run's own entries: an item object in two runs at once is fine."""
+    item = object()
+    gates = [asyncio.Event(), asyncio.Event()]
+    calls: list[int] = []
+    processed: list[object] = []
+
+    async def process(run: list[list[object]]) -> list[object]:
+        call = len(calls)
+        calls.append(call)
+        if call < len(gates):
+            await gates[call].wait()
+        if call == 1:
+            return [i for batch in run for i in batch]  # handed back, to be run again
+        processed.extend(i for batch in run for i in batch)
+        return []
+
+    batcher: Batcher[object] = Batcher(
+        process, max_batch_size=1, max_batch_delay=0.0, max_concurrent_batches=2
+    )
+    batcher.put(item)
+    batcher.put(item)
+    batcher.close()
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(batcher.run())
+        await spin()
+        assert calls == [0, 1], "both runs started"
+        gates[0].set()
+        await spin()
+        gates[1].set()
+        await asyncio.wait_for(task, 5)
+    assert processed == [item, item]
+    assert calls == [0, 1, 2]
+
+
 async def test_close_flushes_without_waiting_and_refuses_more() -> None:
     """close() processes what is queued at once, and later puts raise BatcherClosedError."""
     rec = Recorder()

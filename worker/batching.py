@@ -47,11 +47,11 @@ sets the event; ``process`` may then stop its run early and return the items it 
 which go back to the front of their classes (with their arrival times), so the new item waits
 for at most the batch being processed, not the rest of a run.
 
-Every item put before :meth:`Batcher.close` is processed exactly once (passed to ``process``
-once, or again after a hand-back): ``run``
-returns only when the queue is empty and every run it started has finished. ``process`` must
-answer every item of its run but those it returns (handed back: they are passed again in a
-later run); an exception it lets escape ends ``run``.
+An item is any object (one object put twice is two items). Every item put before
+:meth:`Batcher.close` is processed exactly once (passed to ``process`` once, or again after a
+hand-back): ``run`` returns only when the queue is empty and every run it started has
+finished. ``process`` must answer every item of its run but those it returns (handed back:
+they are passed again in a later run); an exception it lets escape ends ``run``.
 """
 
 from __future__ import annotations
@@ -130,8 +130,6 @@ class Batcher(Generic[T]):
         self._queue: Waiting[T] = Waiting(classes, aging)
         self._classify = classify
         self._urgent = urgent
-        self._taken: dict[int, Entry[T]] = {}
-        """Entries of the runs being processed, by ``id`` of their item (for hand-backs)."""
         self._wakeup = asyncio.Event()
         self._closed = False
 
@@ -178,26 +176,23 @@ class Batcher(Generic[T]):
         async with asyncio.TaskGroup() as group:
             while True:
                 await self._slots.acquire()
-                batches = await self._next_run()
-                if not batches:
+                taken = await self._next_run()
+                if not taken:
                     self._slots.release()
                     return
                 self._running += 1
                 if self._urgent is not None:
                     self._urgent.clear()
-                group.create_task(self._run(batches))
+                group.create_task(self._run(taken))
 
-    async def _run(self, batches: list[list[T]]) -> None:
+    async def _run(self, taken: list[list[Entry[T]]]) -> None:
         try:
-            left = await self._process(batches)
+            left = await self._process([[entry.item for entry in batch] for batch in taken])
             if left:  # not processed: back at the front of their classes, as they were
-                entries = [self._taken[id(item)] for item in left]
+                entries = _entries_of(left, taken)
                 self._queue.give_back(entries)
                 self._queued_tokens += sum(e.rows * e.length for e in entries if self._measure)
         finally:
-            for batch in batches:
-                for item in batch:
-                    self._taken.pop(id(item), None)
             self._running -= 1
             self._slots.release()
             self._wakeup.set()  # a run handed items back, or a closed batcher may now end
@@ -212,18 +207,20 @@ class Batcher(Generic[T]):
             return False
         return True
 
-    async def _next_run(self) -> list[list[T]]:
+    async def _next_run(self) -> list[list[Entry[T]]]:
         while True:
             while not self._queue:
                 if self._closed and not self._running:  # a run may still hand items back
                     return []
                 await self._wait(None)
-            if not (self._idle_start and self.start_when_idle):
-                # Read each time round: a withdrawal or a hand-back changes who is oldest.
-                while self._queue and not self._full() and not self._closed:
-                    remaining = self._queue.oldest_at() + self.max_batch_delay - self._clock()
-                    if remaining <= 0 or not await self._wait(remaining):
-                        break
+            # Read each time round: a withdrawal or a hand-back changes who is oldest, and a
+            # put may find the model idle meanwhile.
+            while self._queue and not self._full() and not self._closed:
+                if self._idle_start and self.start_when_idle:
+                    break
+                remaining = self._queue.oldest_at() + self.max_batch_delay - self._clock()
+                if remaining <= 0 or not await self._wait(remaining):
+                    break
             if self._queue:  # else all of it was withdrawn meanwhile (a revoke): wait again
                 break
         self._idle_start = False
@@ -255,15 +252,11 @@ class Batcher(Generic[T]):
             budget is not None and self._queued_tokens >= budget
         )
 
-    def _take(self) -> list[T]:
+    def _take(self) -> list[Entry[T]]:
         size = min(self.max_batch_size, len(self._queue))
-        return [self._taking(self._queue.popleft()) for _ in range(size)]
+        return [self._queue.popleft() for _ in range(size)]
 
-    def _taking(self, entry: Entry[T]) -> T:
-        self._taken[id(entry.item)] = entry
-        return entry.item
-
-    def _take_measured(self, share: int) -> list[list[T]]:
+    def _take_measured(self, share: int) -> list[list[Entry[T]]]:
         """A run of batches cut from the window under both bounds; the oldest item's first."""
         queue = self._queue
         size = self.max_batch_size * max(self.sort_window, share)
@@ -297,4 +290,13 @@ class Batcher(Generic[T]):
         taken = {i for g in chosen for i in g}
         queue.give_back(e for i, e in enumerate(window) if i not in taken)
         self._queued_tokens -= sum(window[i].rows * window[i].length for i in taken)
-        return [[self._taking(window[i]) for i in sorted(g)] for g in chosen]
+        return [[window[i] for i in sorted(g)] for g in chosen]
+
+
+def _entries_of(left: Sequence[T], taken: list[list[Entry[T]]]) -> list[Entry[T]]:
+    """The entries of a run's handed-back items, in their order (one item put twice: both)."""
+    by_item: dict[int, list[Entry[T]]] = {}
+    for batch in taken:
+        for entry in batch:
+            by_item.setdefault(id(entry.item), []).append(entry)
+    return [by_item[id(item)].pop(0) for item in left]
