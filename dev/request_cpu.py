@@ -44,6 +44,12 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def py_spy() -> str | None:
+    """The py-spy program: beside this Python (its virtual environment), else on the PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.is_file() else shutil.which("py-spy")
+
+
 def main() -> int:
     """Measure; print microseconds of CPU per request for each thread and in all."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -53,8 +59,10 @@ def main() -> int:
     parser.add_argument("--worker-src", type=Path, default=ROOT)
     parser.add_argument("--profile", type=Path, default=None)
     args = parser.parse_args()
-    if args.profile is not None and shutil.which("py-spy") is None:
-        parser.error("--profile needs py-spy on the PATH (pip install py-spy)")
+    if args.profile is not None and py_spy() is None:
+        parser.error(
+            "--profile needs py-spy on the PATH or beside this Python (pip install py-spy)"
+        )
     sys.path.insert(0, str(ROOT))
     from worker.bench.targets import bench_repository
 
@@ -92,7 +100,7 @@ def measure(args: argparse.Namespace, repo: Path) -> int:
         spy = None
         if args.profile is not None:
             spy = subprocess.Popen(
-                ["py-spy", "record", "--format", "raw", "--threads", "--rate", "500",
+                [str(py_spy()), "record", "--format", "raw", "--threads", "--rate", "500",
                  "--nonblocking", "--gil", "--pid", str(served.pid), "--output", str(args.profile)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip

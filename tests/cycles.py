@@ -6,7 +6,7 @@ import contextlib
 import gc
 from collections.abc import Iterator
 
-__all__ = ["cycles_counted"]
+__all__ = ["chained_tracebacks", "cycles_counted"]
 
 
 @contextlib.contextmanager
@@ -24,3 +24,14 @@ def cycles_counted() -> Iterator[list[int]]:
         gc.unfreeze()
         if enabled:
             gc.enable()
+
+
+def chained_tracebacks(exc: BaseException) -> int:
+    """How many errors chained to ``exc`` (its causes and contexts) still hold a traceback."""
+    count, seen = 0, {id(exc)}
+    link = exc.__cause__ or exc.__context__
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        count += link.__traceback__ is not None
+        link = link.__cause__ or link.__context__
+    return count

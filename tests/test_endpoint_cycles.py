@@ -10,6 +10,7 @@ leaving nothing behind, for any bytes.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from google.protobuf.message import DecodeError as ProtobufDecodeError
@@ -17,11 +18,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from worker.domain import InferenceRequest
-from worker.grpc_api import decode_message
+from worker.grpc_api import DECODE_ON_LOOP_VALUES, decode_message
 from worker.oip import pb
-from worker.rest_requests import RefusedError, decode_body
+from worker.rest_requests import DECODE_ON_LOOP_BYTES, RefusedError, decode_body
 
-from .cycles import cycles_counted
+from .cycles import chained_tracebacks, cycles_counted
 
 ROUNDS = 20
 DATATYPES = ["FP32", "INT64", "BYTES", "BOOL", "FP16", "fp32", "", "NOPE"]
@@ -62,13 +63,16 @@ def test_a_refused_rest_body_leaves_no_garbage_cycle(body: tuple[bytes, int]) ->
     """Any JSON body, refused 400 and dropped: nothing of it waits for the collector."""
     value, length = body
     statuses: list[int] = []
+    kept = 0
     with cycles_counted() as left:
         for _ in range(ROUNDS):
             try:
                 decode_body(value, length, [("model_name", b"digits")])
             except RefusedError as exc:
                 statuses.append(exc.status)
+                kept += chained_tracebacks(exc)
     assert set(statuses) <= {400}, "a body that cannot be decoded is a bad request"
+    assert kept == 0, "a refusal chained to a decode error that still holds its frames"
     assert left[0] < ROUNDS, (
         f"{left[0]} objects in cycles after {ROUNDS} bodies ({len(statuses)} refused)"
     )
@@ -103,12 +107,13 @@ def infer_messages(draw: st.DrawFn) -> Any:
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(message=infer_messages())
 def test_a_refused_grpc_message_leaves_no_garbage_cycle(message: Any) -> None:
-    """Any ModelInfer message, refused INVALID_ARGUMENT and dropped: no cycle left behind."""
+    """Any ModelInfer message, refused (a message for INVALID_ARGUMENT) or not: no cycle left."""
     refused = 0
     with cycles_counted() as left:
         for _ in range(ROUNDS):
             decoded = decode_message(message, [("traceparent", b"00-zz")])
             if isinstance(decoded, str):
+                assert decoded, "a refusal says why"
                 refused += 1
             else:
                 assert isinstance(decoded, InferenceRequest)
@@ -116,3 +121,27 @@ def test_a_refused_grpc_message_leaves_no_garbage_cycle(message: Any) -> None:
     assert left[0] < ROUNDS, (
         f"{left[0]} objects in cycles after {ROUNDS} messages ({refused} refused)"
     )
+
+
+def test_large_refusals_decoded_in_a_codec_thread_leave_no_garbage_cycle() -> None:
+    """Over the on-loop bounds, decoded in a thread as the endpoints do: refused, nothing left."""
+    count = DECODE_ON_LOOP_BYTES // 2
+    body = json.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [count], "data": [None] * count}]}
+    ).encode()
+    values = DECODE_ON_LOOP_VALUES + 1
+    message = pb.ModelInferRequest(model_name="digits")
+    tensor = message.inputs.add(name="x", datatype="FP32", shape=[values + 1])
+    tensor.contents.fp32_contents.extend([0.5] * values)
+    assert len(body) > DECODE_ON_LOOP_BYTES
+    with ThreadPoolExecutor(1) as codec, cycles_counted() as left:
+        for _ in range(ROUNDS):
+            refusal = codec.submit(decode_body, body, len(body), []).exception()
+            assert isinstance(refusal, RefusedError)
+            assert refusal.status == 400
+            assert chained_tracebacks(refusal) == 0
+            del refusal
+            refused = codec.submit(decode_message, message, []).result()
+            assert isinstance(refused, str)
+            assert "shape" in refused or "element" in refused, refused
+    assert left[0] < ROUNDS, f"{left[0]} objects in cycles after {ROUNDS} large refusals"
