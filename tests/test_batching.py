@@ -104,13 +104,16 @@ async def test_everything_withdrawn_while_a_batch_waits_forms_no_batch() -> None
     assert rec.batches == []
 
 
+def on_clock(rec: Recorder, now: list[float]) -> Batcher[int]:
+    """A batcher of up to 10 items, 10 s of delay, on the fake clock ``now[0]``."""
+    return Batcher(rec, max_batch_size=10, max_batch_delay=10.0, clock=lambda: now[0])
+
+
 async def test_an_item_put_right_after_a_withdrawal_waits_its_own_delay() -> None:
     """Withdraw all then put in one turn: the new item keeps its own deadline, not the old one."""
     rec = Recorder()
     now = [0.0]
-    batcher: Batcher[int] = Batcher(
-        rec, max_batch_size=10, max_batch_delay=10.0, clock=lambda: now[0]
-    )
+    batcher = on_clock(rec, now)
     async with asyncio.TaskGroup() as group:
         group.create_task(batcher.run())
         batcher.put(1)
@@ -128,9 +131,7 @@ async def test_a_partial_withdrawal_leaves_the_rest_their_own_deadline() -> None
     """Withdrawing the oldest item moves the deadline to the next oldest, not earlier."""
     rec = Recorder()
     now = [0.0]
-    batcher: Batcher[int] = Batcher(
-        rec, max_batch_size=10, max_batch_delay=10.0, clock=lambda: now[0]
-    )
+    batcher = on_clock(rec, now)
     async with asyncio.TaskGroup() as group:
         group.create_task(batcher.run())
         batcher.put(1)
