@@ -104,6 +104,25 @@ async def test_everything_withdrawn_while_a_batch_waits_forms_no_batch() -> None
     assert rec.batches == []
 
 
+async def test_items_put_after_a_withdrawal_emptied_the_queue_form_the_next_batch() -> None:
+    """The batcher waits again once a revoke emptied its queue; later items batch as usual."""
+    rec = Recorder()
+    batcher: Batcher[int] = Batcher(rec, max_batch_size=2, max_batch_delay=3600)
+    async with asyncio.TaskGroup() as group:
+        task = group.create_task(batcher.run())
+        batcher.put(1)
+        await spin()  # the batcher waits out 1's delay
+        assert batcher.withdraw(lambda _: True) == [1]
+        await spin()  # and finds nothing left to wait for
+        assert not rec.started.is_set()
+        batcher.put(2)
+        batcher.put(3)  # a full batch: no delay
+        await asyncio.wait_for(rec.started.wait(), 5)
+        batcher.close()
+        await asyncio.wait_for(task, 5)
+    assert rec.batches == [[2, 3]]
+
+
 def on_clock(rec: Recorder, now: list[float]) -> Batcher[int]:
     """A batcher of up to 10 items, 10 s of delay, on the fake clock ``now[0]``."""
     return Batcher(rec, max_batch_size=10, max_batch_delay=10.0, clock=lambda: now[0])
