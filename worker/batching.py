@@ -208,21 +208,21 @@ class Batcher(Generic[T]):
         return True
 
     async def _next_run(self) -> list[list[Entry[T]]]:
+        # Everything is read again each time round: a withdrawal (a revoke) or a hand-back
+        # changes who is oldest or empties the queue, and a put may find the model idle.
         while True:
-            while not self._queue:
+            if not self._queue:
                 if self._closed and not self._running:  # a run may still hand items back
                     return []
                 await self._wait(None)
-            # Read each time round: a withdrawal or a hand-back changes who is oldest, and a
-            # put may find the model idle meanwhile.
-            while self._queue and not self._full() and not self._closed:
-                if self._idle_start and self.start_when_idle:
-                    break
-                remaining = self._queue.oldest_at() + self.max_batch_delay - self._clock()
-                if remaining <= 0 or not await self._wait(remaining):
-                    break
-            if self._queue:  # else all of it was withdrawn meanwhile (a revoke): wait again
+            elif self._full() or self._closed or (self._idle_start and self.start_when_idle):
                 break
+            else:
+                remaining = self._queue.oldest_at() + self.max_batch_delay - self._clock()
+                if remaining <= 0:
+                    break
+                if not await self._wait(remaining) and self._queue:
+                    break  # the oldest waited out the delay
         self._idle_start = False
         # A run's answers go out when its last batch is done: a batch holding the top class
         # runs alone, so its answers are never held by the batches behind it.
