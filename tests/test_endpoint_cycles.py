@@ -95,7 +95,7 @@ def infer_messages(draw: st.DrawFn) -> Any:
         tensor = message.inputs.add(
             name=draw(st.text(max_size=8)),
             datatype=draw(st.sampled_from(DATATYPES)),
-            shape=draw(st.lists(st.integers(min_value=-3, max_value=1 << 40), max_size=4)),
+            shape=draw(shapes),
         )
         if draw(st.booleans()):
             tensor.contents.fp32_contents.extend(draw(st.lists(st.floats(width=32), max_size=6)))
