@@ -10,12 +10,13 @@ PY := $(VENV)/bin/python
 # every target puts this checkout first, so it always runs its own code.
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: install kafka kafka-stop registry registry-stop minilm gpu-pack proto test lint typecheck check demo compose-check train clean help
+.PHONY: install kafka kafka-stop kafka-fresh registry registry-stop minilm gpu-pack proto test lint typecheck check demo compose-check train clean help
 
 help:
 	@echo "install     create $(VENV) and install the package with dev and train extras"
 	@echo "kafka       start (or reuse) the local Apache Kafka broker on 127.0.0.1:9092"
 	@echo "kafka-stop  stop it"
+	@echo "kafka-fresh stop it, delete its topics' data, start it empty (before a benchmark)"
 	@echo "registry    build (Go) and start the local schema registry on 127.0.0.1:8081"
 	@echo "registry-stop stop it"
 	@echo "minilm      fetch all-MiniLM-L6-v2 (pinned, sha256-checked) and export it to models/minilm"
@@ -41,6 +42,9 @@ kafka: install
 
 kafka-stop:
 	$(PYTHON) dev/local_kafka.py stop
+
+kafka-fresh: install
+	$(PY) dev/local_kafka.py fresh
 
 registry:
 	$(PYTHON) dev/local_registry.py start

@@ -6,13 +6,17 @@ Used by ``make kafka`` / ``make kafka-stop``, by ``.ci/run`` and by the test sui
 
     python dev/local_kafka.py start [--port 9092]   # idempotent: a running broker is reused
     python dev/local_kafka.py stop
+    python dev/local_kafka.py fresh                 # stop, delete its data, start empty
     python dev/local_kafka.py status
 
 Steps of ``start``: resolve ``org.apache.kafka:kafka_2.13`` (version pinned in
 ``dev/kafka/pom.xml``) with ``mvn dependency:copy-dependencies``; write ``server.properties``;
 format the KRaft storage once (``kafka.tools.StorageTool``); launch ``kafka.Kafka`` in its own
 session; wait until a real client (aiokafka) fetches metadata. If the broker dies or does not
-answer in time, the tail of its log is printed and the command fails.
+answer in time, the tail of its log is printed and the command fails. ``fresh`` is for
+benchmarks: a broker that has served the test suite holds thousands of partitions and
+gigabytes of their records, and its cost per request drifts upwards over a sitting
+(docs/performance.md, "Ninth pass").
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import base64
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,6 +291,17 @@ class LocalBroker:
             f"{_tail(stdout_file)}"
         )
 
+    def fresh(self, timeout: float = 120.0) -> str:
+        """Stop the broker, delete its data (every topic), start it empty; its address."""
+        self.stop()
+        if metadata_ok(self.bootstrap, timeout=2.0):
+            raise BrokerError(
+                f"a broker not started by this script answers at {self.bootstrap}; it cannot "
+                "be emptied from here (stop it, or use another --port)"
+            )
+        shutil.rmtree(self.state / "data", ignore_errors=True)
+        return self.start(timeout)
+
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the broker (SIGTERM, then SIGKILL); return whether one was running."""
         pid = self.pid()
@@ -344,7 +360,7 @@ def status() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("command", choices=["start", "stop", "fresh", "status"])
     parser.add_argument("--port", type=int, default=9092)
     parser.add_argument("--controller-port", type=int, default=9093)
     parser.add_argument("--timeout", type=float, default=120.0)
@@ -353,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "start":
             print(broker.start(args.timeout))
+        elif args.command == "fresh":
+            print(broker.fresh(args.timeout))
         elif args.command == "stop":
             broker.stop()
         else:
