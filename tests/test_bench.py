@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
 import subprocess
@@ -9,10 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from worker.bench import suite
+from worker.kafka import delete_topics, ensure_topics, list_topics
 from worker.settings import Settings
 
-from .conftest import ROOT
+from .conftest import ROOT, wait_for
 
 pytestmark = pytest.mark.kafka
 
@@ -65,6 +70,49 @@ def test_closed_loop_against_the_worker_and_the_echo_reference(
         assert set(cpu) == {"client", "broker", "target", "idle"}
         assert cpu["client"] > 0, "the bench process itself sent and read"
         assert cpu["target"] > 0, "the worker (or echo loop) it started answered"
+
+
+async def bench_topics_now(settings: Settings) -> set[str]:
+    """The broker's topics that a bench run created (``bench.<id>.*``)."""
+    return {t for t in await list_topics(settings.kafka) if t.startswith("bench.")}
+
+
+async def test_a_bench_run_deletes_the_topics_it_created(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Each leg runs on fresh topics and deletes them after it: the broker is left as it was."""
+    before = await bench_topics_now(settings)
+    await asyncio.to_thread(bench, settings, tmp_path, "-n", "50", "--sweep", "1,8")
+
+    async def none_left() -> bool:
+        return await bench_topics_now(settings) <= before
+
+    await wait_for(none_left, timeout=30, what="the bench's topics deleted")
+
+
+async def test_delete_topics_deletes_those_named_and_skips_unknown_ones(settings: Settings) -> None:
+    """delete_topics removes the topics named; a name that is no topic is no error."""
+    kafka = settings.kafka
+    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
+    await delete_topics(kafka, [kafka.requests_topic, f"{kafka.requests_topic}.never-created"])
+
+    async def deleted() -> bool:
+        topics = await list_topics(kafka)
+        return kafka.requests_topic not in topics and kafka.replies_topic in topics
+
+    await wait_for(deleted, timeout=30, what="only the requests topic deleted")
+
+
+@pytest.mark.parametrize(("threshold", "warned"), [(0, True), (10**9, False)])
+async def test_a_broker_with_many_topics_is_reported_before_a_bench(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, threshold: int, warned: bool
+) -> None:
+    """More topics than LADEN_TOPICS on the broker: the bench says to start an empty one."""
+    await ensure_topics(settings.kafka, [settings.kafka.requests_topic])
+    monkeypatch.setattr(suite, "LADEN_TOPICS", threshold)
+    out = io.StringIO()
+    await suite._warn_if_laden(settings.kafka, Console(file=out, width=400))
+    assert ("make kafka-fresh" in out.getvalue()) is warned
 
 
 def test_plain_loop_reference_answers_every_request(settings: Settings, tmp_path: Path) -> None:

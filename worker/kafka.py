@@ -46,8 +46,10 @@ __all__ = [
     "assign_all",
     "check_connection",
     "consumer_config",
+    "delete_topics",
     "ensure_topics",
     "is_fenced",
+    "list_topics",
     "make_consumer",
     "make_producer",
     "producer_config",
@@ -79,6 +81,7 @@ def is_fenced(error: BaseException) -> bool:
 
 
 _TOPIC_ALREADY_EXISTS = 36
+_UNKNOWN_TOPIC = 3
 
 
 def ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
@@ -301,5 +304,35 @@ async def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
                 message = rest[0] if rest else ""
                 raise ConfigError(f"cannot create topic {topic!r}: error {code} {message}")
         log.info("topics created", topics=missing, partitions=settings.topic_partitions)
+    finally:
+        await admin.close()
+
+
+async def list_topics(settings: KafkaSettings) -> set[str]:
+    """The names of the cluster's topics (those this user may describe)."""
+    admin = AIOKafkaAdminClient(**_common(settings))
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
+async def delete_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
+    """Delete ``topics`` (a bench leg's or a test's own); those that do not exist are skipped.
+
+    Raises :class:`ConfigError` if the broker refuses to delete one.
+    """
+    existing = await list_topics(settings)
+    present = sorted(t for t in set(topics) if t in existing)
+    if not present:
+        return
+    admin = AIOKafkaAdminClient(**_common(settings))
+    await admin.start()
+    try:
+        response = await admin.delete_topics(present)
+        for topic, code, *_ in response.topic_error_codes:
+            if code not in (0, _UNKNOWN_TOPIC):
+                raise ConfigError(f"cannot delete topic {topic!r}: error {code}")
     finally:
         await admin.close()

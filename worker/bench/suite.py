@@ -22,15 +22,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from worker.bench.comparisons import reference_suite, text_suite, transport_suite
 from worker.bench.delivery import delivery_comparison
 from worker.bench.endpoints import drive_endpoint
 from worker.bench.interactive import interactive, interactive_arguments
-from worker.bench.load import BenchResult, bench_texts, drive
+from worker.bench.load import BenchResult, drive
 from worker.bench.rebalance import DEFAULT_RATE, run_rebalance
 from worker.bench.report import (
     padding_efficiency,
@@ -44,12 +45,10 @@ from worker.bench.targets import (
     bench_repository,
     bench_topics,
     free_port,
-    plain_torch_throughput,
-    sentence_transformers_throughput,
     spawned,
 )
-from worker.kafka import ensure_topics
-from worker.settings import Settings
+from worker.kafka import delete_topics, ensure_topics, list_topics
+from worker.settings import KafkaSettings, Settings
 
 __all__ = ["add_arguments", "run"]
 
@@ -87,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--processes-sweep", default="",
                         help="comma-separated process counts, one run each")  # fmt: skip
     parser.add_argument("--suite", action="store_true", help="run every reference comparison")
+    parser.add_argument(
+        "--rounds", type=int, default=3, choices=range(1, 10), metavar="1-9",
+        help="--suite: interleaved rounds of the closed-loop references (echo, mlp, plain loop, "
+        "batch 1); each ratio is the median of its rounds' ratios",
+    )  # fmt: skip
     parser.add_argument(
         "--delivery", action="store_true",
         help="at-least-once against exactly-once: closed loop (mlp, twice each, interleaved) "
@@ -131,8 +135,8 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"results": [], "ratios": {}, "limits": {}}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
 
-        async def one(
-            label: str, target: str, env: dict[str, str] | None = None, **over: Any
+        async def run_leg(
+            label: str, target: str, kafka: KafkaSettings, env: dict[str, str] | None, **over: Any
         ) -> BenchResult:
             opts = {**vars(args), **over}
             env = {**execution_env(opts), **(env or {})}
@@ -141,7 +145,6 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
                 delay_ms=opts["max_batch_delay_ms"], quantize=opts["quantize"],
                 compile_mode=opts["compile"] if opts["quantize"] == "none" else "none",
             )  # fmt: skip
-            kafka = bench_topics(settings.kafka, target)
             await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
             endpoint = target in ("grpc", "http")
             if endpoint:
@@ -185,12 +188,21 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             results.append(result)
             return result
 
+        async def one(
+            label: str, target: str, env: dict[str, str] | None = None, **over: Any
+        ) -> BenchResult:
+            # On topics of its own, deleted after it: the broker stays as lean as it was.
+            return await _on_own_topics(
+                settings.kafka, target, lambda kafka: run_leg(label, target, kafka, env, **over)
+            )
+
+        await _warn_if_laden(settings.kafka, console)
         if args.suite and args.model == "minilm":
-            await _text_suite(args, one, report, settings.models.threads)
+            await text_suite(args, one, report, settings.models.threads)
         elif args.suite and args.target in ("grpc", "http"):
-            await _transport_suite(args, one, report)
+            await transport_suite(args, one, report)
         elif args.suite:
-            await _suite(args, one, report, Path(tmp), settings.models.threads)
+            await reference_suite(args, one, report, Path(tmp), settings.models.threads)
         elif args.sweep:
             for size in [int(s) for s in args.sweep.split(",")]:
                 await one(f"batch-{size}", args.target, max_batch_size=size)
@@ -231,72 +243,6 @@ async def _rebalance(settings: Settings, args: argparse.Namespace, console: Any)
     return report
 
 
-async def _suite(
-    args: argparse.Namespace, one: Any, report: dict[str, Any], tmp: Path, torch_threads: int
-) -> None:
-    """Every reference comparison, on one machine in one run; ratios are what to compare."""
-    n = args.requests
-    closed = {"mode": "closed", "model": "mlp"}
-    echo = await one("echo", "echo", **closed)
-    plain = await one("mlp-plain-loop", "plain", **closed)
-    batch1 = await one("mlp-batch-1", "worker", **closed, max_batch_size=1)
-    mlp = await one("mlp", "worker", **closed)
-    digits = await one("digits", "worker", mode="closed", model="digits")
-    # About a second of load each: shorter runs are at the mercy of one stall.
-    heavy = await one("heavy", "worker", mode="closed", model="heavy", requests=max(200, n // 5))
-    heavy_int8 = await one("heavy-int8", "worker", mode="closed", model="heavy",
-                           requests=max(200, n // 2), quantize="int8")  # fmt: skip
-    heavy_1 = await one("heavy-batch-1", "worker", mode="closed", model="heavy",
-                        requests=max(200, n // 10), max_batch_size=1)  # fmt: skip
-    heavy_2 = await one("heavy-2-instances", "worker", mode="closed", model="heavy",
-                        requests=max(200, n // 5), instances=2)  # fmt: skip
-    heavy_batch = round(statistics.fmean(heavy.batch_sizes)) if heavy.batch_sizes else 1
-    plain_torch, plain_torch_int8 = (
-        plain_torch_throughput(
-            bench_repository(tmp / f"plain-{mode}", max_batch_size=args.max_batch_size,
-                             delay_ms=args.max_batch_delay_ms, quantize=mode),
-            "heavy", heavy_batch, torch_threads,
-            device=args.device if mode == "none" else "cpu", precision=args.precision,
-        )
-        for mode in ("none", "int8")
-    )  # fmt: skip
-    # Low load (10% of capacity): the worker's latency against the transport's own.
-    low = mlp.throughput / 10
-    low_n = max(300, int(low * 5))
-    mlp_low = await one("mlp-open-10pct", "worker", mode="open", model="mlp", rate=low,
-                        requests=low_n)  # fmt: skip
-    echo_low = await one("echo-open-10pct", "echo", mode="open", model="mlp", rate=low,
-                         requests=low_n)  # fmt: skip
-    held = await _highest_rate(one, capacity=mlp.throughput, p99_ms=P99_TARGET_MS)
-    compute = statistics.fmean(mlp_low.compute_ms) if mlp_low.compute_ms else 0.0
-    report["limits"] = {
-        "heavy_plain_torch_rows_per_s": round(plain_torch, 1),
-        "heavy_int8_plain_torch_rows_per_s": round(plain_torch_int8, 1),
-        "heavy_batch_size": heavy_batch,
-        "torch_threads": torch_threads,
-        "device": args.device,
-        "precision": args.precision,
-        "low_load_rate": round(low, 1),
-        "low_load_p50_bound_ms": round(echo_low.percentile(50) + compute + 2, 2),
-        "highest_rate_p99_under_100ms": round(held, 1),
-    }
-    report["ratios"] = {
-        "mlp_vs_echo": round(mlp.throughput / echo.throughput, 3),
-        "mlp_batch1_vs_plain_loop": round(batch1.throughput / plain.throughput, 3),
-        "batching_speedup": round(mlp.throughput / batch1.throughput, 2),
-        "highest_open_rate_over_capacity": round(held / mlp.throughput, 3),
-        "low_load_p50_over_bound": round(
-            mlp_low.percentile(50) / (echo_low.percentile(50) + compute + 2), 3
-        ),
-        "digits_cnn_vs_echo": round(digits.throughput / echo.throughput, 3),
-        "heavy_vs_plain_torch": round(heavy.throughput / plain_torch, 3),
-        "heavy_int8_vs_plain_torch_int8": round(heavy_int8.throughput / plain_torch_int8, 3),
-        "heavy_int8_speedup": round(heavy_int8.throughput / heavy.throughput, 2),
-        "heavy_batching_speedup": round(heavy.throughput / heavy_1.throughput, 2),
-        "heavy_2_instances_vs_1": round(heavy_2.throughput / heavy.throughput, 3),
-    }
-
-
 def execution_env(opts: dict[str, Any]) -> dict[str, str]:
     """The worker's device, precision and instances (``--device`` ...) as its settings."""
     return {
@@ -306,86 +252,29 @@ def execution_env(opts: dict[str, Any]) -> dict[str, str]:
     }
 
 
-async def _transport_suite(args: argparse.Namespace, one: Any, report: dict[str, Any]) -> None:
-    """Kafka, gRPC and REST on one model in one sitting: throughput, batching gain, latency."""
-    n = args.requests
-    closed = {"mode": "closed", "model": args.model, "requests": n}
-    kafka = await one("kafka", "worker", **closed)
-    grpc = await one("grpc", "grpc", **closed)
-    http = await one("http", "http", **closed)
-    single = {**closed, "requests": max(200, n // 5), "max_batch_size": 1}
-    kafka_1 = await one("kafka-batch-1", "worker", **single)
-    grpc_1 = await one("grpc-batch-1", "grpc", **single)
-    low = {"mode": "open", "model": args.model, "rate": 50.0, "requests": 250}
-    grpc_low = await one("grpc-open-50rps", "grpc", **low)
-    kafka_low = await one("kafka-open-50rps", "worker", **low)
-    compute = statistics.fmean(grpc_low.compute_ms) if grpc_low.compute_ms else 0.0
-    report["limits"] = {"grpc_low_load_mean_compute_ms": round(compute, 3)}
-    report["ratios"] = {
-        "grpc_vs_kafka": round(grpc.throughput / kafka.throughput, 3),
-        "http_vs_kafka": round(http.throughput / kafka.throughput, 3),
-        "batching_gain_kafka": round(kafka.throughput / kafka_1.throughput, 2),
-        "batching_gain_grpc": round(grpc.throughput / grpc_1.throughput, 2),
-        "grpc_low_load_p50_over_compute": round(grpc_low.percentile(50) / compute, 1)
-        if compute
-        else None,
-        "grpc_low_load_p50_vs_kafka": round(grpc_low.percentile(50) / kafka_low.percentile(50), 3),
-    }
+async def _on_own_topics(
+    kafka: KafkaSettings, target: str, leg: Callable[[KafkaSettings], Awaitable[BenchResult]]
+) -> BenchResult:
+    """``leg`` run on fresh topics (the configured ones for ``none``), deleted after it."""
+    own = bench_topics(kafka, target)
+    try:
+        return await leg(own)
+    finally:
+        if own is not kafka:
+            await delete_topics(own, [own.requests_topic, own.replies_topic, own.dead_letter_topic])
 
 
-FIFO = {"WORKER_BATCHING__SORT_WINDOW": "1", "WORKER_BATCHING__MIN_PADDING_EFFICIENCY": "0"}
-"""Batching in arrival order, cut by size and token budget only (as TEI does)."""
+LADEN_TOPICS = 200
+"""More topics than this on the broker: likely one the test suite ran on (see _warn_if_laden)."""
 
 
-async def _text_suite(
-    args: argparse.Namespace, one: Any, report: dict[str, Any], torch_threads: int
-) -> None:
-    """MiniLM on the corpus: length-aware vs arrival order, and vs sentence-transformers."""
-    n = min(args.requests, 2000)
-    closed = {"mode": "closed", "model": "minilm", "requests": n}
-    aware = await one("minilm", "worker", **closed)
-    fifo = await one("minilm-fifo", "worker", env=FIFO, **closed)
-    rate = aware.throughput * 0.5
-    await one("minilm-open-50pct", "worker", mode="open", model="minilm", rate=rate,
-              requests=max(200, int(rate * 10)))  # fmt: skip
-    reference = sentence_transformers_throughput(
-        bench_texts(n), batch=args.max_batch_size, threads=torch_threads,
-        device=args.device, precision=args.precision,
-    )  # fmt: skip
-    report["limits"] = {
-        "sentence_transformers_sentences_per_s": round(reference, 1),
-        "sentence_transformers_batch_size": args.max_batch_size,
-        "torch_threads": torch_threads,
-    }
-    report["ratios"] = {
-        "minilm_vs_sentence_transformers": round(aware.throughput / reference, 3),
-        "length_aware_vs_fifo": round(aware.throughput / fifo.throughput, 2),
-        "padding_efficiency_length_aware": aware.padding_efficiency,
-        "padding_efficiency_fifo": fifo.padding_efficiency,
-    }
-
-
-P99_TARGET_MS = 100.0
-RATE_STEPS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
-"""Open-loop rates tried, as fractions of the closed-loop capacity, lowest first."""
-
-
-async def _highest_rate(one: Any, *, capacity: float, p99_ms: float) -> float:
-    """The highest open-loop rate (of :data:`RATE_STEPS`) whose p99 stays under ``p99_ms``.
-
-    A step that misses is run once more before the search stops: on a shared machine one run
-    in a few has a tail from a neighbour's stall, and a miss should be the worker's.
-    """
-    held = 0.0
-    for step in RATE_STEPS:
-        rate = capacity * step
-        for attempt in ("", "-again"):
-            result = await one(f"mlp-open-{round(step * 100)}pct{attempt}", "worker",
-                               mode="open", model="mlp", rate=rate,
-                               requests=max(500, int(rate * 4)))  # fmt: skip
-            if result.percentile(99) < p99_ms and not result.errors:
-                break
-        else:
-            return held
-        held = rate
-    return held
+async def _warn_if_laden(kafka: KafkaSettings, console: Any) -> None:
+    """Say so when the broker looks like one a test suite has filled (its figures drift)."""
+    count = len(await list_topics(kafka))
+    if count > LADEN_TOPICS:
+        console.print(
+            f"[yellow]warning:[/] the broker holds {count} topics (a test run's, or earlier "
+            "benches'); on a broker filled by a test run the cost per request drifted upwards "
+            "over a sitting (docs/performance.md, ninth pass). For figures to compare, start "
+            "an empty one: make kafka-fresh"
+        )
