@@ -292,14 +292,32 @@ class LocalBroker:
         )
 
     def fresh(self, timeout: float = 120.0) -> str:
-        """Stop the broker, delete its data (every topic), start it empty; its address."""
-        self.stop()
-        if metadata_ok(self.bootstrap, timeout=2.0):
+        """Stop the broker, delete its data (every topic), start it empty; its address.
+
+        Refuses (:class:`BrokerError`) before stopping anything when the broker answering at
+        this port is not this folder's, or this folder's broker does not answer at this port.
+        """
+        pid = self.pid()
+        answering = metadata_ok(self.bootstrap, timeout=2.0)
+        if pid is None and answering:
             raise BrokerError(
                 f"a broker not started by this script answers at {self.bootstrap}; it cannot "
-                "be emptied from here (stop it, or use another --port)"
+                "be emptied from here (stop it first)"
             )
-        shutil.rmtree(self.state / "data", ignore_errors=True)
+        if pid is not None and not answering:
+            raise BrokerError(
+                f"this checkout's broker (pid {pid}) does not answer at {self.bootstrap}: it "
+                "runs on another port, or hangs; give fresh its --port, or stop it first"
+            )
+        self.stop()
+        deadline = time.monotonic() + 30
+        while pid is not None and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)  # its files are closed only once it is gone
+        data = self.state / "data"
+        if data.is_symlink():
+            raise BrokerError(f"{data} is a symbolic link; delete what it points to yourself")
+        if data.exists():
+            shutil.rmtree(data)
         return self.start(timeout)
 
     def stop(self, timeout: float = 30.0) -> bool:
