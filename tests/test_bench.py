@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from structlog.testing import capture_logs
 
 from worker.bench import suite
+from worker.bench.targets import bench_topics, delete_bench_topics
 from worker.kafka import delete_topics, ensure_topics, list_topics
-from worker.settings import Settings
+from worker.settings import KafkaSettings, Settings
 
 from .conftest import ROOT, wait_for
 
@@ -81,6 +83,8 @@ async def test_a_bench_run_deletes_the_topics_it_created(
     settings: Settings, tmp_path: Path
 ) -> None:
     """Each leg runs on fresh topics and deletes them after it: the broker is left as it was."""
+    mine = settings.kafka.requests_topic  # not the bench's: it must survive the run
+    await ensure_topics(settings.kafka, [mine])
     before = await bench_topics_now(settings)
     await asyncio.to_thread(bench, settings, tmp_path, "-n", "50", "--sweep", "1,8")
 
@@ -88,6 +92,17 @@ async def test_a_bench_run_deletes_the_topics_it_created(
         return await bench_topics_now(settings) <= before
 
     await wait_for(none_left, timeout=30, what="the bench's topics deleted")
+    assert mine in await list_topics(settings.kafka)
+
+
+async def test_a_refused_deletion_of_the_bench_topics_is_only_a_warning() -> None:
+    """Topics that cannot be deleted (no broker, no permission) leave a warning, not an error."""
+    kafka = bench_topics(KafkaSettings(bootstrap_servers="127.0.0.1:1"), "echo")
+    with capture_logs() as logs:
+        await delete_bench_topics(kafka)
+    warned = [e for e in logs if e["event"] == "the bench's topics were not deleted"]
+    assert warned, logs
+    assert warned[0]["topics"][0] == kafka.requests_topic
 
 
 async def test_delete_topics_deletes_those_named_and_skips_unknown_ones(settings: Settings) -> None:

@@ -309,7 +309,11 @@ async def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
 
 
 async def list_topics(settings: KafkaSettings) -> set[str]:
-    """The names of the cluster's topics (those this user may describe)."""
+    """The names of the cluster's topics (those this user may describe).
+
+    Raises :class:`~worker.errors.ConnectError` saying why when the cluster cannot be reached.
+    """
+    await check_connection(settings)
     admin = AIOKafkaAdminClient(**_common(settings))
     await admin.start()
     try:
@@ -333,6 +337,9 @@ async def delete_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
         response = await admin.delete_topics(present)
         for topic, code, *_ in response.topic_error_codes:
             if code not in (0, _UNKNOWN_TOPIC):
-                raise ConfigError(f"cannot delete topic {topic!r}: error {code}")
+                raise ConfigError(
+                    f"cannot delete topic {topic!r}: error {code} "
+                    "(29: no permission to delete, 73: the broker has topic deletion turned off)"
+                )
     finally:
         await admin.close()

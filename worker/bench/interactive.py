@@ -33,7 +33,13 @@ import numpy as np
 
 from worker.bench.endpoints import Call, open_call
 from worker.bench.load import request_stream
-from worker.bench.targets import bench_repository, bench_topics, free_port, spawned
+from worker.bench.targets import (
+    bench_repository,
+    bench_topics,
+    delete_bench_topics,
+    free_port,
+    spawned,
+)
 from worker.codec import decode_response
 from worker.errors import DecodeError, WorkerError
 from worker.kafka import assign_all, ensure_topics, make_consumer, make_producer
@@ -160,14 +166,17 @@ async def _worker(
         quantize="none", compile_mode="none",
     )  # fmt: skip
     kafka = bench_topics(settings.kafka, "worker")
-    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
-    partitions = await _publish(kafka, args.backlog, label)
-    rest, grpc = free_port(), free_port()
-    env = {"WORKER_REST__ENABLED": "true", "WORKER_REST__PORT": str(rest),
-           "WORKER_REST__HOST": "127.0.0.1", "WORKER_GRPC__ENABLED": "true",
-           "WORKER_GRPC__PORT": str(grpc), "WORKER_GRPC__HOST": "127.0.0.1"}  # fmt: skip
-    with spawned("worker", kafka, repo, tmp / f"{label}.log", env_over=env):
-        yield kafka, partitions, rest, grpc
+    try:
+        await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
+        partitions = await _publish(kafka, args.backlog, label)
+        rest, grpc = free_port(), free_port()
+        env = {"WORKER_REST__ENABLED": "true", "WORKER_REST__PORT": str(rest),
+               "WORKER_REST__HOST": "127.0.0.1", "WORKER_GRPC__ENABLED": "true",
+               "WORKER_GRPC__PORT": str(grpc), "WORKER_GRPC__HOST": "127.0.0.1"}  # fmt: skip
+        with spawned("worker", kafka, repo, tmp / f"{label}.log", env_over=env):
+            yield kafka, partitions, rest, grpc
+    finally:
+        await delete_bench_topics(kafka)
 
 
 async def _leg(

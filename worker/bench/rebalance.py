@@ -45,7 +45,7 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from worker.bench.load import Load, open_loop, request_stream
-from worker.bench.targets import bench_repository, bench_topics, launch
+from worker.bench.targets import bench_repository, bench_topics, delete_bench_topics, launch
 from worker.errors import ConfigError, WorkerError
 from worker.kafka import ensure_topics, security_config
 from worker.settings import KafkaSettings, Settings
@@ -245,6 +245,7 @@ async def run_rebalance(
             await _settle(load, kafka, {rid for rid, _ in sent}, args.timeout)
     finally:
         await group.close()
+        await delete_bench_topics(kafka)
     return _report(load, sent, windows, group)
 
 

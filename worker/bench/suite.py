@@ -44,10 +44,11 @@ from worker.bench.sweeps import count_sweep
 from worker.bench.targets import (
     bench_repository,
     bench_topics,
+    delete_bench_topics,
     free_port,
     spawned,
 )
-from worker.kafka import delete_topics, ensure_topics, list_topics
+from worker.kafka import ensure_topics, list_topics
 from worker.settings import KafkaSettings, Settings
 
 __all__ = ["add_arguments", "run"]
@@ -87,9 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated process counts, one run each")  # fmt: skip
     parser.add_argument("--suite", action="store_true", help="run every reference comparison")
     parser.add_argument(
-        "--rounds", type=int, default=3, choices=range(1, 10), metavar="1-9",
-        help="--suite: interleaved rounds of the closed-loop references (echo, mlp, plain loop, "
-        "batch 1); each ratio is the median of its rounds' ratios",
+        "--rounds", type=int, default=3, choices=(1, 3, 5, 7, 9),
+        help="--suite: interleaved rounds (an odd number) of the closed-loop legs on mlp (echo, "
+        "worker, plain loop, batch 1); their ratios are the medians of the rounds' ratios",
     )  # fmt: skip
     parser.add_argument(
         "--delivery", action="store_true",
@@ -129,6 +130,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     console = Console(stderr=True)
     if args.rate is None:
         args.rate = _default_rate(args)
+    await _warn_if_laden(settings.kafka, console)
     if args.rebalance or args.interactive:
         return await (_rebalance if args.rebalance else interactive)(settings, args, console)
     results: list[BenchResult] = []
@@ -196,7 +198,6 @@ async def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
                 settings.kafka, target, lambda kafka: run_leg(label, target, kafka, env, **over)
             )
 
-        await _warn_if_laden(settings.kafka, console)
         if args.suite and args.model == "minilm":
             await text_suite(args, one, report, settings.models.threads)
         elif args.suite and args.target in ("grpc", "http"):
@@ -261,7 +262,7 @@ async def _on_own_topics(
         return await leg(own)
     finally:
         if own is not kafka:
-            await delete_topics(own, [own.requests_topic, own.replies_topic, own.dead_letter_topic])
+            await delete_bench_topics(own)
 
 
 LADEN_TOPICS = 200

@@ -22,7 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import structlog
+from aiokafka.errors import KafkaError
 
+from worker.errors import WorkerError
+from worker.kafka import delete_topics
 from worker.settings import KafkaSettings, env_vars
 
 __all__ = [
@@ -30,6 +34,7 @@ __all__ = [
     "PROJECT_MODELS",
     "bench_repository",
     "bench_topics",
+    "delete_bench_topics",
     "free_port",
     "input_of",
     "launch",
@@ -279,6 +284,22 @@ def launch(
             [sys.executable, "-m", "worker", *command], env=env, stderr=out, stdout=out
         )
     return proc, port
+
+
+log = structlog.get_logger(__name__)
+
+
+async def delete_bench_topics(kafka: KafkaSettings) -> None:
+    """Delete a run's topics (from :func:`bench_topics`); a refusal is only a warning.
+
+    The figures are measured by then: a user who may create topics but not delete them (or a
+    broker with deletion turned off) gets them, and the topics stay behind.
+    """
+    topics = [kafka.requests_topic, kafka.replies_topic, kafka.dead_letter_topic]
+    try:
+        await delete_topics(kafka, topics)
+    except (KafkaError, WorkerError) as exc:
+        log.warning("the bench's topics were not deleted", topics=topics, error=str(exc)[:500])
 
 
 def bench_topics(kafka: KafkaSettings, target: str) -> KafkaSettings:
