@@ -294,31 +294,45 @@ class LocalBroker:
     def fresh(self, timeout: float = 120.0) -> str:
         """Stop the broker, delete its data (every topic), start it empty; its address.
 
-        Refuses (:class:`BrokerError`) before stopping anything when the broker answering at
-        this port is not this folder's, or this folder's broker does not answer at this port.
+        Refuses (:class:`BrokerError`) before stopping anything when this folder's broker runs
+        on another port, or its data folder is a symbolic link; and before deleting anything
+        when a broker still answers at this port once this folder's is stopped (not ours).
         """
         pid = self.pid()
-        answering = metadata_ok(self.bootstrap, timeout=2.0)
-        if pid is None and answering:
+        running_on = self._configured_port()
+        if pid is not None and running_on not in (None, self.port):
+            raise BrokerError(
+                f"this checkout's broker (pid {pid}) runs on port {running_on}, not {self.port}; "
+                f"give fresh --port {running_on}, or stop it first"
+            )
+        data = self.state / "data"
+        if data.is_symlink():
+            raise BrokerError(f"{data} is a symbolic link; delete what it points to yourself")
+        self.stop()
+        if pid is not None:
+            _wait_gone(pid)
+        if metadata_ok(self.bootstrap, timeout=2.0):
             raise BrokerError(
                 f"a broker not started by this script answers at {self.bootstrap}; it cannot "
                 "be emptied from here (stop it first)"
             )
-        if pid is not None and not answering:
-            raise BrokerError(
-                f"this checkout's broker (pid {pid}) does not answer at {self.bootstrap}: it "
-                "runs on another port, or hangs; give fresh its --port, or stop it first"
-            )
-        self.stop()
-        deadline = time.monotonic() + 30
-        while pid is not None and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)  # its files are closed only once it is gone
-        data = self.state / "data"
-        if data.is_symlink():
-            raise BrokerError(f"{data} is a symbolic link; delete what it points to yourself")
         if data.exists():
-            shutil.rmtree(data)
+            try:
+                shutil.rmtree(data)
+            except OSError as exc:
+                raise BrokerError(f"could not delete {data}: {exc}") from exc
         return self.start(timeout)
+
+    def _configured_port(self) -> int | None:
+        """The PLAINTEXT port in this folder's ``server.properties`` (None: none written yet)."""
+        try:
+            lines = self._config.read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            if line.startswith("listeners=PLAINTEXT://"):
+                return int(line.split(",")[0].rsplit(":", 1)[1])
+        return None
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the broker (SIGTERM, then SIGKILL); return whether one was running."""
@@ -369,6 +383,20 @@ def start(timeout: float = 120.0) -> str:
 def stop() -> bool:
     """Stop the default broker."""
     return DEFAULT.stop()
+
+
+def _wait_gone(pid: int, timeout: float = 30.0) -> None:
+    """Wait until process ``pid`` has exited (a zombie counts as gone: its files are closed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state == "Z":
+            return
+        time.sleep(0.2)
+    raise BrokerError(f"broker pid {pid} still runs {timeout:.0f}s after it was stopped")
 
 
 def status() -> bool:
