@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,10 @@ from worker.bench.targets import bench_topics, delete_bench_topics
 from worker.kafka import delete_topics, ensure_topics, list_topics
 from worker.settings import KafkaSettings, Settings
 
-from .conftest import ROOT, wait_for
+from .conftest import ROOT, changed, wait_for
+
+sys.path.insert(0, str(ROOT / "dev"))
+from local_kafka import LocalBroker
 
 pytestmark = pytest.mark.kafka
 
@@ -93,6 +97,31 @@ async def test_a_bench_run_deletes_the_topics_it_created(
 
     await wait_for(none_left, timeout=30, what="the bench's topics deleted")
     assert mine in await list_topics(settings.kafka)
+
+
+@pytest.fixture
+def no_delete_broker() -> Iterator[LocalBroker]:
+    """A broker of this test's own (ports 19292/19293) with topic deletion turned off."""
+    broker = LocalBroker.named("no-delete", 19292, 19293, config=("delete.topic.enable=false",))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+async def test_a_broker_refusing_deletion_keeps_the_topics_and_the_bench_warns(
+    settings: Settings, no_delete_broker: LocalBroker
+) -> None:
+    """Deletion off on the broker (error 73): the topics stay, a warning names the error."""
+    kafka = bench_topics(
+        changed(settings, "kafka", bootstrap_servers=no_delete_broker.bootstrap).kafka, "echo"
+    )
+    await ensure_topics(kafka, [kafka.requests_topic])
+    with capture_logs() as logs:
+        await delete_bench_topics(kafka)
+    warned = [e for e in logs if e["event"] == "the bench's topics were not deleted"]
+    assert warned, logs
+    assert "error 73" in warned[0]["error"]
+    assert kafka.requests_topic in await list_topics(kafka)
 
 
 async def test_a_refused_deletion_of_the_bench_topics_is_only_a_warning() -> None:

@@ -325,7 +325,8 @@ async def list_topics(settings: KafkaSettings) -> set[str]:
 async def delete_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
     """Delete ``topics`` (a bench leg's or a test's own); those that do not exist are skipped.
 
-    Raises :class:`ConfigError` if the broker refuses to delete one.
+    Raises :class:`ConfigError` if the broker refuses to delete one, and
+    :class:`~worker.errors.ConnectError` if it cannot be reached.
     """
     existing = await list_topics(settings)
     present = sorted(t for t in set(topics) if t in existing)

@@ -207,7 +207,6 @@ async def run_rebalance(
     kafka = bench_topics(settings.kafka, "worker").model_copy(
         update={"topic_partitions": args.partitions}
     )
-    await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
     repo = bench_repository(tmp / "repo", max_batch_size=args.max_batch_size,
                             delay_ms=args.max_batch_delay_ms, quantize=args.quantize,
                             only=args.model)  # fmt: skip
@@ -218,6 +217,7 @@ async def run_rebalance(
     sent: list[tuple[str, float]] = []
     windows: list[Window] = []
     try:
+        await ensure_topics(kafka, [kafka.requests_topic, kafka.replies_topic])
         for name in ("w1", "w2"):  # one after the other: w1 leads the group
             say(f"starting {name}")
             group.start(name, static=name == "w1")
@@ -244,8 +244,10 @@ async def run_rebalance(
             say("waiting for every reply, commit and duplicate")
             await _settle(load, kafka, {rid for rid, _ in sent}, args.timeout)
     finally:
-        await group.close()
-        await delete_bench_topics(kafka)
+        try:
+            await group.close()
+        finally:
+            await delete_bench_topics(kafka)  # topics made before a failure included
     return _report(load, sent, windows, group)
 
 
