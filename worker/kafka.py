@@ -328,14 +328,14 @@ async def delete_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
     Raises :class:`ConfigError` if the broker refuses to delete one, and
     :class:`~worker.errors.ConnectError` if it cannot be reached.
     """
-    existing = await list_topics(settings)
-    present = sorted(t for t in set(topics) if t in existing)
-    if not present:
+    wanted = sorted(set(topics))
+    if not wanted:
         return
+    await check_connection(settings)
     admin = AIOKafkaAdminClient(**_common(settings))
     await admin.start()
     try:
-        response = await admin.delete_topics(present)
+        response = await admin.delete_topics(wanted)
         for topic, code, *_ in response.topic_error_codes:
             if code not in (0, _UNKNOWN_TOPIC):
                 raise ConfigError(
