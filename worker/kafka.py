@@ -21,8 +21,9 @@ retry loop that logs the cause and raises "Unable to bootstrap".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import structlog
@@ -276,13 +277,22 @@ async def assign_all(
         await consumer.position(tp)
 
 
-async def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
-    """Create missing ``topics``; raise :class:`ConfigError` if topics are managed elsewhere."""
-    wanted = sorted(set(topics))
+@contextlib.asynccontextmanager
+async def _admin(settings: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
+    """An admin client, started once the connection is checked (its errors explained)."""
     await check_connection(settings)
     admin = AIOKafkaAdminClient(**_common(settings))
     await admin.start()
     try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+async def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
+    """Create missing ``topics``; raise :class:`ConfigError` if topics are managed elsewhere."""
+    wanted = sorted(set(topics))
+    async with _admin(settings) as admin:
         existing = set(await admin.list_topics())
         missing = [t for t in wanted if t not in existing]
         if not missing:
@@ -304,8 +314,6 @@ async def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
                 message = rest[0] if rest else ""
                 raise ConfigError(f"cannot create topic {topic!r}: error {code} {message}")
         log.info("topics created", topics=missing, partitions=settings.topic_partitions)
-    finally:
-        await admin.close()
 
 
 async def list_topics(settings: KafkaSettings) -> set[str]:
@@ -313,13 +321,8 @@ async def list_topics(settings: KafkaSettings) -> set[str]:
 
     Raises :class:`~worker.errors.ConnectError` saying why when the cluster cannot be reached.
     """
-    await check_connection(settings)
-    admin = AIOKafkaAdminClient(**_common(settings))
-    await admin.start()
-    try:
+    async with _admin(settings) as admin:
         return set(await admin.list_topics())
-    finally:
-        await admin.close()
 
 
 async def delete_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
@@ -331,16 +334,11 @@ async def delete_topics(settings: KafkaSettings, topics: Iterable[str]) -> None:
     wanted = sorted(set(topics))
     if not wanted:
         return
-    await check_connection(settings)
-    admin = AIOKafkaAdminClient(**_common(settings))
-    await admin.start()
-    try:
+    async with _admin(settings) as admin:
         response = await admin.delete_topics(wanted)
-        for topic, code, *_ in response.topic_error_codes:
-            if code not in (0, _UNKNOWN_TOPIC):
-                raise ConfigError(
-                    f"cannot delete topic {topic!r}: error {code} "
-                    "(29: no permission to delete, 73: the broker has topic deletion turned off)"
-                )
-    finally:
-        await admin.close()
+    for topic, code, *_ in response.topic_error_codes:
+        if code not in (0, _UNKNOWN_TOPIC):
+            raise ConfigError(
+                f"cannot delete topic {topic!r}: error {code} "
+                "(29: no permission to delete, 73: the broker has topic deletion turned off)"
+            )
