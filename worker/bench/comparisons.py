@@ -48,9 +48,11 @@ async def reference_suite(
         for r in range(1, args.rounds + 1)
     ]
     echo, mlp = (_median([legs[i] for legs in rounds]) for i in (0, 1))
-    vs_echo = [m.throughput / e.throughput for e, m, _, _ in rounds]
-    vs_plain = [b.throughput / p.throughput for _, _, p, b in rounds]
-    speedup = [m.throughput / b.throughput for _, m, _, b in rounds]
+
+    def per_round(top: int, bottom: int) -> list[float]:
+        return [legs[top].throughput / legs[bottom].throughput for legs in rounds]
+
+    vs_echo, vs_plain, speedup = per_round(1, 0), per_round(3, 2), per_round(1, 3)
     digits = await one("digits", "worker", mode="closed", model="digits")
     # About a second of load each: shorter runs are at the mercy of one stall.
     heavy = await one("heavy", "worker", mode="closed", model="heavy", requests=max(200, n // 5))
@@ -169,7 +171,7 @@ async def text_suite(
 
 
 def _median(legs: list[BenchResult]) -> BenchResult:
-    """The leg of median throughput (of an odd count; the lower middle one of an even count)."""
+    """The leg of median throughput (``--rounds`` is odd)."""
     ordered = sorted(legs, key=lambda leg: leg.throughput)
     return ordered[(len(ordered) - 1) // 2]
 
